@@ -1,0 +1,551 @@
+"""Device choice, distributed initialisation and every CPU shim megatron-core needs.
+
+One place decides where tensors live and how processes talk:
+
+* GPU present -> device ``cuda:<LOCAL_RANK>``, backend ``nccl``; no shim is installed.
+* no GPU      -> device ``cpu``, backend ``gloo``, and :func:`apply_cpu_shims` makes megatron-core
+  0.16 run on CPU (it was written for CUDA and allocates on ``"cuda"`` in many places).
+
+Process topology comes from torchrun (``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_ADDR``/
+``MASTER_PORT``), from Slurm (``SLURM_PROCID``/``SLURM_NTASKS``/``SLURM_LOCALID``/
+``SLURM_JOB_NODELIST``/``SLURM_JOB_ID``) or, when neither is set, a single local process.
+
+This module imports megatron lazily (inside functions) so that ``rlrt_megatron.platform`` can be
+imported by code that must not pull megatron in (device helpers only).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import os
+import re
+import socket
+import types
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "DistInfo",
+    "apply_cpu_shims",
+    "backend",
+    "destroy_distributed",
+    "device",
+    "init_distributed",
+    "is_cpu_mode",
+    "resolve_dist_env",
+]
+
+
+# ----------------------------------------------------------------------------------------------
+# Device / backend
+# ----------------------------------------------------------------------------------------------
+
+
+def is_cpu_mode() -> bool:
+    """True when no CUDA device is usable: everything runs on CPU with gloo."""
+    return not torch.cuda.is_available()
+
+
+def backend() -> str:
+    """The torch.distributed backend for this machine: ``"gloo"`` on CPU, ``"nccl"`` on GPU."""
+    return "gloo" if is_cpu_mode() else "nccl"
+
+
+def device() -> torch.device:
+    """The device this process computes on (``cpu`` or ``cuda:<LOCAL_RANK>``)."""
+    if is_cpu_mode():
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+
+
+# ----------------------------------------------------------------------------------------------
+# Environment -> topology
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits in the job (all sizes are numbers of ranks)."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    tp: int
+    pp: int
+    dp: int
+    backend: str
+    device: torch.device
+    master_addr: str
+    master_port: int
+    source: str  # "torchrun" | "slurm" | "single"
+
+    @property
+    def tp_rank(self) -> int:
+        from megatron.core import parallel_state
+
+        return parallel_state.get_tensor_model_parallel_rank()
+
+    @property
+    def pp_rank(self) -> int:
+        from megatron.core import parallel_state
+
+        return parallel_state.get_pipeline_model_parallel_rank()
+
+    @property
+    def dp_rank(self) -> int:
+        from megatron.core import parallel_state
+
+        return parallel_state.get_data_parallel_rank()
+
+
+@dataclass(frozen=True)
+class _DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+    source: str
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """First host of a Slurm node list: ``"gpu[03-05,9],cpu1"`` -> ``"gpu03"``.
+
+    Handles the compressed bracket syntax without calling ``scontrol`` (which may not exist in
+    the container the job runs in).
+    """
+    nodelist = nodelist.strip()
+    m = re.match(r"^([^,\[]+)(?:\[([^\]]+)\])?", nodelist)
+    if not m:
+        raise ValueError(f"cannot parse SLURM_JOB_NODELIST={nodelist!r}")
+    prefix, ranges = m.group(1), m.group(2)
+    if ranges is None:
+        return prefix
+    first = ranges.split(",")[0].split("-")[0]
+    return prefix + first
+
+
+def resolve_dist_env(env: dict[str, str] | None = None) -> _DistEnv:
+    """Read rank / world size / rendezvous address from torchrun or Slurm variables.
+
+    Precedence: torchrun (``RANK`` and ``WORLD_SIZE``) > Slurm (``SLURM_PROCID`` and
+    ``SLURM_NTASKS``) > a single local process on a free port.
+    Under Slurm the port is ``MASTER_PORT`` if set, else ``20000 + SLURM_JOB_ID % 20000`` so all
+    tasks of a job agree on it without communicating.
+    """
+    env = dict(os.environ if env is None else env)
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return _DistEnv(
+            rank=int(env["RANK"]),
+            world_size=int(env["WORLD_SIZE"]),
+            local_rank=int(env.get("LOCAL_RANK", "0")),
+            master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+            master_port=int(env.get("MASTER_PORT", "29500")),
+            source="torchrun",
+        )
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        if "MASTER_ADDR" in env:
+            addr = env["MASTER_ADDR"]
+        elif "SLURM_JOB_NODELIST" in env or "SLURM_NODELIST" in env:
+            addr = first_slurm_host(env.get("SLURM_JOB_NODELIST") or env["SLURM_NODELIST"])
+        else:
+            raise RuntimeError(
+                "Slurm task without MASTER_ADDR or SLURM_JOB_NODELIST: set MASTER_ADDR to the "
+                "first node's hostname in the sbatch script"
+            )
+        if "MASTER_PORT" in env:
+            port = int(env["MASTER_PORT"])
+        elif "SLURM_JOB_ID" in env:
+            port = 20000 + int(env["SLURM_JOB_ID"]) % 20000
+        else:
+            raise RuntimeError("Slurm task without MASTER_PORT or SLURM_JOB_ID: set MASTER_PORT")
+        return _DistEnv(
+            rank=int(env["SLURM_PROCID"]),
+            world_size=int(env["SLURM_NTASKS"]),
+            local_rank=int(env.get("SLURM_LOCALID", "0")),
+            master_addr=addr,
+            master_port=port,
+            source="slurm",
+        )
+    return _DistEnv(
+        rank=0,
+        world_size=1,
+        local_rank=0,
+        master_addr="127.0.0.1",
+        master_port=int(env.get("MASTER_PORT", "0")) or _free_port(),
+        source="single",
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Distributed init
+# ----------------------------------------------------------------------------------------------
+
+_DIST_INFO: DistInfo | None = None
+_OWNS_PROCESS_GROUP = False
+
+
+def init_distributed(
+    tp: int = 1,
+    pp: int = 1,
+    seed: int = 1234,
+    timeout_s: float = 1800,
+    vpp: int | None = None,
+) -> DistInfo:
+    """Initialise torch.distributed, megatron ``parallel_state`` and the model-parallel RNG.
+
+    Idempotent: a second call with the same ``tp``/``pp`` returns the same :class:`DistInfo`.
+    A call with different ``tp``/``pp`` keeps the process group and rebuilds megatron's
+    model-parallel groups (useful for tests that compare layouts in one set of processes).
+
+    ``vpp`` is the number of virtual pipeline stages per rank (interleaved schedule), or None.
+    Raises ``ValueError`` when ``world_size`` is not a multiple of ``tp * pp``.
+    """
+    global _DIST_INFO, _OWNS_PROCESS_GROUP
+    import torch.distributed as dist
+
+    if tp < 1 or pp < 1:
+        raise ValueError(f"tp and pp must be >= 1, got tp={tp}, pp={pp}")
+
+    denv = resolve_dist_env()
+    be = backend()
+    if be == "nccl":
+        torch.cuda.set_device(denv.local_rank % torch.cuda.device_count())
+    else:
+        apply_cpu_shims()
+
+    if not dist.is_initialized():
+        dist.init_process_group(
+            backend=be,
+            init_method=f"tcp://{denv.master_addr}:{denv.master_port}",
+            rank=denv.rank,
+            world_size=denv.world_size,
+            timeout=timedelta(seconds=timeout_s),
+        )
+        _OWNS_PROCESS_GROUP = True
+    world_size = dist.get_world_size()
+    rank = dist.get_rank()
+    if world_size % (tp * pp) != 0:
+        raise ValueError(
+            f"world_size={world_size} is not divisible by tp*pp={tp}*{pp}={tp * pp}: choose "
+            f"parallel.tp/parallel.pp whose product divides the number of processes"
+        )
+
+    from megatron.core import parallel_state, tensor_parallel
+
+    if parallel_state.model_parallel_is_initialized():
+        same = (
+            parallel_state.get_tensor_model_parallel_world_size() == tp
+            and parallel_state.get_pipeline_model_parallel_world_size() == pp
+            and parallel_state.get_virtual_pipeline_model_parallel_world_size() == vpp
+        )
+        if same and _DIST_INFO is not None:
+            return _DIST_INFO
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vpp,
+        distributed_timeout_minutes=max(1, math.ceil(timeout_s / 60)),
+    )
+    # Megatron's recipe (megatron/training/initialize.py:_set_random_seed): the default generator
+    # gets `seed` (same on every rank, so replicated init agrees), the tracker gets the TP-rank
+    # offset seeds used inside `get_cuda_rng_tracker().fork()`.
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+    _DIST_INFO = DistInfo(
+        rank=rank,
+        world_size=world_size,
+        local_rank=denv.local_rank,
+        tp=tp,
+        pp=pp,
+        dp=world_size // (tp * pp),
+        backend=be,
+        device=device(),
+        master_addr=denv.master_addr,
+        master_port=denv.master_port,
+        source=denv.source,
+    )
+    return _DIST_INFO
+
+
+def destroy_distributed() -> None:
+    """Tear down megatron's model-parallel groups and the process group this module created."""
+    global _DIST_INFO, _OWNS_PROCESS_GROUP
+    import torch.distributed as dist
+
+    try:
+        from megatron.core import parallel_state
+
+        if parallel_state.model_parallel_is_initialized():
+            parallel_state.destroy_model_parallel()
+    except ImportError:  # pragma: no cover - megatron is a core dependency
+        pass
+    if dist.is_initialized() and _OWNS_PROCESS_GROUP:
+        dist.destroy_process_group()
+    _OWNS_PROCESS_GROUP = False
+    _DIST_INFO = None
+
+
+# ----------------------------------------------------------------------------------------------
+# CPU shims for megatron-core 0.16 (active only without a GPU)
+# ----------------------------------------------------------------------------------------------
+
+_SHIMS_APPLIED = False
+
+# Megatron modules that allocate with a literal `device="cuda"` (or `pin_memory=True`) on code paths
+# a dense GPT model uses for forward/backward, the schedules, DDP, the optimizer and checkpoints.
+# Their module-global `torch` is swapped for a proxy whose tensor factories put "cuda" on the CPU.
+_CUDA_LITERAL_MODULES = (
+    "megatron.core.transformer.utils",  # get_default_causal_mask / sliding-window mask
+    "megatron.core.pipeline_parallel.schedules",  # total_num_tokens counters
+    "megatron.core.pipeline_parallel.utils",
+    "megatron.core.tensor_parallel.data",  # broadcast_data
+    "megatron.core.utils",
+    "megatron.core.rerun_state_machine",
+    "megatron.core.distributed.param_and_grad_buffer",
+    "megatron.core.optimizer.optimizer",
+    "megatron.core.optimizer.distrib_optimizer",
+    "megatron.core.optimizer.clip_grads",
+    "megatron.core.optimizer.grad_scaler",
+    "megatron.core.dist_checkpointing.exchange_utils",
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver",
+)
+
+# Tensor factories that take `device=` / `pin_memory=` keyword arguments.
+_FACTORIES = frozenset(
+    {
+        "arange", "as_tensor", "empty", "empty_like", "empty_strided", "eye", "full", "full_like",
+        "linspace", "ones", "ones_like", "rand", "rand_like", "randint", "randn", "randn_like",
+        "randperm", "tensor", "zeros", "zeros_like",
+    }
+)  # fmt: skip
+
+
+def _is_cuda_device(dev: Any) -> bool:
+    if isinstance(dev, int):  # a bare int means a CUDA ordinal to torch
+        return True
+    if isinstance(dev, str):
+        return dev.startswith("cuda")
+    return isinstance(dev, torch.device) and dev.type == "cuda"
+
+
+def _cpu_factory(fn: Any) -> Any:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if _is_cuda_device(kwargs.get("device")):
+            kwargs["device"] = "cpu"
+        if kwargs.get("pin_memory"):  # pinning needs an accelerator
+            kwargs["pin_memory"] = False
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+class _CpuTorchProxy(types.ModuleType):
+    """Stands in for ``torch`` in one megatron module: factories put ``"cuda"`` tensors on CPU.
+
+    Scoped per module (instead of patching ``torch.zeros`` globally or a TorchFunctionMode, which
+    is thread-local and disabled inside autograd.Function bodies) so only megatron's hard-coded
+    allocations change; every other attribute is the real ``torch`` one.
+    """
+
+    def __init__(self) -> None:
+        super().__init__("torch", "CPU proxy for torch installed by rlrt_megatron.platform")
+        self._cache: dict[str, Any] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(torch, name)
+        if name in _FACTORIES:
+            return self._cache.setdefault(name, _cpu_factory(attr))
+        return attr
+
+
+class _CpuRNGStatesTracker:
+    """Megatron's ``CudaRNGStatesTracker`` semantics on the CPU default generator.
+
+    Megatron keeps named CUDA generator states (data-parallel, model-parallel, expert) and
+    ``fork(name)`` swaps the *device* generator to that state, so e.g. TP-sharded init/dropout
+    differ per TP rank while replicated ops stay identical. On CPU the only generator ops use is
+    ``torch.default_generator``, so ``fork`` swaps that one. Made a subclass of megatron's tracker
+    at shim time (so ``isinstance`` checks and ``get_states/set_states/reset`` are megatron's).
+    """
+
+    def add(self, name: str, seed: int) -> None:
+        self._is_initialized = True
+        if seed in self.seeds_:
+            raise Exception(f"seed {seed} already exists")
+        self.seeds_.add(seed)
+        if name in self.states_:
+            raise Exception(f"rng state {name} already exists")
+        self.states_[name] = torch.Generator().manual_seed(seed).get_state()
+
+    def fork(self, name: str = "model-parallel-rng"):  # noqa: ANN201 - a context manager
+        import contextlib
+
+        @contextlib.contextmanager
+        def _fork():
+            if name not in self.states_:
+                raise Exception(f"rng state {name} is not added")
+            orig_state = torch.get_rng_state()
+            orig_name = self._current_state_name
+            if orig_name != "default-rng":
+                self.states_[orig_name] = orig_state
+            torch.set_rng_state(self.states_[name])
+            self._current_state_name = name
+            try:
+                yield
+            finally:
+                self.states_[name] = torch.get_rng_state()
+                if orig_name != "default-rng":
+                    orig_state = self.states_[orig_name]
+                torch.set_rng_state(orig_state)
+                self._current_state_name = orig_name
+
+        return _fork()
+
+
+def apply_cpu_shims() -> None:
+    """Make megatron-core 0.16.1 run on CPU under gloo. Idempotent; a no-op when a GPU exists.
+
+    Each shim, and why:
+
+    1. ``torch.cuda.current_device()`` -> ``torch.device("cpu")``: megatron passes it as
+       ``device=`` for every buffer it allocates (TP all-gathers, p2p shapes, rotary freqs).
+    2. ``torch.cuda.synchronize`` / ``current_stream`` / ``Stream`` / ``Event`` / memory stats ->
+       no-ops or CPU equivalents: used for timers, overlap and logging only.
+    3. ``Tensor.cuda()`` -> the tensor itself: ``LanguageModule.setup_embeddings_and_output_layer``
+       moves the tied output weight with ``.cuda()`` on the last PP stage.
+    4. Module-level ``torch`` of the modules in ``_CUDA_LITERAL_MODULES`` -> a proxy mapping
+       ``device="cuda"`` to CPU (causal mask, token counters in the schedules, grad buffers...).
+    5. RNG: ``tensor_parallel.random._get/_set_cuda_rng_state`` -> the CPU generator, and the
+       tracker class -> :class:`_CpuRNGStatesTracker` (``torch.cuda.get_rng_state`` cannot run).
+    """
+    global _SHIMS_APPLIED
+    if _SHIMS_APPLIED or not is_cpu_mode():
+        return
+    import importlib
+
+    cpu = torch.device("cpu")
+
+    # 1-2. torch.cuda entry points megatron calls unconditionally.
+    torch.cuda.current_device = lambda: cpu  # type: ignore[assignment]
+    torch.cuda.synchronize = lambda device=None: None  # type: ignore[assignment]
+    torch.cuda.current_stream = lambda device=None: _NullStream()  # type: ignore[assignment]
+    torch.cuda.default_stream = lambda device=None: _NullStream()  # type: ignore[assignment]
+    torch.cuda.Stream = _NullStream  # type: ignore[assignment,misc]
+    torch.cuda.Event = _NullEvent  # type: ignore[assignment,misc]
+    torch.cuda.stream = lambda stream=None: _nullcontext()  # type: ignore[assignment]
+    torch.cuda.memory_allocated = lambda device=None: 0  # type: ignore[assignment]
+    torch.cuda.max_memory_allocated = lambda device=None: 0  # type: ignore[assignment]
+    torch.cuda.memory_reserved = lambda device=None: 0  # type: ignore[assignment]
+    torch.cuda.max_memory_reserved = lambda device=None: 0  # type: ignore[assignment]
+    torch.cuda.empty_cache = lambda: None  # type: ignore[assignment]
+
+    # 3. `.cuda()` on CPU tensors.
+    torch.Tensor.cuda = lambda self, *a, **k: self  # type: ignore[assignment,method-assign]
+
+    # 4. Hard-coded device="cuda" allocations.
+    proxy = _CpuTorchProxy()
+    for name in _CUDA_LITERAL_MODULES:
+        try:
+            mod = importlib.import_module(name)
+        except ImportError:  # pragma: no cover - module moved in another megatron version
+            logger.debug("cpu shim: %s not importable, skipped", name)
+            continue
+        if getattr(mod, "torch", None) is torch:
+            mod.torch = proxy
+
+    # 5. RNG tracker on the CPU generator.
+    from megatron.core.tensor_parallel import random as mrandom
+
+    mrandom._get_cuda_rng_state = lambda device="cuda", clone=False, graph_safe=False: (
+        torch.get_rng_state()
+    )
+    mrandom._set_cuda_rng_state = lambda new_state, device=-1, graph_safe=False: (
+        torch.set_rng_state(new_state)
+    )
+    cpu_tracker = type(
+        "CpuRNGStatesTracker",
+        (mrandom.CudaRNGStatesTracker,),
+        {"add": _CpuRNGStatesTracker.add, "fork": _CpuRNGStatesTracker.fork,
+         "__doc__": _CpuRNGStatesTracker.__doc__},
+    )  # fmt: skip
+    mrandom.CudaRNGStatesTracker = cpu_tracker
+    # A tracker created before the shim would hold the CUDA class: rebuild it on next use.
+    mrandom._CUDA_RNG_STATE_TRACKER = None
+    mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = False
+
+    _SHIMS_APPLIED = True
+
+
+class _NullStream:
+    """CPU stand-in for ``torch.cuda.Stream``: work is synchronous, waiting is a no-op."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def wait_stream(self, *args: Any) -> None:
+        pass
+
+    def wait_event(self, *args: Any) -> None:
+        pass
+
+    def record_event(self, event: Any = None) -> _NullEvent:
+        return event or _NullEvent()
+
+    def synchronize(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+    def __enter__(self) -> _NullStream:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        pass
+
+
+class _NullEvent:
+    """CPU stand-in for ``torch.cuda.Event`` (timers): elapsed time is measured on the host."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._t = 0.0
+
+    def record(self, stream: Any = None) -> None:
+        import time
+
+        self._t = time.perf_counter()
+
+    def synchronize(self) -> None:
+        pass
+
+    def wait(self, stream: Any = None) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+    def elapsed_time(self, end: _NullEvent) -> float:
+        return (end._t - self._t) * 1000.0
+
+
+def _nullcontext() -> Any:
+    import contextlib
+
+    return contextlib.nullcontext()
