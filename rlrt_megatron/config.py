@@ -1,0 +1,576 @@
+"""Typed training configuration: dataclasses, validation, dotted overrides, json dump.
+
+Every field carries its default and meaning in `metadata["help"]` (TRL style); `describe()` prints
+them all. Recipes (`recipes/`) are Python functions returning a validated `TrainConfig`; the command
+line changes single fields with dotted overrides: `rlrt train --recipe tiny_demo train.steps=5
+algorithm.rlrt.alpha=0.5`. `validate()` runs before any work and names the dotted key and the fix.
+
+Importing this module needs only the standard library.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+ALGORITHM_NAMES = ("grpo", "dapo", "rlrt", "rlsd", "srpo", "sdpo")
+# Algorithms whose advantage is a group baseline: a group of one rollout has zero advantage.
+GROUP_ALGORITHMS = ("grpo", "dapo", "rlrt", "rlsd", "srpo")
+
+DEFAULT_TEACHER_TEMPLATE = (
+    "{prompt}\nCorrect solution:\n\n{peer_solution}\n\nCorrectly solve the original question.\n"
+)
+DEFAULT_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the dotted key and the fix."""
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    """A dataclass field with its documentation."""
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+def _sub(cls: type) -> Any:
+    return field(default_factory=cls, metadata={"help": cls.__doc__.splitlines()[0]})
+
+
+@dataclass
+class ModelConfig:
+    """The policy model: where its weights come from and how Megatron builds it."""
+
+    hf_path: str = _f(
+        "",
+        "Hugging Face model directory (config.json, tokenizer, safetensors). Empty with "
+        "`build_tiny=True`: the tiny random Qwen3 is built under `<run_dir>/model/hf`.",
+    )
+    megatron_ckpt: str = _f(
+        "",
+        "Megatron distributed checkpoint holding the initial weights (`rlrt convert "
+        "hf-to-megatron`). Empty: converted from `hf_path` into `<run_dir>/model/megatron`.",
+    )
+    build_tiny: bool = _f(False, "Build the tiny random Qwen3 + tokenizer (CPU demo and tests).")
+    sft_warmup_steps: int = _f(
+        0,
+        "Next-token training steps on synthetic solutions before RL (tiny demo: rewards must "
+        "not all be zero). Cached under the run dir.",
+    )
+    sft_lr: float = _f(3e-3, "Learning rate of the SFT warm-up.")
+    spec: Literal["local", "te"] = _f(
+        "local", "Layer spec: `local` (pure PyTorch, CPU) or `te` (Transformer Engine, GPU)."
+    )
+    params_dtype: Literal["float32", "bfloat16"] = _f(
+        "float32", "Parameter/compute dtype of the Megatron policy (bfloat16 on GPU)."
+    )
+
+
+@dataclass
+class ParallelConfig:
+    """Model parallel sizes; data parallel = world size / (tp * pp)."""
+
+    tp: int = _f(1, "Tensor model parallel size; must divide the attention and KV heads.")
+    pp: int = _f(1, "Pipeline model parallel size; must divide the number of layers.")
+    sequence_parallel: bool = _f(False, "Megatron sequence parallelism (needs tp > 1).")
+    use_distributed_optimizer: bool = _f(
+        True, "Shard optimizer state over data-parallel ranks (Megatron distributed optimizer)."
+    )
+
+
+@dataclass
+class RolloutConfig:
+    """Sampling: the rollout engine and its settings."""
+
+    engine: Literal["local", "sglang"] = _f(
+        "local", "`local`: transformers on rank 0 (CPU, tests, demo); `sglang`: SGLang servers."
+    )
+    group_size: int = _f(8, "Rollouts per prompt (G).")
+    temperature: float = _f(1.0, "Sampling temperature.")
+    top_p: float = _f(1.0, "Nucleus sampling threshold (1.0 = off).")
+    top_k: int = _f(-1, "Top-k sampling (-1 = off).")
+    max_new_tokens: int = _f(1024, "Maximum response length in tokens.")
+    seed: int = _f(0, "Base sampling seed; step s samples with seed + s so a resume reproduces it.")
+    sglang_tp: int = _f(1, "Tensor parallel size of each SGLang server.")
+    sglang_mem_fraction: float = _f(0.6, "SGLang `mem_fraction_static`.")
+    sglang_num_servers: int = _f(0, "SGLang servers (0 = one per node's GPUs / sglang_tp).")
+
+
+@dataclass
+class RLRTConfig:
+    """RLRT (reversed teacher) settings."""
+
+    alpha: float = _f(1.0, "Weight of the reversed-teacher factor: 0 = GRPO, 1 = full RLRT.")
+    eps_w: float = _f(0.2, "Token weights are clipped to [1 - eps_w, 1 + eps_w].")
+    gated: bool = _f(True, "Reweight only correct rollouts (the paper's gate; off = RLRT-all).")
+
+
+@dataclass
+class RLSDConfig:
+    """RLSD (self-distilled advantage reshaping) settings."""
+
+    eps_w: float = _f(0.2, "Token weights are clipped to [1 - eps_w, 1 + eps_w].")
+    lam_init: float = _f(0.5, "Initial mixing weight lambda.")
+    lam_decay_steps: int = _f(50, "lambda decays linearly to 0 over this many steps.")
+    snapshot_every: int = _f(10, "Refresh the teacher snapshot from the student every N steps.")
+
+
+@dataclass
+class SDPOConfig:
+    """SDPO / SRPO distillation settings."""
+
+    beta: float = _f(0.5, "Generalized JSD beta: 0 forward KL, 1 reverse KL.")
+    topk: int = _f(100, "Student top-k ids (+ one tail bucket) the divergence runs over.")
+    ema_rate: float = _f(0.05, "EMA teacher update rate (teacher <- (1-r) teacher + r student).")
+    is_clip: float = _f(2.0, "Importance weight min(pi / pi_old, is_clip).")
+    entropy_beta: float = _f(1.0, "SRPO: token weight exp(-entropy_beta * H_teacher).")
+
+
+@dataclass
+class AlgorithmConfig:
+    """The RL algorithm and its loss settings."""
+
+    name: Literal["grpo", "dapo", "rlrt", "rlsd", "srpo", "sdpo"] = _f(
+        "rlrt", "Algorithm from `rlrt_megatron.algorithms.ALGORITHMS`."
+    )
+    eps_low: float = _f(0.2, "PPO clip lower bound: ratio >= 1 - eps_low.")
+    eps_high: float = _f(0.28, "PPO clip upper bound (DAPO clip-higher): ratio <= 1 + eps_high.")
+    dual_clip: float = _f(0.0, "Dual-clip constant c for negative advantages (0 = off; 3 typical).")
+    agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = _f(
+        "token-mean", "Loss aggregation over the mini-batch."
+    )
+    scale_by_std: bool = _f(True, "Divide group advantages by the group std (False = Dr.GRPO).")
+    rlrt: RLRTConfig = _sub(RLRTConfig)
+    rlsd: RLSDConfig = _sub(RLSDConfig)
+    sdpo: SDPOConfig = _sub(SDPOConfig)
+
+
+@dataclass
+class DataConfig:
+    """Prompt data and teacher-context templates."""
+
+    path: str = _f(
+        "synthetic",
+        "jsonl / parquet file or `datasets` save directory; `synthetic` = the arithmetic task.",
+    )
+    prompt_key: str = _f("problem", "Field with the question (a string or a chat list).")
+    answer_key: str = _f("answer", "Field with the reference answer.")
+    solution_key: str = _f("solution", "Optional field with a worked solution (RLSD teacher).")
+    on_bad_row: Literal["error", "skip"] = _f(
+        "error", "A row with a missing/empty/mistyped field: raise naming file and row, or skip."
+    )
+    synthetic_size: int = _f(4096, "Number of synthetic problems (path=synthetic).")
+    synthetic_max_operand: int = _f(9, "Largest operand of synthetic problems.")
+    instruction: str = _f(DEFAULT_INSTRUCTION, "Appended to each question (empty = none).")
+    teacher_template: str = _f(
+        DEFAULT_TEACHER_TEMPLATE,
+        "Teacher prompt for RLRT/SDPO/SRPO (`{prompt}`, `{peer_solution}`) and RLSD "
+        "(`{peer_solution}` = the reference solution/answer).",
+    )
+    max_prompt_tokens: int = _f(1024, "Prompts longer than this are skipped (counted in logs).")
+    shuffle: bool = _f(True, "Shuffle prompts each epoch (seeded by train.seed).")
+
+
+@dataclass
+class TrainLoopConfig:
+    """The RL loop: steps, batch sizes, micro-batching."""
+
+    steps: int = _f(100, "Number of RL steps (one rollout batch each).")
+    prompts_per_step: int = _f(256, "Prompts per step (the rollout batch is this x group_size).")
+    mini_batch_prompts: int = _f(
+        128, "Prompts per PPO mini-batch (one optimizer step each); divides prompts_per_step."
+    )
+    ppo_epochs: int = _f(1, "Passes over the rollout batch.")
+    max_tokens_per_microbatch: int = _f(
+        16384, "Token budget of one micro-batch (prompt + response tokens, packed greedily)."
+    )
+    seed: int = _f(1234, "Seed of data order, model init and dropout.")
+    recompute_old_logprobs: bool = _f(
+        True, "Old log-probs from the Megatron policy (True) or the engine's behavior log-probs."
+    )
+
+
+@dataclass
+class OptimizerConfig:
+    """Adam via Megatron's `get_megatron_optimizer`."""
+
+    lr: float = _f(1e-6, "Peak learning rate.")
+    min_lr: float = _f(0.0, "Final learning rate of the cosine schedule.")
+    schedule: Literal["constant", "cosine"] = _f("constant", "Learning-rate schedule after warmup.")
+    warmup_steps: int = _f(0, "Linear warmup optimizer steps.")
+    weight_decay: float = _f(0.01, "AdamW weight decay.")
+    adam_beta1: float = _f(0.9, "Adam beta1.")
+    adam_beta2: float = _f(0.999, "Adam beta2.")
+    adam_eps: float = _f(1e-8, "Adam epsilon.")
+    clip_grad: float = _f(1.0, "Global gradient-norm clip (0 = off).")
+
+
+@dataclass
+class CheckpointConfig:
+    """Checkpoints: where, how often, resume."""
+
+    dir: str = _f("", "Checkpoint directory (empty = `<run_dir>/checkpoints`).")
+    save_every: int = _f(50, "Save every N steps (0 = only on signal / at the end).")
+    keep_last: int = _f(2, "Keep the newest N checkpoints (0 = keep all).")
+    save_final: bool = _f(True, "Save after the last step.")
+    resume: str = _f("auto", "`auto` (latest if any), `none`, or a checkpoint path.")
+
+
+@dataclass
+class LoggingConfig:
+    """Run directory and metric sinks."""
+
+    run_dir: str = _f("", "Run directory (empty = `runs/<name>`).")
+    jsonl: bool = _f(True, "Write one json line of metrics per step to `<run_dir>/metrics.jsonl`.")
+    tensorboard: bool = _f(True, "Write TensorBoard scalars to `<run_dir>/tb`.")
+    wandb_project: str = _f("", "Weights & Biases project (empty = off; needs the wandb extra).")
+    console: Literal["rich", "plain", "none"] = _f("rich", "Console output: progress bar or lines.")
+
+
+@dataclass
+class TimeoutsConfig:
+    """Per-phase timeouts in seconds: on expiry every rank dumps its stacks and exits non-zero."""
+
+    init: float = _f(1800.0, "Model build, weight load, engine start.")
+    rollout: float = _f(3600.0, "Sampling one batch.")
+    reward: float = _f(600.0, "Scoring one batch.")
+    reward_per_sample: float = _f(10.0, "math-verify wall-clock limit per sample (scores 0).")
+    logprobs: float = _f(1800.0, "Student/teacher log-prob forwards.")
+    advantages: float = _f(300.0, "Advantage computation.")
+    update: float = _f(3600.0, "All mini-batch updates of one step.")
+    sync: float = _f(900.0, "Pushing weights to the rollout engine.")
+    checkpoint: float = _f(1800.0, "Saving or loading a checkpoint.")
+    log: float = _f(300.0, "Metric logging.")
+
+
+@dataclass
+class EvalConfig:
+    """Periodic evaluation (avg@k on local benchmark files)."""
+
+    every: int = _f(0, "Evaluate every N steps (0 = off).")
+    datasets: list[str] = _f([], "Local benchmark files (problem/answer jsonl or parquet).")
+    k: int = _f(4, "Samples per problem (avg@k, pass@k).")
+    max_new_tokens: int = _f(0, "Response limit for eval (0 = rollout.max_new_tokens).")
+
+
+@dataclass
+class TrainConfig:
+    """A full training run."""
+
+    name: str = _f("run", "Run name (run directory, logs).")
+    model: ModelConfig = _sub(ModelConfig)
+    parallel: ParallelConfig = _sub(ParallelConfig)
+    rollout: RolloutConfig = _sub(RolloutConfig)
+    algorithm: AlgorithmConfig = _sub(AlgorithmConfig)
+    data: DataConfig = _sub(DataConfig)
+    train: TrainLoopConfig = _sub(TrainLoopConfig)
+    optimizer: OptimizerConfig = _sub(OptimizerConfig)
+    checkpoint: CheckpointConfig = _sub(CheckpointConfig)
+    logging: LoggingConfig = _sub(LoggingConfig)
+    timeouts: TimeoutsConfig = _sub(TimeoutsConfig)
+    eval: EvalConfig = _sub(EvalConfig)
+
+    # ---- derived paths -------------------------------------------------------------------
+    @property
+    def run_dir(self) -> str:
+        return self.logging.run_dir or os.path.join("runs", self.name)
+
+    @property
+    def checkpoint_dir(self) -> str:
+        return self.checkpoint.dir or os.path.join(self.run_dir, "checkpoints")
+
+    # ---- validation ----------------------------------------------------------------------
+    def validate(self, hf_config: dict | None = None, world_size: int | None = None) -> TrainConfig:
+        """Check every value; raise `ConfigError` naming the dotted key and the fix.
+
+        `hf_config` (the model's config.json as a dict) enables the head/layer divisibility
+        checks; `world_size` the data-parallel ones. Returns self for chaining.
+        """
+        errors = validation_errors(self, hf_config, world_size)
+        if errors:
+            raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self, path: str | None = None) -> str:
+        text = json.dumps(self.to_dict(), indent=2, sort_keys=False)
+        if path is not None:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            tmp = path + ".tmp"
+            with open(tmp, "w") as f:
+                f.write(text + "\n")
+            os.replace(tmp, path)
+        return text
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        return _from_dict(cls, d, "")
+
+    def override(self, overrides: list[str] | dict[str, Any]) -> TrainConfig:
+        """Apply dotted overrides in place (see `apply_overrides`); returns self."""
+        apply_overrides(self, overrides)
+        return self
+
+
+def validation_errors(
+    cfg: TrainConfig, hf_config: dict | None = None, world_size: int | None = None
+) -> list[str]:
+    """All problems of `cfg`, one message each, starting with the dotted key."""
+    e: list[str] = []
+
+    def need(cond: bool, key: str, msg: str) -> None:
+        if not cond:
+            e.append(f"{key}: {msg}")
+
+    o, t, r, a, p = cfg.optimizer, cfg.train, cfg.rollout, cfg.algorithm, cfg.parallel
+    need(o.lr > 0, "optimizer.lr", f"must be > 0 (got {o.lr}); e.g. optimizer.lr=1e-6")
+    need(
+        0 <= o.min_lr <= o.lr, "optimizer.min_lr", f"must be in [0, optimizer.lr] (got {o.min_lr})"
+    )
+    need(o.weight_decay >= 0, "optimizer.weight_decay", f"must be >= 0 (got {o.weight_decay})")
+    need(o.warmup_steps >= 0, "optimizer.warmup_steps", f"must be >= 0 (got {o.warmup_steps})")
+    need(0 <= o.adam_beta1 < 1, "optimizer.adam_beta1", f"must be in [0, 1) (got {o.adam_beta1})")
+    need(0 <= o.adam_beta2 < 1, "optimizer.adam_beta2", f"must be in [0, 1) (got {o.adam_beta2})")
+    need(o.clip_grad >= 0, "optimizer.clip_grad", f"must be >= 0 (got {o.clip_grad})")
+    need(a.name in ALGORITHM_NAMES, "algorithm.name", f"must be one of {ALGORITHM_NAMES}")
+    need(r.group_size >= 1, "rollout.group_size", f"must be >= 1 (got {r.group_size})")
+    if a.name in GROUP_ALGORITHMS or a.name == "sdpo":
+        need(
+            r.group_size >= 2,
+            "rollout.group_size",
+            f"{a.name} compares rollouts within a group: group_size must be >= 2 "
+            f"(got {r.group_size}); e.g. rollout.group_size=8",
+        )
+    need(r.temperature > 0, "rollout.temperature", f"must be > 0 (got {r.temperature})")
+    need(0 < r.top_p <= 1, "rollout.top_p", f"must be in (0, 1] (got {r.top_p})")
+    need(r.max_new_tokens >= 1, "rollout.max_new_tokens", f"must be >= 1 (got {r.max_new_tokens})")
+    need(r.engine in ("local", "sglang"), "rollout.engine", "must be `local` or `sglang`")
+    need(0 <= a.eps_low < 1, "algorithm.eps_low", f"must be in [0, 1) (got {a.eps_low})")
+    need(a.eps_high >= 0, "algorithm.eps_high", f"must be >= 0 (got {a.eps_high})")
+    need(a.dual_clip == 0 or a.dual_clip > 1, "algorithm.dual_clip", "must be 0 (off) or > 1")
+    need(0 <= a.rlrt.alpha <= 1, "algorithm.rlrt.alpha", f"must be in [0, 1] (got {a.rlrt.alpha})")
+    need(0 <= a.rlrt.eps_w < 1, "algorithm.rlrt.eps_w", f"must be in [0, 1) (got {a.rlrt.eps_w})")
+    need(0 <= a.rlsd.eps_w < 1, "algorithm.rlsd.eps_w", f"must be in [0, 1) (got {a.rlsd.eps_w})")
+    need(0 <= a.rlsd.lam_init <= 1, "algorithm.rlsd.lam_init", "must be in [0, 1]")
+    need(a.rlsd.snapshot_every >= 1, "algorithm.rlsd.snapshot_every", "must be >= 1")
+    need(0 <= a.sdpo.beta <= 1, "algorithm.sdpo.beta", f"must be in [0, 1] (got {a.sdpo.beta})")
+    need(0 < a.sdpo.ema_rate <= 1, "algorithm.sdpo.ema_rate", "must be in (0, 1]")
+    need(a.sdpo.topk >= 1, "algorithm.sdpo.topk", "must be >= 1")
+    need(t.steps >= 0, "train.steps", f"must be >= 0 (got {t.steps})")
+    need(t.prompts_per_step >= 1, "train.prompts_per_step", "must be >= 1")
+    need(t.mini_batch_prompts >= 1, "train.mini_batch_prompts", "must be >= 1")
+    if t.mini_batch_prompts >= 1 and t.prompts_per_step % t.mini_batch_prompts:
+        e.append(
+            f"train.mini_batch_prompts: must divide train.prompts_per_step "
+            f"({t.mini_batch_prompts} does not divide {t.prompts_per_step})"
+        )
+    need(t.ppo_epochs >= 1, "train.ppo_epochs", "must be >= 1")
+    need(
+        t.max_tokens_per_microbatch >= 1,
+        "train.max_tokens_per_microbatch",
+        "must be >= 1",
+    )
+    need(p.tp >= 1, "parallel.tp", f"must be >= 1 (got {p.tp})")
+    need(p.pp >= 1, "parallel.pp", f"must be >= 1 (got {p.pp})")
+    need(not p.sequence_parallel or p.tp > 1, "parallel.sequence_parallel", "needs parallel.tp > 1")
+    if world_size is not None and p.tp >= 1 and p.pp >= 1:
+        mp = p.tp * p.pp
+        if world_size % mp:
+            e.append(
+                f"parallel.tp: tp * pp = {mp} must divide the world size {world_size}; "
+                "change parallel.tp / parallel.pp or the number of processes"
+            )
+        else:
+            dp = world_size // mp
+            rollouts = t.mini_batch_prompts * r.group_size
+            if rollouts % dp:
+                e.append(
+                    f"train.mini_batch_prompts: a mini-batch of {rollouts} rollouts "
+                    f"(mini_batch_prompts * group_size) must divide over data parallel {dp}"
+                )
+    if hf_config is not None and p.tp >= 1:
+        heads = int(hf_config.get("num_attention_heads", 0) or 0)
+        kv = int(hf_config.get("num_key_value_heads", heads) or heads)
+        layers = int(hf_config.get("num_hidden_layers", 0) or 0)
+        if heads and heads % p.tp:
+            e.append(
+                f"parallel.tp: {p.tp} does not divide the model's num_attention_heads={heads}; "
+                f"use a divisor of {heads}"
+            )
+        if kv and kv % p.tp:
+            e.append(
+                f"parallel.tp: {p.tp} does not divide the model's num_key_value_heads={kv}; "
+                f"use a divisor of {kv}"
+            )
+        if layers and p.pp >= 1 and layers % p.pp:
+            e.append(f"parallel.pp: {p.pp} does not divide the model's num_hidden_layers={layers}")
+    m = cfg.model
+    need(
+        bool(m.hf_path) or m.build_tiny,
+        "model.hf_path",
+        "is empty; give a Hugging Face model directory or set model.build_tiny=true",
+    )
+    need(m.sft_warmup_steps >= 0, "model.sft_warmup_steps", "must be >= 0")
+    need(m.spec in ("local", "te"), "model.spec", "must be `local` or `te`")
+    c = cfg.checkpoint
+    need(c.save_every >= 0, "checkpoint.save_every", "must be >= 0")
+    need(c.keep_last >= 0, "checkpoint.keep_last", "must be >= 0")
+    need(c.resume != "", "checkpoint.resume", "must be `auto`, `none` or a path")
+    need(cfg.data.on_bad_row in ("error", "skip"), "data.on_bad_row", "must be `error` or `skip`")
+    if "{peer_solution}" not in cfg.data.teacher_template:
+        e.append("data.teacher_template: must contain `{peer_solution}`")
+    for f_ in dataclasses.fields(TimeoutsConfig):
+        v = getattr(cfg.timeouts, f_.name)
+        need(v > 0, f"timeouts.{f_.name}", f"must be > 0 seconds (got {v})")
+    need(cfg.eval.every >= 0, "eval.every", "must be >= 0")
+    return e
+
+
+# ---- dotted overrides ---------------------------------------------------------------------
+
+
+def all_keys(cls: type = TrainConfig, prefix: str = "") -> dict[str, dataclasses.Field]:
+    """Every leaf dotted key of a config class -> its field."""
+    out: dict[str, dataclasses.Field] = {}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(tp):
+            out.update(all_keys(tp, key + "."))
+        else:
+            out[key] = f
+    return out
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert a command-line string (or a python value) to the field type `tp`."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{key}: must be one of {list(choices)} (got {value!r})")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        return _coerce(value, args[0], key)
+    if origin is list:
+        (inner,) = typing.get_args(tp) or (str,)
+        if isinstance(value, str):
+            value = (
+                json.loads(value)
+                if value.strip().startswith("[")
+                else [v for v in value.split(",") if v]
+            )
+        return [_coerce(v, inner, key) for v in value]
+    try:
+        if tp is bool:
+            if isinstance(value, bool):
+                return value
+            s = str(value).strip().lower()
+            if s in ("1", "true", "yes", "on"):
+                return True
+            if s in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if tp is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return (
+                int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+            )
+        if tp is float:
+            return float(value)
+        if tp is str:
+            return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"{key}: cannot read {value!r} as {getattr(tp, '__name__', tp)}"
+        ) from None
+    return value
+
+
+def apply_overrides(cfg: TrainConfig, overrides: list[str] | dict[str, Any]) -> TrainConfig:
+    """Set dotted keys: `["algorithm.rlrt.alpha=0.5", "train.steps=3"]` or a dict.
+
+    Values are coerced to the field's type; an unknown key raises `ConfigError` listing close
+    matches.
+    """
+    items = (
+        list(overrides.items())
+        if isinstance(overrides, dict)
+        else [_split_override(s) for s in overrides]
+    )
+    keys = all_keys(type(cfg))
+    for key, value in items:
+        if key not in keys:
+            close = difflib.get_close_matches(key, list(keys), n=3, cutoff=0.5)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise ConfigError(f"{key}: unknown config key{hint}")
+        *path, leaf = key.split(".")
+        obj: Any = cfg
+        for part in path:
+            obj = getattr(obj, part)
+        tp = typing.get_type_hints(type(obj))[leaf]
+        setattr(obj, leaf, _coerce(value, tp, key))
+    return cfg
+
+
+def _split_override(s: str) -> tuple[str, str]:
+    if "=" not in s:
+        raise ConfigError(f"{s}: overrides look like `dotted.key=value` (e.g. train.steps=10)")
+    k, v = s.split("=", 1)
+    return k.strip(), v
+
+
+def _from_dict(cls: type, d: dict, prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - names
+    if unknown:
+        k = sorted(unknown)[0]
+        close = difflib.get_close_matches(k, sorted(names), n=3)
+        raise ConfigError(
+            f"{prefix}{k}: unknown config key"
+            + (f"; did you mean {', '.join(close)}?" if close else "")
+        )
+    kwargs = {}
+    for name, value in d.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _from_dict(tp, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, tp, f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def describe(cls: type = TrainConfig) -> str:
+    """Every dotted key with its type, default and meaning (for `rlrt train --help-config`)."""
+    lines = []
+    default = cls()
+    for key, f in all_keys(cls).items():
+        obj: Any = default
+        for part in key.split("."):
+            obj = getattr(obj, part)
+        lines.append(f"{key} = {obj!r}\n    {f.metadata.get('help', '')}")
+    return "\n".join(lines)
+
+
+def load_hf_config(path: str) -> dict | None:
+    """The model's config.json as a dict (no transformers import), or None if absent."""
+    p = os.path.join(path, "config.json") if path else ""
+    if p and os.path.isfile(p):
+        with open(p) as f:
+            return json.load(f)
+    return None
