@@ -44,8 +44,6 @@ PAPER = {
     "train.mini_batch_prompts": 128,
     "rollout.max_new_tokens": 20480,
     "optimizer.lr": 1e-6,
-    "algorithm.eps_low": 0.2,
-    "algorithm.eps_high": 0.28,
     "rollout.temperature": 1.0,
     "rollout.top_p": 1.0,
     "optimizer.weight_decay": 0.1,
@@ -65,6 +63,9 @@ PAPER = {
     "checkpoint.keep_last": 2,
     "eval.every": 50,
 }
+
+# PPO clip-higher, shared by every algorithm with a PPO term.
+CLIP = {"eps_low": 0.2, "eps_high": 0.28}
 
 # model row: the local HF directory and the 8xH100 node layout.
 MODELS: dict[str, dict[str, Any]] = {
@@ -90,24 +91,27 @@ MODELS: dict[str, dict[str, Any]] = {
 
 # algorithm row: what differs from the shared settings.
 ALGORITHMS: dict[str, dict[str, Any]] = {
-    "rlrt": {"algorithm.name": "rlrt", "algorithm.rlrt.alpha": 1.0, "algorithm.rlrt.eps_w": 0.2},
-    "grpo": {"algorithm.name": "grpo", "algorithm.agg": "seq-mean-token-mean"},
-    "dapo": {"algorithm.name": "dapo", "algorithm.agg": "token-mean"},
-    "rlsd": {
-        "algorithm.name": "rlsd",
-        "algorithm.rlsd.lam_init": 0.5,
-        "algorithm.rlsd.lam_decay_steps": 50,
-        "algorithm.rlsd.snapshot_every": 10,
-    },
-    "srpo": {"algorithm.name": "srpo", "algorithm.sdpo.ema_rate": 0.05},
-    "sdpo": {"algorithm.name": "sdpo", "algorithm.sdpo.ema_rate": 0.05, "algorithm.sdpo.topk": 100},
+    "rlrt": {"alpha": 1.0, "eps_w": 0.2, "reward_gate": True, **CLIP},
+    "grpo": {"agg": "seq-mean-token-mean", **CLIP},
+    "dapo": {"agg": "token-mean", "dynamic_sampling": True, **CLIP},
+    "rlsd": {"lam_init": 0.5, "lam_decay_steps": 50, "teacher_refresh_every": 10, **CLIP},
+    "srpo": {"ema_rate": 0.05, "topk": 100, "beta": 0.5, **CLIP},
+    "sdpo": {"ema_rate": 0.05, "topk": 100, "beta": 0.5},
 }
+
+
+def algorithm_row(algo: str) -> dict[str, Any]:
+    """The dotted overrides selecting `algo` with its row of settings."""
+    return {
+        "algorithm.name": algo,
+        **{f"algorithm.{algo}.{k}": v for k, v in ALGORITHMS[algo].items()},
+    }
 
 
 def _paper_recipe(model: str, algo: str) -> Callable[[], TrainConfig]:
     def build() -> TrainConfig:
         cfg = TrainConfig(name=f"{model}_{algo}")
-        apply_overrides(cfg, {**PAPER, **MODELS[model], **ALGORITHMS[algo]})
+        apply_overrides(cfg, {**PAPER, **MODELS[model], **algorithm_row(algo)})
         return cfg
 
     build.__name__ = f"{model}_{algo}"
@@ -149,12 +153,20 @@ TINY = {
 }
 
 
+# The tiny runs are short: faster teacher refresh / EMA, fewer top-k ids; GRPO with RLRT's
+# aggregation so `rlrt demo --compare` contrasts only the token weights.
+TINY_ALGORITHMS: dict[str, dict[str, Any]] = {
+    "grpo": {"algorithm.grpo.agg": "token-mean"},
+    "rlsd": {"algorithm.rlsd.teacher_refresh_every": 5, "algorithm.rlsd.lam_decay_steps": 30},
+    "srpo": {"algorithm.srpo.topk": 16, "algorithm.srpo.ema_rate": 0.2},
+    "sdpo": {"algorithm.sdpo.topk": 16, "algorithm.sdpo.ema_rate": 0.2},
+}
+
+
 def _tiny_recipe(algo: str) -> Callable[[], TrainConfig]:
     def build() -> TrainConfig:
         cfg = TrainConfig(name="tiny_demo" if algo == "rlrt" else f"tiny_demo_{algo}")
-        apply_overrides(cfg, {**TINY, **ALGORITHMS[algo]})
-        if algo == "grpo":
-            cfg.algorithm.agg = "token-mean"  # same loss shape as RLRT for the --compare plot
+        apply_overrides(cfg, {**TINY, **algorithm_row(algo), **TINY_ALGORITHMS.get(algo, {})})
         return cfg
 
     build.__name__ = cfg_name = "tiny_demo" if algo == "rlrt" else f"tiny_demo_{algo}"

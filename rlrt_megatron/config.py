@@ -5,7 +5,10 @@ them all. Recipes (`recipes/`) are Python functions returning a validated `Train
 line changes single fields with dotted overrides: `rlrt train --recipe tiny_demo train.steps=5
 algorithm.rlrt.alpha=0.5`. `validate()` runs before any work and names the dotted key and the fix.
 
-Importing this module needs only the standard library.
+The `algorithm` section is `rlrt_megatron.algorithms.AlgorithmConfig` (one sub-config per
+algorithm: `algorithm.rlrt.alpha`, `algorithm.rlsd.teacher_refresh_every`, ...), so the algorithms
+and the trainer share one name per setting. Importing this module needs torch (through
+`rlrt_megatron.algorithms`), not megatron.
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-ALGORITHM_NAMES = ("grpo", "dapo", "rlrt", "rlsd", "srpo", "sdpo")
+from rlrt_megatron.algorithms import ALGORITHMS, AlgorithmConfig
+
+ALGORITHM_NAMES = tuple(ALGORITHMS)
 # Algorithms whose advantage is a group baseline: a group of one rollout has zero advantage.
 GROUP_ALGORITHMS = ("grpo", "dapo", "rlrt", "rlsd", "srpo")
 
@@ -101,55 +106,6 @@ class RolloutConfig:
     sglang_tp: int = _f(1, "Tensor parallel size of each SGLang server.")
     sglang_mem_fraction: float = _f(0.6, "SGLang `mem_fraction_static`.")
     sglang_num_servers: int = _f(0, "SGLang servers (0 = one per node's GPUs / sglang_tp).")
-
-
-@dataclass
-class RLRTConfig:
-    """RLRT (reversed teacher) settings."""
-
-    alpha: float = _f(1.0, "Weight of the reversed-teacher factor: 0 = GRPO, 1 = full RLRT.")
-    eps_w: float = _f(0.2, "Token weights are clipped to [1 - eps_w, 1 + eps_w].")
-    gated: bool = _f(True, "Reweight only correct rollouts (the paper's gate; off = RLRT-all).")
-
-
-@dataclass
-class RLSDConfig:
-    """RLSD (self-distilled advantage reshaping) settings."""
-
-    eps_w: float = _f(0.2, "Token weights are clipped to [1 - eps_w, 1 + eps_w].")
-    lam_init: float = _f(0.5, "Initial mixing weight lambda.")
-    lam_decay_steps: int = _f(50, "lambda decays linearly to 0 over this many steps.")
-    snapshot_every: int = _f(10, "Refresh the teacher snapshot from the student every N steps.")
-
-
-@dataclass
-class SDPOConfig:
-    """SDPO / SRPO distillation settings."""
-
-    beta: float = _f(0.5, "Generalized JSD beta: 0 forward KL, 1 reverse KL.")
-    topk: int = _f(100, "Student top-k ids (+ one tail bucket) the divergence runs over.")
-    ema_rate: float = _f(0.05, "EMA teacher update rate (teacher <- (1-r) teacher + r student).")
-    is_clip: float = _f(2.0, "Importance weight min(pi / pi_old, is_clip).")
-    entropy_beta: float = _f(1.0, "SRPO: token weight exp(-entropy_beta * H_teacher).")
-
-
-@dataclass
-class AlgorithmConfig:
-    """The RL algorithm and its loss settings."""
-
-    name: Literal["grpo", "dapo", "rlrt", "rlsd", "srpo", "sdpo"] = _f(
-        "rlrt", "Algorithm from `rlrt_megatron.algorithms.ALGORITHMS`."
-    )
-    eps_low: float = _f(0.2, "PPO clip lower bound: ratio >= 1 - eps_low.")
-    eps_high: float = _f(0.28, "PPO clip upper bound (DAPO clip-higher): ratio <= 1 + eps_high.")
-    dual_clip: float = _f(0.0, "Dual-clip constant c for negative advantages (0 = off; 3 typical).")
-    agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = _f(
-        "token-mean", "Loss aggregation over the mini-batch."
-    )
-    scale_by_std: bool = _f(True, "Divide group advantages by the group std (False = Dr.GRPO).")
-    rlrt: RLRTConfig = _sub(RLRTConfig)
-    rlsd: RLSDConfig = _sub(RLSDConfig)
-    sdpo: SDPOConfig = _sub(SDPOConfig)
 
 
 @dataclass
@@ -268,7 +224,10 @@ class TrainConfig:
     model: ModelConfig = _sub(ModelConfig)
     parallel: ParallelConfig = _sub(ParallelConfig)
     rollout: RolloutConfig = _sub(RolloutConfig)
-    algorithm: AlgorithmConfig = _sub(AlgorithmConfig)
+    algorithm: AlgorithmConfig = field(
+        default_factory=AlgorithmConfig,
+        metadata={"help": "The RL algorithm (rlrt_megatron.algorithms.AlgorithmConfig)."},
+    )
     data: DataConfig = _sub(DataConfig)
     train: TrainLoopConfig = _sub(TrainLoopConfig)
     optimizer: OptimizerConfig = _sub(OptimizerConfig)
@@ -354,17 +313,13 @@ def validation_errors(
     need(0 < r.top_p <= 1, "rollout.top_p", f"must be in (0, 1] (got {r.top_p})")
     need(r.max_new_tokens >= 1, "rollout.max_new_tokens", f"must be >= 1 (got {r.max_new_tokens})")
     need(r.engine in ("local", "sglang"), "rollout.engine", "must be `local` or `sglang`")
-    need(0 <= a.eps_low < 1, "algorithm.eps_low", f"must be in [0, 1) (got {a.eps_low})")
-    need(a.eps_high >= 0, "algorithm.eps_high", f"must be >= 0 (got {a.eps_high})")
-    need(a.dual_clip == 0 or a.dual_clip > 1, "algorithm.dual_clip", "must be 0 (off) or > 1")
-    need(0 <= a.rlrt.alpha <= 1, "algorithm.rlrt.alpha", f"must be in [0, 1] (got {a.rlrt.alpha})")
-    need(0 <= a.rlrt.eps_w < 1, "algorithm.rlrt.eps_w", f"must be in [0, 1) (got {a.rlrt.eps_w})")
-    need(0 <= a.rlsd.eps_w < 1, "algorithm.rlsd.eps_w", f"must be in [0, 1) (got {a.rlsd.eps_w})")
-    need(0 <= a.rlsd.lam_init <= 1, "algorithm.rlsd.lam_init", "must be in [0, 1]")
-    need(a.rlsd.snapshot_every >= 1, "algorithm.rlsd.snapshot_every", "must be >= 1")
-    need(0 <= a.sdpo.beta <= 1, "algorithm.sdpo.beta", f"must be in [0, 1] (got {a.sdpo.beta})")
-    need(0 < a.sdpo.ema_rate <= 1, "algorithm.sdpo.ema_rate", "must be in (0, 1]")
-    need(a.sdpo.topk >= 1, "algorithm.sdpo.topk", "must be >= 1")
+    for sub in dataclasses.fields(a):
+        obj = getattr(a, sub.name)
+        if dataclasses.is_dataclass(obj):
+            try:  # the algorithm configs check themselves in __post_init__
+                dataclasses.replace(obj)
+            except ValueError as err:
+                e.append(f"algorithm.{sub.name}: {err}")
     need(t.steps >= 0, "train.steps", f"must be >= 0 (got {t.steps})")
     need(t.prompts_per_step >= 1, "train.prompts_per_step", "must be >= 1")
     need(t.mini_batch_prompts >= 1, "train.mini_batch_prompts", "must be >= 1")
@@ -555,15 +510,41 @@ def _from_dict(cls: type, d: dict, prefix: str) -> Any:
     return cls(**kwargs)
 
 
+def field_help(cls: type, key: str) -> str:
+    """The documentation of dotted `key`: the field's `help` metadata, else the `Attributes:`
+    entry of its class docstring (the algorithm configs document fields there)."""
+    *path, leaf = key.split(".")
+    for part in path:
+        cls = typing.get_type_hints(cls)[part]
+    f = {f.name: f for f in dataclasses.fields(cls)}[leaf]
+    if "help" in f.metadata:
+        return f.metadata["help"]
+    if key == "algorithm.name":
+        return f"Algorithm from rlrt_megatron.algorithms.ALGORITHMS: {', '.join(ALGORITHM_NAMES)}."
+    for klass in cls.__mro__:
+        lines = (klass.__doc__ or "").splitlines()
+        for i, line in enumerate(lines):
+            stripped = line.strip()
+            names = stripped.split(":", 1)[0]
+            if ":" in stripped and leaf in [n.strip() for n in names.split(",")]:
+                text = [stripped.split(":", 1)[1].strip()]
+                for nxt in lines[i + 1 :]:
+                    if not nxt.strip() or ":" in nxt.split()[0]:
+                        break
+                    text.append(nxt.strip())
+                return " ".join(text)
+    return ""
+
+
 def describe(cls: type = TrainConfig) -> str:
     """Every dotted key with its type, default and meaning (for `rlrt train --help-config`)."""
     lines = []
     default = cls()
-    for key, f in all_keys(cls).items():
+    for key in all_keys(cls):
         obj: Any = default
         for part in key.split("."):
             obj = getattr(obj, part)
-        lines.append(f"{key} = {obj!r}\n    {f.metadata.get('help', '')}")
+        lines.append(f"{key} = {obj!r}\n    {field_help(cls, key)}")
     return "\n".join(lines)
 
 

@@ -18,7 +18,7 @@ HF = {"num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 2
         ("optimizer.lr=-1e-6", "optimizer.lr"),
         ("rollout.group_size=1", "rollout.group_size"),
         ("train.mini_batch_prompts=3", "train.mini_batch_prompts"),
-        ("algorithm.rlrt.alpha=1.5", "algorithm.rlrt.alpha"),
+        ("algorithm.rlrt.alpha=1.5", "algorithm.rlrt"),
         ("rollout.temperature=0", "rollout.temperature"),
         ("timeouts.update=0", "timeouts.update"),
     ],
@@ -54,10 +54,14 @@ def test_overrides_coerce_and_reject_unknown_keys():
     assert cfg.logging.jsonl is False and cfg.eval.datasets == ["a", "b"]
     with pytest.raises(ConfigError, match=r"did you mean algorithm\.rlrt\.alpha"):
         apply_overrides(cfg, ["algorithm.rlrt.alhpa=0.5"])
+    with pytest.raises(
+        ConfigError, match=r"algorithm\.rlrt: RLRTConfig\.alpha must be in \[0, 1\]"
+    ):
+        get_recipe("tiny_demo", ["algorithm.rlrt.alpha=2"])
     with pytest.raises(ConfigError, match=r"train\.steps: cannot read 'x' as int"):
         apply_overrides(cfg, ["train.steps=x"])
     with pytest.raises(ConfigError, match="algorithm.name: must be one of"):
-        apply_overrides(cfg, ["algorithm.name=ppo"])
+        get_recipe("tiny_demo", ["algorithm.name=ppo"])
 
 
 def test_json_round_trip(tmp_path):
@@ -76,10 +80,8 @@ def test_recipes_paper_settings_and_table():
     cfg = get_recipe("qwen3_8b_rlrt")
     assert cfg.train.prompts_per_step == 256 and cfg.rollout.group_size == 8
     assert cfg.train.mini_batch_prompts == 128 and cfg.rollout.max_new_tokens == 20480
-    assert cfg.optimizer.lr == 1e-6 and (cfg.algorithm.eps_low, cfg.algorithm.eps_high) == (
-        0.2,
-        0.28,
-    )
+    assert cfg.optimizer.lr == 1e-6
+    assert (cfg.algorithm.rlrt.eps_low, cfg.algorithm.rlrt.eps_high) == (0.2, 0.28)
     assert cfg.rollout.temperature == 1.0 and cfg.rollout.engine == "sglang"
     grpo = get_recipe("qwen3_8b_grpo")
     assert grpo.algorithm.name == "grpo" and grpo.parallel == cfg.parallel
@@ -90,6 +92,6 @@ def test_recipes_paper_settings_and_table():
 
 def test_every_field_documented():
     text = describe()
-    assert "algorithm.rlrt.alpha = 1.0" in text
+    assert "algorithm.rlrt.alpha = 1.0\n    interpolation, 0 = GRPO exactly" in text
     for block in text.split("\n")[1::2]:
         assert block.strip(), "a field without help text"
