@@ -54,7 +54,10 @@ def group_advantages(
         )
     check_finite_where(fn, "rewards", rewards, torch.ones_like(rewards, dtype=torch.bool))
     r = f32(rewards.detach()).view(n // group_size, group_size)
-    centered = r - r.mean(dim=1, keepdim=True)
+    # The mean of identical floats can round off the value itself; (tiny) / (tiny std + eps)
+    # would then be O(1) noise, so all-equal groups are set to exactly 0.
+    same = r.max(dim=1, keepdim=True).values == r.min(dim=1, keepdim=True).values
+    centered = torch.where(same, torch.zeros((), device=r.device), r - r.mean(dim=1, keepdim=True))
     if scale_by_std:
         if group_size == 1:
             return torch.zeros(n, dtype=torch.float32, device=rewards.device)
