@@ -1,0 +1,620 @@
+"""PROTOCOL TESTS of our SGLang client/engine against a tiny stand-in server. Not a test of SGLang.
+
+The stand-in (this file run as a script: `python test_sglang_protocol.py --serve --port P`)
+speaks the subset of SGLang's native HTTP API that `rlrt_megatron.rollout.sglang` calls, with
+the same JSON shapes (SGLang python/sglang/srt/entrypoints/http_server.py, io_struct.py):
+
+  GET  /health                -> 200 (401 without `Authorization: Bearer <key>` if --api-key)
+  GET  /get_weight_version    -> {"weight_version": "<str>"}   (starts at "0", our launch arg)
+  POST /generate              {input_ids: [[int]], sampling_params: [{...}], rid: [str],
+                               return_logprob: true}
+                              -> [{text, output_ids, meta_info: {id, finish_reason: {type},
+                                   weight_version, output_token_logprobs: [[lp, tok, null]]}}]
+       fake model: sample j of prompt p emits token (p[-1] + 10*j + k + 1) % 97 for
+       k < min(max_new_tokens, 4) with logprob -0.1*(k+1); finish "length" if it hit
+       max_new_tokens else "stop".
+  POST /update_weights_from_tensor   {serialized_named_tensors: [str]*tp, load_format,
+                               flush_cache, weight_version} -> {success, message}
+       (payload: base64(torch.save(list[(name, tensor)])) from the test serializer; real SGLang
+       gets CUDA IPC handles, which need a GPU)
+  POST /init_weights_update_group, /update_weights_from_distributed (gloo broadcast, src 0),
+       /update_weights_from_disk (safetensors dir), /get_weights_by_name ({name, truncate_size}
+       -> param[:truncate_size] as float lists), /release_memory_occupation,
+       /resume_memory_occupation, /flush_cache
+  Test-only knobs: POST /_test/config {corrupt: name, ignore_version: bool}; GET /_test/stats.
+  Crash knobs: --crash-file F (exit on the next /generate if F exists, deleting it first),
+  --crash-always (exit on every /generate). Crashes are os._exit mid-request.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import os
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+# ----------------------------------------------------------------------------- stand-in server
+
+
+class _State:
+    def __init__(self, args):
+        self.args = args
+        self.version = "0"
+        self.weights = {}
+        self.calls: dict[str, int] = {}
+        self.auth_headers: list[str] = []
+        self.generate_batch_sizes: list[int] = []
+        self.corrupt = None
+        self.ignore_version = False
+        self.group = None
+        self.lock = threading.Lock()
+
+
+def _make_handler(state: _State):
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *a):  # keep test output quiet
+            pass
+
+        def _send(self, code, obj=None):
+            body = b"" if obj is None else json.dumps(obj).encode()
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def _auth_ok(self) -> bool:
+            got = self.headers.get("Authorization", "")
+            state.auth_headers.append(got)
+            if state.args.api_key and got != f"Bearer {state.args.api_key}":
+                self._send(401, {"error": "unauthorized"})
+                return False
+            return True
+
+        def do_GET(self):
+            path = self.path
+            with state.lock:
+                state.calls[path] = state.calls.get(path, 0) + 1
+            if not self._auth_ok():
+                return
+            if path == "/health":
+                return self._send(200)
+            if path == "/get_weight_version":
+                return self._send(200, {"weight_version": state.version})
+            if path == "/get_model_info":
+                return self._send(200, {"model_path": "stand-in", "weight_version": state.version})
+            if path == "/_test/stats":
+                return self._send(
+                    200,
+                    {
+                        "calls": state.calls,
+                        "auth": state.auth_headers[-1:],
+                        "generate_batch_sizes": state.generate_batch_sizes,
+                        "pid": os.getpid(),
+                    },
+                )
+            self._send(404, {"error": path})
+
+        def do_POST(self):
+            path = self.path
+            with state.lock:
+                state.calls[path] = state.calls.get(path, 0) + 1
+            if not self._auth_ok():
+                return
+            n = int(self.headers.get("Content-Length") or 0)
+            body = json.loads(self.rfile.read(n) or b"null")
+            handler = getattr(self, "_ep_" + path.strip("/").replace("/", "_"), None)
+            if handler is None:
+                return self._send(404, {"error": path})
+            try:
+                out = handler(body)
+            except Exception as e:  # report like SGLang: success false + message
+                return self._send(400, {"success": False, "message": f"{type(e).__name__}: {e}"})
+            self._send(200, out)
+
+        def _set_version(self, body):
+            if body.get("weight_version") is not None and not state.ignore_version:
+                state.version = body["weight_version"]
+
+        def _store(self, name, tensor):
+            tensor = tensor.clone()
+            if name == state.corrupt:
+                tensor.view(-1)[0] += 1.0
+            state.weights[name] = tensor
+
+        # -- endpoints
+        def _ep_generate(self, body):
+            args = state.args
+            if args.crash_always or (args.crash_file and os.path.exists(args.crash_file)):
+                if args.crash_file and os.path.exists(args.crash_file):
+                    os.remove(args.crash_file)
+                os._exit(3)
+            ids, params, rids = body["input_ids"], body["sampling_params"], body["rid"]
+            assert body["return_logprob"] is True
+            state.generate_batch_sizes.append(len(ids))
+            outs = []
+            for prompt, p, rid in zip(ids, params, rids, strict=True):
+                j = int(rid.rsplit("/", 1)[1])
+                length = min(p["max_new_tokens"], 4)
+                toks = [(prompt[-1] + 10 * j + k + 1) % 97 for k in range(length)]
+                lps = [[-0.1 * (k + 1), t, None] for k, t in enumerate(toks)]
+                finish = "length" if length == p["max_new_tokens"] else "stop"
+                outs.append(
+                    {
+                        "text": " ".join(map(str, toks)),
+                        "output_ids": toks,
+                        "meta_info": {
+                            "id": rid,
+                            "finish_reason": {"type": finish},
+                            "weight_version": state.version,
+                            "prompt_tokens": len(prompt),
+                            "completion_tokens": length,
+                            "output_token_logprobs": lps,
+                            "temperature_seen": p["temperature"],
+                        },
+                    }
+                )
+            return outs
+
+        def _ep_flush_cache(self, body):
+            return None
+
+        def _ep_update_weights_from_tensor(self, body):
+            import torch
+
+            payloads = body["serialized_named_tensors"]
+            assert len(set(payloads)) == 1, "every TP rank gets the same payload"
+            named = torch.load(io.BytesIO(base64.b64decode(payloads[0])))
+            for name, t in named:
+                self._store(name, t)
+            self._set_version(body)
+            return {"success": True, "message": f"{len(named)} tensors, tp={len(payloads)}"}
+
+        def _ep_init_weights_update_group(self, body):
+            sys.path.insert(0, os.getcwd())
+            from rlrt_megatron.rollout.sglang import init_weight_transfer_group
+
+            state.group = init_weight_transfer_group(
+                body["backend"],
+                body["master_address"],
+                body["master_port"],
+                body["rank_offset"],
+                body["world_size"],
+                body["group_name"],
+                timeout_s=60,
+            )
+            return {"success": True, "message": "joined"}
+
+        def _ep_update_weights_from_distributed(self, body):
+            import torch
+            import torch.distributed as dist
+
+            for name, dtype, shape in zip(
+                body["names"], body["dtypes"], body["shapes"], strict=True
+            ):
+                t = torch.empty(shape, dtype=getattr(torch, dtype))
+                dist.broadcast(t, 0, group=state.group)
+                self._store(name, t)
+            self._set_version(body)
+            return {"success": True, "message": f"{len(body['names'])} tensors"}
+
+        def _ep_update_weights_from_disk(self, body):
+            from safetensors.torch import load_file
+
+            d = body["model_path"]
+            index = json.load(open(os.path.join(d, "model.safetensors.index.json")))
+            for f in sorted(set(index["weight_map"].values())):
+                for name, t in load_file(os.path.join(d, f)).items():
+                    self._store(name, t)
+            self._set_version(body)
+            return {"success": True, "message": "loaded"}
+
+        def _ep_get_weights_by_name(self, body):
+            import torch
+
+            t = state.weights[body["name"]]
+            return t[: body["truncate_size"]].to(torch.float32).tolist()
+
+        def _ep_release_memory_occupation(self, body):
+            return None
+
+        def _ep_resume_memory_occupation(self, body):
+            return None
+
+        def _ep__test_config(self, body):
+            state.corrupt = body.get("corrupt")
+            state.ignore_version = bool(body.get("ignore_version"))
+            return {"success": True}
+
+    return Handler
+
+
+def serve(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--serve", action="store_true")
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--api-key", default=None)
+    ap.add_argument("--crash-file", default=None)
+    ap.add_argument("--crash-always", action="store_true")
+    args = ap.parse_args(argv)
+    print(f"stand-in SGLang server pid {os.getpid()} port {args.port}", flush=True)
+    ThreadingHTTPServer(("127.0.0.1", args.port), _make_handler(_State(args))).serve_forever()
+
+
+if __name__ == "__main__" and "--serve" in sys.argv:
+    serve()
+    sys.exit(0)
+
+# ----------------------------------------------------------------------------- the tests
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from rlrt_megatron.rollout.base import GenerateRequest, RolloutEngine, SamplingParams  # noqa: E402
+from rlrt_megatron.rollout.sglang import (  # noqa: E402
+    RolloutServerCrashed,
+    SGLangClient,
+    SGLangEngine,
+    SGLangError,
+    build_generate_payload,
+    build_launch_command,
+    expand_samples,
+    free_port,
+    parse_generate_output,
+    require_sglang,
+    sampling_to_sglang,
+    serialize_for_sglang,
+)
+from rlrt_megatron.rollout.weight_sync import WeightMismatch, WeightVersionMismatch  # noqa: E402
+
+HERE = os.path.abspath(__file__)
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(HERE)))
+KEY = "test-key-123"
+
+
+def stand_in_cmd(port, *extra):
+    return [sys.executable, HERE, "--serve", "--port", str(port), "--api-key", KEY, *extra]
+
+
+def torch_save_serializer(bucket):
+    """Test serializer: the stand-in runs in another process without a GPU, so the tensors
+    travel by value (torch.save) instead of SGLang's CUDA IPC handles."""
+    buf = io.BytesIO()
+    torch.save([(n, t.detach().cpu()) for n, t in bucket], buf)
+    return base64.b64encode(buf.getvalue()).decode(), None
+
+
+def stats(url):
+    return SGLangClient(url, KEY).request("GET", "/_test/stats")
+
+
+def tiny_weights(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    names = [
+        ("model.embed_tokens.weight", (64, 16)),
+        ("model.layers.0.self_attn.q_proj.weight", (16, 16)),
+        ("model.layers.0.input_layernorm.weight", (16,)),
+        ("model.layers.0.mlp.down_proj.weight", (16, 32)),
+        ("lm_head.weight", (64, 16)),
+    ]
+    return [(n, torch.randn(s, generator=g).to(torch.bfloat16)) for n, s in names]
+
+
+@pytest.fixture(scope="module")
+def weight_server(tmp_path_factory):
+    """One long-lived stand-in that imports torch (slow to start), shared by the sync tests."""
+    import subprocess
+
+    port = free_port()
+    log = open(tmp_path_factory.mktemp("standin") / "server.log", "w")
+    proc = subprocess.Popen(stand_in_cmd(port), stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    url = f"http://127.0.0.1:{port}"
+    client = SGLangClient(url, KEY)
+    deadline = time.monotonic() + 60
+    while not client.health(timeout=2):
+        assert proc.poll() is None and time.monotonic() < deadline, "stand-in did not start"
+        time.sleep(0.1)
+    yield url
+    proc.terminate()
+    proc.wait(10)
+    log.close()
+
+
+def connect(url, **kw):
+    kw.setdefault("serializer", torch_save_serializer)
+    return SGLangEngine.connect([url], api_key=KEY, **kw)
+
+
+# -- pure mapping
+
+
+def test_launch_command_has_the_flags_we_rely_on():
+    cmd = build_launch_command(
+        "/m/qwen", port=30011, tp=2, base_gpu_id=4, api_key="k", mem_fraction=0.4, seed=7
+    )
+    assert cmd[1:3] == ["-m", "sglang.launch_server"]
+    flags = {f: cmd[cmd.index(f) + 1] for f in cmd if f.startswith("--")}
+    assert flags["--model-path"] == "/m/qwen" and flags["--port"] == "30011"
+    assert flags["--tp-size"] == "2" and flags["--base-gpu-id"] == "4"
+    assert flags["--host"] == "127.0.0.1" and flags["--api-key"] == "k"
+    assert flags["--weight-version"] == "0" and flags["--mem-fraction-static"] == "0.4"
+    assert "--enable-memory-saver" in cmd and cmd[cmd.index("--random-seed") + 1] == "7"
+    sep = build_launch_command("/m", port=1, colocated=False, extra_args=["--x", "1"])
+    assert "--enable-memory-saver" not in sep and sep[-2:] == ["--x", "1"]
+    assert "--api-key" not in sep
+
+
+def test_generate_payload_and_parse_round_trip():
+    reqs = [GenerateRequest([5, 6, 7], "a"), GenerateRequest([9], "b")]
+    sp = SamplingParams(n=2, temperature=0.7, top_p=0.9, top_k=20, max_new_tokens=8, stop=("</s>",))
+    samples = expand_samples(reqs, sp.n)
+    assert [s.rid for s in samples] == ["a/0", "a/1", "b/0", "b/1"]
+    payload = build_generate_payload(reqs, samples, sp)
+    assert payload["input_ids"] == [[5, 6, 7], [5, 6, 7], [9], [9]]
+    assert payload["return_logprob"] is True and payload["rid"] == ["a/0", "a/1", "b/0", "b/1"]
+    assert payload["sampling_params"][0] == {
+        "temperature": 0.7,
+        "top_p": 0.9,
+        "top_k": 20,
+        "max_new_tokens": 8,
+        "stop": ["</s>"],
+    }
+    seeded = build_generate_payload(reqs, samples, SamplingParams(n=2, seed=11))
+    seeds = [p["sampling_seed"] for p in seeded["sampling_params"]]
+    assert len(set(seeds)) == 4 and seeds[0] == 11
+    assert "stop" not in sampling_to_sglang(SamplingParams())
+    out = {
+        "text": "x y",
+        "output_ids": [3, 4],
+        "meta_info": {
+            "id": "b/1",
+            "finish_reason": {"type": "stop", "matched": 4},
+            "weight_version": "5",
+            "output_token_logprobs": [[-0.5, 3, None], [-1.25, 4, None]],
+        },
+    }
+    c = parse_generate_output(out, reqs[1], samples[3], default_version=0)
+    assert (c.request_id, c.token_ids, c.logprobs) == ("b", [3, 4], [-0.5, -1.25])
+    assert (c.finish_reason, c.weight_version, c.text) == ("stop", 5, "x y")
+    assert c.prompt_token_ids == [9] and c.meta["sample_index"] == 1
+    out["meta_info"]["weight_version"] = "default"  # SGLang's value before any update
+    assert parse_generate_output(out, reqs[1], samples[3], default_version=3).weight_version == 3
+    out["output_ids"] = [3, 5]
+    with pytest.raises(SGLangError, match="disagree"):
+        parse_generate_output(out, reqs[1], samples[3], default_version=0)
+    with pytest.raises(ValueError, match="unique"):
+        expand_samples([GenerateRequest([1], "x"), GenerateRequest([2], "x")], 1)
+
+
+def test_missing_sglang_names_the_gpu_extra():
+    pytest.importorskip("megatron.core")
+    try:
+        import sglang  # noqa: F401
+
+        pytest.skip("sglang is installed here")
+    except ImportError:
+        pass
+    with pytest.raises(ImportError, match=r"\.\[gpu\]"):
+        require_sglang()
+    with pytest.raises(ImportError, match="gpu"):
+        SGLangEngine("/some/model")
+
+
+def test_fallback_serializer_is_sglangs_default_format():
+    """Without SGLang installed we emit base64(ForkingPickler([(name, tensor)])), the payload
+    SGLang's default load_format (None) unpickles; checked in-process (CPU tensors)."""
+    from multiprocessing.reduction import ForkingPickler
+
+    try:
+        import sglang  # noqa: F401
+
+        pytest.skip("sglang installed: its own serializer is used")
+    except ImportError:
+        pass
+    bucket = tiny_weights()[:3]
+    payload, load_format = serialize_for_sglang(bucket)
+    assert load_format is None
+    back = ForkingPickler.loads(base64.b64decode(payload))
+    assert [n for n, _ in back] == [n for n, _ in bucket]
+    for (_, a), (_, b) in zip(back, bucket, strict=True):
+        assert torch.equal(a, b) and a.dtype == b.dtype
+
+
+# -- against the stand-in
+
+
+def test_generate_across_two_launched_servers_with_api_key(tmp_path):
+    ports = []
+
+    def cmd(i, port):
+        ports.append(port)
+        return stand_in_cmd(port)
+
+    with SGLangEngine(
+        "stand-in", num_servers=2, api_key=KEY, launch_cmd=cmd, log_dir=str(tmp_path)
+    ) as eng:
+        assert isinstance(eng, RolloutEngine) and eng.health()
+        reqs = [GenerateRequest([1, 2, 10 * i], f"p{i}") for i in range(3)]
+        out = eng.generate(reqs, SamplingParams(n=2, max_new_tokens=3, temperature=0.5))
+        assert [len(g) for g in out] == [2, 2, 2]
+        for i, group in enumerate(out):
+            for j, c in enumerate(group):
+                assert c.request_id == f"p{i}" and c.meta["sample_index"] == j
+                assert c.token_ids == [(10 * i + 10 * j + k + 1) % 97 for k in range(3)]
+                assert c.logprobs == pytest.approx([-0.1, -0.2, -0.3])
+                assert c.finish_reason == "length" and c.weight_version == 0
+        short = eng.generate(reqs[:1], SamplingParams(n=1, max_new_tokens=9))
+        assert short[0][0].finish_reason == "stop" and len(short[0][0].token_ids) == 4
+        s0, s1 = (stats(s.url) for s in eng.servers)
+        # 6 samples split 3/3; a single sample goes to the last server (bounds [0, 0, 1])
+        assert s0["generate_batch_sizes"] == [3] and s1["generate_batch_sizes"] == [3, 1]
+        assert s0["auth"] == [f"Bearer {KEY}"]
+        pids = [s.proc.pid for s in eng.servers]
+        assert len(set(ports)) == 2
+    for pid in pids:  # shutdown stopped exactly the processes we started
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+def test_wrong_api_key_is_rejected(weight_server):
+    with pytest.raises(SGLangError, match="HTTP 401"):
+        SGLangClient(weight_server, "wrong-key").request("GET", "/get_weight_version")
+    assert not SGLangClient(weight_server, None).health()
+
+
+def test_crash_restarts_once_and_retries_the_batch(tmp_path):
+    crash = tmp_path / "crash_once"
+    crash.write_text("1")
+    with SGLangEngine(
+        "stand-in",
+        api_key=KEY,
+        launch_cmd=lambda i, p: stand_in_cmd(p, "--crash-file", str(crash)),
+        log_dir=str(tmp_path),
+    ) as eng:
+        first_pid = eng.servers[0].proc.pid
+        out = eng.generate([GenerateRequest([4], "q")], SamplingParams(n=2, max_new_tokens=2))
+        assert [c.token_ids for c in out[0]] == [[5, 6], [15, 16]]
+        assert eng.restarts == 1 and not crash.exists()
+        assert eng.servers[0].proc.pid != first_pid
+        assert stats(eng.servers[0].url)["generate_batch_sizes"] == [2]  # the retried batch
+        log = open(eng.servers[0].log_path).read()
+        assert log.count("stand-in SGLang server pid") == 2
+
+
+def test_second_crash_fails_the_step_with_a_clear_error(tmp_path):
+    with SGLangEngine(
+        "stand-in",
+        api_key=KEY,
+        launch_cmd=lambda i, p: stand_in_cmd(p, "--crash-always"),
+        log_dir=str(tmp_path),
+    ) as eng:
+        with pytest.raises(RolloutServerCrashed, match="failed again after one restart"):
+            eng.generate([GenerateRequest([4], "q")], SamplingParams(max_new_tokens=2))
+        assert eng.restarts == 1
+
+
+def test_connect_mode_cannot_restart(tmp_path):
+    import subprocess
+
+    port = free_port()
+    proc = subprocess.Popen(stand_in_cmd(port, "--crash-always"), cwd=ROOT)
+    try:
+        eng = SGLangEngine.connect([f"http://127.0.0.1:{port}"], api_key=KEY, startup_timeout=30)
+        with pytest.raises(RolloutServerCrashed, match="connect mode"):
+            eng.generate([GenerateRequest([1], "q")], SamplingParams(max_new_tokens=1))
+        eng.shutdown()  # must not touch a process it did not start
+    finally:
+        proc.wait(10)
+
+
+def test_tensor_sync_buckets_version_and_sample_check(weight_server):
+    eng = connect(weight_server, bucket_bytes=1200, verify_stride=1, verify_rows=3)
+    weights = tiny_weights(1)
+    st = eng.update_weights(iter(weights), version=1)
+    assert eng.weight_version == 1
+    assert SGLangClient(weight_server, KEY).get_weight_version() == "1"
+    # 64x16 bf16 = 2048 B > 1200: alone; 16x16 (512) + 16 (32) share; 16x32 (1024) alone
+    assert st["buckets"] == 4 and st["checked"] == 5
+    assert st["bytes"] == sum(t.numel() * 2 for _, t in weights)
+    out = eng.generate([GenerateRequest([3], "r")], SamplingParams(max_new_tokens=1))
+    assert out[0][0].weight_version == 1
+
+
+def test_sample_check_detects_a_corrupted_tensor(weight_server):
+    client = SGLangClient(weight_server, KEY)
+    client.request("POST", "/_test/config", {"corrupt": "model.layers.0.mlp.down_proj.weight"})
+    try:
+        eng = connect(weight_server, verify_stride=1)
+        with pytest.raises(WeightMismatch, match="down_proj"):
+            eng.update_weights(iter(tiny_weights(2)), version=2)
+        # stride 2 at version 3 checks tensors 1 and 3 (rotates with the version)
+        eng = connect(weight_server, verify_stride=2)
+        with pytest.raises(WeightMismatch, match="down_proj"):
+            eng.update_weights(iter(tiny_weights(2)), version=3)
+        eng.update_weights(iter(tiny_weights(2)), version=4)  # checks 0, 2, 4 only: passes
+    finally:
+        client.request("POST", "/_test/config", {})
+
+
+def test_version_mismatch_is_a_clear_error(weight_server):
+    client = SGLangClient(weight_server, KEY)
+    before = client.get_weight_version()
+    client.request("POST", "/_test/config", {"ignore_version": True})
+    try:
+        with pytest.raises(WeightVersionMismatch, match=f"weight_version='{before}'.*version 7"):
+            connect(weight_server).update_weights(iter(tiny_weights()), version=7)
+    finally:
+        client.request("POST", "/_test/config", {})
+
+
+def test_disk_sync_fallback(weight_server, tmp_path):
+    template = tmp_path / "model"
+    template.mkdir()
+    (template / "config.json").write_text('{"model_type": "qwen3"}')
+    (template / "model.safetensors").write_text("old weights, must not be copied")
+    eng = connect(weight_server, sync_mode="disk", sync_dir=str(tmp_path / "sync"), verify_stride=1)
+    eng.model_path = str(template)
+    st = eng.update_weights(iter(tiny_weights(3)), version=8)
+    out = tmp_path / "sync" / "weights_v8"
+    assert (out / "config.json").exists() and not (out / "model.safetensors").exists()
+    assert st["checked"] == 5 and SGLangClient(weight_server, KEY).get_weight_version() == "8"
+
+
+def test_distributed_sync_broadcasts_over_a_separate_group(weight_server):
+    """The trainer (rank 0) and the stand-in's single rank form a gloo group outside WORLD;
+    every tensor arrives by broadcast and the sample check compares all of them."""
+    eng = connect(weight_server, sync_mode="distributed", bucket_bytes=1024, verify_stride=1)
+    try:
+        st = eng.update_weights(iter(tiny_weights(4)), version=9)
+        assert st["checked"] == 5 and st["buckets"] == 4
+        assert SGLangClient(weight_server, KEY).get_weight_version() == "9"
+    finally:
+        eng.shutdown()
+
+
+def test_release_and_resume_memory(weight_server):
+    eng = connect(weight_server)
+    before = stats(weight_server)["calls"]
+    eng.release_memory(["kv_cache", "weights"])
+    eng.resume_memory(["weights"])
+    eng.resume_memory(["kv_cache"])
+    after = stats(weight_server)["calls"]
+    assert after["/release_memory_occupation"] - before.get("/release_memory_occupation", 0) == 1
+    assert after["/resume_memory_occupation"] - before.get("/resume_memory_occupation", 0) == 2
+
+
+def test_restart_resyncs_weights_or_fails(tmp_path):
+    """A restarted server reloads the initial weights: on_restart must re-sync them, else the
+    version check after the restart fails the step (never silently stale weights)."""
+    crash = tmp_path / "crash_once"
+    resynced = []
+
+    def resync(engine, i):
+        resynced.append(i)
+        engine.update_weights(iter(tiny_weights(5)), engine.weight_version, servers=[i])
+
+    def make(on_restart):
+        return SGLangEngine(
+            "stand-in",
+            api_key=KEY,
+            launch_cmd=lambda i, p: stand_in_cmd(p, "--crash-file", str(crash)),
+            log_dir=str(tmp_path),
+            serializer=torch_save_serializer,
+            on_restart=on_restart,
+        )
+
+    with make(resync) as eng:
+        eng.update_weights(iter(tiny_weights(5)), version=3)
+        crash.write_text("1")
+        out = eng.generate([GenerateRequest([2], "s")], SamplingParams(max_new_tokens=1))
+        assert resynced == [0] and out[0][0].weight_version == 3
+    with make(None) as eng:
+        eng.update_weights(iter(tiny_weights(5)), version=3)
+        crash.write_text("1")
+        with pytest.raises(RolloutServerCrashed, match="weight_version='0'.*version 3"):
+            eng.generate([GenerateRequest([2], "s")], SamplingParams(max_new_tokens=1))
