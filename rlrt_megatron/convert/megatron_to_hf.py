@@ -1,0 +1,213 @@
+"""Megatron-Core distributed checkpoint -> Hugging Face safetensors + config + tokenizer.
+
+No model is built and no TP/PP layout is needed: the checkpoint's global tensors are read one
+decoder layer at a time (a `ShardedTensor` covering just that layer's slice of each stacked
+tensor), unfused per `mapping.RULES`, and appended to the current output shard. Peak tensor
+memory is one output shard (`max_shard_bytes`) plus one layer, not the model.
+
+Works on checkpoints written by `hf_to_megatron` and on the trainer's checkpoints (any TP x PP
+they were saved at; any extra keys such as optimizer state are ignored). The HF config and
+tokenizer come from `<ckpt>/hf/`, `<ckpt>/../hf/` or an explicit `hf_config_dir`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from rlrt_megatron.convert import io, mapping
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
+
+
+def find_hf_metadata_dir(ckpt_dir: Path, hf_config_dir: str | Path | None) -> Path:
+    candidates = (
+        [Path(hf_config_dir)]
+        if hf_config_dir
+        else [ckpt_dir / io.HF_SUBDIR, ckpt_dir.parent / io.HF_SUBDIR]
+    )
+    for c in candidates:
+        if (c / "config.json").is_file():
+            return c
+    raise FileNotFoundError(
+        f"no HF config.json for checkpoint {ckpt_dir}: looked in "
+        f"{', '.join(str(c) for c in candidates)}; pass --hf-config DIR (a directory with the "
+        "model's config.json and tokenizer files)"
+    )
+
+
+class _ShardWriter:
+    """Writes HF-named tensors into `model-0000i-of-0000N.safetensors` files of bounded size."""
+
+    def __init__(self, out_dir: Path, max_shard_bytes: int) -> None:
+        self.out_dir = out_dir
+        self.max_bytes = max_shard_bytes
+        self.current: dict[str, torch.Tensor] = {}
+        self.current_bytes = 0
+        self.files: list[tuple[str, list[str]]] = []
+        self.total_bytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        nbytes = tensor.numel() * tensor.element_size()
+        if self.current and self.current_bytes + nbytes > self.max_bytes:
+            self.flush()
+        self.current[name] = tensor.contiguous()
+        self.current_bytes += nbytes
+        self.total_bytes += nbytes
+
+    def flush(self) -> None:
+        from safetensors.torch import save_file
+
+        if not self.current:
+            return
+        fname = f"part-{len(self.files):05d}.safetensors"
+        save_file(self.current, str(self.out_dir / fname), metadata={"format": "pt"})
+        self.files.append((fname, list(self.current)))
+        self.current, self.current_bytes = {}, 0
+
+    def finish(self) -> list[str]:
+        """Name the files the HF way and write the index when there is more than one."""
+        self.flush()
+        n = len(self.files)
+        if n == 1:
+            (self.out_dir / self.files[0][0]).rename(self.out_dir / "model.safetensors")
+            return ["model.safetensors"]
+        weight_map, names = {}, []
+        for i, (tmp_name, keys) in enumerate(self.files):
+            final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            (self.out_dir / tmp_name).rename(self.out_dir / final)
+            weight_map.update({k: final for k in keys})
+            names.append(final)
+        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
+        (self.out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        return names
+
+
+def _resolve_keys(
+    entry: mapping.Entry, spec: str, metadata: dict, shape: mapping.ModelShape, ckpt: Path
+) -> tuple[str, bool]:
+    """(checkpoint key, stacked?) for one entry; both Megatron layer layouts are accepted."""
+    if entry.layer is None:
+        key = entry.sharded_key(spec)
+        stacked = False
+    elif entry.sharded_key(spec) in metadata:
+        key, stacked = entry.sharded_key(spec), True
+    else:
+        key, stacked = entry.megatron_name(spec), False  # per-layer keys (non-homogeneous layout)
+    if key not in metadata:
+        raise KeyError(
+            f"checkpoint {ckpt} has no tensor {key!r} (needed for "
+            f"{', '.join(entry.hf_names())}); is config.json the one of this checkpoint?"
+        )
+    expected = mapping.megatron_shape(entry, shape)
+    if stacked:
+        expected = (shape.num_layers, *expected)
+    got = tuple(metadata[key].global_shape)
+    ok = got == expected
+    if entry.rule.vocab:  # padded rows are allowed (sliced off)
+        ok = got[1:] == expected[1:] and got[0] >= expected[0]
+    if not ok:
+        raise ValueError(
+            f"checkpoint {ckpt}: tensor {key!r} has global shape {list(got)}, expected "
+            f"{list(expected)} from config.json ({', '.join(entry.hf_names())})"
+        )
+    return key, stacked
+
+
+def megatron_to_hf(
+    ckpt_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    dtype: str | torch.dtype | None = None,
+    hf_config_dir: str | Path | None = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    overwrite: bool = False,
+    show_progress: bool = True,
+) -> Path:
+    """Convert the model weights of a Megatron dist checkpoint into an HF model directory.
+
+    dtype: output dtype (`bf16`, `fp16`, `fp32`); None keeps the checkpoint's dtype.
+    Output: `model.safetensors` (or `model-0000i-of-0000N.safetensors` + index above
+    `max_shard_bytes`), config.json (dtype updated), generation config and tokenizer files.
+    """
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing import ShardedTensor
+
+    from rlrt_megatron import platform
+
+    target = io.parse_dtype(dtype)
+    ckpt = Path(ckpt_dir)
+    if not (ckpt / "metadata.json").is_file():
+        raise FileNotFoundError(f"{ckpt} is not a Megatron dist checkpoint (no metadata.json)")
+    meta_dir = find_hf_metadata_dir(ckpt, hf_config_dir)
+    config = io.read_hf_config(meta_dir)
+    shape = mapping.model_shape(config)
+
+    owns_dist = not torch.distributed.is_initialized()
+    if owns_dist:
+        platform.init_distributed(tp=1, pp=1)
+    try:
+        metadata = dist_checkpointing.load_tensors_metadata(str(ckpt))
+        spec = mapping.detect_spec(list(metadata))
+        all_entries = list(mapping.entries(shape))
+        keys = {e: _resolve_keys(e, spec, metadata, shape, ckpt) for e in all_entries}
+        # One dist_checkpointing.load per group, written out before the next is read: the
+        # embedding, each decoder layer, then the final norm (+ lm_head).
+        groups: list[list[mapping.Entry]] = []
+        for e in all_entries:
+            if groups and groups[-1][0].layer == e.layer:  # layers separate head and tail
+                groups[-1].append(e)
+            else:
+                groups.append([e])
+        out_dtype = None
+        with (
+            io.atomic_dir(out_dir, overwrite=overwrite) as tmp,
+            io.progress(len(all_entries), "megatron -> hf", show_progress) as bar,
+        ):
+            writer = _ShardWriter(tmp, max_shard_bytes)
+            for group in groups:
+                request = {}
+                for e in group:
+                    key, stacked = keys[e]
+                    md = metadata[key]
+                    # a [1, ...] slice of the stacked tensor (no prepend_axis_num: megatron's
+                    # legacy path for that cannot read a single shard of a regular grid)
+                    local = torch.empty(
+                        (1, *md.global_shape[1:]) if stacked else md.global_shape, dtype=md.dtype
+                    )
+                    offsets = [(0, e.layer, shape.num_layers)] if stacked else []
+                    request[key] = ShardedTensor.from_rank_offsets(
+                        key, local, *offsets, replica_id=0
+                    )
+                # partial reads (one layer of a stacked tensor) by design: skip the coverage check
+                loaded = dist_checkpointing.load(
+                    request, str(ckpt), validate_access_integrity=False
+                )
+                for e in group:
+                    full = loaded.pop(keys[e][0])
+                    full = full[0] if keys[e][1] else full
+                    if e.rule.vocab:
+                        full = full[: shape.vocab_size]
+                    tensors = mapping.unfuse(e.rule, full, shape)
+                    for name, t in zip(e.hf_names(), tensors, strict=True):
+                        t = t.to(target) if target is not None else t
+                        out_dtype = out_dtype or t.dtype
+                        writer.add(name, t)
+                    bar.update(1)
+                del loaded
+            files = writer.finish()
+            io.copy_hf_metadata(meta_dir, tmp)
+            cfg = json.loads((tmp / "config.json").read_text())
+            cfg["dtype"] = io.dtype_name(out_dtype)
+            cfg.pop("torch_dtype", None)
+            (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    finally:
+        if owns_dist:
+            platform.destroy_distributed()
+    logger.info("wrote HF model %s (%s)", out_dir, ", ".join(files))
+    return Path(out_dir)
