@@ -87,19 +87,28 @@ def flatten_bucket(bucket: Sequence[NamedTensor]) -> tuple[torch.Tensor, list[Fl
     """Pack a bucket into one contiguous uint8 buffer (one copy) plus the metadata to unpack it.
 
     A byte buffer (not a same-dtype concat) keeps mixed-dtype buckets exact: fp32 norms next
-    to bf16 matrices round-trip bit for bit.
+    to bf16 matrices round-trip bit for bit. Offsets are padded to 16 bytes.
     """
     if not bucket:
         raise ValueError("flatten_bucket: empty bucket")
-    total = sum(tensor_nbytes(t) for _, t in bucket)
+    offsets, total = [], 0
+    for _, t in bucket:
+        offsets.append(total)
+        total = _align(total + tensor_nbytes(t))
     flat = torch.empty(total, dtype=torch.uint8, device=bucket[0][1].device)
-    metas, offset = [], 0
-    for name, t in bucket:
+    metas = []
+    for (name, t), offset in zip(bucket, offsets, strict=True):
         n = tensor_nbytes(t)
         flat[offset : offset + n].copy_(t.detach().contiguous().reshape(-1).view(torch.uint8))
         metas.append(FlatMeta(name, tuple(t.shape), t.dtype, offset, n))
-        offset += n
     return flat, metas
+
+
+_ALIGN = 16  # every tensor starts 16-byte aligned, so a uint8 slice can be viewed as any dtype
+
+
+def _align(nbytes: int) -> int:
+    return (nbytes + _ALIGN - 1) // _ALIGN * _ALIGN
 
 
 def unflatten_bucket(flat: torch.Tensor, metas: Sequence[FlatMeta]) -> list[NamedTensor]:

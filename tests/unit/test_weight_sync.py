@@ -1,0 +1,169 @@
+"""Engine-agnostic weight sync: bucketing, flat buffers, version and checksum checks, disk."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from rlrt_megatron.rollout.weight_sync import (
+    WeightMismatch,
+    WeightVersionMismatch,
+    bucket_named_tensors,
+    bucket_spec,
+    check_weight_version,
+    compare_checksums,
+    compare_probes,
+    flatten_bucket,
+    param_probe,
+    sample_param_names,
+    tensor_checksum,
+    tensor_nbytes,
+    unflatten_bucket,
+    write_hf_checkpoint,
+)
+
+
+def _stream(sizes, dtypes=None):
+    dtypes = dtypes or [torch.float32] * len(sizes)
+    for i, (n, dt) in enumerate(zip(sizes, dtypes, strict=True)):
+        yield f"p{i}", torch.full((n,), float(i), dtype=dt)
+
+
+@pytest.mark.parametrize("bucket_bytes", [1, 64, 100, 400, 4096])
+def test_buckets_hold_every_tensor_once_in_order_within_bounds(bucket_bytes):
+    sizes = [3, 10, 1, 50, 7, 7, 7, 25, 2, 100, 4]  # float32: 4 bytes each
+    buckets = list(bucket_named_tensors(_stream(sizes), bucket_bytes))
+    names = [n for b in buckets for n, _ in b]
+    assert names == [f"p{i}" for i in range(len(sizes))]  # each once, order kept
+    for b in buckets:
+        total = sum(tensor_nbytes(t) for _, t in b)
+        assert total <= bucket_bytes or len(b) == 1  # only an oversized tensor may exceed
+    # greedy packing: no two neighbouring buckets could have been merged
+    totals = [sum(tensor_nbytes(t) for _, t in b) for b in buckets]
+    firsts = [tensor_nbytes(b[0][1]) for b in buckets]
+    for i in range(len(buckets) - 1):
+        assert totals[i] + firsts[i + 1] > bucket_bytes or totals[i] >= bucket_bytes
+
+
+def test_bucket_counts_exact():
+    sizes = [25, 25, 25, 25, 100, 10]  # bytes: 100,100,100,100,400,40
+    buckets = list(bucket_named_tensors(_stream(sizes), 200))
+    assert [[n for n, _ in b] for b in buckets] == [["p0", "p1"], ["p2", "p3"], ["p4"], ["p5"]]
+    assert [len(b) for b in bucket_named_tensors(_stream(sizes), 10**9)] == [6]
+
+
+def test_split_by_dtype_and_errors():
+    stream = _stream([2, 2, 2, 2], [torch.float32, torch.float32, torch.bfloat16, torch.float32])
+    buckets = list(bucket_named_tensors(stream, 1000, split_by_dtype=True))
+    assert [[n for n, _ in b] for b in buckets] == [["p0", "p1"], ["p2"], ["p3"]]
+    with pytest.raises(ValueError, match="appears twice"):
+        list(bucket_named_tensors([("a", torch.ones(1)), ("a", torch.ones(1))], 10))
+    with pytest.raises(ValueError, match="bucket_bytes"):
+        list(bucket_named_tensors([], 0))
+
+
+def test_bucketing_streams_lazily():
+    pulled = []
+
+    def gen():
+        for i in range(6):
+            pulled.append(i)
+            yield f"p{i}", torch.zeros(25)  # 100 bytes
+
+    it = bucket_named_tensors(gen(), 200)
+    assert [n for n, _ in next(it)] == ["p0", "p1"]
+    assert pulled == [0, 1]  # never reads ahead of the bucket being filled
+
+
+def test_flatten_round_trip_is_bit_exact_for_mixed_dtypes():
+    g = torch.Generator().manual_seed(0)
+    bucket = [
+        ("w", torch.randn(3, 5, generator=g).to(torch.bfloat16)),
+        ("n", torch.randn(7, generator=g)),
+        ("h", torch.randn(2, 2, 2, generator=g).half()),
+        ("i", torch.arange(5)),
+        ("t", torch.randn(4, 6, generator=g).t()),  # non-contiguous
+    ]
+    flat, metas = flatten_bucket(bucket)
+    raw = sum(tensor_nbytes(t) for _, t in bucket)
+    assert flat.dtype == torch.uint8 and raw <= flat.numel() < raw + 16 * len(bucket)
+    assert all(m.offset % 16 == 0 for m in metas)
+    back = unflatten_bucket(flat, metas)
+    for (n1, a), (n2, b) in zip(bucket, back, strict=True):
+        assert n1 == n2 and a.dtype == b.dtype and a.shape == b.shape
+        assert torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
+    spec = bucket_spec(bucket)
+    assert spec["names"] == ["w", "n", "h", "i", "t"]
+    assert spec["dtypes"] == ["bfloat16", "float32", "float16", "int64", "float32"]
+    assert spec["shapes"] == [[3, 5], [7], [2, 2, 2], [5], [6, 4]]
+
+
+def test_version_check():
+    check_weight_version(3, "3", "server 0")
+    with pytest.raises(WeightVersionMismatch, match="server 1 reports weight_version='2'.*3"):
+        check_weight_version(3, "2", "server 1")
+    with pytest.raises(WeightVersionMismatch, match="'default'"):
+        check_weight_version(1, "default", "server 0")
+
+
+def test_sample_names_deterministic_and_cover_ends():
+    names = [f"n{i}" for i in range(20)]
+    a = sample_param_names(names, 5, seed=1)
+    assert a == sample_param_names(names, 5, seed=1) and len(a) == 5
+    assert a[0] == "n0" and a[-1] == "n19" and a == sorted(a, key=names.index)
+    assert sample_param_names(names, 50) == names and sample_param_names(names, 0) == []
+
+
+def test_probe_and_checksum_detect_a_corrupted_tensor():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(8, 6, generator=g).to(torch.bfloat16)
+    probe = param_probe(w, 3)
+    assert probe.shape == (3, 6) and probe.dtype == torch.float32
+    assert compare_probes("w", probe, probe.tolist()) == 0.0
+    bad = w.clone()
+    bad[1, 2] += 0.5
+    with pytest.raises(WeightMismatch, match=r"w differs.*max \|diff\|"):
+        compare_probes("w", probe, param_probe(bad, 3).tolist())
+    # a TP-sharded server returns only its first shard's columns: the prefix is compared
+    assert compare_probes("w", probe, probe[:, :3].tolist()) == 0.0
+    with pytest.raises(WeightMismatch, match="shape"):
+        compare_probes("w", probe, probe[:2].tolist())
+    nan = probe.clone()
+    nan[0, 0] = float("nan")
+    with pytest.raises(WeightMismatch):
+        compare_probes("w", probe, nan.tolist())
+
+    c = tensor_checksum(w)
+    compare_checksums("w", c, tensor_checksum(w.clone()))
+    with pytest.raises(WeightMismatch, match="checksum"):
+        compare_checksums("w", c, tensor_checksum(bad))
+    swapped = w.clone()
+    swapped[[0, 1]] = swapped[[1, 0]]  # same values, wrong place: the weighted sum catches it
+    with pytest.raises(WeightMismatch, match="weighted_sum"):
+        compare_checksums("w", c, tensor_checksum(swapped))
+
+
+def test_write_hf_checkpoint_shards_and_index(tmp_path):
+    from safetensors.torch import load_file
+
+    template = tmp_path / "tmpl"
+    template.mkdir()
+    (template / "config.json").write_text("{}")
+    (template / "tokenizer.json").write_text("{}")
+    (template / "model-00001-of-00001.safetensors").write_text("x")
+    named = [(f"layer{i}.weight", torch.full((64,), float(i))) for i in range(5)]  # 256 B each
+    out = write_hf_checkpoint(iter(named), str(tmp_path / "ckpt"), template_dir=str(template),
+                              shard_bytes=600)  # fmt: skip
+    index = json.loads((tmp_path / "ckpt" / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] == 5 * 256
+    files = sorted(set(index["weight_map"].values()))
+    assert files == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+    loaded = {}
+    for f in files:
+        loaded.update(load_file(f"{out}/{f}"))
+    assert sorted(loaded) == sorted(n for n, _ in named)
+    assert all(torch.equal(loaded[n], t) for n, t in named)
+    assert (tmp_path / "ckpt" / "tokenizer.json").exists()
+    assert not (tmp_path / "ckpt.tmp").exists()
