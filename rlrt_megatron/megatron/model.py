@@ -237,6 +237,10 @@ def transformer_config_from_hf(
         persist_layer_norm=te,
         gradient_accumulation_fusion=False,  # needs megatron DDP main_grad + TE/apex
         cross_entropy_loss_fusion=False,
+        # Interleaved PP over 2 ranks sends activations *and* grads to the same peer in one step;
+        # batched isend/irecv then pairs them by posting order and swaps the two (seen with gloo:
+        # wrong losses). The unbatched path puts the two directions on different groups.
+        batch_p2p_comm=not (pp == 2 and vpp is not None),
     )
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)
