@@ -58,7 +58,6 @@ from .losses import (
     AGG_MODES,
     aggregate,
     clipped_is_weights,
-    generalized_jsd,
     pg_metrics,
     ppo_token_losses,
     sampled_token_distillation_loss,
@@ -722,7 +721,8 @@ class SRPO(Algorithm):
             self.cfg.eps_high,
             self.cfg.dual_clip,
         )
-        total = pg_losses
+        # Both terms are sums over their own tokens divided by the same N_tok.
+        loss = aggregate(pg_losses, pg_mask, "token-mean", num_tokens)
         metrics = {f"pg_{k}": v for k, v in pg_metrics(info, pg_mask).items()}
         if bool(sd_mask.any()):
             tk = _as_topk(self.name, topk)
@@ -735,27 +735,18 @@ class SRPO(Algorithm):
                     "srpo.loss: teacher entropy is required for the SDPO branch: give "
                     "AlgoBatch.teacher_entropy [B, T] or TopK.teacher_entropy [b, T]"
                 )
-            # validation of the top-k inputs (shapes, NaN) happens in self_distillation_loss
-            _, sd_metrics = self_distillation_loss(
-                tk.student_topk_logprobs.detach(), tk.teacher_topk_logprobs, sd_mask, self.cfg.beta
-            )
             c = clipped_is_weights(logprobs, prepared.old_logprobs, sd_mask, self.cfg.is_clip)
-            s = torch.where(
-                sd_mask[..., None],
-                f32(tk.student_topk_logprobs),
-                torch.zeros((), device=sd_mask.device),
+            sd_loss, sd_metrics = self_distillation_loss(
+                tk.student_topk_logprobs,
+                tk.teacher_topk_logprobs,
+                sd_mask,
+                self.cfg.beta,
+                c,
+                num_tokens=num_tokens,
+                token_weights=w,
             )
-            t = torch.where(
-                sd_mask[..., None],
-                f32(tk.teacher_topk_logprobs.detach()),
-                torch.zeros((), device=sd_mask.device),
-            )
-            jsd = generalized_jsd(s, t, self.cfg.beta)
-            total = total + torch.where(
-                sd_mask, jsd * c * w, torch.zeros((), device=sd_mask.device)
-            )
+            loss = loss + sd_loss
             metrics.update({f"sd_{k}": v for k, v in sd_metrics.items()})
-        loss = aggregate(total, prepared.mask, "token-mean", num_tokens)
         return loss, metrics
 
 

@@ -45,7 +45,7 @@ def test_policy_loss_hand_computed_clip_higher() -> None:
     torch.testing.assert_close(logp.grad, torch.tensor([[0.0, -0.9, 0.0, 1.1]]) / 4)
     # symmetric clip 0.2 clips the positive token at 1.2 instead of 1.28
     sym, _ = policy_loss(logp, old, adv, mask, eps_low=0.2, eps_high=0.2)
-    assert float(sym) == pytest.approx((-1.2 - 0.9 + 0.8 + 1.1) / 4, abs=1e-6)
+    assert sym.item() == pytest.approx((-1.2 - 0.9 + 0.8 + 1.1) / 4, abs=1e-6)
     # clip-higher lets a ratio of 1.25 through (unclipped) while 0.2 / 0.2 clips it
     r = _ratios(1.25)
     hi, mh = policy_loss(r, torch.zeros(1, 1), torch.ones(1, 1), torch.ones(1, 1))
