@@ -283,7 +283,7 @@ class TopK(NamedTuple):
 
     student_topk_logprobs: Tensor  # [b, T, K+1], with grad
     teacher_topk_logprobs: Tensor  # [b, T, K+1]
-    teacher_entropy: Tensor | None = None  # [b, T] full-vocabulary teacher entropy (SRPO)
+    teacher_entropy: Tensor | None = None  # [b, T] teacher entropy (full vocab or K+1 support)
 
 
 @dataclass
@@ -415,7 +415,7 @@ class Algorithm:
         logprobs: Tensor,
         prepared: Prepared,
         num_tokens: float | Tensor | None = None,
-        topk: TopK | tuple | None = None,
+        topk: Any = None,
         *,
         num_seqs: float | Tensor | None = None,
     ) -> tuple[Tensor, dict[str, float]]:
@@ -454,7 +454,7 @@ class GRPO(Algorithm):
         logprobs: Tensor,
         prepared: Prepared,
         num_tokens: float | Tensor | None = None,
-        topk: TopK | tuple | None = None,
+        topk: Any = None,
         *,
         num_seqs: float | Tensor | None = None,
     ) -> tuple[Tensor, dict[str, float]]:
@@ -567,13 +567,27 @@ class RLSD(RLRT):
         return out
 
 
-def _as_topk(name: str, topk: TopK | tuple | None) -> TopK:
+def _as_topk(name: str, topk: Any) -> TopK:
+    """Accept a :class:`TopK`, any object with ``student_logprobs`` / ``teacher_logprobs`` /
+    ``teacher_entropy`` attributes (``megatron.logprobs.TopKLogprobs``), or a 2/3-tuple
+    ``(student_topk_logprobs, teacher_topk_logprobs[, teacher_entropy])``."""
     if topk is None:
         raise ValueError(
             f"{name}.loss: `topk` (student_topk_logprobs [b,T,K+1], teacher_topk_logprobs "
             "[b,T,K+1], teacher_entropy [b,T] | None) is required (needs_topk > 0)"
         )
-    return topk if isinstance(topk, TopK) else TopK(*topk)
+    if isinstance(topk, TopK):
+        return topk
+    if hasattr(topk, "student_logprobs") and hasattr(topk, "teacher_logprobs"):
+        return TopK(
+            topk.student_logprobs, topk.teacher_logprobs, getattr(topk, "teacher_entropy", None)
+        )
+    if isinstance(topk, tuple) and len(topk) in (2, 3):
+        return TopK(*topk)
+    raise ValueError(
+        f"{name}.loss: `topk` must be a TopK, an object with student_logprobs/teacher_logprobs "
+        f"attributes or a 2/3-tuple, got {type(topk).__name__}"
+    )
 
 
 class SDPO(Algorithm):
@@ -625,7 +639,7 @@ class SDPO(Algorithm):
         logprobs: Tensor,
         prepared: Prepared,
         num_tokens: float | Tensor | None = None,
-        topk: TopK | tuple | None = None,
+        topk: Any = None,
         *,
         num_seqs: float | Tensor | None = None,
     ) -> tuple[Tensor, dict[str, float]]:
@@ -704,7 +718,7 @@ class SRPO(Algorithm):
         logprobs: Tensor,
         prepared: Prepared,
         num_tokens: float | Tensor | None = None,
-        topk: TopK | tuple | None = None,
+        topk: Any = None,
         *,
         num_seqs: float | Tensor | None = None,
     ) -> tuple[Tensor, dict[str, float]]:

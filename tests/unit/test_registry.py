@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -311,3 +312,29 @@ def test_prepared_select() -> None:
         assert torch.equal(x.advantages, prepared.advantages[[1, 3]])
         assert x.metrics is prepared.metrics
     assert a.normalizers() == (float(make_batch().mask[[1, 3]].sum()), 2.0)
+
+
+class _MegatronTopK(NamedTuple):  # the field order of megatron.logprobs.TopKLogprobs
+    ids: torch.Tensor
+    student_logprobs: torch.Tensor
+    teacher_logprobs: torch.Tensor
+    teacher_entropy: torch.Tensor
+    full_kl: torch.Tensor | None
+
+
+@pytest.mark.parametrize("name", ["sdpo", "srpo"])
+def test_topk_accepts_named_objects_and_tuples(name: str) -> None:
+    batch = make_batch()
+    algo = get_algorithm(name)
+    prepared = algo.prepare(batch)
+    tk = make_topk(B)
+    ref, _ = algo.loss(batch.old_logprobs, prepared, topk=tk)
+    ids = torch.zeros(B, T, K, dtype=torch.long)
+    mega = _MegatronTopK(
+        ids, tk.student_topk_logprobs, tk.teacher_topk_logprobs, tk.teacher_entropy, None
+    )
+    for form in (mega, tuple(tk)):
+        got, _ = algo.loss(batch.old_logprobs, prepared, topk=form)
+        assert torch.equal(got, ref)
+    with pytest.raises(ValueError, match="topk"):
+        algo.loss(batch.old_logprobs, prepared, topk=[1, 2, 3, 4])
