@@ -1,0 +1,69 @@
+#!/bin/bash
+# Per-task launcher: `srun` runs one per training rank (`launch.sh train CMD...`) or one per
+# rollout node (`launch.sh rollout`). Sets the torch.distributed env from Slurm's, activates the
+# venv (outside a container), logs where it runs, forwards USR1/TERM to its child and records the
+# child's exit code in $RLRT_JOB_LOG_DIR/exit.r<restart>.<role>.<rank> for the batch script.
+set -uo pipefail
+role=${1:?usage: launch.sh train CMD... | launch.sh rollout}
+shift
+
+export RANK=${SLURM_PROCID:?launch.sh runs under srun}
+export WORLD_SIZE=${SLURM_NTASKS}
+export LOCAL_RANK=${SLURM_LOCALID:-0}
+export LOCAL_WORLD_SIZE=${SLURM_NTASKS_PER_NODE%%(*}
+export NODE_RANK=${SLURM_NODEID:-0}
+export PYTHONUNBUFFERED=1
+node=${SLURMD_NODENAME:-$(hostname -s)}
+restart=${SLURM_RESTART_COUNT:-0}
+
+if [[ -z ${RLRT_CONTAINER_IMAGE:-} && -f ${RLRT_VENV:-}/bin/activate ]]; then
+  # shellcheck disable=SC1091
+  source "$RLRT_VENV/bin/activate"
+fi
+cd "${RLRT_HOME:?}" || exit 2
+
+case $role in
+  train) cmd=("$@") ;;
+  rollout)
+    # SGLANG_PORT: this node's first port; servers s = 0..n-1 listen on port + s.
+    port0=${RLRT_ROLLOUT_PORT:-30000}
+    n=${RLRT_ROLLOUT_SERVERS_PER_NODE:-1}
+    if [[ -n ${RLRT_ROLLOUT_CMD:-} ]]; then
+      cmd=(bash -c "$RLRT_ROLLOUT_CMD" rlrt-rollout)
+    else
+      gpus=${RLRT_GPUS_PER_NODE:-0}
+      tp=$((gpus > 0 ? gpus / n : 1))
+      # n servers of tp GPUs each; bound to all interfaces so the trainer nodes reach them.
+      cmd=(bash -c 'for ((s = 0; s < $2; s++)); do
+        CUDA_VISIBLE_DEVICES=$(seq -s, $((s * $3)) $((s * $3 + $3 - 1))) \
+          python -m sglang.launch_server --model-path "$1" --host 0.0.0.0 \
+          --port $(($4 + s)) --tp-size "$3" --api-key "${RLRT_ROLLOUT_API_KEY:-}" &
+      done; wait -n; exit $?' rlrt-rollout "${RLRT_ROLLOUT_MODEL:?set RLRT_ROLLOUT_MODEL}" \
+        "$n" "$tp" "$port0")
+    fi
+    ;;
+  *) echo "launch.sh: unknown role $role" >&2; exit 2 ;;
+esac
+
+# One log per rank, named by node: <log dir>/<node>.r<restart>.<role>.rank<R>.log
+log_file=/dev/stdout
+if [[ -n ${RLRT_JOB_LOG_DIR:-} ]]; then
+  log_file="$RLRT_JOB_LOG_DIR/$node.r$restart.$role.rank$RANK.log"
+fi
+say() { echo "[rlrt-launch] $*"; [[ $log_file == /dev/stdout ]] || echo "[rlrt-launch] $*" >>"$log_file"; }
+say "$role rank $RANK/$WORLD_SIZE local_rank $LOCAL_RANK on node $node" \
+  "(host $(hostname), master ${MASTER_ADDR:-?}:${MASTER_PORT:-?}, restart $restart, log $log_file)"
+
+"${cmd[@]}" >>"$log_file" 2>&1 &
+child=$!
+trap 'kill -USR1 $child 2>/dev/null' USR1
+trap 'kill -TERM $child 2>/dev/null' TERM
+# a trapped signal makes `wait` return early: wait again until the child is gone.
+while kill -0 "$child" 2>/dev/null; do wait "$child"; done
+wait "$child"
+rc=$?
+say "$role rank $RANK on node $node exited with code $rc"
+if [[ -n ${RLRT_JOB_LOG_DIR:-} ]]; then
+  echo "$role $RANK $node $rc" >"$RLRT_JOB_LOG_DIR/exit.r$restart.$role.$RANK"
+fi
+exit "$rc"
