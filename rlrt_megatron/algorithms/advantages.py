@@ -141,13 +141,13 @@ def rlrt_advantages(
         fn, advantages, student_logprobs, teacher_logprobs, mask, rewards, has_teacher
     )
     delta = _teacher_delta(student_logprobs, teacher_logprobs, valid)
-    a = f32(advantages.detach())
+    a = f32(advantages.detach()).to(mask.device)
     w = torch.exp(-torch.sign(a)[:, None] * delta).clamp(1.0 - eps_w, 1.0 + eps_w)
     gate = torch.ones_like(a, dtype=torch.bool)
     if reward_gate:
-        gate = f32(rewards.detach()) > CORRECT_THRESHOLD
+        gate = f32(rewards.detach()).to(mask.device) > CORRECT_THRESHOLD
     if has_teacher is not None:
-        gate = gate & has_teacher.to(torch.bool)
+        gate = gate & has_teacher.to(device=mask.device, dtype=torch.bool)
     factor = torch.where(gate[:, None], (1.0 - alpha) + alpha * w, torch.ones_like(w))
     return a[:, None] * factor * valid.to(torch.float32)
 
@@ -177,11 +177,15 @@ def rlsd_advantages(
         fn, advantages, student_logprobs, teacher_logprobs, mask, None, has_teacher
     )
     delta = _teacher_delta(student_logprobs, teacher_logprobs, valid)
-    a = f32(advantages.detach())
+    a = f32(advantages.detach()).to(mask.device)
     w = torch.exp(torch.sign(a)[:, None] * delta).clamp(1.0 - eps_w, 1.0 + eps_w)
     factor = (1.0 - lam) + lam * w
     if has_teacher is not None:
-        factor = torch.where(has_teacher.to(torch.bool)[:, None], factor, torch.ones_like(w))
+        factor = torch.where(
+            has_teacher.to(device=mask.device, dtype=torch.bool)[:, None],
+            factor,
+            torch.ones_like(w),
+        )
     return a[:, None] * factor * valid.to(torch.float32)
 
 

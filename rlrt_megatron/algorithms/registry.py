@@ -335,7 +335,9 @@ class Prepared:
 # ----------------------------------------------------------------------------- algorithms
 
 
-def _check_batch(batch: AlgoBatch, name: str, need_teacher: bool) -> Tensor:
+def _check_batch(batch: AlgoBatch, name: str, need_teacher: bool) -> tuple[AlgoBatch, Tensor]:
+    """Validate ``batch``; return it with the per-row tensors on the mask's device, and the
+    bool mask."""
     fn = f"{name}.prepare"
     mask = as_tensor(fn, "mask", batch.mask)
     check_ndim(fn, "mask", mask, 2)
@@ -353,13 +355,15 @@ def _check_batch(batch: AlgoBatch, name: str, need_teacher: bool) -> Tensor:
         check_rows(fn, "has_teacher", as_tensor(fn, "has_teacher", batch.has_teacher), "mask", mask)
     if need_teacher and batch.teacher_logprobs is None:
         raise ValueError(f"{fn}: `teacher_logprobs` [B, T] is required (needs_teacher=True)")
-    return valid
+    dev = mask.device
+    has = None if batch.has_teacher is None else batch.has_teacher.to(dev)
+    return dataclasses.replace(batch, rewards=batch.rewards.to(dev), has_teacher=has), valid
 
 
 def _has_teacher(batch: AlgoBatch) -> Tensor:
     if batch.has_teacher is None:
         return torch.ones(batch.mask.shape[0], dtype=torch.bool, device=batch.mask.device)
-    return batch.has_teacher.to(torch.bool)
+    return batch.has_teacher.to(device=batch.mask.device, dtype=torch.bool)
 
 
 def _step_metrics(batch: AlgoBatch, adv: Tensor, token_adv: Tensor, valid: Tensor) -> dict:
@@ -432,7 +436,7 @@ class GRPO(Algorithm):
         return adv[:, None] * valid.to(torch.float32)
 
     def prepare(self, batch: AlgoBatch) -> Prepared:
-        valid = _check_batch(batch, self.name, self.needs_teacher)
+        batch, valid = _check_batch(batch, self.name, self.needs_teacher)
         adv = group_advantages(batch.rewards, batch.group_size, self.cfg.scale_by_std)
         token_adv = self._token_advantages(batch, adv, valid)
         metrics = _step_metrics(batch, adv, token_adv, valid)
@@ -611,7 +615,7 @@ class SDPO(Algorithm):
 
     def prepare(self, batch: AlgoBatch) -> Prepared:
         sampled = self.cfg.variant == "sampled"
-        valid = _check_batch(batch, self.name, need_teacher=sampled)
+        batch, valid = _check_batch(batch, self.name, need_teacher=sampled)
         # validates rewards / group_size even though SDPO uses no advantage
         adv = group_advantages(batch.rewards, batch.group_size)
         distill = _has_teacher(batch)
@@ -691,9 +695,9 @@ class SRPO(Algorithm):
         self.ema_rate = float(self.cfg.ema_rate)
 
     def prepare(self, batch: AlgoBatch) -> Prepared:
-        valid = _check_batch(batch, self.name, need_teacher=False)
+        batch, valid = _check_batch(batch, self.name, need_teacher=False)
         adv = group_advantages(batch.rewards, batch.group_size, self.cfg.scale_by_std)
-        correct = f32(batch.rewards.detach()) > CORRECT_THRESHOLD
+        correct = f32(batch.rewards.detach()).to(valid.device) > CORRECT_THRESHOLD
         distill = ~correct & _has_teacher(batch)
         token_adv = adv[:, None] * (valid & ~distill[:, None]).to(torch.float32)
         weights = None

@@ -71,11 +71,11 @@ def test_aggregation_weights_tokens_equally() -> None:
     adv = torch.tensor([[4.0, 0, 0], [1.0, 2.0, 3.0]])
     logp = torch.zeros(2, 3, requires_grad=True)
     tm, _ = policy_loss(logp, torch.zeros(2, 3), adv, mask, agg="token-mean")
-    assert float(tm) == pytest.approx(-(4 + 1 + 2 + 3) / 4)
+    assert tm.item() == pytest.approx(-(4 + 1 + 2 + 3) / 4)
     sm, _ = policy_loss(logp, torch.zeros(2, 3), adv, mask, agg="seq-mean-token-mean")
-    assert float(sm) == pytest.approx(-(4 + 2) / 2)
+    assert sm.item() == pytest.approx(-(4 + 2) / 2)
     ss, _ = policy_loss(logp, torch.zeros(2, 3), adv, mask, agg="seq-mean-token-sum")
-    assert float(ss) == pytest.approx(-(4 + 6) / 2)
+    assert ss.item() == pytest.approx(-(4 + 6) / 2)
     # gradient per token with A = 1 everywhere: token-mean gives -1/N to every token whatever
     # its sequence length; seq-mean-token-mean gives -1/(B len_i)
     ones = torch.ones(2, 3)
@@ -87,12 +87,12 @@ def test_aggregation_weights_tokens_equally() -> None:
     torch.testing.assert_close(g_sm, -torch.tensor([[1 / 2, 0, 0], [1 / 6, 1 / 6, 1 / 6]]))
     # mini-batch normalisers: explicit counts override the local ones
     part, _ = policy_loss(logp, torch.zeros(2, 3), adv, mask, num_tokens=8.0)
-    assert float(part) == pytest.approx(-10 / 8)
+    assert part.item() == pytest.approx(-10 / 8)
     part, _ = policy_loss(logp, torch.zeros(2, 3), adv, mask, agg="seq-mean-token-sum", num_seqs=5)
-    assert float(part) == pytest.approx(-10 / 5)
+    assert part.item() == pytest.approx(-10 / 5)
     # an all-masked batch is 0, not NaN
     empty, _ = policy_loss(logp, torch.zeros(2, 3), adv, torch.zeros(2, 3))
-    assert float(empty) == 0.0
+    assert empty.item() == 0.0
     with pytest.raises(ValueError, match="agg"):
         aggregate(torch.zeros(2, 3), mask, "sum")
 

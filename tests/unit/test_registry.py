@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import subprocess
+import sys
 from typing import NamedTuple
 
 import pytest
@@ -338,3 +340,14 @@ def test_topk_accepts_named_objects_and_tuples(name: str) -> None:
         assert torch.equal(got, ref)
     with pytest.raises(ValueError, match="topk"):
         algo.loss(batch.old_logprobs, prepared, topk=[1, 2, 3, 4])
+
+
+def test_import_needs_only_torch() -> None:
+    code = (
+        "import sys, rlrt_megatron.algorithms as a; "
+        "bad = [m for m in sys.modules if m.split('.')[0] in "
+        "('megatron', 'transformers', 'transformer_engine', 'sglang')]; "
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
