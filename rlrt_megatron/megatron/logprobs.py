@@ -38,7 +38,10 @@ import torch.distributed as dist
 __all__ = [
     "TopKLogprobs",
     "vocab_parallel_kl",
+    "support_entropy",
     "vocab_parallel_logprobs",
+    "vocab_parallel_logprobs_at_ids",
+    "vocab_parallel_topk_ids",
     "vocab_parallel_topk_logprobs",
 ]
 
@@ -292,6 +295,11 @@ def vocab_parallel_logprobs(
 
 # ----------------------------------------------------------------------------------------------
 # Part 2: student top-k (+ tail bucket) log-probs for SDPO/SRPO, teacher at the same ids, full KL.
+#
+# Three primitives, because the trainer never holds student and teacher logits at the same time
+# (they come from two forwards): `vocab_parallel_topk_ids` picks the support from the student,
+# `vocab_parallel_logprobs_at_ids` evaluates any model on a given support (differentiable), and
+# `vocab_parallel_topk_logprobs` composes them when both logits are at hand.
 # ----------------------------------------------------------------------------------------------
 class TopKLogprobs(NamedTuple):
     """Student top-k support with a tail bucket; `[..., K+1]` tensors end with the tail entry.
@@ -331,136 +339,159 @@ def _global_topk_ids(
     return ids.gather(1, best)
 
 
-def _topk_chunk_stats(
-    z: torch.Tensor | None,
-    m: torch.Tensor,
-    ids: torch.Tensor,
-    shard: _Shard,
-    c: int,
+def vocab_parallel_topk_ids(
+    logits: torch.Tensor,
     k: int,
-    dev,
+    group: dist.ProcessGroup | None = None,
+    chunk_size: int | None = None,
+    vocab_start: int | None = None,
+    true_vocab_size: int | None = None,
 ) -> torch.Tensor:
-    """Local partial sums for one logits chunk: [sum-exp (1), logits at ids (k), rest sum-exp (1)].
+    """Global top-k token ids `[..., k]` (descending logit) of TP-sharded logits; no grad.
 
-    rest = sum_{j not in top-k} exp(z_j - m), summed directly (not as total - top-k) so the tail
-    bucket keeps full relative precision when the top-k hold almost all of the mass.
+    Each shard takes its local top-k over real (non-padding) columns; the k * tp candidates are
+    all-gathered and the top-k of those is the global top-k (any global top-k id is in its own
+    shard's local top-k).
     """
-    out = torch.zeros(c, k + 2, dtype=torch.float32, device=dev)
-    if z is None:
-        return out
-    e = (z - m[:, None]).exp_()
-    out[:, 0] = e.sum(-1)
-    idx, own = _local_target_index(ids, shard)
-    out[:, 1 : k + 1] = z.gather(1, idx) * own
-    _zero_owned(e, idx, own)
-    out[:, k + 1] = e.sum(-1)
-    return out
+    lead = logits.shape[:-1]
+    flat = _flatten(logits)
+    shard, size = _shard(flat.shape[-1], group, vocab_start, true_vocab_size)
+    vocab = true_vocab_size if true_vocab_size is not None else flat.shape[-1] * size
+    if k > vocab:
+        raise ValueError(f"k={k} exceeds the vocabulary size {vocab}")
+    rows = _chunk_rows(flat.shape[0], flat.shape[-1], chunk_size, flat.device)
+    n, dev = flat.shape[0], flat.device
+    out = torch.empty(n, k, dtype=torch.int64, device=dev)
+    with torch.no_grad():
+        for a in range(0, n, rows):
+            b = min(n, a + rows)
+            z = _local_valid_fp32(flat[a:b], shard) if shard.n_valid > 0 else None
+            out[a:b] = _global_topk_ids(z, k, shard, group, size, b - a, dev)
+    return out.view(*lead, k)
 
 
-def _topk_forward(
-    s_logits: torch.Tensor,
-    t_logits: torch.Tensor,
-    k: int,
-    shard: _Shard,
-    group,
-    size: int,
-    rows: int,
-    with_full_kl: bool,
-):
-    n = s_logits.shape[0]
-    dev = s_logits.device
-    ids_all = torch.empty(n, k, dtype=torch.int64, device=dev)
-    s_lp = torch.empty(n, k + 1, dtype=torch.float32, device=dev)
-    t_lp = torch.empty(n, k + 1, dtype=torch.float32, device=dev)
-    s_lse = torch.empty(n, dtype=torch.float32, device=dev)
-    s_lse_rest = torch.empty(n, dtype=torch.float32, device=dev)
-    kl = torch.empty(n, dtype=torch.float32, device=dev) if with_full_kl else None
+def _at_ids_forward(
+    logits: torch.Tensor, ids: torch.Tensor, shard: _Shard, group, size: int, rows: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Chunked: (log-probs at ids + tail [T, K+1], lse [T], lse over the tail ids [T])."""
+    n, k = ids.shape
+    dev = logits.device
+    out = torch.empty(n, k + 1, dtype=torch.float32, device=dev)
+    lse = torch.empty(n, dtype=torch.float32, device=dev)
+    lse_rest = torch.empty(n, dtype=torch.float32, device=dev)
     for a in range(0, n, rows):
         b = min(n, a + rows)
         c = b - a
         if shard.n_valid > 0:
-            zs = _local_valid_fp32(s_logits[a:b], shard)
-            zt = _local_valid_fp32(t_logits[a:b], shard)
-            m = torch.stack([zs.amax(-1), zt.amax(-1)])
+            z = _local_valid_fp32(logits[a:b], shard)
+            m = z.amax(-1)
         else:
-            zs = zt = None
-            m = torch.full((2, c), float("-inf"), dtype=torch.float32, device=dev)
+            z = None
+            m = torch.full((c,), float("-inf"), dtype=torch.float32, device=dev)
         _all_reduce(m, dist.ReduceOp.MAX, group, size)
-        ids = _global_topk_ids(zs, k, shard, group, size, c, dev)
-        # One SUM all-reduce carries both models' partial sums (+ the KL numerator).
-        parts = [
-            _topk_chunk_stats(zs, m[0], ids, shard, c, k, dev),
-            _topk_chunk_stats(zt, m[1], ids, shard, c, k, dev),
-        ]
-        if with_full_kl:
-            # KL(S||T) = sum_j p_S,j (z_S,j - z_T,j) - lse_S + lse_T; numerator uses exp(z_S - m_S)
-            num = torch.zeros(c, 1, dtype=torch.float32, device=dev)
-            if zs is not None:
-                e = (zs - m[0][:, None]).exp_()
-                num[:, 0] = torch.bmm(e.unsqueeze(1), (zs - zt).unsqueeze(2)).view(c)
-                del e
-            parts.append(num)
-        stats = torch.cat(parts, dim=1)
-        del zs, zt
+        # [sum-exp (1), logits at ids (k), sum-exp over the rest (1)] in one SUM all-reduce.
+        stats = torch.zeros(c, k + 2, dtype=torch.float32, device=dev)
+        if z is not None:
+            e = (z - m[:, None]).exp_()
+            stats[:, 0] = e.sum(-1)
+            idx, own = _local_target_index(ids[a:b], shard)
+            stats[:, 1 : k + 1] = z.gather(1, idx) * own
+            # The tail is summed directly (not as 1 - sum top-k): it keeps full relative
+            # precision when the top-k hold almost all of the mass.
+            _zero_owned(e, idx, own)
+            stats[:, k + 1] = e.sum(-1)
+            del e
+        del z
         _all_reduce(stats, dist.ReduceOp.SUM, group, size)
-        s_stats, t_stats = stats[:, : k + 2], stats[:, k + 2 : 2 * k + 4]
-        lse_s = m[0] + s_stats[:, 0].log()
-        lse_t = m[1] + t_stats[:, 0].log()
-        rest_s = m[0] + s_stats[:, k + 1].clamp_min(_TINY).log()
-        rest_t = m[1] + t_stats[:, k + 1].clamp_min(_TINY).log()
-        ids_all[a:b] = ids
-        s_lp[a:b, :k] = s_stats[:, 1 : k + 1] - lse_s[:, None]
-        s_lp[a:b, k] = rest_s - lse_s
-        t_lp[a:b, :k] = t_stats[:, 1 : k + 1] - lse_t[:, None]
-        t_lp[a:b, k] = rest_t - lse_t
-        s_lse[a:b] = lse_s
-        s_lse_rest[a:b] = rest_s
-        if kl is not None:
-            kl[a:b] = stats[:, -1] / s_stats[:, 0] - lse_s + lse_t
-    return ids_all, s_lp, t_lp, s_lse, s_lse_rest, kl
+        lse[a:b] = m + stats[:, 0].log()
+        lse_rest[a:b] = m + stats[:, k + 1].clamp_min(_TINY).log()
+        out[a:b, :k] = stats[:, 1 : k + 1] - lse[a:b, None]
+        out[a:b, k] = lse_rest[a:b] - lse[a:b]
+    return out, lse, lse_rest
 
 
-class _VocabParallelTopK(torch.autograd.Function):
-    """Top-k + tail log-probs; gradient only into the student logits.
+class _VocabParallelAtIds(torch.autograd.Function):
+    """Log-probs at given ids + tail bucket, differentiable.
 
-    For output l_i = z_{id_i} - lse (i < K) and l_K = log sum_{j not in K} exp(z_j) - lse:
+    For l_i = z_{id_i} - lse (i < K) and l_K = log sum_{j not in K} exp(z_j) - lse:
         d l_i / d z_j = [j = id_i] - p_j,     d l_K / d z_j = [j not in K] exp(z_j - lse_rest) - p_j
     so with upstream g: grad_j = sum_i g_i [j = id_i] + g_K [j not in K] exp(z_j - lse_rest)
-                                 - p_j sum_i g_i.
+                                 - p_j sum_i g_i.   (Local per shard: no backward communication.)
     """
 
     @staticmethod
-    def forward(ctx, s_logits, t_logits, k, shard, group, size, rows, with_full_kl):
-        ids, s_lp, t_lp, lse, lse_rest, kl = _topk_forward(
-            s_logits, t_logits, k, shard, group, size, rows, with_full_kl
-        )
-        ctx.save_for_backward(s_logits, ids, lse, lse_rest)
-        ctx.meta = (shard, rows, k)
-        ctx.mark_non_differentiable(ids, t_lp, *([kl] if kl is not None else []))
-        return ids, s_lp, t_lp, kl
+    def forward(ctx, logits, ids, shard, group, size, rows, inplace_backward):
+        out, lse, lse_rest = _at_ids_forward(logits, ids, shard, group, size, rows)
+        ctx.save_for_backward(logits, ids, lse, lse_rest)
+        ctx.meta = (shard, rows, inplace_backward)
+        return out
 
     @staticmethod
-    def backward(ctx, _g_ids, g_lp, _g_t, _g_kl):
-        s_logits, ids, lse, lse_rest = ctx.saved_tensors
-        shard, rows, k = ctx.meta
-        grad = torch.zeros_like(s_logits)
-        if shard.n_valid == 0:
-            return grad, None, None, None, None, None, None, None
-        n = s_logits.shape[0]
-        for a in range(0, n, rows):
+    def backward(ctx, g_lp):
+        logits, ids, lse, lse_rest = ctx.saved_tensors
+        shard, rows, inplace = ctx.meta
+        k = ids.shape[1]
+        grad = logits if inplace else torch.empty_like(logits)
+        grad[:, shard.n_valid :] = 0
+        n = logits.shape[0]
+        for a in range(0, n if shard.n_valid > 0 else 0, rows):
             b = min(n, a + rows)
-            z = _local_valid_fp32(s_logits[a:b], shard)
+            z = _local_valid_fp32(logits[a:b], shard)
             g = g_lp[a:b].float()
-            g_sum = g.sum(-1)
             p = (z - lse[a:b, None]).exp_()
             tail = (z - lse_rest[a:b, None]).exp_().mul_(g[:, k : k + 1])
             idx, own = _local_target_index(ids[a:b], shard)
             _zero_owned(tail, idx, own)  # j in K gets no tail-bucket term
-            tail.sub_(p.mul_(g_sum[:, None]))
-            del p
+            tail.sub_(p.mul_(g.sum(-1, keepdim=True)))
+            del p, z
             tail.scatter_add_(1, idx, g[:, :k] * own)
             grad[a:b, : shard.n_valid] = tail
-        return grad, None, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None
+
+
+def vocab_parallel_logprobs_at_ids(
+    logits: torch.Tensor,
+    ids: torch.Tensor,
+    group: dist.ProcessGroup | None = None,
+    chunk_size: int | None = None,
+    vocab_start: int | None = None,
+    true_vocab_size: int | None = None,
+    inplace_backward: bool = False,
+) -> torch.Tensor:
+    """Log-probs at `ids` `[..., K]` plus the tail bucket: `[..., K+1]` fp32, differentiable.
+
+    out[..., i] = z_{id_i} - lse for i < K;  out[..., K] = log sum_{j not in ids} exp(z_j) - lse
+    (= log(1 - sum_i p_{id_i}) without cancellation; the tail's sum-exp is floored at float32
+    tiny so the entry is never -inf).
+    `ids` must be distinct per row (as top-k ids are). Arguments as `vocab_parallel_logprobs`.
+    """
+    if logits.shape[:-1] != ids.shape[:-1]:
+        raise ValueError(
+            f"logits {tuple(logits.shape)} and ids {tuple(ids.shape)} disagree: expected "
+            "logits [..., V/tp] and ids [..., K] with the same leading dimensions"
+        )
+    lead, k = ids.shape[:-1], ids.shape[-1]
+    flat = _flatten(logits)
+    flat_ids = ids.reshape(-1, k).long()
+    shard, size = _shard(flat.shape[-1], group, vocab_start, true_vocab_size)
+    _check_targets(flat_ids, true_vocab_size, flat.shape[-1] * size)
+    rows = _chunk_rows(flat.shape[0], flat.shape[-1], chunk_size, flat.device)
+    if torch.is_grad_enabled() and logits.requires_grad:
+        if inplace_backward and not flat.is_contiguous():
+            raise ValueError("inplace_backward needs contiguous logits")
+        out = _VocabParallelAtIds.apply(flat, flat_ids, shard, group, size, rows, inplace_backward)
+    else:
+        with torch.no_grad():
+            out = _at_ids_forward(flat, flat_ids, shard, group, size, rows)[0]
+    return out.view(*lead, k + 1)
+
+
+def support_entropy(logprobs: torch.Tensor) -> torch.Tensor:
+    """Entropy over a `[..., K+1]` top-k + tail support: -sum_i q_i log q_i, q = exp(logprobs).
+
+    Finite: the tail log-prob is floored (never -inf), so no 0 * -inf term appears.
+    """
+    return -(logprobs.exp() * logprobs).sum(-1)
 
 
 def vocab_parallel_topk_logprobs(
@@ -489,31 +520,18 @@ def vocab_parallel_topk_logprobs(
             f"student logits {tuple(student_logits.shape)} and teacher logits "
             f"{tuple(teacher_logits.shape)} must have the same shape (aligned response positions)"
         )
-    lead = student_logits.shape[:-1]
-    s_flat = _flatten(student_logits)
-    t_flat = _flatten(teacher_logits.detach())
-    shard, size = _shard(s_flat.shape[-1], group, vocab_start, true_vocab_size)
     if true_vocab_size is not None and k > true_vocab_size:
         raise ValueError(f"k={k} exceeds the vocabulary size {true_vocab_size}")
-    rows = _chunk_rows(s_flat.shape[0], s_flat.shape[-1], chunk_size, s_flat.device)
-    if torch.is_grad_enabled() and student_logits.requires_grad:
-        ids, s_lp, t_lp, kl = _VocabParallelTopK.apply(
-            s_flat, t_flat, k, shard, group, size, rows, with_full_kl
-        )
-    else:
-        with torch.no_grad():
-            ids, s_lp, t_lp, _, _, kl = _topk_forward(
-                s_flat, t_flat, k, shard, group, size, rows, with_full_kl
-            )
-    # Teacher entropy over the K+1 support; exp(-inf-free) since the tail is floored at _TINY.
-    t_ent = -(t_lp.exp() * t_lp).sum(-1)
-    return TopKLogprobs(
-        ids=ids.view(*lead, k),
-        student_logprobs=s_lp.view(*lead, k + 1),
-        teacher_logprobs=t_lp.view(*lead, k + 1),
-        teacher_entropy=t_ent.view(lead),
-        full_kl=None if kl is None else kl.view(lead),
-    )
+    kw = dict(group=group, chunk_size=chunk_size, vocab_start=vocab_start)
+    kw["true_vocab_size"] = true_vocab_size
+    ids = vocab_parallel_topk_ids(student_logits.detach(), k, **kw)
+    s_lp = vocab_parallel_logprobs_at_ids(student_logits, ids, **kw)
+    with torch.no_grad():
+        t_lp = vocab_parallel_logprobs_at_ids(teacher_logits.detach(), ids, **kw)
+    kl = None
+    if with_full_kl:
+        kl = vocab_parallel_kl(student_logits.detach(), teacher_logits.detach(), **kw)
+    return TopKLogprobs(ids, s_lp, t_lp, support_entropy(t_lp), kl)
 
 
 def vocab_parallel_kl(

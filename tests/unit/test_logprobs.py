@@ -132,3 +132,22 @@ def test_topk_tail_keeps_precision_when_topk_holds_almost_all_mass():
     expected = torch.log(torch.tensor(60.0)) - 50.0 - torch.log(torch.tensor(4.0))
     torch.testing.assert_close(out.student_logprobs[:, 4], expected.expand(2), atol=1e-4, rtol=0)
     assert torch.isfinite(out.teacher_entropy).all()
+
+
+def test_logprobs_at_ids_inplace_backward_matches_copy():
+    from rlrt_megatron.megatron.logprobs import vocab_parallel_logprobs_at_ids
+
+    x = _logits(6).view(2, 3, V_PAD)
+    ids = torch.stack([torch.randperm(V_TRUE)[:5] for _ in range(6)]).view(2, 3, 5)
+    g = torch.randn(2, 3, 6)
+    grads = []
+    for inplace in (False, True):
+        a = x.clone().requires_grad_()
+        out = vocab_parallel_logprobs_at_ids(
+            a * 1.0, ids, chunk_size=4, true_vocab_size=V_TRUE, inplace_backward=inplace
+        )
+        (out * g).sum().backward()
+        grads.append(a.grad)
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-6)
+    _, s_lp, _, _, _ = naive_topk(x.view(6, V_PAD), x.view(6, V_PAD), 5, ids=ids.view(6, 5))
+    torch.testing.assert_close(out.view(6, 6), s_lp, atol=1e-5, rtol=1e-5)
