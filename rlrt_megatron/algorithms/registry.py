@@ -411,6 +411,18 @@ class Algorithm:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.cfg})"
 
+    def teacher_rows(self, rewards: Tensor, has_context: Tensor | None = None) -> Tensor:
+        """[B] bool: the rows whose teacher log-probs this algorithm uses, given the rewards and
+        which rows have a teacher context (None = all). The trainer may run the teacher forward
+        on these rows only and pass ``AlgoBatch.has_teacher = teacher_rows(...)``; the
+        ``teacher_logprobs`` of other rows are then ignored (they may hold anything)."""
+        rows = torch.full(
+            rewards.shape, self.needs_teacher, dtype=torch.bool, device=rewards.device
+        )
+        if has_context is not None:
+            rows = rows & has_context.to(device=rewards.device, dtype=torch.bool)
+        return rows
+
     def prepare(self, batch: AlgoBatch) -> Prepared:
         raise NotImplementedError
 
@@ -491,13 +503,21 @@ class DAPO(GRPO):
         self.dynamic_sampling = bool(self.cfg.dynamic_sampling)
 
 
-def _peer_teacher_logprobs(batch: AlgoBatch, student: Tensor) -> Tensor:
-    """Teacher log-probs with rows lacking a teacher replaced by the student's (their weight is
-    1 anyway), so those rows may hold anything (zeros, NaN) in ``teacher_logprobs``."""
-    has = _has_teacher(batch)
+def _student(batch: AlgoBatch) -> Tensor:
+    return batch.old_logprobs if batch.student_logprobs is None else batch.student_logprobs
+
+
+def _teacher_where(batch: AlgoBatch, rows: Tensor) -> Tensor:
+    """Teacher log-probs on ``rows``, the student's elsewhere (Delta = 0, weight 1), so rows the
+    algorithm does not use may hold anything (zeros, NaN) in ``teacher_logprobs``."""
+    student = _student(batch)
     return torch.where(
-        has[:, None], batch.teacher_logprobs, student.to(batch.teacher_logprobs.dtype)
+        rows[:, None], batch.teacher_logprobs, student.to(batch.teacher_logprobs.dtype)
     )
+
+
+def _finite_rows(x: Tensor, valid: Tensor) -> Tensor:
+    return (torch.isfinite(x) | ~valid).all(dim=1)
 
 
 class RLRT(GRPO):
@@ -509,27 +529,38 @@ class RLRT(GRPO):
     teacher_context = "peer"
     teacher_weights = "current"
 
+    def teacher_rows(self, rewards: Tensor, has_context: Tensor | None = None) -> Tensor:
+        """Correct rollouts with a context (all rows with a context for RLRT-all)."""
+        rows = super().teacher_rows(rewards, has_context)
+        if self.cfg.reward_gate:
+            rows = rows & (f32(rewards.detach()) > CORRECT_THRESHOLD)
+        return rows
+
     def _token_advantages(self, batch: AlgoBatch, adv: Tensor, valid: Tensor) -> Tensor:
-        student = batch.old_logprobs if batch.student_logprobs is None else batch.student_logprobs
-        teacher = _peer_teacher_logprobs(batch, student)
+        rows = self.teacher_rows(batch.rewards, batch.has_teacher)
         return rlrt_advantages(
             adv,
             batch.rewards,
-            student,
-            teacher,
+            _student(batch),
+            _teacher_where(batch, rows),
             batch.mask,
             self.cfg.alpha,
             self.cfg.eps_w,
-            _has_teacher(batch),
+            rows,
             self.cfg.reward_gate,
         )
 
     def _extra_metrics(self, batch: AlgoBatch, valid: Tensor) -> dict[str, float]:
-        student = batch.old_logprobs if batch.student_logprobs is None else batch.student_logprobs
-        teacher = _peer_teacher_logprobs(batch, student)
-        rows = _has_teacher(batch)
+        # every row with a context and finite teacher log-probs: incorrect rollouts too when the
+        # trainer computed them (the correct / incorrect asymmetry is the paper's diagnostic)
+        rows = _has_teacher(batch) & _finite_rows(batch.teacher_logprobs, valid)
+        student = _student(batch)
         stats = asymmetry_stats(
-            student[rows], teacher[rows], valid[rows], batch.rewards[rows], self.cfg.eps_w
+            student[rows],
+            batch.teacher_logprobs[rows],
+            valid[rows],
+            batch.rewards[rows],
+            self.cfg.eps_w,
         )
         out = {f"asym/{k}": v for k, v in stats.items()}
         out["frac_rows_with_teacher"] = float(rows.float().mean())
@@ -549,20 +580,23 @@ class RLSD(RLRT):
         super().__init__(cfg, **overrides)
         self.teacher_refresh_every = int(self.cfg.teacher_refresh_every)
 
+    def teacher_rows(self, rewards: Tensor, has_context: Tensor | None = None) -> Tensor:
+        """Every row with a context (RLSD reshapes correct and incorrect rollouts)."""
+        return Algorithm.teacher_rows(self, rewards, has_context)
+
     def lam(self, step: int) -> float:
         return lambda_schedule(step, self.cfg.lam_init, self.cfg.lam_decay_steps)
 
     def _token_advantages(self, batch: AlgoBatch, adv: Tensor, valid: Tensor) -> Tensor:
-        student = batch.old_logprobs if batch.student_logprobs is None else batch.student_logprobs
-        teacher = _peer_teacher_logprobs(batch, student)
+        rows = self.teacher_rows(batch.rewards, batch.has_teacher)
         return rlsd_advantages(
             adv,
-            student,
-            teacher,
+            _student(batch),
+            _teacher_where(batch, rows),
             batch.mask,
             self.cfg.eps_w,
             self.lam(batch.step),
-            _has_teacher(batch),
+            rows,
         )
 
     def _extra_metrics(self, batch: AlgoBatch, valid: Tensor) -> dict[str, float]:
@@ -622,10 +656,7 @@ class SDPO(Algorithm):
         zeros = torch.zeros(valid.shape, dtype=torch.float32, device=valid.device)
         teacher = None
         if sampled:
-            student = (
-                batch.old_logprobs if batch.student_logprobs is None else batch.student_logprobs
-            )
-            teacher = f32(_peer_teacher_logprobs(batch, student).detach())
+            teacher = f32(_teacher_where(batch, distill).detach())
         metrics = _step_metrics(batch, adv, zeros, valid)
         metrics["frac_rows_distilled"] = float(distill.float().mean())
         return Prepared(
@@ -693,6 +724,11 @@ class SRPO(Algorithm):
         super().__init__(cfg, **overrides)
         self.needs_topk = int(self.cfg.topk)
         self.ema_rate = float(self.cfg.ema_rate)
+
+    def teacher_rows(self, rewards: Tensor, has_context: Tensor | None = None) -> Tensor:
+        """Incorrect rollouts with a context (the rows routed to the SDPO term)."""
+        rows = super().teacher_rows(rewards, has_context)
+        return rows & ~(f32(rewards.detach()) > CORRECT_THRESHOLD)
 
     def prepare(self, batch: AlgoBatch) -> Prepared:
         batch, valid = _check_batch(batch, self.name, need_teacher=False)

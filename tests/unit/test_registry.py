@@ -351,3 +351,30 @@ def test_import_needs_only_torch() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_teacher_rows_and_skipped_teacher_forwards() -> None:
+    batch = make_batch()
+    r, ctx = batch.rewards, batch.has_teacher  # r = [1,0,1,0,1,1,1,0], ctx row 5 False
+    correct = r > 0.5
+    expect = {
+        "grpo": torch.zeros(B, dtype=torch.bool),
+        "dapo": torch.zeros(B, dtype=torch.bool),
+        "rlrt": correct & ctx,
+        "rlsd": ctx,
+        "sdpo": ctx,
+        "srpo": ~correct & ctx,
+    }
+    for name, rows in expect.items():
+        assert torch.equal(get_algorithm(name).teacher_rows(r, ctx), rows), name
+    assert torch.equal(get_algorithm("rlrt", reward_gate=False).teacher_rows(r, ctx), ctx)
+    assert get_algorithm("rlrt").teacher_rows(r).tolist() == correct.tolist()
+    # the trainer skips the teacher forward on the other rows: their values are ignored
+    for name in ("rlrt", "rlsd"):
+        algo = get_algorithm(name)
+        rows = algo.teacher_rows(r, ctx)
+        skipped = torch.where(rows[:, None], batch.teacher_logprobs, float("nan"))
+        ref = algo.prepare(dataclasses.replace(batch, has_teacher=rows))
+        got = algo.prepare(dataclasses.replace(batch, teacher_logprobs=skipped))
+        assert torch.equal(ref.advantages, got.advantages), name
+        assert got.metrics["asym/tokens_incorrect"] == (0.0 if name == "rlrt" else 18.0)
