@@ -18,7 +18,11 @@ attributes tell it what to compute beforehand:
   with grad, teacher_topk_logprobs [b,T,K+1], teacher_entropy [b,T] or None)`` at the *student's*
   top-k ids with the tail bucket appended (:func:`~.losses.append_tail_bucket`);
 - ``dynamic_sampling``: drop groups whose rewards are all equal
-  (:func:`~.advantages.dapo_keep_mask`) before ``prepare``.
+  (:func:`~.advantages.dapo_keep_mask`) before ``prepare``;
+- ``teacher_rows(rewards, has_context)``: the rows whose teacher log-probs are used (RLRT: correct
+  rollouts with a peer; SRPO: incorrect ones); the teacher forward may skip the others.
+- ``teacher_refresh_every`` (RLSD snapshot) and ``ema_rate`` (SDPO/SRPO EMA teacher): None when
+  not applicable.
 
 Normalisation: ``loss`` returns ``sum(per-token loss over the micro-batch) / num_tokens`` (token
 mean) or ``sum(per-sequence loss) / num_seqs`` (seq-mean aggregations), so summing micro-batch
