@@ -428,6 +428,7 @@ class Algorithm:
         return rows
 
     def prepare(self, batch: AlgoBatch) -> Prepared:
+        """Once per step: token advantages, routing and step metrics (no grad anywhere)."""
         raise NotImplementedError
 
     def loss(
@@ -439,6 +440,9 @@ class Algorithm:
         *,
         num_seqs: float | Tensor | None = None,
     ) -> tuple[Tensor, dict[str, float]]:
+        """Per micro-batch: ``logprobs`` [b, T] of the sampled tokens with grad, ``prepared``
+        sliced to the same b rows, mini-batch normalisers (see the module docstring), ``topk``
+        when ``needs_topk``. Returns (scalar fp32 loss to backpropagate, float metrics)."""
         raise NotImplementedError
 
 

@@ -332,3 +332,21 @@ def test_sampled_token_distillation() -> None:
     assert t.grad is None
     with pytest.raises(ValueError, match=r"teacher_logprobs.*\(1, 2\)"):
         sampled_token_distillation_loss(s, torch.zeros(1, 2), mask)
+
+
+@PROPS
+@given(st.integers(1, 9), st.floats(0.0, 1.0), st.integers(0, 2**31 - 1), st.booleans())
+def test_generalized_jsd_properties(k: int, beta: float, seed: int, empty_tail: bool) -> None:
+    g = torch.Generator().manual_seed(seed)
+    s = torch.log_softmax(torch.randn(3, k + 1, generator=g) * 3, -1)
+    t = torch.log_softmax(torch.randn(3, k + 1, generator=g) * 3, -1)
+    if empty_tail:
+        s = torch.cat([torch.log_softmax(s[:, :k], -1), torch.full((3, 1), float("-inf"))], -1)
+    x = s.clone().requires_grad_()
+    d = generalized_jsd(x, t, beta)
+    assert torch.isfinite(d).all() and (d >= -1e-5).all()
+    d.sum().backward()
+    assert torch.isfinite(x.grad).all()
+    assert generalized_jsd(t, t, beta).abs().max() < 1e-5
+    # JSD_beta(S, T) = JSD_{1 - beta}(T, S)
+    torch.testing.assert_close(d.detach(), generalized_jsd(t, s, 1.0 - beta), rtol=1e-4, atol=1e-5)
