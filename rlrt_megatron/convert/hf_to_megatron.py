@@ -54,6 +54,15 @@ def check_hf_tensors(
         )
 
 
+def inspect_hf_dir(hf_dir: str | Path) -> tuple[mapping.ModelShape, dict[str, Path]]:
+    """Validate an HF directory (architecture, tensor names and shapes) from headers only."""
+    config = io.read_hf_config(hf_dir)
+    shape = mapping.model_shape(config)
+    index = io.safetensors_index(hf_dir)
+    check_hf_tensors(shape, io.safetensors_shapes(index), str(hf_dir))
+    return shape, index
+
+
 def build_sharded_state_dict(
     hf_dir: str | Path,
     *,
@@ -64,12 +73,7 @@ def build_sharded_state_dict(
     """Read `hf_dir` tensor by tensor into a `{name: ShardedTensor}` dict (global layout)."""
     from megatron.core.dist_checkpointing import ShardedTensor
 
-    config = io.read_hf_config(hf_dir)
-    shape = mapping.model_shape(config)
-    index = io.safetensors_index(hf_dir)
-    found = io.safetensors_shapes(index)
-    check_hf_tensors(shape, found, str(hf_dir))
-
+    shape, index = inspect_hf_dir(hf_dir)
     sharded: dict = {}
     out_dtype = None
     all_entries = list(mapping.entries(shape))
@@ -116,6 +120,7 @@ def hf_to_megatron(
     if spec not in mapping.SPECS:
         raise ValueError(f"unknown layer spec {spec!r}; choose one of {mapping.SPECS}")
     hf_dir = Path(hf_dir)
+    inspect_hf_dir(hf_dir)  # fail on a bad directory before starting any process group
     owns_dist = not torch.distributed.is_initialized()
     if owns_dist:
         platform.init_distributed(tp=1, pp=1)

@@ -130,7 +130,7 @@ def tiny_config(arch: str = "qwen3", *, vocab_size: int = 512, tied: bool = True
             },
             mlp_bias=False,
             architectures=["LlamaForCausalLM"],
-            **common,
+            **{**common, "max_position_embeddings": 16384},  # > the original 8192 (HF checks)
         )
     raise ValueError(f"tiny model: unknown arch {arch!r}; choose 'qwen3' or 'llama'")
 
