@@ -1,0 +1,181 @@
+"""`rlrt train` and `rlrt demo`.
+
+    rlrt train --recipe NAME [dotted.key=value ...] [--resume auto|none|PATH]
+    rlrt train --list                  # recipe names
+    rlrt train --help-config           # every config key with its default and meaning
+    rlrt demo [--compare] [--steps N] [--run-dir DIR]
+
+`rlrt train` runs on every rank (torchrun / srun start one process per GPU); exit status 0 when
+done or preempted (SIGTERM / SIGUSR1: checkpoint written, Slurm requeues), 2 for a bad config,
+3 when a phase timed out (the watchdog's stacks are in `<run_dir>/logs/`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Any
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser("train", help="RL training from a recipe (+ dotted overrides)")
+    p.add_argument("--recipe", help="recipe name (see --list)")
+    p.add_argument("overrides", nargs="*", help="dotted.key=value, e.g. algorithm.rlrt.alpha=0.5")
+    p.add_argument("--resume", default=None, help="auto | none | PATH (checkpoint.resume)")
+    p.add_argument("--list", action="store_true", help="list recipes and exit")
+    p.add_argument("--help-config", action="store_true", help="document every config key")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config")
+    p.set_defaults(func=cmd_train)
+
+    d = subparsers.add_parser("demo", help="CPU demo: tiny model, RLRT on synthetic arithmetic")
+    d.add_argument("--compare", action="store_true", help="also run GRPO and plot both")
+    d.add_argument("--steps", type=int, default=None, help="RL steps (recipe default 40)")
+    d.add_argument("--run-dir", default="runs/demo", help="where runs, plots, cache go")
+    d.add_argument("overrides", nargs="*", help="dotted.key=value overrides of tiny_demo")
+    d.set_defaults(func=cmd_demo)
+
+
+def _resolve(recipe: str, overrides: list[str], resume: str | None) -> Any:
+    from recipes import get_recipe
+
+    if resume is not None:
+        overrides = [*overrides, f"checkpoint.resume={resume}"]
+    return get_recipe(recipe, overrides)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from rlrt_megatron.config import ConfigError, describe
+
+    if args.list:
+        from recipes import list_recipes
+
+        print("\n".join(list_recipes()))
+        return 0
+    if args.help_config:
+        print(describe())
+        return 0
+    if not args.recipe:
+        print("rlrt train: --recipe NAME is required (see `rlrt train --list`)", file=sys.stderr)
+        return 2
+    try:
+        cfg = _resolve(args.recipe, args.overrides, args.resume)
+    except ConfigError as e:
+        print(f"rlrt train: {e}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(cfg.to_json())
+        return 0
+    from rlrt_megatron.trainer.train import train
+
+    try:
+        out = train(cfg)
+    except ConfigError as e:  # checks that need the model config / world size
+        print(f"rlrt train: {e}", file=sys.stderr)
+        return 2
+    return 0 if out["status"] in ("done", "preempted", "stopped") else 1
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Tiny Qwen3, SFT warm-up, conversion, RLRT (and GRPO with --compare), reward.png."""
+    from rlrt_megatron.config import ConfigError
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    start = time.perf_counter()
+    algos = ["rlrt", "grpo"] if args.compare else ["rlrt"]
+    results: dict[str, list[dict]] = {}
+    model_dir = os.path.join(args.run_dir, "model")
+    for algo in algos:
+        recipe = "tiny_demo" if algo == "rlrt" else f"tiny_demo_{algo}"
+        ov = [
+            f"logging.run_dir={os.path.join(args.run_dir, algo)}",
+            # one warmed + converted model for every algorithm of the comparison
+            f"model.hf_path={os.path.join(model_dir, 'hf')}",
+            f"model.megatron_ckpt={os.path.join(model_dir, 'megatron')}",
+            "checkpoint.resume=none",
+            *args.overrides,
+        ]
+        if args.steps is not None:
+            ov.append(f"train.steps={args.steps}")
+        try:
+            from recipes import get_recipe
+
+            cfg = get_recipe(recipe, ov)
+        except ConfigError as e:
+            print(f"rlrt demo: {e}", file=sys.stderr)
+            return 2
+        _prepare_demo_model(cfg, model_dir)
+        from rlrt_megatron.trainer.train import train
+
+        print(f"rlrt demo: {algo} on the tiny model for {cfg.train.steps} steps", flush=True)
+        results[algo] = train(cfg)["metrics"]
+    out = os.path.join(args.run_dir, "reward.png")
+    plot_rewards(results, out)
+    for algo, rows in results.items():
+        first, last = _mean(rows[:5]), _mean(rows[-5:])
+        print(
+            f"rlrt demo: {algo}: mean reward first 5 steps {first:.3f} -> last 5 steps {last:.3f}"
+        )
+    print(f"rlrt demo: wrote {out} in {time.perf_counter() - start:.0f}s")
+    return 0
+
+
+def _prepare_demo_model(cfg: Any, model_dir: str) -> None:
+    """Build + SFT-warm the tiny model and convert it once (cached in `model_dir`)."""
+    from rlrt_megatron.trainer.warmup import build_warm_tiny_model
+
+    hf = os.path.join(model_dir, "hf")
+    build_warm_tiny_model(hf, cfg, log=lambda s: print(f"rlrt demo: {s}", flush=True))
+    meg = os.path.join(model_dir, "megatron")
+    stamp = os.path.join(hf, "rlrt_sft.json")
+    done = os.path.join(meg, ".source_mtime")
+    mtime = str(os.path.getmtime(stamp))
+    if os.path.isfile(done) and open(done).read() == mtime:
+        return
+    import shutil
+
+    from rlrt_megatron.convert.hf_to_megatron import hf_to_megatron
+
+    shutil.rmtree(meg, ignore_errors=True)
+    hf_to_megatron(hf, meg, spec=cfg.model.spec, show_progress=False)
+    with open(done, "w") as f:
+        f.write(mtime)
+
+
+def _mean(rows: list[dict], key: str = "reward/mean") -> float:
+    vals = [r[key] for r in rows if key in r]
+    return sum(vals) / max(len(vals), 1)
+
+
+def plot_rewards(results: dict[str, list[dict]], path: str) -> None:
+    """reward and pass rate vs step, one line per algorithm (raw + 5-step moving average)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, title in (
+        (axes[0], "reward/mean", "mean reward"),
+        (axes[1], "reward/pass_at_group", "pass rate (>= 1 correct of G)"),
+    ):
+        for algo, rows in results.items():
+            steps = [r["step"] for r in rows]
+            vals = [r.get(key, 0.0) for r in rows]
+            smooth = [
+                sum(vals[max(0, i - 4) : i + 1]) / len(vals[max(0, i - 4) : i + 1])
+                for i in range(len(vals))
+            ]
+            (line,) = ax.plot(steps, smooth, label=algo.upper(), linewidth=2)
+            ax.plot(steps, vals, color=line.get_color(), alpha=0.3, linewidth=1)
+        ax.set_xlabel("step")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle("rlrt demo: tiny Qwen3 on synthetic arithmetic (CPU)")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

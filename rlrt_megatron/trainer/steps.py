@@ -1,0 +1,575 @@
+"""Setup and the bodies of the loop's phases (`trainer/train.py` shows the order).
+
+State that lives across steps is a `Run`; a step's data is a `Batch`. Rank 0 owns the rollout
+engine and the reward workers; what they produce is broadcast so every rank builds the same
+`Batch`. Log-prob forwards are split over data-parallel ranks and all-gathered; the update
+splits each PPO mini-batch over data-parallel ranks (DDP averages the gradients).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from rlrt_megatron.config import TrainConfig, load_hf_config
+from rlrt_megatron.trainer.checkpoint import Checkpointer
+from rlrt_megatron.trainer.metrics import MetricsLogger
+from rlrt_megatron.trainer.watchdog import Watchdog
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class Run:
+    """Everything the loop carries from step to step."""
+
+    cfg: TrainConfig
+    rank: int
+    world_size: int
+    policy: Any
+    algo: Any
+    tokenizer: Any
+    dataset: Any
+    sampler: Any
+    prompt_template: Any
+    engine: Any
+    reward_fn: Any
+    checkpointer: Checkpointer
+    logger: MetricsLogger
+    watchdog: Watchdog
+    pad_id: int
+    teacher: list | None = None
+    step: int = 0
+    rollout_version: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class Batch:
+    """One step's rollouts, group-major: row `g * G + j` is the j-th rollout of prompt g."""
+
+    rows: list[Any]  # PromptRow per group
+    prompts: list[list[int]]  # prompt ids per group
+    responses: list[list[int]]  # per rollout
+    texts: list[str]
+    behavior_logprobs: list[list[float]]
+    finish: list[str]
+    rewards: torch.Tensor | None = None
+    reward_info: dict = field(default_factory=dict)
+    student: list = field(default_factory=list)  # Seq per rollout
+    teacher: list = field(default_factory=list)  # Seq per rollout (student's where none)
+    has_teacher: torch.Tensor | None = None
+    width: int = 0
+    mask: torch.Tensor | None = None
+    old_logprobs: torch.Tensor | None = None
+    student_logprobs: torch.Tensor | None = None
+    teacher_logprobs: torch.Tensor | None = None
+    teacher_entropy: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
+
+
+# ---- setup --------------------------------------------------------------------------------
+
+
+def _is_rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def prepare_model_files(cfg: TrainConfig, log: Any = print) -> tuple[str, str]:
+    """(hf_dir, megatron_ckpt) for the run; builds the tiny model, SFT-warms and converts it on
+    rank 0 when the config asks (cached under `<run_dir>/model/`)."""
+    model_dir = os.path.join(cfg.run_dir, "model")
+    hf_dir = cfg.model.hf_path
+    if cfg.model.build_tiny and not hf_dir:
+        hf_dir = os.path.join(model_dir, "hf")
+        if _is_rank0():
+            from rlrt_megatron.trainer.warmup import build_warm_tiny_model
+
+            build_warm_tiny_model(hf_dir, cfg, log=log)
+    ckpt = cfg.model.megatron_ckpt or os.path.join(model_dir, "megatron")
+    if not cfg.model.megatron_ckpt and _is_rank0() and not os.path.isdir(ckpt):
+        from rlrt_megatron.convert.hf_to_megatron import hf_to_megatron
+
+        hf_to_megatron(hf_dir, ckpt, spec=cfg.model.spec, show_progress=False)
+    _barrier()
+    return hf_dir, ckpt
+
+
+def setup(cfg: TrainConfig) -> Run:
+    from rlrt_megatron import platform
+
+    info = platform.init_distributed(cfg.parallel.tp, cfg.parallel.pp, seed=cfg.train.seed)
+    random.seed(cfg.train.seed)
+    run_dir = cfg.run_dir
+    if info.rank == 0:
+        os.makedirs(run_dir, exist_ok=True)
+        cfg.to_json(os.path.join(run_dir, "config.json"))
+    wd = Watchdog(cfg.timeouts, rank=info.rank, log_dir=os.path.join(run_dir, "logs"))
+    with wd.phase("init"):
+        hf_dir, ckpt = prepare_model_files(cfg)
+        hf_config = load_hf_config(hf_dir)
+        cfg.validate(hf_config=hf_config, world_size=info.world_size)
+        run = _build(cfg, info, hf_dir, ckpt, hf_config, wd)
+    return run
+
+
+def _build(cfg: TrainConfig, info: Any, hf_dir: str, ckpt: str, hf_config: dict, wd: Watchdog):
+    from transformers import AutoTokenizer
+
+    from rlrt_megatron.algorithms import get_algorithm
+    from rlrt_megatron.convert.load import load_checkpoint_into_model
+    from rlrt_megatron.data import PromptSampler, PromptTemplate
+    from rlrt_megatron.megatron.train_step import Policy
+
+    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    algo = get_algorithm(cfg.algorithm.name, cfg.algorithm)
+    updates_per_step = cfg.train.ppo_epochs * (
+        cfg.train.prompts_per_step // cfg.train.mini_batch_prompts
+    )
+    policy = Policy(
+        hf_config,
+        tp=cfg.parallel.tp,
+        pp=cfg.parallel.pp,
+        optim=cfg.optimizer,
+        total_steps=cfg.train.steps * updates_per_step,
+        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+        spec=cfg.model.spec,
+        params_dtype=DTYPES[cfg.model.params_dtype],
+    )
+    load_checkpoint_into_model(policy.chunks, ckpt)
+    teacher = policy.make_teacher_copy() if algo.teacher_weights in ("snapshot", "ema") else None
+    dataset = load_dataset(cfg)
+    template = PromptTemplate(instruction=cfg.data.instruction)
+    sampler = PromptSampler(
+        dataset, cfg.train.prompts_per_step, seed=cfg.train.seed, shuffle=cfg.data.shuffle
+    )
+    checkpointer = Checkpointer(cfg.checkpoint_dir, keep_last=cfg.checkpoint.keep_last)
+    run = Run(
+        cfg=cfg,
+        rank=info.rank,
+        world_size=info.world_size,
+        policy=policy,
+        algo=algo,
+        tokenizer=tokenizer,
+        dataset=dataset,
+        sampler=sampler,
+        prompt_template=template,
+        engine=None,
+        reward_fn=None,
+        checkpointer=checkpointer,
+        logger=None,  # type: ignore[arg-type]
+        watchdog=wd,
+        pad_id=pad_id,
+        teacher=teacher,
+    )
+    resume = checkpointer.resolve(cfg.checkpoint.resume)
+    if resume:
+        state = checkpointer.load(resume, policy.model, policy.optimizer, teacher=teacher)
+        run.step = int(state["step"])
+        run.rollout_version = int(state.get("rollout_version", run.step))
+        sampler.load_state_dict(state["sampler"])
+        policy.scheduler.load_state_dict(state["scheduler"])
+    elif teacher is not None:
+        policy.copy_into(teacher)
+    if info.rank == 0:
+        run.engine = make_engine(cfg, hf_dir)
+        from rlrt_megatron.reward.math import MathReward
+
+        run.reward_fn = MathReward(timeout_s=cfg.timeouts.reward_per_sample, num_workers=1)
+    run.logger = MetricsLogger(
+        cfg.run_dir,
+        total_steps=cfg.train.steps,
+        enabled=info.rank == 0,
+        jsonl=cfg.logging.jsonl,
+        tensorboard=cfg.logging.tensorboard,
+        wandb_project=cfg.logging.wandb_project,
+        console=cfg.logging.console,
+        start_step=run.step,
+        config=cfg.to_dict(),
+        name=cfg.name,
+    )
+    if resume:
+        run.logger.message(f"resumed from {resume} at step {run.step}")
+    sync(run, run.step)  # the engine samples with the policy's weights from the first step on
+    return run
+
+
+def load_dataset(cfg: TrainConfig) -> Any:
+    from rlrt_megatron.data import load_prompt_dataset, rows_to_dataset
+
+    d = cfg.data
+    if d.path == "synthetic":
+        from rlrt_megatron.data.synthetic import arithmetic_dataset
+
+        rows = arithmetic_dataset(
+            d.synthetic_size, seed=cfg.train.seed, max_operand=d.synthetic_max_operand
+        )
+        return rows_to_dataset(rows, name="synthetic")
+    fmap = {"problem": d.prompt_key, "answer": d.answer_key, "solution": d.solution_key or None}
+    return load_prompt_dataset(d.path, field_map=fmap, on_bad_row=d.on_bad_row)
+
+
+def make_engine(cfg: TrainConfig, hf_dir: str) -> Any:
+    """The rollout engine on rank 0: `local` (transformers) or `sglang`."""
+    if cfg.rollout.engine == "sglang":
+        from rlrt_megatron.rollout.sglang import SGLangEngine
+
+        return SGLangEngine.from_config(cfg, hf_dir)  # type: ignore[attr-defined]
+    try:
+        from rlrt_megatron.rollout.local import LocalEngine
+    except ImportError:
+        from rlrt_megatron.trainer.hf_engine import HFSamplingEngine
+
+        return HFSamplingEngine(hf_dir)
+    return LocalEngine(hf_dir)
+
+
+def teardown(run: Run) -> None:
+    if run.logger is not None:
+        run.logger.close()
+    if run.reward_fn is not None:
+        run.reward_fn.close()
+    if run.engine is not None:
+        run.engine.shutdown()
+    run.watchdog.close()
+
+
+# ---- phases -------------------------------------------------------------------------------
+
+
+def _broadcast(obj: Any) -> Any:
+    from rlrt_megatron.megatron.train_step import broadcast_object
+
+    return broadcast_object(obj, src=0)
+
+
+def rollout(run: Run, step: int) -> Batch:
+    """Sample G completions for the step's prompts on rank 0 (seed = rollout.seed + step)."""
+    from rlrt_megatron.data import render_prompt
+    from rlrt_megatron.rollout.base import GenerateRequest, SamplingParams
+
+    cfg = run.cfg
+    idx = run.sampler.next_indices()  # every rank advances its sampler identically
+    rows = [run.dataset[i] for i in idx]
+    payload = None
+    if run.rank == 0:
+        prompts = [
+            render_prompt(run.tokenizer, r.problem, run.prompt_template).token_ids for r in rows
+        ]
+        sampling = SamplingParams(
+            n=cfg.rollout.group_size,
+            temperature=cfg.rollout.temperature,
+            top_p=cfg.rollout.top_p,
+            top_k=cfg.rollout.top_k,
+            max_new_tokens=cfg.rollout.max_new_tokens,
+            seed=cfg.rollout.seed + step,
+        )
+        reqs = [GenerateRequest(p, request_id=f"{step}-{g}") for g, p in enumerate(prompts)]
+        groups = run.engine.generate(reqs, sampling)
+        comps = [c for grp in groups for c in grp]
+        payload = (
+            prompts,
+            [list(c.token_ids) for c in comps],
+            [c.text for c in comps],
+            [list(c.logprobs) for c in comps],
+            [c.finish_reason for c in comps],
+        )
+    prompts, responses, texts, blp, finish = _broadcast(payload)
+    return Batch(rows, prompts, responses, texts, blp, finish)
+
+
+def reward(run: Run, batch: Batch) -> None:
+    """math-verify every completion against its reference answer (rank 0 workers)."""
+    g = run.cfg.rollout.group_size
+    payload = None
+    if run.rank == 0:
+        refs = [batch.rows[i // g].answer for i in range(len(batch.texts))]
+        res = run.reward_fn(batch.texts, refs)
+        payload = (list(res.scores), res.metrics())
+    scores, info = _broadcast(payload)
+    batch.rewards = torch.tensor(scores, dtype=torch.float32)
+    batch.reward_info = info
+
+
+def _build_views(run: Run, batch: Batch, step: int) -> None:
+    """Student rows (prompt + response) and teacher rows (teacher context + response)."""
+    from rlrt_megatron.data import build_teacher_contexts
+    from rlrt_megatron.megatron.train_step import Seq
+
+    cfg, algo = run.cfg, run.algo
+    g = cfg.rollout.group_size
+    n = len(batch.responses)
+    batch.student = []
+    for i, resp in enumerate(batch.responses):
+        p = batch.prompts[i // g]
+        resp = resp or [run.pad_id]  # an empty response still has one (masked) position
+        batch.student.append(Seq(list(p) + list(resp), len(p) - 1, len(batch.responses[i])))
+    batch.width = max(1, max(len(r) for r in batch.responses))
+    batch.teacher = list(batch.student)
+    batch.has_teacher = torch.zeros(n, dtype=torch.bool)
+    if algo.needs_teacher and algo.teacher_context:
+        ctx = build_teacher_contexts(
+            [r.problem for r in batch.rows],
+            batch.texts,
+            batch.rewards.tolist(),
+            g,
+            mode=algo.teacher_context,
+            references=[r.reference_text() for r in batch.rows],
+            tokenizer=run.tokenizer,
+            template=cfg.data.teacher_template,
+            prompt_template=run.prompt_template,
+            seed=cfg.train.seed * 100003 + step,
+        )
+        for i, c in enumerate(ctx):
+            if c is None:
+                continue
+            resp = batch.responses[i] or [run.pad_id]
+            batch.teacher[i] = Seq(
+                list(c.token_ids) + list(resp), len(c.token_ids) - 1, len(batch.responses[i])
+            )
+            batch.has_teacher[i] = True
+    mask = torch.zeros(n, batch.width)
+    for i, r in enumerate(batch.responses):
+        mask[i, : len(r)] = 1.0
+    batch.mask = mask
+
+
+def _dp_logprobs(run: Run, seqs: list, rows: list[int], width: int, **kw: Any) -> dict:
+    """Log-probs of `rows`, split over data-parallel ranks, gathered on every rank."""
+    from rlrt_megatron.megatron.train_step import all_gather_objects
+
+    pol = run.policy
+    mine = rows[pol.dp_rank :: pol.dp_size]
+    out = pol.logprobs(seqs, mine, width, run.cfg.train.max_tokens_per_microbatch, run.pad_id, **kw)
+    if pol.dp_size > 1:
+        merged: dict = {}
+        for part in all_gather_objects(out, group=pol.dp_group):
+            merged.update(part)
+        out = merged
+    return out
+
+
+def _stack(out: dict, n: int, width: int, key: str) -> torch.Tensor:
+    t = torch.zeros(n, width)
+    for i, v in out.items():
+        t[i] = v[key]
+    return t
+
+
+def logprobs(run: Run, batch: Batch) -> None:
+    """Student log pi_S (+ entropy) on every rollout; teacher log pi_T where the algorithm asks."""
+    _build_views(run, batch, run.step + 1)
+    n, w = len(batch.responses), batch.width
+    stud = _dp_logprobs(run, batch.student, list(range(n)), w, with_entropy=True)
+    batch.student_logprobs = _stack(stud, n, w, "logprobs")
+    batch.entropy = _stack(stud, n, w, "entropy")
+    if run.cfg.train.recompute_old_logprobs:
+        batch.old_logprobs = batch.student_logprobs
+    else:
+        blp = torch.zeros(n, w)
+        for i, lp in enumerate(batch.behavior_logprobs):
+            blp[i, : len(lp)] = torch.tensor(lp)
+        batch.old_logprobs = blp
+    algo = run.algo
+    if algo.needs_teacher and not getattr(algo, "needs_topk", 0):
+        rows = [i for i in range(n) if batch.has_teacher[i]]
+        model = run.teacher if algo.teacher_weights != "current" else None
+        teach = _dp_logprobs(run, batch.teacher, rows, w, model=model, with_entropy=True)
+        batch.teacher_logprobs = batch.student_logprobs.clone()
+        batch.teacher_entropy = batch.entropy.clone()
+        for i, v in teach.items():
+            batch.teacher_logprobs[i] = v["logprobs"]
+            batch.teacher_entropy[i] = v["entropy"]
+
+
+def advantages(run: Run, batch: Batch, step: int) -> Any:
+    """Group advantages and the algorithm's token reshaping (`algo.prepare`)."""
+    from rlrt_megatron.algorithms import AlgoBatch, dapo_keep_mask
+
+    mask = batch.mask
+    if getattr(run.algo, "dynamic_sampling", False):  # DAPO: groups with equal rewards drop out
+        keep = dapo_keep_mask(batch.rewards, run.cfg.rollout.group_size)
+        mask = mask * keep[:, None].to(mask.dtype)
+    return run.algo.prepare(
+        AlgoBatch(
+            rewards=batch.rewards,
+            group_size=run.cfg.rollout.group_size,
+            mask=mask,
+            old_logprobs=batch.old_logprobs,
+            student_logprobs=batch.student_logprobs,
+            teacher_logprobs=batch.teacher_logprobs,
+            has_teacher=batch.has_teacher,
+            teacher_entropy=batch.teacher_entropy,
+            step=step - 1,
+        )
+    )
+
+
+def update(run: Run, batch: Batch, prepared: Any) -> dict[str, float]:
+    """PPO epochs x mini-batches; each mini-batch is split over data-parallel ranks."""
+    cfg, pol, algo = run.cfg, run.policy, run.algo
+    g = cfg.rollout.group_size
+    mb_rows = cfg.train.mini_batch_prompts * g
+    n = len(batch.responses)
+    topk = int(getattr(algo, "needs_topk", 0) or 0)
+    sums: dict[str, float] = {}
+    count = 0
+    for _epoch in range(cfg.train.ppo_epochs):
+        for lo in range(0, n, mb_rows):
+            rows = list(range(lo, min(lo + mb_rows, n)))
+            num_tokens, num_seqs = prepared.select(rows).normalizers()
+            per = len(rows) // pol.dp_size
+            mine = rows[pol.dp_rank * per : (pol.dp_rank + 1) * per]
+
+            def loss_of(
+                lp: torch.Tensor, sub: list[int], tk: Any, nt: float = num_tokens,
+                ns: float = num_seqs,
+            ) -> tuple:  # fmt: skip
+                # the mini-batch's normalisers, divided by DP size since DDP averages gradients
+                return algo.loss(
+                    lp,
+                    prepared.select(sub),
+                    max(nt, 1.0) / pol.dp_size,
+                    topk=tk,
+                    num_seqs=max(ns, 1.0) / pol.dp_size,
+                )
+
+            m = pol.train_minibatch(
+                batch.student,
+                mine,
+                batch.width,
+                cfg.train.max_tokens_per_microbatch,
+                run.pad_id,
+                loss_of,
+                teacher=run.teacher if algo.teacher_weights != "current" else pol.chunks,
+                teacher_seqs=batch.teacher,
+                topk=topk,
+            )
+            for k, v in m.items():
+                sums[k] = sums.get(k, 0.0) + v
+            count += 1
+    return {k: v / max(count, 1) for k, v in sums.items()}
+
+
+def sync(run: Run, step: int) -> None:
+    """Refresh the teacher copy (snapshot / EMA) and push the new weights to the engine."""
+    from rlrt_megatron.convert.load import iter_hf_weights
+
+    algo = run.algo
+    if run.teacher is not None and step > 0:
+        if algo.teacher_weights == "ema":
+            run.policy.ema_into(run.teacher, float(algo.ema_rate))
+        elif algo.teacher_weights == "snapshot" and step % int(algo.teacher_refresh_every) == 0:
+            run.policy.copy_into(run.teacher)
+    weights = iter_hf_weights(run.policy.chunks)
+    if run.rank == 0:
+        run.engine.update_weights(list(weights), version=step)
+    else:
+        for _ in weights:  # lockstep with rank 0's gathers
+            pass
+    run.rollout_version = step
+
+
+def step_metrics(
+    run: Run, batch: Batch, prepared: Any, upd: dict, times: dict, t0: float
+) -> dict[str, Any]:
+    g = run.cfg.rollout.group_size
+    r = batch.rewards
+    mask = batch.mask
+    n_tok = float(mask.sum())
+    correct = (r > 0.5).float()
+    resp_len = mask.sum(1)
+    total_tokens = n_tok + sum(len(p) for p in batch.prompts) * g
+    step_time = time.perf_counter() - t0
+    m: dict[str, Any] = {
+        "reward/mean": float(r.mean()),
+        "reward/pass_rate": float(correct.mean()),
+        "reward/pass_at_group": float(correct.view(-1, g).max(1).values.mean()),
+        "response/length_mean": float(resp_len.mean()),
+        "response/length_max": float(resp_len.max()),
+        "response/truncated": sum(f == "length" for f in batch.finish) / len(batch.finish),
+        "entropy/student": float((batch.entropy * mask).sum() / max(n_tok, 1.0)),
+        "teacher/frac_rows": float(batch.has_teacher.float().mean()),
+    }
+    m.update({k: v for k, v in batch.reward_info.items() if k != "reward/mean"})
+    if batch.teacher_logprobs is not None:
+        delta = (batch.teacher_logprobs - batch.student_logprobs) * mask
+        rows = batch.has_teacher[:, None].float() * mask
+        nt = float(rows.sum())
+        if nt > 0:
+            d = delta[rows.bool()]
+            m.update(
+                {
+                    "delta/mean": float(d.mean()),
+                    "delta/abs_mean": float(d.abs().mean()),
+                    "delta/std": float(d.std()) if d.numel() > 1 else 0.0,
+                }
+            )
+    m.update({f"algo/{k}": float(v) for k, v in prepared.metrics.items()})
+    for k, v in upd.items():
+        key = k if k in ("grad_norm", "lr", "update_ok") else f"loss/{k}"
+        m[f"train/{k}" if key == k else key] = v
+    m.update(times)
+    m["time/step"] = step_time
+    m["throughput/tokens_per_s"] = total_tokens / max(step_time, 1e-9)
+    m["rollout/version"] = run.rollout_version
+    return m
+
+
+def checkpoint_due(cfg: TrainConfig, step: int) -> bool:
+    every = cfg.checkpoint.save_every
+    return (every > 0 and step % every == 0) or (
+        cfg.checkpoint.save_final and step == cfg.train.steps
+    )
+
+
+def save_checkpoint(run: Run) -> str:
+    state = {
+        "step": run.step,
+        "rollout_version": run.rollout_version,
+        "sampler": run.sampler.state_dict(),
+        "scheduler": run.policy.scheduler.state_dict(),
+        "algorithm": run.cfg.algorithm.name,
+        "time": time.time(),
+    }
+    path = run.checkpointer.save(
+        run.step,
+        run.policy.model,
+        run.policy.optimizer,
+        json.loads(json.dumps(state, default=float)),
+        teacher=run.teacher,
+        config=run.cfg.to_dict(),
+    )
+    return path
+
+
+__all__ = [
+    "Batch",
+    "Run",
+    "advantages",
+    "checkpoint_due",
+    "dataclasses",
+    "logprobs",
+    "reward",
+    "rollout",
+    "save_checkpoint",
+    "setup",
+    "step_metrics",
+    "sync",
+    "teardown",
+    "update",
+]
