@@ -34,6 +34,7 @@ import base64
 import io
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -269,6 +270,7 @@ def build_generate_payload(
     """A batched /generate body: each sample is its own row (SGLang shares the prompt prefix
     through its radix cache, so repeating the prompt n times costs no extra prefill)."""
     params = sampling_to_sglang(sampling)
+    # per-sample seeds (SGLang's `sampling_seed`; honoured with --enable-deterministic-inference)
     per_sample = []
     for s in samples:
         p = dict(params)
@@ -285,17 +287,22 @@ def build_generate_payload(
     }
 
 
+INITIAL_WEIGHT_VERSION = "initial"  # what a server reports before its first sync
+
+
 def _parse_version(v, default: int) -> int:
+    """SGLang's string version -> int; the initial weights ("initial"/"default") -> `default`."""
     try:
         return int(v)
-    except (TypeError, ValueError):  # the initial weights report "default"
+    except (TypeError, ValueError):
         return default
 
 
-def parse_generate_output(
-    out: dict, request: GenerateRequest, sample: _Sample, default_version: int
-) -> Completion:
-    """One /generate result -> Completion; checks token ids and log-probs line up."""
+def parse_generate_output(out: dict, request: GenerateRequest, sample: _Sample) -> Completion:
+    """One /generate result -> Completion; checks token ids and log-probs line up.
+
+    `weight_version` is the server's version when it finished the sample, -1 for the weights
+    it was launched with (never synced)."""
     meta = out.get("meta_info") or {}
     lp = meta.get("output_token_logprobs")
     if lp is None:
@@ -318,7 +325,7 @@ def parse_generate_output(
         text=out.get("text", ""),
         logprobs=logprobs,
         finish_reason=finish,
-        weight_version=_parse_version(meta.get("weight_version"), default_version),
+        weight_version=_parse_version(meta.get("weight_version"), -1),
         meta={
             "sample_index": sample.sample_index,
             "rid": meta.get("id", sample.rid),
@@ -353,34 +360,25 @@ def build_launch_command(
     python: str = sys.executable,
 ) -> list[str]:
     """The `python -m sglang.launch_server ...` command for one server."""
-    cmd = [
-        python,
-        "-m",
-        "sglang.launch_server",
-        "--model-path",
-        model_path,
-        "--host",
-        host,
-        "--port",
-        str(port),
-        "--tp-size",
-        str(tp),
-        "--base-gpu-id",
-        str(base_gpu_id),
-        "--dtype",
-        dtype,
-        "--trust-remote-code",
-        "--weight-version",
-        format_weight_version(0),
-    ]
-    if mem_fraction is not None:
-        cmd += ["--mem-fraction-static", str(mem_fraction)]
-    if api_key:
-        cmd += ["--api-key", api_key]
+    flags = {
+        "--model-path": model_path,
+        "--host": host,
+        "--port": port,
+        "--tp-size": tp,
+        "--base-gpu-id": base_gpu_id,
+        "--dtype": dtype,
+        # a name no sync uses: a restarted server can never pass for a synced one
+        "--weight-version": INITIAL_WEIGHT_VERSION,
+        "--mem-fraction-static": mem_fraction,
+        "--api-key": api_key or None,
+        "--random-seed": seed,
+    }
+    cmd = [python, "-m", "sglang.launch_server", "--trust-remote-code"]
+    for flag, value in flags.items():
+        if value is not None:
+            cmd += [flag, str(value)]
     if colocated:  # lets release/resume_memory_occupation hand the GPU to the trainer
-        cmd += ["--enable-memory-saver"]
-    if seed is not None:
-        cmd += ["--random-seed", str(seed)]
+        cmd.append("--enable-memory-saver")
     return cmd + list(extra_args)
 
 
@@ -508,9 +506,11 @@ class SGLangEngine:
 
     A server that stops answering during `generate` is restarted once and the batch retried;
     a second failure raises RolloutServerCrashed. A restarted server comes back with the initial
-    weights, so `on_restart(engine, server_index)` must bring it to `weight_version`, e.g.
-    `engine.update_weights(iter_hf_weights(model), engine.weight_version, servers=[i])`;
-    otherwise the restart fails with a version mismatch (never silently stale weights).
+    weights, so after a sync it must be brought back to `weight_version`: by
+    `on_restart(engine, server_index)` if given, else from the host-memory copy of the last
+    sync kept with `restart_cache=True` (one extra device->host copy of the weights per sync;
+    needed when the trainer cannot re-iterate its weights from the rank that generates).
+    Without either the restart fails the step with a version mismatch (never stale weights).
     """
 
     def __init__(
@@ -526,6 +526,7 @@ class SGLangEngine:
         extra_args: Sequence[str] = (),
         *,
         base_gpu_id: int = 0,
+        seed: int | None = None,
         sync_mode: str | None = None,
         bucket_bytes: int = 512 * 1024**2,
         sync_dir: str | None = None,
@@ -537,12 +538,17 @@ class SGLangEngine:
         launch_cmd: Callable[[int, int], list[str]] | None = None,
         serializer: Callable[[list[NamedTensor]], tuple[str, str | None]] | None = None,
         on_restart: Callable[[SGLangEngine, int], None] | None = None,
+        restart_cache: bool = False,
         master_address: str | None = None,
         _urls: Sequence[str] | None = None,
     ):
         self.model_path = model_path
         self.tp = tp
         self.host = host
+        # servers we launch always get a key (they may listen on the node's address)
+        api_key = api_key or os.environ.get("RLRT_SGLANG_API_KEY")
+        if api_key is None and _urls is None:
+            api_key = secrets.token_urlsafe(24)
         self.api_key = api_key
         self.colocated = colocated
         self.sync_mode = sync_mode or ("tensor" if colocated else "distributed")
@@ -562,6 +568,9 @@ class SGLangEngine:
         self.on_restart = on_restart
         self.master_address = master_address or host
         self._version = 0
+        self._synced = False
+        self.restart_cache = restart_cache
+        self._cache: list[NamedTensor] | None = None
         self._group = None
         self._group_name = "rlrt_weight_sync"
         self._lock = threading.Lock()
@@ -589,6 +598,7 @@ class SGLangEngine:
                     api_key=api_key,
                     mem_fraction=mem_fraction,
                     colocated=colocated,
+                    seed=None if seed is None else seed + i,
                     extra_args=extra_args,
                 )
             )
@@ -605,6 +615,50 @@ class SGLangEngine:
     def connect(cls, urls: Sequence[str], model_path: str = "", **kwargs) -> SGLangEngine:
         """Drive already-running servers (e.g. started by the Slurm script)."""
         return cls(model_path, _urls=list(urls), **kwargs)
+
+    @classmethod
+    def from_config(cls, cfg, hf_dir: str, **overrides) -> SGLangEngine:
+        """The engine a TrainConfig asks for (`rollout.engine=sglang`).
+
+        Reads rollout.sglang_tp / sglang_mem_fraction / sglang_num_servers (0 = visible GPUs /
+        tp) / seed, timeouts.init / rollout, and, where the config has them,
+        rollout.sglang_{urls, host, api_key, colocated, sync_mode, bucket_mb, sync_dir,
+        verify_stride, restart_cache, extra_args}. `urls` non-empty = connect mode.
+        """
+        r = cfg.rollout
+
+        def opt(name, default):
+            v = getattr(r, "sglang_" + name, None)
+            return default if v in (None, "", []) else v
+
+        tp = int(r.sglang_tp)
+        kwargs = dict(
+            tp=tp,
+            api_key=opt("api_key", None),
+            sync_mode=opt("sync_mode", None),
+            bucket_bytes=int(float(opt("bucket_mb", 512)) * 2**20),
+            sync_dir=opt("sync_dir", os.path.join(cfg.run_dir, "weight_sync")),
+            verify_stride=int(opt("verify_stride", 0)),
+            restart_cache=bool(opt("restart_cache", True)),
+            startup_timeout=float(cfg.timeouts.init),
+            request_timeout=float(cfg.timeouts.rollout),
+        )
+        kwargs.update(overrides)
+        urls = opt("urls", None)
+        if urls:
+            return cls.connect(list(urls), hf_dir, **kwargs)
+        n = int(r.sglang_num_servers) or max(1, torch.cuda.device_count() // tp)
+        return cls(
+            hf_dir,
+            num_servers=n,
+            host=opt("host", "127.0.0.1"),
+            mem_fraction=float(r.sglang_mem_fraction),
+            colocated=bool(opt("colocated", True)),
+            extra_args=list(opt("extra_args", [])),
+            seed=int(r.seed),
+            log_dir=os.path.join(cfg.run_dir, "sglang_logs"),
+            **kwargs,
+        )
 
     def _make_server(self, i: int, url: str, cmd: list[str] | None) -> _Server:
         s = _Server(index=i, url=url, cmd=cmd, tp=self.tp)
@@ -665,9 +719,13 @@ class SGLangEngine:
         self.restarts += 1
         self._start(s)
         self.wait_healthy([s])
-        if self._version > 0:
+        if self._synced:
+            if self.sync_mode == "distributed":
+                self._reset_distributed_group()
             if self.on_restart is not None:
                 self.on_restart(self, s.index)
+            elif self._cache is not None:
+                self._resync_from_cache(s.index)
             reported = s.client.get_weight_version()
             check_weight_version(self._version, reported, f"restarted server {s.index}")
 
@@ -698,7 +756,7 @@ class SGLangEngine:
                     f"{len(part)} samples"
                 )
             return [
-                parse_generate_output(o, requests[s.request_index], s, self._version)
+                parse_generate_output(o, requests[s.request_index], s)
                 for o, s in zip(outs, part, strict=True)
             ]
 
@@ -747,10 +805,14 @@ class SGLangEngine:
         targets = [self.servers[i] for i in servers] if servers is not None else self.servers
         probes: dict[str, torch.Tensor] = {}
 
+        cache: list[NamedTensor] | None = [] if self.restart_cache and servers is None else None
+
         def tap(stream: Iterable[NamedTensor]) -> Iterator[NamedTensor]:
             for i, (name, t) in enumerate(stream):
                 if self.verify_stride and i % self.verify_stride == version % self.verify_stride:
                     probes[name] = param_probe(t, self.verify_rows)
+                if cache is not None:
+                    cache.append((name, t.detach().to("cpu", copy=True)))
                 yield name, t
 
         t0 = time.perf_counter()
@@ -765,6 +827,9 @@ class SGLangEngine:
         for s in targets:
             check_weight_version(version, s.client.get_weight_version(), f"server {s.index}")
         self._version = version
+        self._synced = True
+        if cache is not None:
+            self._cache = cache
         for name, probe in probes.items():
             for s in targets:
                 got = s.client.get_weights_by_name(name, self.verify_rows)
@@ -865,6 +930,25 @@ class SGLangEngine:
             s.client.update_weights_from_disk(out, v)
         stats["buckets"] = 1
         stats["bytes"] = sum(counted)
+
+    def _resync_from_cache(self, index: int) -> None:
+        dev = "cuda" if self.sync_mode == "tensor" and torch.cuda.is_available() else "cpu"
+        cached = self._cache or []
+        self.update_weights(((n, t.to(dev)) for n, t in cached), self._version, servers=[index])
+
+    def _reset_distributed_group(self) -> None:
+        """A restarted server left the NCCL group: tear it down everywhere; the next sync
+        forms a new one with every server."""
+        for s in self.servers:
+            try:
+                s.client.destroy_weights_update_group(self._group_name)
+            except (SGLangError, WeightSyncError):
+                pass  # the restarted server has no such group
+        if self._group is not None:
+            import torch.distributed as dist
+
+            dist.destroy_process_group(self._group)
+            self._group = None
 
     # -- colocated memory hand-off
     def release_memory(self, tags: list[str] | None = None) -> None:

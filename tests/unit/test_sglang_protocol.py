@@ -5,7 +5,7 @@ speaks the subset of SGLang's native HTTP API that `rlrt_megatron.rollout.sglang
 the same JSON shapes (SGLang python/sglang/srt/entrypoints/http_server.py, io_struct.py):
 
   GET  /health                -> 200 (401 without `Authorization: Bearer <key>` if --api-key)
-  GET  /get_weight_version    -> {"weight_version": "<str>"}   (starts at "0", our launch arg)
+  GET  /get_weight_version    -> {"weight_version": "<str>"}  ("initial", our launch arg)
   POST /generate              {input_ids: [[int]], sampling_params: [{...}], rid: [str],
                                return_logprob: true}
                               -> [{text, output_ids, meta_info: {id, finish_reason: {type},
@@ -15,8 +15,8 @@ the same JSON shapes (SGLang python/sglang/srt/entrypoints/http_server.py, io_st
        max_new_tokens else "stop".
   POST /update_weights_from_tensor   {serialized_named_tensors: [str]*tp, load_format,
                                flush_cache, weight_version} -> {success, message}
-       (payload: base64(torch.save(list[(name, tensor)])) from the test serializer; real SGLang
-       gets CUDA IPC handles, which need a GPU)
+       (payload: base64(json [{name, dtype, shape, data}]) from the test serializer, so the
+       stand-in needs no torch and starts in ~0.1 s; real SGLang gets CUDA IPC handles)
   POST /init_weights_update_group, /update_weights_from_distributed (gloo broadcast, src 0),
        /update_weights_from_disk (safetensors dir), /get_weights_by_name ({name, truncate_size}
        -> param[:truncate_size] as float lists), /release_memory_occupation,
@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import io
 import json
 import os
 import sys
@@ -44,7 +43,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 class _State:
     def __init__(self, args):
         self.args = args
-        self.version = "0"
+        self.version = "initial"  # what our launch command sets (--weight-version initial)
         self.weights = {}
         self.calls: dict[str, int] = {}
         self.auth_headers: list[str] = []
@@ -121,11 +120,12 @@ def _make_handler(state: _State):
             if body.get("weight_version") is not None and not state.ignore_version:
                 state.version = body["weight_version"]
 
-        def _store(self, name, tensor):
-            tensor = tensor.clone()
+        def _store(self, name, shape, flat):
+            """Weights are kept as (shape, flat list of floats): no torch needed."""
+            flat = list(flat)
             if name == state.corrupt:
-                tensor.view(-1)[0] += 1.0
-            state.weights[name] = tensor
+                flat[0] += 1.0
+            state.weights[name] = (list(shape), flat)
 
         # -- endpoints
         def _ep_generate(self, body):
@@ -165,13 +165,11 @@ def _make_handler(state: _State):
             return None
 
         def _ep_update_weights_from_tensor(self, body):
-            import torch
-
             payloads = body["serialized_named_tensors"]
             assert len(set(payloads)) == 1, "every TP rank gets the same payload"
-            named = torch.load(io.BytesIO(base64.b64decode(payloads[0])))
-            for name, t in named:
-                self._store(name, t)
+            named = json.loads(base64.b64decode(payloads[0]))
+            for item in named:
+                self._store(item["name"], item["shape"], item["data"])
             self._set_version(body)
             return {"success": True, "message": f"{len(named)} tensors, tp={len(payloads)}"}
 
@@ -199,26 +197,27 @@ def _make_handler(state: _State):
             ):
                 t = torch.empty(shape, dtype=getattr(torch, dtype))
                 dist.broadcast(t, 0, group=state.group)
-                self._store(name, t)
+                self._store(name, shape, t.float().reshape(-1).tolist())
             self._set_version(body)
             return {"success": True, "message": f"{len(body['names'])} tensors"}
 
         def _ep_update_weights_from_disk(self, body):
-            from safetensors.torch import load_file
-
             d = body["model_path"]
-            index = json.load(open(os.path.join(d, "model.safetensors.index.json")))
-            for f in sorted(set(index["weight_map"].values())):
-                for name, t in load_file(os.path.join(d, f)).items():
-                    self._store(name, t)
+            with open(os.path.join(d, "model.safetensors.index.json")) as f:
+                index = json.load(f)
+            for fname in sorted(set(index["weight_map"].values())):
+                for name, (shape, flat) in _read_safetensors(os.path.join(d, fname)).items():
+                    self._store(name, shape, flat)
             self._set_version(body)
             return {"success": True, "message": "loaded"}
 
         def _ep_get_weights_by_name(self, body):
-            import torch
-
-            t = state.weights[body["name"]]
-            return t[: body["truncate_size"]].to(torch.float32).tolist()
+            shape, flat = state.weights[body["name"]]
+            k = body["truncate_size"]
+            if len(shape) == 1:
+                return flat[:k]
+            row = len(flat) // shape[0]
+            return [flat[i * row : (i + 1) * row] for i in range(min(k, shape[0]))]
 
         def _ep_release_memory_occupation(self, body):
             return None
@@ -232,6 +231,32 @@ def _make_handler(state: _State):
             return {"success": True}
 
     return Handler
+
+
+def _read_safetensors(path):
+    """name -> (shape, flat floats), parsing the format by hand (8-byte header length, JSON
+    header, raw little-endian data) so the stand-in needs no torch."""
+    import struct
+
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+        data = f.read()
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        b, e = info["data_offsets"]
+        raw = data[b:e]
+        if info["dtype"] == "BF16":
+            halves = struct.unpack(f"<{len(raw) // 2}H", raw)
+            flat = [struct.unpack("<f", struct.pack("<I", h << 16))[0] for h in halves]
+        elif info["dtype"] == "F32":
+            flat = list(struct.unpack(f"<{len(raw) // 4}f", raw))
+        else:
+            raise ValueError(f"stand-in: dtype {info['dtype']} not handled")
+        out[name] = (info["shape"], flat)
+    return out
 
 
 def serve(argv=None):
@@ -281,12 +306,15 @@ def stand_in_cmd(port, *extra):
     return [sys.executable, HERE, "--serve", "--port", str(port), "--api-key", KEY, *extra]
 
 
-def torch_save_serializer(bucket):
+def json_serializer(bucket):
     """Test serializer: the stand-in runs in another process without a GPU, so the tensors
-    travel by value (torch.save) instead of SGLang's CUDA IPC handles."""
-    buf = io.BytesIO()
-    torch.save([(n, t.detach().cpu()) for n, t in bucket], buf)
-    return base64.b64encode(buf.getvalue()).decode(), None
+    travel by value (JSON floats; exact for bf16) instead of SGLang's CUDA IPC handles."""
+    items = [
+        {"name": n, "dtype": str(t.dtype), "shape": list(t.shape),
+         "data": t.detach().float().reshape(-1).tolist()}
+        for n, t in bucket
+    ]  # fmt: skip
+    return base64.b64encode(json.dumps(items).encode()).decode(), None
 
 
 def stats(url):
@@ -307,7 +335,7 @@ def tiny_weights(seed=0):
 
 @pytest.fixture(scope="module")
 def weight_server(tmp_path_factory):
-    """One long-lived stand-in that imports torch (slow to start), shared by the sync tests."""
+    """One long-lived stand-in shared by the sync tests (imports torch for the gloo group)."""
     import subprocess
 
     port = free_port()
@@ -326,7 +354,7 @@ def weight_server(tmp_path_factory):
 
 
 def connect(url, **kw):
-    kw.setdefault("serializer", torch_save_serializer)
+    kw.setdefault("serializer", json_serializer)
     return SGLangEngine.connect([url], api_key=KEY, **kw)
 
 
@@ -338,12 +366,14 @@ def test_launch_command_has_the_flags_we_rely_on():
         "/m/qwen", port=30011, tp=2, base_gpu_id=4, api_key="k", mem_fraction=0.4, seed=7
     )
     assert cmd[1:3] == ["-m", "sglang.launch_server"]
-    flags = {f: cmd[cmd.index(f) + 1] for f in cmd if f.startswith("--")}
+    switches = {"--trust-remote-code", "--enable-memory-saver"}
+    flags = {f: cmd[cmd.index(f) + 1] for f in cmd if f.startswith("--") and f not in switches}
     assert flags["--model-path"] == "/m/qwen" and flags["--port"] == "30011"
     assert flags["--tp-size"] == "2" and flags["--base-gpu-id"] == "4"
     assert flags["--host"] == "127.0.0.1" and flags["--api-key"] == "k"
-    assert flags["--weight-version"] == "0" and flags["--mem-fraction-static"] == "0.4"
-    assert "--enable-memory-saver" in cmd and cmd[cmd.index("--random-seed") + 1] == "7"
+    assert flags["--weight-version"] == "initial" and flags["--mem-fraction-static"] == "0.4"
+    assert "--enable-memory-saver" in cmd and "--trust-remote-code" in cmd
+    assert flags["--random-seed"] == "7" and flags["--dtype"] == "bfloat16"
     sep = build_launch_command("/m", port=1, colocated=False, extra_args=["--x", "1"])
     assert "--enable-memory-saver" not in sep and sep[-2:] == ["--x", "1"]
     assert "--api-key" not in sep
@@ -378,21 +408,20 @@ def test_generate_payload_and_parse_round_trip():
             "output_token_logprobs": [[-0.5, 3, None], [-1.25, 4, None]],
         },
     }
-    c = parse_generate_output(out, reqs[1], samples[3], default_version=0)
+    c = parse_generate_output(out, reqs[1], samples[3])
     assert (c.request_id, c.token_ids, c.logprobs) == ("b", [3, 4], [-0.5, -1.25])
     assert (c.finish_reason, c.weight_version, c.text) == ("stop", 5, "x y")
     assert c.prompt_token_ids == [9] and c.meta["sample_index"] == 1
-    out["meta_info"]["weight_version"] = "default"  # SGLang's value before any update
-    assert parse_generate_output(out, reqs[1], samples[3], default_version=3).weight_version == 3
+    out["meta_info"]["weight_version"] = "initial"  # never synced: the launch weights
+    assert parse_generate_output(out, reqs[1], samples[3]).weight_version == -1
     out["output_ids"] = [3, 5]
     with pytest.raises(SGLangError, match="disagree"):
-        parse_generate_output(out, reqs[1], samples[3], default_version=0)
+        parse_generate_output(out, reqs[1], samples[3])
     with pytest.raises(ValueError, match="unique"):
         expand_samples([GenerateRequest([1], "x"), GenerateRequest([2], "x")], 1)
 
 
 def test_missing_sglang_names_the_gpu_extra():
-    pytest.importorskip("megatron.core")
     try:
         import sglang  # noqa: F401
 
@@ -447,7 +476,7 @@ def test_generate_across_two_launched_servers_with_api_key(tmp_path):
                 assert c.request_id == f"p{i}" and c.meta["sample_index"] == j
                 assert c.token_ids == [(10 * i + 10 * j + k + 1) % 97 for k in range(3)]
                 assert c.logprobs == pytest.approx([-0.1, -0.2, -0.3])
-                assert c.finish_reason == "length" and c.weight_version == 0
+                assert c.finish_reason == "length" and c.weight_version == -1
         short = eng.generate(reqs[:1], SamplingParams(n=1, max_new_tokens=9))
         assert short[0][0].finish_reason == "stop" and len(short[0][0].token_ids) == 4
         s0, s1 = (stats(s.url) for s in eng.servers)
@@ -589,8 +618,9 @@ def test_release_and_resume_memory(weight_server):
 
 
 def test_restart_resyncs_weights_or_fails(tmp_path):
-    """A restarted server reloads the initial weights: on_restart must re-sync them, else the
-    version check after the restart fails the step (never silently stale weights)."""
+    """A restarted server reloads the initial weights: on_restart (or the host-memory cache of
+    the last sync) must re-sync them, else the version check after the restart fails the step
+    (never silently stale weights)."""
     crash = tmp_path / "crash_once"
     resynced = []
 
@@ -598,14 +628,16 @@ def test_restart_resyncs_weights_or_fails(tmp_path):
         resynced.append(i)
         engine.update_weights(iter(tiny_weights(5)), engine.weight_version, servers=[i])
 
-    def make(on_restart):
+    def make(on_restart, restart_cache=False):
         return SGLangEngine(
             "stand-in",
             api_key=KEY,
             launch_cmd=lambda i, p: stand_in_cmd(p, "--crash-file", str(crash)),
             log_dir=str(tmp_path),
-            serializer=torch_save_serializer,
+            serializer=json_serializer,
             on_restart=on_restart,
+            restart_cache=restart_cache,
+            verify_stride=1,
         )
 
     with make(resync) as eng:
@@ -613,8 +645,49 @@ def test_restart_resyncs_weights_or_fails(tmp_path):
         crash.write_text("1")
         out = eng.generate([GenerateRequest([2], "s")], SamplingParams(max_new_tokens=1))
         assert resynced == [0] and out[0][0].weight_version == 3
+    with make(None, restart_cache=True) as eng:
+        eng.update_weights(iter(tiny_weights(6)), version=4)
+        crash.write_text("1")
+        out = eng.generate([GenerateRequest([2], "s")], SamplingParams(max_new_tokens=1))
+        assert eng.restarts == 1 and out[0][0].weight_version == 4
+        # the cached copy re-synced the restarted server (the sample check compared it)
+        assert stats(eng.servers[0].url)["calls"]["/get_weights_by_name"] == 5
     with make(None) as eng:
         eng.update_weights(iter(tiny_weights(5)), version=3)
         crash.write_text("1")
-        with pytest.raises(RolloutServerCrashed, match="weight_version='0'.*version 3"):
+        with pytest.raises(RolloutServerCrashed, match="weight_version='initial'.*version 3"):
             eng.generate([GenerateRequest([2], "s")], SamplingParams(max_new_tokens=1))
+
+
+def test_from_config_builds_servers_from_the_rollout_config(tmp_path):
+    from rlrt_megatron.config import TrainConfig
+
+    cfg = TrainConfig()
+    cfg.rollout.engine = "sglang"
+    cfg.rollout.sglang_num_servers = 2
+    cfg.logging.run_dir = str(tmp_path)
+    with SGLangEngine.from_config(
+        cfg, "stand-in", api_key=KEY, launch_cmd=lambda i, p: stand_in_cmd(p)
+    ) as eng:
+        assert len(eng.servers) == 2 and eng.tp == cfg.rollout.sglang_tp
+        assert eng.sync_mode == "tensor" and eng.restart_cache
+        assert eng.servers[0].log_path.startswith(str(tmp_path))
+        assert eng.startup_timeout == cfg.timeouts.init
+
+
+def test_launched_servers_get_an_api_key_by_default(monkeypatch):
+    monkeypatch.delenv("RLRT_SGLANG_API_KEY", raising=False)
+    seen = {}
+
+    class NoLaunch(SGLangEngine):
+        def _start(self, s):
+            seen["key"] = self.api_key
+
+        def wait_healthy(self, servers=None):
+            pass
+
+    NoLaunch("m", launch_cmd=lambda i, p: ["true"])
+    assert seen["key"] and len(seen["key"]) >= 24
+    monkeypatch.setenv("RLRT_SGLANG_API_KEY", "from-env")
+    NoLaunch("m", launch_cmd=lambda i, p: ["true"])
+    assert seen["key"] == "from-env"
