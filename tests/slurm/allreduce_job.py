@@ -20,7 +20,7 @@ def main() -> int:
     ap.add_argument("--fail-rank", type=int, default=-1)
     ap.add_argument("--exit-code", type=int, default=3)
     ap.add_argument("--sleep", type=float, default=0.0)
-    args = ap.parse_args()
+    args, _recipe_args = ap.parse_known_args()  # `--recipe ... key=value` from the job: ignored
 
     import torch
     import torch.distributed as dist

@@ -1,0 +1,110 @@
+"""`rlrt slurm submit | status`: multi-node jobs through nemo-run's SlurmExecutor.
+
+    rlrt slurm submit --recipe qwen3_8b_rlrt --nodes 4 --gpus-per-node 8 --time 04:00:00 \
+        --partition batch [--rollout-nodes 1] [--ssh me@login] [--dry-run] [key=value ...]
+    rlrt slurm status [JOB_ID]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from rlrt_megatron.launch.job import REPO_ROOT, SlurmJob, SlurmJobError
+
+
+def _kv(items: list[str], flag: str) -> dict[str, str]:
+    out = {}
+    for it in items:
+        k, eq, v = it.partition("=")
+        if not eq or not k:
+            raise SlurmJobError(f"{flag} {it!r}: expected KEY=VALUE")
+        out[k] = v
+    return out
+
+
+def _submit(args: argparse.Namespace) -> int:
+    from rlrt_megatron.launch.submit import submit
+
+    try:
+        sbatch_args = {k.lstrip("-"): (v if v != "" else True)
+                       for k, v in _kv(args.sbatch, "--sbatch").items()}  # fmt: skip
+        job = SlurmJob(
+            recipe=args.recipe,
+            overrides=args.overrides,
+            nodes=args.nodes,
+            gpus_per_node=args.gpus_per_node,
+            rollout_nodes=args.rollout_nodes,
+            partition=args.partition,
+            account=args.account,
+            time=args.time,
+            job_name=args.job_name,
+            container_image=args.container_image,
+            container_mounts=args.container_mounts.split(",") if args.container_mounts else [],
+            home=args.home,
+            log_dir=args.log_dir,
+            exclusive=args.exclusive,
+            sbatch_args=sbatch_args,
+            env=_kv(args.env, "--env"),
+        )
+        job_id, script = submit(
+            job, ssh=args.ssh, identity=args.identity, dry_run=args.dry_run, mkdir=args.mkdir
+        )
+    except SlurmJobError as e:
+        print(f"rlrt slurm submit: {e}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        sys.stdout.write(script)
+        return 0
+    print(f"submitted job {job_id}")
+    logs = job.settings()["RLRT_LOG_DIR"]
+    print(f"  logs: {logs}/job-{job_id}/  status: rlrt slurm status {job_id}")
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from rlrt_megatron.launch.submit import status
+
+    print(status(args.job_id, ssh=args.ssh))
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("slurm", help="submit / inspect multi-node Slurm jobs (nemo-run)")
+    sub = p.add_subparsers(dest="slurm_command", required=True)
+
+    s = sub.add_parser("submit", help="validate, render and sbatch an `rlrt train` job")
+    s.add_argument("--recipe", required=True, help="recipe name (see `rlrt train --list`)")
+    s.add_argument("--nodes", type=int, default=1, help="total nodes (training + rollout)")
+    s.add_argument("--gpus-per-node", type=int, default=8,
+                   help="GPUs = training ranks per node; 0 = CPU, one gloo rank/node")  # fmt: skip
+    s.add_argument("--rollout-nodes", type=int, default=0,
+                   help="the last K nodes run SGLang servers (0 = colocated)")  # fmt: skip
+    s.add_argument("--partition")
+    s.add_argument("--account")
+    s.add_argument("--time", help="time limit, e.g. 04:00:00 (USR1 120 s before: checkpoint)")
+    s.add_argument("--job-name", default="rlrt")
+    s.add_argument("--container-image", help="pyxis/enroot image; default: the venv")
+    s.add_argument("--container-mounts", help="extra pyxis mounts src:dst[,src:dst]")
+    s.add_argument("--home", default=str(REPO_ROOT),
+                   help="repo checkout as the cluster sees it (shared storage)")  # fmt: skip
+    s.add_argument("--log-dir", help="job logs (default <home>/runs/slurm-logs)")
+    s.add_argument("--exclusive", action="store_true", help="#SBATCH --exclusive")
+    s.add_argument("--sbatch", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra #SBATCH --KEY=VALUE (repeatable; KEY= for a bare flag)")  # fmt: skip
+    s.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra variable exported in the job (repeatable)")  # fmt: skip
+    s.add_argument("--ssh", metavar="USER@HOST[:PORT]", help="submit through an SSH tunnel")
+    s.add_argument("--identity", help="SSH private key for --ssh")
+    s.add_argument("--mkdir", action="store_true",
+                   help="create the checkpoint dir on the cluster instead of failing")  # fmt: skip
+    s.add_argument(
+        "--dry-run", action="store_true", help="print the rendered script, submit nothing"
+    )
+    s.add_argument("overrides", nargs="*", metavar="key=value", help="dotted recipe overrides")
+    s.set_defaults(func=_submit)
+
+    t = sub.add_parser("status", help="state of a job (or your queue) and its summary lines")
+    t.add_argument("job_id", nargs="?")
+    t.add_argument("--ssh", metavar="USER@HOST[:PORT]")
+    t.set_defaults(func=_status)

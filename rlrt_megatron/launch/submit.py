@@ -1,0 +1,110 @@
+"""Submit a rendered `SlurmJob` through the nemo-run `SlurmExecutor`'s tunnel, and query jobs.
+
+Why not nemo-run's own sbatch template: it runs the training `srun` in the foreground, so a USR1
+trapped by the batch shell (`--signal=B:USR1@120`) would only be handled after training ended,
+too late to checkpoint. Our script (slurm/rlrt.sbatch) waits on a background srun and forwards
+the signal. The executor still carries the resources and owns the connection: a `LocalTunnel`
+on a login node, an `SSHTunnel` (`--ssh user@host`) from a laptop; the script is written into
+the tunnel's job dir and `sbatch` runs on the far side of the tunnel.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import tempfile
+import time
+from typing import Any
+
+from rlrt_megatron.launch.job import SlurmJob, SlurmJobError
+
+
+def make_tunnel(ssh: str | None, job_dir: str, identity: str | None = None) -> Any:
+    """A nemo-run tunnel: local (run sbatch here) or SSH (`user@host[:port]`)."""
+    import nemo_run as run
+
+    if not ssh:
+        return run.LocalTunnel(job_dir=job_dir)
+    user, at, host = ssh.rpartition("@")
+    if not at or not user or not host:
+        raise SlurmJobError(f"--ssh {ssh!r}: expected user@host or user@host:port")
+    port = None
+    if ":" in host:
+        host, _, p = host.partition(":")
+        port = int(p)
+    return run.SSHTunnel(host=host, user=user, port=port, job_dir=job_dir, identity=identity)
+
+
+def path_exists(tunnel: Any, path: str) -> bool:
+    r = tunnel.run(f"test -d {shlex.quote(path)}", hide=True, warn=True)
+    return r.return_code == 0
+
+
+def submit(
+    job: SlurmJob,
+    *,
+    ssh: str | None = None,
+    identity: str | None = None,
+    dry_run: bool = False,
+    mkdir: bool = False,
+) -> tuple[str | None, str]:
+    """Validate, render and (unless `dry_run`) submit `job`; returns (job id, script).
+
+    Validation checks the checkpoint dir on the cluster through the tunnel (also in dry-run when
+    the tunnel is local; a dry run never opens an SSH connection).
+    """
+    cfg = job.validate()  # everything but the storage check: no connection needed
+    job_dir = job.settings()["RLRT_LOG_DIR"] + "/submitted"
+    tunnel = make_tunnel(ssh, job_dir, identity)
+    check = None
+    if not (dry_run and ssh):
+        tunnel.connect()
+        if mkdir and not dry_run:
+            tunnel.run(f"mkdir -p {shlex.quote(job.resolve(cfg.checkpoint_dir))}", hide=True)
+
+        def check(p: str) -> bool:
+            return path_exists(tunnel, p)
+
+    cfg = job.validate(cfg, path_exists=check)
+    executor = job.executor(tunnel=tunnel)
+    script = job.render(cfg, executor)
+    if dry_run:
+        return None, script
+
+    tunnel.run(f"mkdir -p {shlex.quote(job_dir)}", hide=True)
+    remote = f"{job_dir}/{job.job_name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.sbatch"
+    with tempfile.NamedTemporaryFile("w", suffix=".sbatch", delete=False) as f:
+        f.write(script)
+        local = f.name
+    try:
+        tunnel.put(local, remote)
+    finally:
+        os.unlink(local)
+    r = tunnel.run(f"cd {shlex.quote(job.home)} && sbatch --parsable {shlex.quote(remote)}",
+                   hide=True, warn=True)  # fmt: skip
+    if r.return_code != 0:
+        raise SlurmJobError(f"sbatch {remote} failed ({r.return_code}): {r.stderr.strip()}")
+    job_id = r.stdout.strip().split(";")[0]
+    return job_id, script
+
+
+def status(job_id: str | None, *, ssh: str | None = None, log_dir: str | None = None) -> str:
+    """A short summary: squeue/scontrol state, then the job's own summary lines."""
+    tunnel = make_tunnel(ssh, log_dir or ".")
+    tunnel.connect()
+    if not job_id:
+        fmt = "-o '%.10i %.12j %.9T %.10M %.6D %R'"
+        r = tunnel.run(f"squeue --me {fmt} 2>/dev/null || squeue {fmt}", hide=True, warn=True)
+        return r.stdout
+    r = tunnel.run(f"scontrol -o show job {shlex.quote(job_id)}", hide=True, warn=True)
+    if r.return_code != 0:
+        return f"job {job_id}: unknown to slurmctld ({r.stderr.strip()})"
+    fields = dict(t.split("=", 1) for t in r.stdout.split() if "=" in t)
+    keys = ["JobState", "Reason", "Restarts", "RunTime", "NumNodes", "NodeList", "ExitCode"]
+    out = [f"job {job_id}: " + " ".join(f"{k}={fields.get(k, '?')}" for k in keys)]
+    log = fields.get("StdOut")
+    if log:
+        t = tunnel.run(f"grep -h '^\\[rlrt-job' {shlex.quote(log)} | tail -n 8", hide=True,
+                       warn=True)  # fmt: skip
+        out += [t.stdout.rstrip()] if t.stdout.strip() else []
+    return "\n".join(out)

@@ -1,0 +1,132 @@
+"""Jobs on the real local 2-node cluster: placement, fail-fast, USR1 -> requeue, nemo-run submit."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slurm
+
+REPO = Path(__file__).resolve().parents[2]
+SBATCH = REPO / "slurm" / "rlrt.sbatch"
+ALLREDUCE = 'python tests/slurm/allreduce_job.py "$@"'
+
+
+def sbatch(cluster, job_dir: Path, *args: str, env: dict[str, str] | None = None) -> str:
+    e = dict(cluster.env, RLRT_HOME=str(REPO), RLRT_LOG_DIR=str(job_dir), **(env or {}))
+    p = subprocess.run(
+        ["sbatch", "--parsable", "-N", "2", "--ntasks-per-node=1",
+         f"--output={job_dir}/batch-%j.out", str(SBATCH), *args],
+        env=e, capture_output=True, text=True, timeout=60, cwd=REPO,
+    )  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    return p.stdout.strip().split(";")[0]
+
+
+def batch_log(job_dir: Path, job_id: str) -> str:
+    return (job_dir / f"batch-{job_id}.out").read_text(errors="replace")
+
+
+def node_logs(job_dir: Path, job_id: str) -> dict[str, str]:
+    return {
+        f.name: f.read_text(errors="replace") for f in (job_dir / f"job-{job_id}").glob("*.log")
+    }
+
+
+def test_two_node_gloo_job_runs_one_rank_per_node(cluster, job_dir):
+    job = sbatch(cluster, job_dir, env={"RLRT_TRAIN_CMD": ALLREDUCE})
+    info = cluster.wait_job(job, 240)
+    out = batch_log(job_dir, job)
+    assert info["JobState"] == "COMPLETED", out
+    logs = node_logs(job_dir, job)
+    assert "allreduce rank 0/2 node node1 sum 1" in logs["node1.r0.train.rank0.log"]
+    assert "allreduce rank 1/2 node node2 sum 1" in logs["node2.r0.train.rank1.log"]
+    assert "train rank 0/2 local_rank 0 on node node1" in out
+    assert "train rank 1/2 local_rank 0 on node node2" in out
+
+
+def test_a_dead_task_fails_the_whole_job_fast_naming_node_and_code(cluster, job_dir):
+    t0 = time.monotonic()
+    job = sbatch(cluster, job_dir, "--fail-rank", "1", "--exit-code", "3",
+                 env={"RLRT_TRAIN_CMD": ALLREDUCE})  # fmt: skip
+    info = cluster.wait_job(job, 240)
+    out = batch_log(job_dir, job)
+    assert info["JobState"] == "FAILED", out
+    assert info["ExitCode"] == "3:0", info
+    assert "FAILED: train rank 1 on node node2 exited with code 3" in out
+    # rank 0 was blocked in a barrier: it was killed, not left waiting for the 300 s timeout
+    assert time.monotonic() - t0 < 150, out
+
+
+def wait_for(cond, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def preempt_and_release(cluster, job: str, timeout: float = 120) -> None:
+    """What Slurm does at `--signal=B:USR1@120`, then skip the 120 s hold Slurm puts on requeued
+    jobs (`scontrol update StartTime=now`) so the test does not sit idle."""
+    cluster.run("scancel", "--signal=USR1", "--batch", job)
+    wait_for(lambda: cluster.job_state(job).get("Restarts") == "1", timeout, "the requeue")
+    cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now", check=False)
+
+
+def test_usr1_is_forwarded_and_the_job_requeues(cluster, job_dir):
+    job = sbatch(cluster, job_dir, "--sleep", "30", env={"RLRT_TRAIN_CMD": ALLREDUCE})
+    logs = job_dir / f"job-{job}"
+
+    def started() -> bool:
+        text = "".join(p.read_text() for p in logs.glob("*.r0.*.log"))
+        return text.count("allreduce rank") == 2
+
+    wait_for(started, 180, "both ranks to start")
+    preempt_and_release(cluster, job)
+    info = cluster.wait_job(job, 240)
+    out = batch_log(job_dir, job)
+    assert info["JobState"] == "COMPLETED", out
+    assert "requeueing job" in out and "restart 1" in out, out
+    got = node_logs(job_dir, job)
+    assert "rank 0 on node1 got USR1" in got["node1.r0.train.rank0.log"]
+    assert "rank 1 on node2 got USR1" in got["node2.r0.train.rank1.log"]
+
+
+def test_rlrt_slurm_submit_renders_and_submits_through_nemo_run(cluster, job_dir):
+    pytest.importorskip("nemo_run")
+    ckpt = job_dir / "ckpt"
+    ckpt.mkdir()
+    cmd = [str(REPO / ".venv" / "bin" / "rlrt"), "slurm", "submit", "--recipe", "tiny_demo",
+           "--nodes", "2", "--gpus-per-node", "0", "--log-dir", str(job_dir),
+           "--env", f"RLRT_TRAIN_CMD={ALLREDUCE}",
+           "parallel.tp=2", f"checkpoint.dir={ckpt}"]  # fmt: skip
+    dry = subprocess.run([*cmd, "--dry-run"], env=cluster.env, capture_output=True, text=True,
+                         timeout=120, cwd=REPO)  # fmt: skip
+    assert dry.returncode == 0, dry.stderr
+    script = job_dir / "rendered.sbatch"
+    script.write_text(dry.stdout)
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    for line in ["#SBATCH --nodes=2", "#SBATCH --requeue", "#SBATCH --signal=B:USR1@120"]:
+        assert line in dry.stdout
+    # sbatch itself accepts the script (--test-only: validated by slurmctld, not queued)
+    t = cluster.run("sbatch", "--test-only", str(script), check=False)
+    assert "to start at" in (t.stdout + t.stderr), t.stderr
+
+    p = subprocess.run(cmd, env=cluster.env, capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert p.returncode == 0, p.stderr
+    job = re.search(r"submitted job (\d+)", p.stdout).group(1)
+    info = cluster.wait_job(job, 240)
+    out = (job_dir / f"rlrt-{job}.out").read_text()
+    assert info["JobState"] == "COMPLETED", out
+    logs = node_logs(job_dir, job)
+    assert "node node1" in logs["node1.r0.train.rank0.log"]
+    assert "node node2" in logs["node2.r0.train.rank1.log"]
+    st = subprocess.run([cmd[0], "slurm", "status", job], env=cluster.env, capture_output=True,
+                        text=True, timeout=60)  # fmt: skip
+    assert "JobState=COMPLETED" in st.stdout and "training finished" in st.stdout, st.stdout
