@@ -390,6 +390,7 @@ class _Server:
     tp: int
     proc: subprocess.Popen | None = None
     log_path: str | None = None
+    released: set[str] = field(default_factory=set)  # memory tags currently released
     client: SGLangClient = field(init=False)
 
     def alive(self) -> bool:
@@ -539,6 +540,7 @@ class SGLangEngine:
         serializer: Callable[[list[NamedTensor]], tuple[str, str | None]] | None = None,
         on_restart: Callable[[SGLangEngine, int], None] | None = None,
         restart_cache: bool = False,
+        offload_tags: Sequence[str] | None = None,
         master_address: str | None = None,
         _urls: Sequence[str] | None = None,
     ):
@@ -570,6 +572,11 @@ class SGLangEngine:
         self._version = 0
         self._synced = False
         self.restart_cache = restart_cache
+        # colocated: hand the GPU back to the trainer after every generate (KV cache only by
+        # default: released weights hold garbage until the next update_weights)
+        if offload_tags is None:
+            offload_tags = ("kv_cache",) if colocated and _urls is None else ()
+        self.offload_tags = tuple(offload_tags)
         self._cache: list[NamedTensor] | None = None
         self._group = None
         self._group_name = "rlrt_weight_sync"
@@ -718,6 +725,7 @@ class SGLangEngine:
         self._stop(s)
         self.restarts += 1
         self._start(s)
+        s.released = set()
         self.wait_healthy([s])
         if self._synced:
             if self.sync_mode == "distributed":
@@ -738,6 +746,21 @@ class SGLangEngine:
         return all(s.alive() and s.client.health() for s in self.servers)
 
     def generate(
+        self, requests: list[GenerateRequest], sampling: SamplingParams
+    ) -> list[list[Completion]]:
+        for s in self.servers:
+            if "weights" in s.released:
+                raise WeightSyncError(
+                    f"generate: server {s.index} released its weights (offload) and no "
+                    "update_weights has restored them since"
+                )
+        self.resume_memory()
+        out = self._generate(requests, sampling)
+        if self.offload_tags:
+            self.release_memory(list(self.offload_tags))
+        return out
+
+    def _generate(
         self, requests: list[GenerateRequest], sampling: SamplingParams
     ) -> list[list[Completion]]:
         samples = expand_samples(requests, sampling.n)
@@ -804,6 +827,7 @@ class SGLangEngine:
         v = format_weight_version(version)
         targets = [self.servers[i] for i in servers] if servers is not None else self.servers
         probes: dict[str, torch.Tensor] = {}
+        self.resume_memory(["weights"], targets)
 
         cache: list[NamedTensor] | None = [] if self.restart_cache and servers is None else None
 
@@ -951,14 +975,29 @@ class SGLangEngine:
             self._group = None
 
     # -- colocated memory hand-off
-    def release_memory(self, tags: list[str] | None = None) -> None:
-        """Free the servers' GPU memory (weights and/or KV cache) while the trainer runs."""
-        for s in self.servers:
-            s.client.release_memory_occupation(tags)
+    def release_memory(
+        self,
+        tags: Sequence[str] = ("kv_cache", "weights"),
+        servers: Sequence[_Server] | None = None,
+    ) -> None:
+        """Free the servers' GPU memory (SGLang tags "kv_cache", "weights") while the trainer
+        runs. Needs `--enable-memory-saver` (set when colocated). Released weights hold
+        garbage until the next update_weights."""
+        for s in servers or self.servers:
+            todo = [t for t in tags if t not in s.released]
+            if todo:
+                s.client.release_memory_occupation(todo)
+                s.released.update(todo)
 
-    def resume_memory(self, tags: list[str] | None = None) -> None:
-        for s in self.servers:
-            s.client.resume_memory_occupation(tags)
+    def resume_memory(
+        self, tags: Sequence[str] | None = None, servers: Sequence[_Server] | None = None
+    ) -> None:
+        """Re-allocate released memory (`tags` None = everything released)."""
+        for s in servers or self.servers:
+            todo = sorted(s.released if tags is None else s.released & set(tags))
+            if todo:
+                s.client.resume_memory_occupation(todo)
+                s.released.difference_update(todo)
 
     def shutdown(self) -> None:
         if self._group is not None:

@@ -48,6 +48,7 @@ class _State:
         self.calls: dict[str, int] = {}
         self.auth_headers: list[str] = []
         self.generate_batch_sizes: list[int] = []
+        self.memory_log: list[list] = []
         self.corrupt = None
         self.ignore_version = False
         self.group = None
@@ -94,6 +95,7 @@ def _make_handler(state: _State):
                         "calls": state.calls,
                         "auth": state.auth_headers[-1:],
                         "generate_batch_sizes": state.generate_batch_sizes,
+                        "memory_log": state.memory_log,
                         "pid": os.getpid(),
                     },
                 )
@@ -220,10 +222,10 @@ def _make_handler(state: _State):
             return [flat[i * row : (i + 1) * row] for i in range(min(k, shape[0]))]
 
         def _ep_release_memory_occupation(self, body):
-            return None
+            state.memory_log.append(["release", body["tags"]])
 
         def _ep_resume_memory_occupation(self, body):
-            return None
+            state.memory_log.append(["resume", body["tags"]])
 
         def _ep__test_config(self, body):
             state.corrupt = body.get("corrupt")
@@ -295,7 +297,11 @@ from rlrt_megatron.rollout.sglang import (  # noqa: E402
     sampling_to_sglang,
     serialize_for_sglang,
 )
-from rlrt_megatron.rollout.weight_sync import WeightMismatch, WeightVersionMismatch  # noqa: E402
+from rlrt_megatron.rollout.weight_sync import (  # noqa: E402
+    WeightMismatch,
+    WeightSyncError,
+    WeightVersionMismatch,
+)
 
 HERE = os.path.abspath(__file__)
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(HERE)))
@@ -480,6 +486,12 @@ def test_generate_across_two_launched_servers_with_api_key(tmp_path):
         short = eng.generate(reqs[:1], SamplingParams(n=1, max_new_tokens=9))
         assert short[0][0].finish_reason == "stop" and len(short[0][0].token_ids) == 4
         s0, s1 = (stats(s.url) for s in eng.servers)
+        # colocated (the default): KV cache handed back after each generate, resumed before
+        assert s0["memory_log"] == [
+            ["release", ["kv_cache"]],
+            ["resume", ["kv_cache"]],
+            ["release", ["kv_cache"]],
+        ]
         # 6 samples split 3/3; a single sample goes to the last server (bounds [0, 0, 1])
         assert s0["generate_batch_sizes"] == [3] and s1["generate_batch_sizes"] == [3, 1]
         assert s0["auth"] == [f"Bearer {KEY}"]
@@ -607,14 +619,21 @@ def test_distributed_sync_broadcasts_over_a_separate_group(weight_server):
 
 
 def test_release_and_resume_memory(weight_server):
+    """Colocated hand-off: released weights must be re-synced before sampling again; resumes
+    happen only for what was released (SGLang errors on resuming a resident tag)."""
     eng = connect(weight_server)
-    before = stats(weight_server)["calls"]
-    eng.release_memory(["kv_cache", "weights"])
-    eng.resume_memory(["weights"])
-    eng.resume_memory(["kv_cache"])
-    after = stats(weight_server)["calls"]
-    assert after["/release_memory_occupation"] - before.get("/release_memory_occupation", 0) == 1
-    assert after["/resume_memory_occupation"] - before.get("/resume_memory_occupation", 0) == 2
+    n0 = len(stats(weight_server)["memory_log"])
+    eng.release_memory()
+    eng.release_memory(["kv_cache"])  # already released: no call
+    with pytest.raises(WeightSyncError, match="released its weights"):
+        eng.generate([GenerateRequest([1], "m")], SamplingParams(max_new_tokens=1))
+    eng.update_weights(iter(tiny_weights()), version=11)  # resumes the weights first
+    eng.generate([GenerateRequest([1], "m")], SamplingParams(max_new_tokens=1))
+    assert stats(weight_server)["memory_log"][n0:] == [
+        ["release", ["kv_cache", "weights"]],
+        ["resume", ["weights"]],
+        ["resume", ["kv_cache"]],
+    ]
 
 
 def test_restart_resyncs_weights_or_fails(tmp_path):
