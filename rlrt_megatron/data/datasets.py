@@ -10,7 +10,9 @@ Two formats, detected from the first row with `fmt="auto"`:
 - `simple`: `{"problem" (or "question"), "answer", "solution"?}`; `problem` may be a chat list.
 
 `field_map` overrides where a field is read from, by dotted path (`reward_model.ground_truth`,
-`prompt.0.content`): keys `problem`, `answer`, `solution`. A bad row (missing field, empty answer,
+`prompt.0.content`): keys `problem`, `answer`, `solution`. For DAPO files, entries equal to the
+simple format's names (`problem`, `answer`, `solution`) are ignored, so a config that always
+passes its defaults still loads DAPO. A bad row (missing field, empty answer,
 wrong type) raises `DatasetError` naming the file, the row and the key, or with `on_bad_row="skip"`
 is skipped and counted in `PromptDataset.n_skipped` (reasons in `PromptDataset.skipped`).
 
@@ -349,7 +351,12 @@ def load_prompt_dataset(
             if out.fmt == "auto":
                 out.fmt = _detect_format(row)
             fmap = dict(DEFAULT_FIELD_MAPS[out.fmt])
-            fmap.update({k: v for k, v in (field_map or {}).items() if v is not None})
+            simple = DEFAULT_FIELD_MAPS["simple"]
+            for k, v in (field_map or {}).items():
+                # A config that always passes the simple defaults (data.prompt_key=problem ...)
+                # must still load DAPO files: those entries keep the DAPO fields.
+                if v is not None and not (out.fmt == "dapo" and v == simple[k]):
+                    fmap[k] = v
         try:
             prow = _parse_row(where, row, out.fmt, fmap, reprompt)
         except DatasetError as e:

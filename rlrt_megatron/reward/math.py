@@ -15,12 +15,16 @@ step never crashes because of a completion's content.
 from __future__ import annotations
 
 import logging
-import multiprocessing as mp
 import os
+import pickle
 import re
+import struct
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
-from multiprocessing.connection import Connection, wait
+from multiprocessing.connection import wait
+from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
@@ -134,9 +138,45 @@ def check_answer(pred_answer: str, reference: str) -> tuple[str, float]:
 
 
 # --------------------------------------------------------------------------- worker process
-def _worker_main(conn: Connection, memory_limit_mb: int) -> None:
-    """Worker loop: answer `(task_id, pred, gold)` with `(task_id, status, score)` until None."""
-    os.environ["OMP_NUM_THREADS"] = "1"
+# Workers are fresh interpreters (`python -m rlrt_megatron.reward._worker`), not multiprocessing
+# children: spawn/forkserver re-import the caller's __main__ (re-running an unguarded script), fork
+# copies a process that runs torch/gloo threads. Messages are length-prefixed pickles on
+# stdin/stdout; the worker moves library prints off its protocol stream.
+_HEADER = struct.Struct("<I")
+
+
+def _send_msg(fd: int, obj: object) -> None:
+    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    view = memoryview(_HEADER.pack(len(data)) + data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _read_exact(fd: int, n: int) -> bytes | None:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = os.read(fd, n - len(buf))
+        if not chunk:
+            return None
+        buf += chunk
+    return bytes(buf)
+
+
+def _recv_msg(fd: int) -> tuple[bool, object]:
+    """(True, message) or (False, None) at end of stream (the other side died or closed)."""
+    head = _read_exact(fd, _HEADER.size)
+    if head is None:
+        return False, None
+    body = _read_exact(fd, _HEADER.unpack(head)[0])
+    if body is None:
+        return False, None
+    return True, pickle.loads(body)
+
+
+def worker_loop(memory_limit_mb: int) -> None:
+    """Worker main loop: answer `(task_id, pred, gold)` with `(task_id, status, score)`."""
+    out_fd = os.dup(1)
+    os.dup2(2, 1)  # anything a library prints goes to stderr, not into the protocol stream
     if memory_limit_mb > 0:
         try:
             import resource
@@ -148,27 +188,33 @@ def _worker_main(conn: Connection, memory_limit_mb: int) -> None:
     # math-verify warns once per process that its own timeouts are off: they are, on purpose.
     logging.getLogger("math_verify").setLevel(logging.ERROR)
     check_answer("1", "1")  # warm up the LaTeX parser before declaring readiness
-    conn.send(("ready", None, None))
+    _send_msg(out_fd, ("ready", None, None))
     while True:
-        try:
-            msg = conn.recv()
-        except (EOFError, OSError):
+        ok, msg = _recv_msg(0)
+        if not ok or msg is None:
             return
-        if msg is None:
-            return
-        task_id, pred, gold = msg
+        task_id, pred, gold = msg  # type: ignore[misc]
         status, score = check_answer(pred, gold)
-        conn.send((task_id, status, score))
+        _send_msg(out_fd, (task_id, status, score))
 
 
 @dataclass
 class _Worker:
-    proc: mp.process.BaseProcess
-    conn: Connection
+    proc: subprocess.Popen
     ready: bool = False
-    task: int | None = None
+    task: tuple[int, str, str] | None = None
     deadline: float = 0.0
     started: float = field(default_factory=time.monotonic)
+
+    @property
+    def out_fd(self) -> int:
+        assert self.proc.stdout is not None
+        return self.proc.stdout.fileno()
+
+    @property
+    def in_fd(self) -> int:
+        assert self.proc.stdin is not None
+        return self.proc.stdin.fileno()
 
 
 @dataclass
@@ -211,11 +257,10 @@ class MathReward:
         fallback_last_number: use the last number of the response when it has no `\\boxed{}` and
             no `Answer:` line.
         memory_limit_mb: address-space limit of each worker (0: none).
-        start_method: multiprocessing start method; "spawn" (default) is safe in a process that
-            already runs threads (torch, gloo); "forkserver" starts replacements faster.
         startup_timeout_s: how long a new worker may take to import math-verify and warm up.
 
-    Use as a context manager or call `close()`; workers are daemons and die with the trainer.
+    Use as a context manager or call `close()`; workers exit when their stdin closes
+    (the trainer exiting).
     """
 
     def __init__(
@@ -226,7 +271,6 @@ class MathReward:
         max_answer_chars: int = 1000,
         fallback_last_number: bool = True,
         memory_limit_mb: int = 4096,
-        start_method: str = "spawn",
         startup_timeout_s: float = 120.0,
     ) -> None:
         if timeout_s <= 0:
@@ -239,7 +283,6 @@ class MathReward:
         self.fallback_last_number = fallback_last_number
         self.memory_limit_mb = int(memory_limit_mb)
         self.startup_timeout_s = float(startup_timeout_s)
-        self._ctx = mp.get_context(start_method)
         self._workers: list[_Worker] = []
         self._closed = False
         self.n_restarts = 0  # workers killed and replaced since construction
@@ -248,27 +291,31 @@ class MathReward:
 
     # ------------------------------------------------------------------ workers
     def _start_worker(self) -> _Worker:
-        parent, child = self._ctx.Pipe(duplex=True)
-        proc = self._ctx.Process(
-            target=_worker_main,
-            args=(child, self.memory_limit_mb),
-            daemon=True,
-            name="rlrt-math-reward",
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1")
+        root = str(Path(__file__).resolve().parents[2])  # the directory holding rlrt_megatron/
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "rlrt_megatron.reward._worker", str(self.memory_limit_mb)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            bufsize=0,
+            env=env,
+            close_fds=True,
         )
-        proc.start()
-        child.close()
-        return _Worker(proc=proc, conn=parent)
+        return _Worker(proc=proc)
 
     def _kill(self, w: _Worker) -> None:
         try:
             w.proc.kill()
-            w.proc.join(timeout=5.0)
+            w.proc.wait(timeout=5.0)
         except Exception:  # noqa: BLE001 - best effort on an already dead process
             pass
-        try:
-            w.conn.close()
-        except OSError:
-            pass
+        for f in (w.proc.stdin, w.proc.stdout):
+            try:
+                if f is not None:
+                    f.close()
+            except OSError:
+                pass
 
     def _replace(self, i: int) -> None:
         self._kill(self._workers[i])
@@ -303,21 +350,31 @@ class MathReward:
         self._run(pending, result)
         return result
 
-    def _run(self, pending: list[tuple[int, str, str]], result: RewardResult) -> None:
-        busy = 0
-        while pending or busy:
+    def _run(
+        self, pending: list[tuple[int, str, str]], result: RewardResult, until_ready: bool = False
+    ) -> None:
+        crashed: set[int] = set()
+        while (
+            pending
+            or any(w.task is not None for w in self._workers)
+            or (until_ready and not all(w.ready for w in self._workers))
+        ):
             now = time.monotonic()
             for i, w in enumerate(self._workers):
                 if w.ready and w.task is None and pending:
+                    if w.proc.poll() is not None:  # died while idle
+                        self._replace(i)
+                        continue
                     task = pending.pop()
                     try:
-                        w.conn.send(task)
-                    except (OSError, BrokenPipeError):
+                        _send_msg(w.in_fd, task)
+                    except OSError:
                         pending.append(task)
                         self._replace(i)
                         continue
-                    w.task, w.deadline = task[0], time.monotonic() + self.timeout_s
-                    busy += 1
+                    w.task, w.deadline = task, time.monotonic() + self.timeout_s
+                elif w.task is None and w.proc.poll() is not None:  # died while starting
+                    self._replace(i)
                 elif not w.ready and now - w.started > self.startup_timeout_s:
                     raise RuntimeError(
                         f"MathReward: a worker did not start within {self.startup_timeout_s:.0f} s "
@@ -326,63 +383,59 @@ class MathReward:
                     )
             deadlines = [w.deadline for w in self._workers if w.task is not None]
             wait_s = (min(deadlines) - time.monotonic()) if deadlines else 0.5
-            conns = {w.conn: i for i, w in enumerate(self._workers)}
-            sentinels = {w.proc.sentinel: i for i, w in enumerate(self._workers)}
-            ready = wait(list(conns) + list(sentinels), timeout=max(wait_s, 0.0))
-            handled: set[int] = set()
-            for obj in ready:
-                i = conns.get(obj)
-                if i is None:
-                    continue
+            by_file = {w.proc.stdout: i for i, w in enumerate(self._workers)}
+            for f in wait(list(by_file), timeout=max(wait_s, 0.0)):
+                i = by_file[f]
                 w = self._workers[i]
-                try:
-                    task_id, status, score = w.conn.recv()
-                except (EOFError, OSError):
-                    continue  # died: handled through its sentinel below
-                handled.add(i)
+                ok, msg = _recv_msg(w.out_fd)
+                if not ok:  # died (out of memory, GMP abort, killed): score 0, count, replace
+                    logger.warning(
+                        "MathReward: worker %s died (exit %s); replacing it",
+                        w.proc.pid,
+                        w.proc.poll(),
+                    )
+                    if w.task is not None:
+                        # Retry once: the worker may have died of something else (killed from
+                        # outside); a sample that kills two workers scores 0.
+                        if w.task[0] in crashed:
+                            result.n_error += 1
+                        else:
+                            crashed.add(w.task[0])
+                            pending.append(w.task)
+                    self._replace(i)
+                    continue
+                task_id, status, score = msg  # type: ignore[misc]
                 if task_id == "ready":
                     w.ready = True
                     continue
-                if task_id != w.task:  # pragma: no cover - protocol invariant
+                if w.task is None or task_id != w.task[0]:  # pragma: no cover - invariant
                     continue
                 w.task = None
-                busy -= 1
                 result.scores[task_id] = float(score)
                 if status == _PARSE_FAIL:
                     result.n_parse_fail += 1
                 elif status == _ERROR:
                     result.n_error += 1
-            for i, w in enumerate(self._workers):
-                if i in handled or w.proc.is_alive():
-                    continue
-                # Died (out of memory, GMP abort): score 0, count, replace.
-                if w.task is not None:
-                    result.n_error += 1
-                    busy -= 1
-                    w.task = None
-                logger.warning(
-                    "MathReward: worker %s died (exit %s); replacing it",
-                    w.proc.pid,
-                    w.proc.exitcode,
-                )
-                self._replace(i)
             now = time.monotonic()
             for i, w in enumerate(self._workers):
                 if w.task is not None and now >= w.deadline:
                     logger.warning(
                         "MathReward: sample %d exceeded %.1f s; killing worker %s and replacing it",
-                        w.task,
+                        w.task[0],
                         self.timeout_s,
                         w.proc.pid,
                     )
                     result.n_timeout += 1
-                    busy -= 1
-                    w.task = None
                     self._replace(i)
 
     # ------------------------------------------------------------------ lifecycle
+    def wait_ready(self) -> None:
+        """Block until every worker has imported math-verify (call early to hide start-up)."""
+        while not self._closed and not all(w.ready for w in self._workers):
+            self._run([], RewardResult(scores=[]), until_ready=True)
+
     def health(self) -> bool:
-        return not self._closed and all(w.proc.is_alive() for w in self._workers)
+        return not self._closed and all(w.proc.poll() is None for w in self._workers)
 
     def close(self) -> None:
         """Stop the workers (politely, then SIGKILL after 2 s)."""
@@ -391,15 +444,15 @@ class MathReward:
         self._closed = True
         for w in self._workers:
             try:
-                w.conn.send(None)
-            except (OSError, BrokenPipeError):
+                _send_msg(w.in_fd, None)
+            except (OSError, ValueError):
                 pass
         for w in self._workers:
-            w.proc.join(timeout=2.0)
-            if w.proc.is_alive():
-                self._kill(w)
-            else:
-                w.conn.close()
+            try:
+                w.proc.wait(timeout=2.0)
+            except subprocess.TimeoutExpired:
+                pass
+            self._kill(w)
         self._workers = []
 
     def __enter__(self) -> MathReward:

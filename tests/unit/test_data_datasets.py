@@ -42,6 +42,8 @@ def test_dapo_jsonl_dedup_and_reprompt(tmp_path):
     path = write_jsonl(DAPO_ROWS, tmp_path / "dapo.jsonl")
     ds = load_prompt_dataset(path)
     assert ds.fmt == "dapo"
+    defaults = {"problem": "problem", "answer": "answer", "solution": "solution"}
+    assert load_prompt_dataset(path, field_map=defaults).rows == ds.rows
     assert [r.problem for r in ds] == ["What is 1+1?", "Find x if 2x=6.", "Compute 7*6."]
     assert [r.answer for r in ds] == ["2", "3", "42"]
     assert ds.n_duplicates == 4 and ds.n_skipped == 0

@@ -118,7 +118,7 @@ def test_reward_adversarial_inputs_never_hang(reward):
 
 def test_reward_one_sample_waits_at_most_the_timeout(reward):
     """A step with one pathological sample returns within the timeout plus a restart."""
-    reward.score([r"\boxed{1}"], ["1"])  # both workers warm
+    reward.wait_ready()  # both workers warm
     t0 = time.monotonic()
     res = reward.score([POWER_TOWER] + [rf"\boxed{{{i}}}" for i in range(8)], ["0"] * 9)
     assert time.monotonic() - t0 < 10.0
@@ -126,12 +126,13 @@ def test_reward_one_sample_waits_at_most_the_timeout(reward):
 
 
 def test_reward_replaces_a_dead_worker(reward):
-    reward.score([r"\boxed{1}"], ["1"])
+    reward.wait_ready()
+    assert all(w.ready for w in reward._workers)
     victim = reward._workers[0].proc.pid
     os.kill(victim, signal.SIGKILL)
     res = reward.score([rf"\boxed{{{i}}}" for i in range(4)], ["2"] * 4)
-    assert res.scores == [0.0, 0.0, 1.0, 0.0]
-    assert all(w.proc.pid != victim for w in reward._workers)
+    assert res.scores == [0.0, 0.0, 1.0, 0.0] and res.n_error == 0, res
+    assert all(w.proc.pid != victim for w in reward._workers), (victim, reward._workers)
     assert reward.health()
 
 
