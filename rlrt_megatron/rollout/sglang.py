@@ -42,6 +42,7 @@ import sys
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -568,7 +569,12 @@ class SGLangEngine:
         self.request_timeout = request_timeout
         self.serializer = serializer or serialize_for_sglang
         self.on_restart = on_restart
-        self.master_address = master_address or host
+        if master_address is None:
+            hosts = {urllib.parse.urlparse(u).hostname for u in (_urls or [])} | {host}
+            local = hosts <= {"127.0.0.1", "localhost"}
+            # remote servers must reach the trainer's TCPStore for the NCCL group
+            master_address = host if local else socket.gethostbyname(socket.gethostname())
+        self.master_address = master_address
         self._version = 0
         self._synced = False
         self.restart_cache = restart_cache
@@ -630,7 +636,8 @@ class SGLangEngine:
         Reads rollout.sglang_tp / sglang_mem_fraction / sglang_num_servers (0 = visible GPUs /
         tp) / seed, timeouts.init / rollout, and, where the config has them,
         rollout.sglang_{urls, host, api_key, colocated, sync_mode, bucket_mb, sync_dir,
-        verify_stride, restart_cache, extra_args}. `urls` non-empty = connect mode.
+        verify_stride, restart_cache, master_address, extra_args}. `urls` non-empty = connect
+        mode.
         """
         r = cfg.rollout
 
@@ -647,6 +654,7 @@ class SGLangEngine:
             sync_dir=opt("sync_dir", os.path.join(cfg.run_dir, "weight_sync")),
             verify_stride=int(opt("verify_stride", 0)),
             restart_cache=bool(opt("restart_cache", True)),
+            master_address=opt("master_address", None),
             startup_timeout=float(cfg.timeouts.init),
             request_timeout=float(cfg.timeouts.rollout),
         )
@@ -688,7 +696,15 @@ class SGLangEngine:
 
     def _stop(self, s: _Server, grace_s: float = 15.0) -> None:
         proc = s.proc
-        if proc is None or proc.poll() is not None:
+        if proc is None:
+            return
+        if proc.poll() is not None:
+            # the launcher died; its scheduler/detokenizer children (our process group) may
+            # live on holding GPU memory
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
             return
         try:
             os.killpg(proc.pid, signal.SIGTERM)
