@@ -383,10 +383,11 @@ def student_teacher_logprobs(
     responses[i]` where the prefix is the teacher context + prompt (from the data package's
     teacher-context builder); None = no teacher view for this rollout (its teacher mask row is
     all False). Both passes run without grad; the teacher uses `teacher_chunks` (a snapshot / EMA
-    model) or, by default, the student's weights. Column t of both outputs is response token t,
-    so `teacher.logprobs - student.logprobs` is the per-token Delta. With `topk` > 0 the student
-    pass picks each position's top-k support and the teacher is evaluated on that same support
-    (`topk_logprobs` `[B, T, K+1]` in both, tail bucket last).
+    model) or, by default, the student's weights (then an empty teacher context, prefix ==
+    prompt, reuses the student's results exactly instead of a second forward). Column t of both
+    outputs is response token t, so `teacher.logprobs - student.logprobs` is the per-token Delta.
+    With `topk` > 0 the student pass picks each position's top-k support and the teacher is
+    evaluated on that same support (`topk_logprobs` `[B, T, K+1]` in both, tail bucket last).
     """
     n = len(responses)
     if not len(prompts) == len(teacher_prefixes) == n:
@@ -418,6 +419,17 @@ def student_teacher_logprobs(
         topk_logprobs=None if topk == 0 else torch.zeros_like(student.topk_logprobs),
         topk_entropy=None if topk == 0 else torch.zeros_like(student.topk_entropy),
     )
+    fields = ("logprobs", "mask", "entropy", "topk_logprobs", "topk_entropy")
+    if teacher_chunks is None:
+        # Empty teacher context with the student's own weights: the teacher view *is* the
+        # student view - copy it (exact, and no second forward).
+        same = [i for i in has_teacher if list(teacher_prefixes[i]) == list(prompts[i])]
+        if same:
+            idx = torch.tensor(same, device=student.mask.device)
+            for name in fields:
+                if getattr(teacher, name) is not None:
+                    getattr(teacher, name)[idx] = getattr(student, name)[idx]
+            has_teacher = [i for i in has_teacher if i not in set(same)]
     if not has_teacher:
         return student, teacher
     sub = compute_response_logprobs(
@@ -428,7 +440,7 @@ def student_teacher_logprobs(
         **kw,
     )
     idx = torch.tensor(has_teacher, device=student.mask.device)
-    for name in ("logprobs", "mask", "entropy", "topk_logprobs", "topk_entropy"):
+    for name in fields:
         dst = getattr(teacher, name)
         if dst is not None:
             dst[idx] = getattr(sub, name)
