@@ -529,6 +529,7 @@ class SGLangEngine:
         *,
         base_gpu_id: int = 0,
         seed: int | None = None,
+        dtype: str = "bfloat16",
         sync_mode: str | None = None,
         bucket_bytes: int = 512 * 1024**2,
         sync_dir: str | None = None,
@@ -554,6 +555,7 @@ class SGLangEngine:
             api_key = secrets.token_urlsafe(24)
         self.api_key = api_key
         self.colocated = colocated
+        self.dtype = getattr(torch, dtype)  # the servers' parameter dtype (probes compare in it)
         self.sync_mode = sync_mode or ("tensor" if colocated else "distributed")
         if self.sync_mode not in ("tensor", "distributed", "disk"):
             raise ValueError(
@@ -612,6 +614,7 @@ class SGLangEngine:
                     mem_fraction=mem_fraction,
                     colocated=colocated,
                     seed=None if seed is None else seed + i,
+                    dtype=dtype,
                     extra_args=extra_args,
                 )
             )
@@ -850,7 +853,7 @@ class SGLangEngine:
         def tap(stream: Iterable[NamedTensor]) -> Iterator[NamedTensor]:
             for i, (name, t) in enumerate(stream):
                 if self.verify_stride and i % self.verify_stride == version % self.verify_stride:
-                    probes[name] = param_probe(t, self.verify_rows)
+                    probes[name] = param_probe(t, self.verify_rows, self.dtype)
                 if cache is not None:
                     cache.append((name, t.detach().to("cpu", copy=True)))
                 yield name, t
@@ -888,14 +891,28 @@ class SGLangEngine:
         buckets = bucket_named_tensors(stream, self.bucket_bytes, split_by_dtype=flattened)
         for bucket, last in _with_last(buckets):
             payload, load_format = self.serializer(bucket)
-            for s in targets:
-                s.client.update_weights_from_tensor(
-                    [payload] * s.tp, load_format, v if last else None, flush_cache=last
-                )
+            self._on_each(
+                targets,
+                lambda s, payload=payload, load_format=load_format, last=last: (
+                    s.client.update_weights_from_tensor(
+                        [payload] * s.tp, load_format, v if last else None, flush_cache=last
+                    )
+                ),
+            )
             stats["buckets"] += 1
             stats["bytes"] += sum(t.numel() * t.element_size() for _, t in bucket)
             # the IPC handles keep the bucket alive; the servers have copied it by now
             del bucket, payload
+
+    @staticmethod
+    def _on_each(servers: Sequence[_Server], fn: Callable[[_Server], object]) -> list:
+        """fn(server) for every server, concurrently when there are several (each copies on
+        its own GPUs); the first error is raised after all finished."""
+        if len(servers) == 1:
+            return [fn(servers[0])]
+        with ThreadPoolExecutor(len(servers)) as pool:
+            futs = [pool.submit(fn, s) for s in servers]
+            return [f.result() for f in futs]
 
     def init_distributed_group(self, backend: str = "nccl", port: int | None = None) -> None:
         """Form the trainer(rank 0) + all server ranks group; called once, lazily."""
@@ -966,8 +983,7 @@ class SGLangEngine:
                 yield n, t
 
         write_hf_checkpoint(count(stream), out, template_dir=self.model_path or None)
-        for s in targets:
-            s.client.update_weights_from_disk(out, v)
+        self._on_each(targets, lambda s: s.client.update_weights_from_disk(out, v))
         stats["buckets"] = 1
         stats["bytes"] = sum(counted)
 

@@ -161,10 +161,16 @@ def sample_param_names(names: Sequence[str], k: int, seed: int = 0) -> list[str]
     return [n for n in names if n in picked]
 
 
-def param_probe(tensor: torch.Tensor, rows: int) -> torch.Tensor:
+def param_probe(
+    tensor: torch.Tensor, rows: int, engine_dtype: torch.dtype | None = None
+) -> torch.Tensor:
     """The first `rows` entries along dim 0, as float32 on CPU: what SGLang's
-    `/get_weights_by_name` returns (`param[:truncate_size]`)."""
-    return tensor.detach()[:rows].to(device="cpu", dtype=torch.float32)
+    `/get_weights_by_name` returns (`param[:truncate_size]`). Rounded through `engine_dtype`
+    first (the engine stores e.g. bf16 copies of fp32 trainer weights), so equal means exact."""
+    t = tensor.detach()[:rows]
+    if engine_dtype is not None and t.is_floating_point():
+        t = t.to(engine_dtype)
+    return t.to(device="cpu", dtype=torch.float32)
 
 
 def tensor_checksum(tensor: torch.Tensor) -> dict:

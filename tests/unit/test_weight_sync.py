@@ -167,3 +167,14 @@ def test_write_hf_checkpoint_shards_and_index(tmp_path):
     assert all(torch.equal(loaded[n], t) for n, t in named)
     assert (tmp_path / "ckpt" / "tokenizer.json").exists()
     assert not (tmp_path / "ckpt.tmp").exists()
+
+
+def test_probe_rounds_through_the_engine_dtype():
+    """fp32 trainer weights vs a bf16 engine: compare after the same rounding, exactly."""
+    w = torch.tensor([[1.0 + 2**-10, 3.0], [0.1, -7.25]])
+    engine_side = w.to(torch.bfloat16).float()[:1].tolist()
+    assert compare_probes("w", param_probe(w, 1, torch.bfloat16), engine_side) == 0.0
+    with pytest.raises(WeightMismatch):
+        compare_probes("w", param_probe(w, 1), engine_side)  # unrounded: 2**-10 apart
+    ids = torch.arange(4)
+    assert param_probe(ids, 2, torch.bfloat16).tolist() == [0.0, 1.0]  # ints are not cast
