@@ -447,11 +447,13 @@ class MathReward:
                 _send_msg(w.in_fd, None)
             except (OSError, ValueError):
                 pass
+        deadline = time.monotonic() + 2.0
         for w in self._workers:
-            try:
-                w.proc.wait(timeout=2.0)
-            except subprocess.TimeoutExpired:
-                pass
+            if w.ready:  # a starting worker reads no stdin until it is up: just kill it
+                try:
+                    w.proc.wait(timeout=max(deadline - time.monotonic(), 0.01))
+                except subprocess.TimeoutExpired:
+                    pass
             self._kill(w)
         self._workers = []
 

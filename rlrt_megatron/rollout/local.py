@@ -324,22 +324,41 @@ class LocalEngine:
     def _sample(
         self, logits: torch.Tensor, gens: list[torch.Generator], sp: SamplingParams
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Next token per row and its behavior log-prob (module docstring: SGLang's default)."""
-        if logits.shape[-1] > self.vocab_size:
-            logits = logits.clone()
-            logits[:, self.vocab_size :] = float("-inf")
-        if sp.temperature <= 0.0:
-            logp = torch.log_softmax(logits, dim=-1)
-            nxt = logits.argmax(dim=-1)
-            return nxt, logp.gather(1, nxt[:, None]).squeeze(1)
-        scaled = logits / sp.temperature
-        logp = torch.log_softmax(scaled, dim=-1)
-        filtered = _top_k_top_p(scaled, sp.top_k, sp.top_p)
-        probs = torch.softmax(filtered, dim=-1).cpu()
-        nxt = torch.stack(
-            [torch.multinomial(probs[r], 1, generator=g)[0] for r, g in enumerate(gens)]
-        ).to(logits.device)
+        return sample_next(logits, gens, sp.temperature, sp.top_k, sp.top_p, self.vocab_size)
+
+
+def sample_next(
+    logits: torch.Tensor,
+    gens: Sequence[torch.Generator],
+    temperature: float,
+    top_k: int = -1,
+    top_p: float = 1.0,
+    vocab_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next token per row of `logits` [B, V] and its behavior log-prob (SGLang's default:
+    log_softmax(logits / temperature) before top-k/top-p; raw log_softmax when greedy).
+
+    Ids >= `vocab_size` are never drawn. Row r draws from `gens[r]` only.
+    """
+    if vocab_size is not None and logits.shape[-1] > vocab_size:
+        logits = logits.clone()
+        logits[:, vocab_size:] = float("-inf")
+    if temperature <= 0.0:
+        logp = torch.log_softmax(logits, dim=-1)
+        nxt = logits.argmax(dim=-1)
         return nxt, logp.gather(1, nxt[:, None]).squeeze(1)
+    scaled = logits / temperature
+    logp = torch.log_softmax(scaled, dim=-1)
+    filtered = _top_k_top_p(scaled, top_k, top_p)
+    # Inverse-CDF sampling with one uniform per row from the row's own generator (one small call
+    # per row instead of a multinomial per row). u is in (0, 1], so x = u * total lands on a token
+    # with positive probability: the first index whose cumulative mass reaches x.
+    probs = torch.softmax(filtered.double(), dim=-1).cpu()
+    cdf = probs.cumsum(dim=-1)
+    u = 1.0 - torch.stack([torch.rand((), generator=g, dtype=torch.float64) for g in gens])
+    x = (u * cdf[:, -1]).unsqueeze(1)
+    nxt = torch.searchsorted(cdf, x).squeeze(1).clamp_(max=cdf.shape[1] - 1).to(logits.device)
+    return nxt, logp.gather(1, nxt[:, None]).squeeze(1)
 
 
 def _top_k_top_p(scaled: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:

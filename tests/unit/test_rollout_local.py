@@ -8,7 +8,7 @@ import torch
 from rlrt_megatron.convert.tiny import build_tokenizer, randomize_weights, tiny_config
 from rlrt_megatron.data.templates import render_prompt
 from rlrt_megatron.rollout.base import GenerateRequest, RolloutEngine, SamplingParams
-from rlrt_megatron.rollout.local import LocalEngine
+from rlrt_megatron.rollout.local import LocalEngine, sample_next
 
 PROBLEMS = ["What is 2 + 3?", "What is 12 * 7 - 4?", "What is 9?"]
 
@@ -218,3 +218,25 @@ def test_load_from_directory(tmp_path, requests):
         LocalEngine(tmp_path)
     with pytest.raises(ValueError, match="top_p"):
         eng.generate(requests[:1], SamplingParams(top_p=0.0))
+
+
+@pytest.mark.parametrize(
+    "top_k, top_p, expected",
+    [
+        (-1, 1.0, [0.5, 0.3, 0.2, 0.0]),
+        (2, 1.0, [0.625, 0.375, 0.0, 0.0]),
+        (-1, 0.7, [0.625, 0.375, 0.0, 0.0]),  # nucleus: 0.5 < 0.7, 0.5 + 0.3 >= 0.7
+        (-1, 0.4, [1.0, 0.0, 0.0, 0.0]),
+    ],
+)
+def test_sampling_frequencies(top_k, top_p, expected):
+    n = 4000
+    probs = torch.tensor([0.5, 0.3, 0.2, 0.0, 0.9])  # id 4 is padding: masked by vocab_size
+    logits = probs.clamp_min(1e-30).log().expand(n, -1).clone()
+    gens = [torch.Generator().manual_seed(i) for i in range(n)]
+    nxt, lp = sample_next(logits, gens, 1.0, top_k, top_p, vocab_size=4)
+    freq = torch.bincount(nxt, minlength=5).double() / n
+    assert freq[3] == 0 and freq[4] == 0
+    assert torch.allclose(freq[:4], torch.tensor(expected, dtype=torch.float64), atol=0.03)
+    # behavior log-probs: of the full (untruncated) temperature-1 distribution over the true vocab
+    assert torch.allclose(lp, probs[:4].log()[nxt], atol=1e-6)
