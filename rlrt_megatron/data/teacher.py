@@ -98,6 +98,7 @@ def build_teacher_contexts(
     success_threshold: float = 1.0,
     seed: int = 0,
     rng: random.Random | None = None,
+    max_prefix_tokens: int | None = None,
 ) -> list[TeacherContext | None]:
     """One teacher context (or None) per rollout.
 
@@ -116,6 +117,8 @@ def build_teacher_contexts(
         prompt_template: the student's `PromptTemplate` (instruction, system prompt, kwargs).
         strip_thinking_tags: show the peer's answer part only (text after `</think>`).
         seed / rng: the choice among several correct peers (pass `rng` or a per-step `seed`).
+        max_prefix_tokens: a teacher prefix longer than this gives None (no teacher for that
+            rollout) instead of an over-long sequence.
     """
     validate_teacher_template(template, key="teacher template")
     n = len(completions)
@@ -142,15 +145,18 @@ def build_teacher_contexts(
         )
     ptemplate = prompt_template or PromptTemplate()
     rng = rng or random.Random(seed)
-    cache: dict[tuple[int, int], TeacherContext] = {}  # (group, shown rollout or -1) -> context
+    cache: dict[tuple[int, int], TeacherContext] = {}  # (group, shown rollout | -1) -> ctx
 
-    def make(g: int, solution: str, source: str, peer: int | None) -> TeacherContext:
+    def make(g: int, solution: str, source: str, peer: int | None) -> TeacherContext | None:
         key = (g, -1 if peer is None else peer)
         if key not in cache:
             content = _fill(template, user_content(prompts[g], ptemplate), solution)
             text = render_text(tokenizer, content, ptemplate)
             cache[key] = TeacherContext(tokenize_text(tokenizer, text), text, source, peer)
-        return cache[key]
+        ctx = cache[key]
+        if max_prefix_tokens is not None and len(ctx.token_ids) > max_prefix_tokens:
+            return None
+        return ctx
 
     out: list[TeacherContext | None] = []
     for g in range(n_groups):

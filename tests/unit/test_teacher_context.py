@@ -146,6 +146,18 @@ def test_reference_contexts(tok):
     assert all(c is not None and c.source == "reference" for c in ctx)
     assert all("ref sol 12" in ctx[i].text for i in range(4, 8))
     assert ctx[8].token_ids == ctx[11].token_ids
+    longest = max(len(c.token_ids) for c in ctx)
+    short = build_teacher_contexts(
+        PROBLEMS,
+        COMPLETIONS,
+        REWARDS,
+        G,
+        "reference",
+        ["r"] * 2 + ["x" * 500],
+        tokenizer=tok,
+        max_prefix_tokens=longest,
+    )
+    assert short[0] is not None and all(c is None for c in short[8:])
 
 
 def test_template_validation_and_errors(tok):
