@@ -223,6 +223,38 @@ def compare_checksums(name: str, expected: dict, got: dict, *, rtol: float = 1e-
             )
 
 
+def check_logprob_agreement(
+    train_logprobs: torch.Tensor,
+    engine_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    max_mean_abs_diff: float = 0.1,
+) -> dict:
+    """Engine-agnostic sync check: the trainer's log-probs of the sampled tokens against the
+    engine's behaviour log-probs, both from the same weights version ([B, T] + mask).
+
+    Kernel and precision differences (bf16 engine vs trainer) give a mean |diff| of ~1e-3 to
+    1e-2; a missed or corrupted tensor gives O(1). Returns {"logprob_abs_diff_mean",
+    "logprob_abs_diff_max", "logprob_diff_mean"}; raises WeightMismatch above the bound.
+    """
+    m = mask.to(torch.bool)
+    if not m.any():
+        return {"logprob_abs_diff_mean": 0.0, "logprob_abs_diff_max": 0.0, "logprob_diff_mean": 0.0}
+    d = (train_logprobs.detach().float() - engine_logprobs.detach().float())[m]
+    out = {
+        "logprob_abs_diff_mean": float(d.abs().mean()),
+        "logprob_abs_diff_max": float(d.abs().max()),
+        "logprob_diff_mean": float(d.mean()),
+    }
+    if not out["logprob_abs_diff_mean"] <= max_mean_abs_diff:
+        raise WeightMismatch(
+            f"weight check: trainer and rollout engine disagree on the sampled tokens' "
+            f"log-probs (mean |diff| {out['logprob_abs_diff_mean']:.3g} > {max_mean_abs_diff:g} "
+            f"over {int(m.sum())} tokens): the engine is not running the trainer's weights"
+        )
+    return out
+
+
 # ----------------------------------------------------------------------------- disk
 
 

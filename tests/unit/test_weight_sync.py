@@ -178,3 +178,23 @@ def test_probe_rounds_through_the_engine_dtype():
         compare_probes("w", param_probe(w, 1), engine_side)  # unrounded: 2**-10 apart
     ids = torch.arange(4)
     assert param_probe(ids, 2, torch.bfloat16).tolist() == [0.0, 1.0]  # ints are not cast
+
+
+def test_logprob_agreement_check():
+    from rlrt_megatron.rollout.weight_sync import check_logprob_agreement
+
+    g = torch.Generator().manual_seed(0)
+    train = -torch.rand(4, 6, generator=g) * 3
+    mask = torch.ones(4, 6, dtype=torch.bool)
+    mask[2, 3:] = False
+    close = train + 0.005 * torch.randn(4, 6, generator=g)
+    out = check_logprob_agreement(train, close, mask)
+    assert out["logprob_abs_diff_mean"] < 0.01 and out["logprob_abs_diff_max"] < 0.05
+    stale = train.clone()
+    stale[:, :2] += 2.0  # e.g. a layer the sync skipped
+    with pytest.raises(WeightMismatch, match="mean \\|diff\\|"):
+        check_logprob_agreement(train, stale, mask)
+    junk = train.clone()
+    junk[2, 3:] = 100.0  # masked positions are ignored
+    assert check_logprob_agreement(train, junk, mask)["logprob_abs_diff_max"] == 0.0
+    assert check_logprob_agreement(train, junk, torch.zeros_like(mask))["logprob_diff_mean"] == 0
