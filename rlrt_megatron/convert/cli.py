@@ -6,7 +6,12 @@ import argparse
 import logging
 
 
+def _log() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+
 def _hf_to_megatron(args: argparse.Namespace) -> int:
+    _log()
     from rlrt_megatron.convert.hf_to_megatron import hf_to_megatron
 
     out = hf_to_megatron(
@@ -17,6 +22,7 @@ def _hf_to_megatron(args: argparse.Namespace) -> int:
 
 
 def _megatron_to_hf(args: argparse.Namespace) -> int:
+    _log()
     from rlrt_megatron.convert.megatron_to_hf import megatron_to_hf
 
     out = megatron_to_hf(
@@ -107,4 +113,3 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("convert", help="HF <-> Megatron checkpoint conversion")
     sub = p.add_subparsers(dest="convert_command", required=True)
     add_convert_subcommands(sub)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

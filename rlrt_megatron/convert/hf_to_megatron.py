@@ -122,6 +122,12 @@ def hf_to_megatron(
     hf_dir = Path(hf_dir)
     inspect_hf_dir(hf_dir)  # fail on a bad directory before starting any process group
     owns_dist = not torch.distributed.is_initialized()
+    if not owns_dist and torch.distributed.get_world_size() > 1:
+        raise RuntimeError(
+            "hf_to_megatron runs in a single process (every tensor is written once, by rank 0 of "
+            f"a 1-process group), but torch.distributed has {torch.distributed.get_world_size()} "
+            "ranks: run `rlrt convert hf-to-megatron` on its own, before launching the job"
+        )
     if owns_dist:
         platform.init_distributed(tp=1, pp=1)
     try:
