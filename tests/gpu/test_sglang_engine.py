@@ -73,6 +73,9 @@ def _hf_token_logprobs(model_dir, weights, prompt, tokens):
 
 def test_sample_check_on_llama(tmp_path):
     """Parameter sample check (get_weights_by_name, implemented by SGLang's Llama)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    pytest.importorskip("sglang", reason="needs the gpu extra")
     from rlrt_megatron.convert.tiny import make_tiny_model
     from rlrt_megatron.rollout.sglang import SGLangEngine
 
