@@ -64,7 +64,15 @@ def test_check_answer_equivalences(pred, gold, score):
 
 @pytest.fixture(scope="module")
 def reward():
-    with MathReward(timeout_s=1.0, num_workers=2) as r:
+    # Generous per-sample limit: correctness tests must not flake on a loaded 2-core machine.
+    with MathReward(timeout_s=10.0, num_workers=2) as r:
+        yield r
+
+
+@pytest.fixture(scope="module")
+def strict():
+    # A short limit for the tests that exercise timeouts (pathological samples).
+    with MathReward(timeout_s=1.5, num_workers=2) as r:
         yield r
 
 
@@ -85,7 +93,8 @@ def test_reward_scores_a_batch(reward):
     assert res.metrics()["reward/mean"] == pytest.approx(4 / 6)
 
 
-def test_reward_adversarial_inputs_never_hang(reward):
+def test_reward_adversarial_inputs_never_hang(strict):
+    reward = strict
     nested = r"\boxed{" + r"\frac{" * 40 + "1" + "}{2}" * 40 + "}"
     comps = [
         POWER_TOWER,  # sympy evaluates the tower inside GMP: only a kill stops it
@@ -102,7 +111,7 @@ def test_reward_adversarial_inputs_never_hang(reward):
     t0 = time.monotonic()
     res = reward.score(comps, refs)
     elapsed = time.monotonic() - t0
-    # Two towers each cost <= 1 s + a worker restart; generous bound, never the tower's minutes.
+    # Towers and the deep nest each cost <= 1.5 s + a restart: a generous bound, never minutes.
     assert elapsed < 30.0, elapsed
     assert 2 <= res.n_timeout <= 3  # the towers always; the deep \frac nest on a slow machine
     assert res.scores[0] == 0.0 and res.scores[7] == 0.0
@@ -116,7 +125,8 @@ def test_reward_adversarial_inputs_never_hang(reward):
     assert again.scores == [1.0, 0.0] and again.n_timeout == 0
 
 
-def test_reward_one_sample_waits_at_most_the_timeout(reward):
+def test_reward_one_sample_waits_at_most_the_timeout(strict):
+    reward = strict
     """A step with one pathological sample returns within the timeout plus a restart."""
     reward.wait_ready()  # both workers warm
     t0 = time.monotonic()
