@@ -35,6 +35,7 @@ import io
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -992,6 +993,10 @@ class SGLangEngine:
         self._on_each(targets, lambda s: s.client.update_weights_from_disk(out, v))
         stats["buckets"] = 1
         stats["bytes"] = sum(counted)
+        # keep one full copy on the shared disk: the servers have loaded this one
+        prev, self._disk_dir = getattr(self, "_disk_dir", None), out
+        if prev and prev != out:
+            shutil.rmtree(prev, ignore_errors=True)
 
     def _resync_from_cache(self, index: int) -> None:
         dev = "cuda" if self.sync_mode == "tensor" and torch.cuda.is_available() else "cpu"

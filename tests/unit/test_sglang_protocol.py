@@ -604,6 +604,8 @@ def test_disk_sync_fallback(weight_server, tmp_path):
     out = tmp_path / "sync" / "weights_v8"
     assert (out / "config.json").exists() and not (out / "model.safetensors").exists()
     assert st["checked"] == 5 and SGLangClient(weight_server, KEY).get_weight_version() == "8"
+    eng.update_weights(iter(tiny_weights(4)), version=10)
+    assert sorted(os.listdir(tmp_path / "sync")) == ["weights_v10"]  # only the latest is kept
 
 
 def test_distributed_sync_broadcasts_over_a_separate_group(weight_server):
