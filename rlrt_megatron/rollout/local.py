@@ -284,9 +284,10 @@ class LocalEngine:
         tokens: list[list[int]] = [[] for _ in range(b)]
         logps: list[list[float]] = [[] for _ in range(b)]
         reasons: list[str | None] = [None] * b
-        stop_cut: list[int | None] = [None] * b
-        eos = torch.tensor(self.eos_token_ids, dtype=torch.long)
-        max_stop = max((len(s) for s in sp.stop), default=0)
+        stopped_by_string = [False] * b
+        eos = set(self.eos_token_ids)
+        # A character takes at most 4 byte-level tokens: decode enough tail to see a stop string.
+        tail_tokens = 4 * max((len(s) for s in sp.stop), default=0) + 4
         if sp.max_new_tokens > 0:
             logits = self._forward(ids, mask, pos, cache)
         for _step in range(sp.max_new_tokens):
@@ -297,13 +298,13 @@ class LocalEngine:
                 t = int(nxt[r])
                 tokens[r].append(t)
                 logps[r].append(float(lp[r]))
-                if bool((eos == t).any()):
+                if t in eos:
                     reasons[r] = "stop"
-                elif max_stop:
-                    tail = self.tokenizer.decode(tokens[r][-(max_stop + 2) :])
+                elif sp.stop:
+                    tail = self.tokenizer.decode(tokens[r][-tail_tokens:])
                     if any(s in tail for s in sp.stop):
                         reasons[r] = "stop"
-                        stop_cut[r] = 1
+                        stopped_by_string[r] = True
             if all(x is not None for x in reasons):
                 break
             # Finished rows keep decoding their last token; their outputs are ignored.
@@ -314,7 +315,7 @@ class LocalEngine:
         out = []
         for r in range(b):
             text = self.tokenizer.decode(tokens[r], skip_special_tokens=True)
-            if stop_cut[r] is not None:
+            if stopped_by_string[r]:
                 cuts = [text.find(s) for s in sp.stop if s in text]
                 if cuts:
                     text = text[: min(cuts)]
