@@ -768,6 +768,8 @@ class SGLangEngine:
     def generate(
         self, requests: list[GenerateRequest], sampling: SamplingParams
     ) -> list[list[Completion]]:
+        if not requests or sampling.n < 1:
+            return [[] for _ in requests]
         for s in self.servers:
             if "weights" in s.released:
                 raise WeightSyncError(

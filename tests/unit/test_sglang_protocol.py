@@ -483,6 +483,7 @@ def test_generate_across_two_launched_servers_with_api_key(tmp_path):
                 assert c.token_ids == [(10 * i + 10 * j + k + 1) % 97 for k in range(3)]
                 assert c.logprobs == pytest.approx([-0.1, -0.2, -0.3])
                 assert c.finish_reason == "length" and c.weight_version == -1
+        assert eng.generate([], SamplingParams(n=2)) == []
         short = eng.generate(reqs[:1], SamplingParams(n=1, max_new_tokens=9))
         assert short[0][0].finish_reason == "stop" and len(short[0][0].token_ids) == 4
         s0, s1 = (stats(s.url) for s in eng.servers)
