@@ -44,7 +44,7 @@ from rlrt_megatron.megatron.logprobs import (
     vocab_parallel_topk_ids,
 )
 from rlrt_megatron.megatron.model import true_vocab_size
-from rlrt_megatron.megatron.packing import PackedMicroBatch, pack_sequences
+from rlrt_megatron.megatron.packing import PackedMicroBatch, block_causal_mask, pack_sequences
 from rlrt_megatron.megatron.parallel import unwrap_model
 
 __all__ = [
@@ -224,6 +224,8 @@ def forward_backward_responses(
     from megatron.core.packed_seq_params import PackedSeqParams
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    if not sequences:
+        return []
     chunks = list(model_chunks)
     layout = _attention_layout(chunks[0], attention)
     if layout == "thd" and rows_per_microbatch != 1:
@@ -241,6 +243,13 @@ def forward_backward_responses(
         pack=pack,
         with_mask=layout == "mask",
     )
+    if len(chunks) > 1:
+        # Megatron's interleaved schedule runs micro-batches in groups of PP size: pad with
+        # all-padding micro-batches (no selected positions, zero loss) to a multiple of it.
+        from megatron.core import parallel_state
+
+        pp = parallel_state.get_pipeline_model_parallel_world_size()
+        mbs += [_padding_microbatch(mbs[0])] * (-len(mbs) % pp)
     dev = platform.device()
 
     def forward_step(data_iterator: Iterator, model: torch.nn.Module):
@@ -282,6 +291,26 @@ def forward_backward_responses(
             micro_batch_size=mbs[0].input_ids.shape[0],
             forward_only=forward_only,
         )
+
+
+def _padding_microbatch(like: PackedMicroBatch) -> PackedMicroBatch:
+    """A micro-batch of the same shape holding only padding (nothing selected)."""
+    rows, length = like.input_ids.shape
+    none = torch.zeros(0, dtype=torch.int64)
+    mask = None
+    if like.attention_mask is not None:
+        mask = block_causal_mask([], length).expand(rows, 1, length, length)
+    return PackedMicroBatch(
+        input_ids=torch.zeros_like(like.input_ids),
+        position_ids=torch.zeros_like(like.position_ids),
+        attention_mask=mask,
+        cu_seqlens=torch.arange(rows + 1, dtype=torch.int32) * length,
+        select=none,
+        targets=none,
+        rollout_index=none,
+        dst_row=none,
+        dst_col=none,
+    )
 
 
 def _collect(mb: PackedMicroBatch, outs: dict[str, torch.Tensor]):

@@ -174,6 +174,33 @@ def _lm_head_memory():
     return res
 
 
+def _interleaved():
+    """PP=2 with 2 virtual stages (interleaved schedule; micro-batches padded to a multiple of
+    PP) vs TP=1/PP=1 on a 4-layer model: student log-probs + entropy + top-k, forward only."""
+    from rlrt_megatron import platform
+    from rlrt_megatron.megatron.forward import compute_response_logprobs
+    from rlrt_megatron.megatron.model import build_model
+    from rlrt_megatron.megatron.parallel import gather_full_params, shard_state_dict_for_tp
+
+    prompts, responses, _, _ = _rollouts()
+    seqs = [p + r for p, r in zip(prompts, responses, strict=True)]
+    starts = [len(p) for p in prompts]
+    kw = dict(token_budget=TOKEN_BUDGET, rows_per_microbatch=1, with_entropy=True, topk=K)
+    out = []
+    params = None
+    for pp, vpp in ((1, None), (2, 2)):
+        platform.init_distributed(tp=1, pp=pp, vpp=vpp, seed=5)
+        chunks = build_model(_hf_config(layers=4), tp=1, pp=pp, vpp=vpp)
+        if params is None:
+            params = gather_full_params(chunks)
+        else:
+            for c in chunks:
+                c.load_state_dict(shard_state_dict_for_tp(params, c), strict=True)
+        out.append(compute_response_logprobs(chunks, seqs, starts, **kw))
+    platform.init_distributed(tp=1, pp=1, seed=5)
+    return out
+
+
 def _worker(rank: int, world_size: int) -> dict:
     ref_params, ref = _run_layout(1, 1, None)
     results = {"ref": ref}
@@ -211,6 +238,7 @@ def _worker(rank: int, world_size: int) -> dict:
     results["naive_grads"] = {k: p.grad.clone() for k, p in chunks[0].named_parameters()}
     for tp, pp in ((2, 1), (1, 2)):
         _, results[(tp, pp)] = _run_layout(tp, pp, ref_params)
+    results["vpp"] = _interleaved()
     results["memory"] = _lm_head_memory()
     return results
 
@@ -272,6 +300,11 @@ def test_response_logprobs_packed_teacher_grads_tp_pp():
                     rtol=1e-4,
                     msg=lambda m, n=name, w=where: f"{w} {n}: {m}",
                 )
+        ref_v, got_v = res["vpp"]
+        for name in ("logprobs", "mask", "entropy", "topk_ids", "topk_logprobs", "topk_entropy"):
+            torch.testing.assert_close(
+                getattr(got_v, name), getattr(ref_v, name), atol=1e-5, rtol=0
+            )
         mem = res["memory"]
         assert set(mem["shapes"]) == {16, 1024}  # the LM head never sees all 1040 positions
         # Full-position logits at 1040 tokens would be 1040 * 65536 * 4 B = 260 MiB.
