@@ -110,7 +110,8 @@ def hf_to_megatron(
     dtype: target dtype (`bf16`, `fp16`, `fp32`); None keeps the HF tensors' dtype.
     spec: parameter names of the layer spec to write (`local` or `te`); either loads into either
         spec through `load_checkpoint_into_model`, which renames keys when they differ.
-    Runs in one process (initialises a single-rank gloo group if none exists).
+    A single-process operation: it initialises a 1-rank gloo group if none exists; called from
+    one rank of a multi-rank job (the others waiting), it runs in a child process.
     """
     from megatron.core import dist_checkpointing
 
@@ -121,15 +122,16 @@ def hf_to_megatron(
         raise ValueError(f"unknown layer spec {spec!r}; choose one of {mapping.SPECS}")
     hf_dir = Path(hf_dir)
     inspect_hf_dir(hf_dir)  # fail on a bad directory before starting any process group
-    owns_dist = not torch.distributed.is_initialized()
-    if not owns_dist and torch.distributed.get_world_size() > 1:
-        raise RuntimeError(
-            "hf_to_megatron runs in a single process (every tensor is written once, by rank 0 of "
-            f"a 1-process group), but torch.distributed has {torch.distributed.get_world_size()} "
-            "ranks: run `rlrt convert hf-to-megatron` on its own, before launching the job"
+    if io.in_multi_rank_job():
+        args = ["hf-to-megatron", "--hf", str(hf_dir), "--out", str(out_dir), "--spec", spec]
+        args += (["--dtype", io.dtype_name(target)] if target else []) + (
+            ["--overwrite"] if overwrite else []
         )
+        io.run_convert_isolated(args)
+        return Path(out_dir)
+    owns_dist = not torch.distributed.is_initialized()
     if owns_dist:
-        platform.init_distributed(tp=1, pp=1)
+        io.init_single_process()
     try:
         sharded, shape, out_dtype = build_sharded_state_dict(
             hf_dir, dtype=target, spec=spec, show_progress=show_progress

@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -171,3 +173,49 @@ def progress(total: int, desc: str, enabled: bool = True):
     from tqdm import tqdm
 
     return tqdm(total=total, desc=desc, unit="tensor", disable=not enabled, dynamic_ncols=True)
+
+
+# Variables through which `platform.init_distributed` finds a multi-process job (torchrun, Slurm).
+DIST_ENV_VARS = (
+    "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
+    "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID",
+    "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID",
+)  # fmt: skip
+
+
+def in_multi_rank_job() -> bool:
+    """True when torch.distributed is initialised with more than one rank."""
+    return torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+
+
+def run_convert_isolated(args: list[str]) -> None:
+    """Run `rlrt convert <args>` in a fresh single-process interpreter and wait for it.
+
+    dist_checkpointing's save/load are collectives over the default process group, so a
+    conversion called by one rank of a running job (e.g. rank 0 converting while the others
+    wait at a barrier) would hang; the child gets its own 1-rank group instead.
+    """
+    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV_VARS}
+    env.setdefault("OMP_NUM_THREADS", "1")
+    cmd = [sys.executable, "-m", "rlrt_megatron.cli", "convert", *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(
+            f"conversion subprocess failed ({' '.join(cmd)}), exit code {proc.returncode}:\n"
+            + proc.stderr[-4000:]
+        )
+
+
+def init_single_process() -> None:
+    """`platform.init_distributed(1, 1)` as a 1-rank group, whatever job variables are set.
+
+    A conversion is single-process by design; without this, `rlrt convert` started inside an
+    sbatch script (SLURM_NTASKS=8) would wait forever for 7 ranks that never come.
+    """
+    from rlrt_megatron import platform
+
+    saved = {k: os.environ.pop(k) for k in DIST_ENV_VARS if k in os.environ}
+    try:
+        platform.init_distributed(tp=1, pp=1)
+    finally:
+        os.environ.update(saved)

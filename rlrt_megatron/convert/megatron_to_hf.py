@@ -134,6 +134,8 @@ def megatron_to_hf(
     dtype: output dtype (`bf16`, `fp16`, `fp32`); None keeps the checkpoint's dtype.
     Output: `model.safetensors` (or `model-0000i-of-0000N.safetensors` + index above
     `max_shard_bytes`), config.json (dtype updated), generation config and tokenizer files.
+    A single-process operation: called from one rank of a multi-rank job (the others waiting),
+    it runs in a child process with its own 1-rank process group.
     """
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing import ShardedTensor
@@ -148,9 +150,26 @@ def megatron_to_hf(
     config = io.read_hf_config(meta_dir)
     shape = mapping.model_shape(config)
 
+    if io.in_multi_rank_job():
+        args = [
+            "megatron-to-hf",
+            "--ckpt",
+            str(ckpt),
+            "--out",
+            str(out_dir),
+            "--hf-config",
+            str(meta_dir),
+            "--max-shard-bytes",
+            str(max_shard_bytes),
+        ]
+        args += (["--dtype", io.dtype_name(target)] if target else []) + (
+            ["--overwrite"] if overwrite else []
+        )  # fmt: skip
+        io.run_convert_isolated(args)
+        return Path(out_dir)
     owns_dist = not torch.distributed.is_initialized()
     if owns_dist:
-        platform.init_distributed(tp=1, pp=1)
+        io.init_single_process()
     try:
         metadata = dist_checkpointing.load_tensors_metadata(str(ckpt))
         spec = mapping.detect_spec(list(metadata))

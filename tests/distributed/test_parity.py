@@ -129,7 +129,7 @@ def test_conversion_errors_are_named(converted) -> None:
 
 def _layouts_worker(rank: int, world_size: int, root: str) -> dict:
     """Every model x layout: logits vs HF, iter_hf_weights vs the HF files, and at TP2 x PP2 a
-    trainer-style save (padded vocab, swiglu factories) exported back to HF on every rank."""
+    trainer-style save exported back to HF by rank 0."""
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
 
@@ -167,19 +167,24 @@ def _layouts_worker(rank: int, world_size: int, root: str) -> dict:
                         torch.equal(exported[k], reference[k]) for k in reference
                     )
                     out[(name, ckpt_name, tp, pp)] = (diff, exact)
-            # `chunks` is now the TP2 x PP2 model: save it like the trainer does, re-export
+            if name == "qwen3_untied":
+                continue
+            # `chunks` is now the TP2 x PP2 model: save it like the trainer does (padded vocab,
+            # swiglu factories, tied copy on the last stage), then export it from rank 0 alone
+            # while the others wait (the conversion runs in its own 1-rank child process)
             save = r / name / "trainer_ckpt"
             if rank == 0:
                 save.mkdir()
             dist.barrier()
             dist_checkpointing.save(model_sharded_state_dict(chunks), str(save))
+            if rank == 0:
+                back = megatron_to_hf(save, r / name / "trainer_back", hf_config_dir=hf_dir,
+                                      show_progress=False)  # fmt: skip
+                again = load_hf_tensors(back)
+                out[(name, "trainer", 2, 2)] = sorted(again) == sorted(reference) and all(
+                    torch.equal(again[k], reference[k]) for k in reference
+                )
             dist.barrier()
-            back = megatron_to_hf(save, r / name / f"trainer_back{rank}", hf_config_dir=hf_dir,
-                                  show_progress=False)  # fmt: skip
-            again = load_hf_tensors(back)
-            out[(name, "trainer", 2, 2)] = sorted(again) == sorted(reference) and all(
-                torch.equal(again[k], reference[k]) for k in reference
-            )
     finally:
         platform.destroy_distributed()
     return out
@@ -198,7 +203,8 @@ def test_parity_and_export_at_every_layout(converted) -> None:
             assert len(measured) == 4 // pp, (name, ckpt, tp, pp, diffs)
             assert max(measured) < PARITY_TOL, (name, ckpt, tp, pp, measured)
             assert all(res[(name, ckpt, tp, pp)][1] for res in results), (name, ckpt, tp, pp)
-        assert all(res[(name, "trainer", 2, 2)] for res in results), name
+        if name != "qwen3_untied":
+            assert results[0][(name, "trainer", 2, 2)] is True, name
 
 
 def test_check_parity_tool(converted) -> None:
