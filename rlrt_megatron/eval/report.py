@@ -45,7 +45,8 @@ def render_table(report: EvalReport, title: str | None = None) -> Any:
     from rich.table import Table
 
     k = report.settings.k
-    cols = [c for c in columns(k) if c != "reward_failures"]
+    # pass@1 equals avg@k (both are c / n per problem): the table shows it once
+    cols = [c for c in columns(k) if c not in ("reward_failures", "pass@1")]
     s = report.settings
     table = Table(
         title=title or f"avg@{k} / pass@k (%), T={s.temperature}, top_p={s.top_p}",
