@@ -123,19 +123,26 @@ def _run_layout(tp: int, pp: int, full_params):
         chunks, seqs, starts, token_budget=TOKEN_BUDGET, pack=False, with_entropy=True
     )
 
-    # Update path: loss = sum_i,t w_it * logp_it + 0.1 * entropy_it. Megatron's schedule divides
+    # Update path: loss = sum_i,t w_it * (logp_it + 0.3 * sum(topk_logprobs_it)) + 0.1 * H_it.
+    # Megatron's schedule divides
     # each micro-batch's loss by the number of micro-batches (same packing in every layout).
     ddp = wrap_with_ddp(chunks)
     for c in ddp:
         c.zero_grad_buffer()
 
+    # The top-k support is fixed from the logprobs phase (SDPO's update), log-probs at it + tail
+    # get gradient.
+    stored_ids = out["packed"][0].topk_ids
+
     def loss_fn(mb, o):
-        loss = (weights[o["rollout_index"]] * o["logprobs"] + 0.1 * o["entropy"]).sum()
+        w = weights[o["rollout_index"]]
+        loss = (w * o["logprobs"] + 0.1 * o["entropy"]).sum()
+        loss = loss + 0.3 * (w[..., None] * o["topk_logprobs"]).sum()
         return loss, {"loss": loss.detach().clone()}
 
     red = forward_backward_responses(
         ddp, seqs, starts, loss_fn, token_budget=TOKEN_BUDGET, rows_per_microbatch=2,
-        with_entropy=True, response_len=weights.shape[1],
+        with_entropy=True, response_len=weights.shape[1], topk_ids=stored_ids,
     )  # fmt: skip
     n_mb = len(pack_sequences(seqs, starts, TOKEN_BUDGET, 2))
     grads = {k: v * n_mb for k, v in gather_full_grads(ddp).items()}
@@ -224,7 +231,7 @@ def _worker(rank: int, world_size: int) -> dict:
         teacher_idx,
         *_naive(chunks, t_seqs, [len(prefixes[i]) for i in teacher_idx], t_resp),
     )
-    # Naive grads of the same loss (sum over rollouts of w * logp + 0.1 * entropy).
+    # Naive grads of the same loss.
     chunks[0].zero_grad()
     total = 0.0
     for i, (s, r) in enumerate(zip(seqs, starts, strict=True)):
@@ -232,7 +239,9 @@ def _worker(rank: int, world_size: int) -> dict:
         lsm = torch.log_softmax(logits[0, r - 1 : len(s) - 1, :VOCAB].float(), -1)
         lp = lsm.gather(-1, torch.tensor(s[r:])[:, None]).squeeze(-1)
         ent = -(lsm.exp() * lsm).sum(-1)
-        total = total + (weights[i, : len(lp)] * lp).sum() + 0.1 * ent.sum()
+        w = weights[i, : len(lp)]
+        k_lp = _naive_topk(lsm, lsm.detach().topk(K, -1).indices)
+        total = total + (w * lp).sum() + 0.1 * ent.sum() + 0.3 * (w[:, None] * k_lp).sum()
     total.backward()
     results["naive_loss"] = float(total.detach())
     results["naive_grads"] = {k: p.grad.clone() for k, p in chunks[0].named_parameters()}
