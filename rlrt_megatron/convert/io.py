@@ -219,3 +219,122 @@ def init_single_process() -> None:
         platform.init_distributed(tp=1, pp=1)
     finally:
         os.environ.update(saved)
+
+
+_ST_DTYPES = {
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float64: "F64",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.uint8: "U8",
+}
+
+
+class SafetensorsStreamWriter:
+    """Write HF safetensors shards tensor by tensor, holding none of them in memory.
+
+    The tensors' names, shapes and dtypes are declared up front (`plan`, in write order), so
+    each file's header is written before its data and every `add` goes straight to disk; a
+    `safetensors.torch.save_file` per shard would instead hold a whole shard. Files are named
+    `model.safetensors`, or `model-0000i-of-0000N.safetensors` + `model.safetensors.index.json`
+    when the plan exceeds `max_shard_bytes`. The format: u64 header length, JSON header
+    (dtype, shape, data_offsets per tensor), raw little-endian data in offset order.
+    """
+
+    def __init__(
+        self,
+        out_dir: str | Path,
+        plan: list[tuple[str, tuple[int, ...], torch.dtype]],
+        max_shard_bytes: int,
+    ) -> None:
+        if sys.byteorder != "little":  # pragma: no cover - safetensors data is little-endian
+            raise RuntimeError(
+                "SafetensorsStreamWriter writes raw bytes: needs a little-endian host"
+            )
+        self.out_dir = Path(out_dir)
+        self.plan = plan
+        shards: list[list[tuple[str, tuple[int, ...], torch.dtype]]] = [[]]
+        size = 0
+        for item in plan:
+            nbytes = _nbytes(item[1], item[2])
+            if shards[-1] and size + nbytes > max_shard_bytes:
+                shards.append([])
+                size = 0
+            shards[-1].append(item)
+            size += nbytes
+        n = len(shards)
+        self.files = (
+            ["model.safetensors"]
+            if n == 1
+            else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        )
+        self.shards = shards
+        self.total_bytes = sum(_nbytes(s, d) for _, s, d in plan)
+        self._pos = 0  # index into plan
+        self._shard = -1
+        self._left_in_shard = 0
+        self._fh = None
+
+    def _open_next(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+        self._shard += 1
+        items = self.shards[self._shard]
+        header: dict = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for name, shape, dtype in items:
+            end = offset + _nbytes(shape, dtype)
+            header[name] = {
+                "dtype": _ST_DTYPES[dtype],
+                "shape": list(shape),
+                "data_offsets": [offset, end],
+            }
+            offset = end
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # 8-byte aligned data, as safetensors itself writes
+        self._fh = open(self.out_dir / self.files[self._shard], "wb")  # noqa: SIM115
+        self._fh.write(len(raw).to_bytes(8, "little"))
+        self._fh.write(raw)
+        self._left_in_shard = len(items)
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        """Write the next planned tensor (must match the plan's name, shape and dtype)."""
+        if self._pos >= len(self.plan):
+            raise ValueError(f"tensor {name} is beyond the {len(self.plan)} planned tensors")
+        want = self.plan[self._pos]
+        got = (name, tuple(tensor.shape), tensor.dtype)
+        if got != want:
+            raise ValueError(f"writer expected tensor {want} at position {self._pos}, got {got}")
+        if self._left_in_shard == 0:
+            self._open_next()
+        data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+        self._fh.write(memoryview(data.numpy()))
+        self._pos += 1
+        self._left_in_shard -= 1
+
+    def finish(self) -> list[str]:
+        """Close the last file, write the index for sharded output, return the file names."""
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+        if self._pos != len(self.plan):
+            raise ValueError(
+                f"writer got {self._pos} of {len(self.plan)} planned tensors; the next missing "
+                f"one is {self.plan[self._pos][0]}"
+            )
+        if len(self.files) > 1:
+            weight_map = {
+                name: self.files[i] for i, items in enumerate(self.shards) for name, _, _ in items
+            }
+            index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
+            (self.out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        return list(self.files)
+
+
+def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n * torch.empty((), dtype=dtype).element_size()

@@ -2,8 +2,8 @@
 
 No model is built and no TP/PP layout is needed: the checkpoint's global tensors are read one
 decoder layer at a time (a `ShardedTensor` covering just that layer's slice of each stacked
-tensor), unfused per `mapping.RULES`, and appended to the current output shard. Peak tensor
-memory is one output shard (`max_shard_bytes`) plus one layer, not the model.
+tensor), unfused per `mapping.RULES`, and written straight into the output safetensors file
+(headers are planned from the checkpoint metadata). Peak tensor memory is about one layer.
 
 Works on checkpoints written by `hf_to_megatron` and on the trainer's checkpoints (any TP x PP
 they were saved at; any extra keys such as optimizer state are ignored). The HF config and
@@ -39,53 +39,6 @@ def find_hf_metadata_dir(ckpt_dir: Path, hf_config_dir: str | Path | None) -> Pa
         f"{', '.join(str(c) for c in candidates)}; pass --hf-config DIR (a directory with the "
         "model's config.json and tokenizer files)"
     )
-
-
-class _ShardWriter:
-    """Writes HF-named tensors into `model-0000i-of-0000N.safetensors` files of bounded size."""
-
-    def __init__(self, out_dir: Path, max_shard_bytes: int) -> None:
-        self.out_dir = out_dir
-        self.max_bytes = max_shard_bytes
-        self.current: dict[str, torch.Tensor] = {}
-        self.current_bytes = 0
-        self.files: list[tuple[str, list[str]]] = []
-        self.total_bytes = 0
-
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        nbytes = tensor.numel() * tensor.element_size()
-        if self.current and self.current_bytes + nbytes > self.max_bytes:
-            self.flush()
-        self.current[name] = tensor.contiguous()
-        self.current_bytes += nbytes
-        self.total_bytes += nbytes
-
-    def flush(self) -> None:
-        from safetensors.torch import save_file
-
-        if not self.current:
-            return
-        fname = f"part-{len(self.files):05d}.safetensors"
-        save_file(self.current, str(self.out_dir / fname), metadata={"format": "pt"})
-        self.files.append((fname, list(self.current)))
-        self.current, self.current_bytes = {}, 0
-
-    def finish(self) -> list[str]:
-        """Name the files the HF way and write the index when there is more than one."""
-        self.flush()
-        n = len(self.files)
-        if n == 1:
-            (self.out_dir / self.files[0][0]).rename(self.out_dir / "model.safetensors")
-            return ["model.safetensors"]
-        weight_map, names = {}, []
-        for i, (tmp_name, keys) in enumerate(self.files):
-            final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            (self.out_dir / tmp_name).rename(self.out_dir / final)
-            weight_map.update({k: final for k in keys})
-            names.append(final)
-        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
-        (self.out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-        return names
 
 
 def _resolve_keys(
@@ -183,12 +136,17 @@ def megatron_to_hf(
                 groups[-1].append(e)
             else:
                 groups.append([e])
-        out_dtype = None
         with (
             io.atomic_dir(out_dir, overwrite=overwrite) as tmp,
             io.progress(len(all_entries), "megatron -> hf", show_progress) as bar,
         ):
-            writer = _ShardWriter(tmp, max_shard_bytes)
+            hf_shapes = mapping.expected_hf_shapes(shape)
+            plan = [
+                (n, hf_shapes[n], target or metadata[keys[e][0]].dtype)
+                for e in all_entries
+                for n in e.hf_names()
+            ]
+            writer = io.SafetensorsStreamWriter(tmp, plan, max_shard_bytes)
             for group in groups:
                 request = {}
                 for e in group:
@@ -215,14 +173,13 @@ def megatron_to_hf(
                     tensors = mapping.unfuse(e.rule, full, shape)
                     for name, t in zip(e.hf_names(), tensors, strict=True):
                         t = t.to(target) if target is not None else t
-                        out_dtype = out_dtype or t.dtype
                         writer.add(name, t)
                     bar.update(1)
                 del loaded
             files = writer.finish()
             io.copy_hf_metadata(meta_dir, tmp)
             cfg = json.loads((tmp / "config.json").read_text())
-            cfg["dtype"] = io.dtype_name(out_dtype)
+            cfg["dtype"] = io.dtype_name(plan[0][2])
             cfg.pop("torch_dtype", None)
             (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     finally:

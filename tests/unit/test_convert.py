@@ -219,3 +219,43 @@ def test_inspect_hf_dir_errors(tiny_dir, tmp_path) -> None:
         inspect_hf_dir(bad)
     with pytest.raises(FileNotFoundError, match="config.json"):
         inspect_hf_dir(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("max_bytes", [10**9, 300])
+def test_safetensors_stream_writer(tmp_path, max_bytes: int) -> None:
+    from safetensors import safe_open
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "a": torch.randn(3, 5, generator=g).bfloat16(),
+        "b": torch.randn(7, generator=g),
+        "c.weight": torch.randn(2, 3, 4, generator=g).half(),
+        "d": torch.randn(40, 2, generator=g),
+    }
+    plan = [(k, tuple(v.shape), v.dtype) for k, v in tensors.items()]
+    w = io.SafetensorsStreamWriter(tmp_path, plan, max_bytes)
+    for k, v in tensors.items():
+        w.add(k, v.t().contiguous().t() if v.dim() == 2 else v)  # non-contiguous input is fine
+    files = w.finish()
+    assert (len(files) == 1) == (max_bytes == 10**9)
+    if len(files) > 1:
+        index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+        assert set(index["weight_map"]) == set(tensors)
+        assert index["metadata"]["total_size"] == sum(
+            v.numel() * v.element_size() for v in tensors.values()
+        )
+    seen = {}
+    for f in files:
+        with safe_open(str(tmp_path / f), "pt") as st:
+            assert st.metadata() == {"format": "pt"}
+            seen.update({k: st.get_tensor(k) for k in st.keys()})  # noqa: SIM118
+    assert sorted(seen) == sorted(tensors)
+    assert all(seen[k].dtype == v.dtype and torch.equal(seen[k], v) for k, v in tensors.items())
+
+    w = io.SafetensorsStreamWriter(tmp_path / "x", plan, max_bytes)
+    with pytest.raises(ValueError, match="expected tensor"):
+        w.add("b", tensors["b"])
+    w = io.SafetensorsStreamWriter(tmp_path, plan, max_bytes)
+    w.add("a", tensors["a"])
+    with pytest.raises(ValueError, match="got 1 of 4 planned tensors; the next missing one is b"):
+        w.finish()
