@@ -22,6 +22,7 @@ import math
 import os
 import re
 import socket
+import sys
 import types
 from dataclasses import dataclass
 from datetime import timedelta
@@ -429,7 +430,9 @@ def apply_cpu_shims() -> None:
     2. ``torch.cuda.synchronize`` / ``current_stream`` / ``Stream`` / ``Event`` / memory stats ->
        no-ops or CPU equivalents: used for timers, overlap and logging only.
     3. ``Tensor.cuda()`` -> the tensor itself: ``LanguageModule.setup_embeddings_and_output_layer``
-       moves the tied output weight with ``.cuda()`` on the last PP stage.
+       moves the tied output weight with ``.cuda()`` on the last PP stage. ``Tensor.type()``
+       (no argument) answers ``"torch.cuda.FloatTensor"``-style names to callers inside megatron
+       only: its optimizers and grad clipping dispatch on those strings.
     4. Module-level ``torch`` of the modules in ``_CUDA_LITERAL_MODULES`` -> a proxy mapping
        ``device="cuda"`` to CPU (causal mask, token counters in the schedules, grad buffers...).
     5. RNG: ``tensor_parallel.random._get/_set_cuda_rng_state`` -> the CPU generator, and the
@@ -458,6 +461,10 @@ def apply_cpu_shims() -> None:
 
     # 3. `.cuda()` on CPU tensors.
     torch.Tensor.cuda = lambda self, *a, **k: self  # type: ignore[assignment,method-assign]
+
+    # 3b. Megatron's optimizers test `param.type() == "torch.cuda.FloatTensor"` (and Half/BFloat16)
+    # to pick the fp32 / mixed-precision path. Answer with the CUDA name only to megatron callers.
+    torch.Tensor.type = _megatron_tensor_type  # type: ignore[method-assign]
 
     # 4. Hard-coded device="cuda" allocations.
     proxy = _CpuTorchProxy()
@@ -491,6 +498,18 @@ def apply_cpu_shims() -> None:
     mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = False
 
     _SHIMS_APPLIED = True
+
+
+_ORIG_TENSOR_TYPE = torch.Tensor.type
+
+
+def _megatron_tensor_type(self: torch.Tensor, dtype: Any = None, non_blocking: bool = False, **kw):
+    """``Tensor.type`` that reports CPU tensors as ``torch.cuda.*`` to megatron code only."""
+    if dtype is None and not kw and self.device.type == "cpu":
+        caller = sys._getframe(1).f_globals.get("__name__", "")
+        if caller.startswith("megatron."):
+            return _ORIG_TENSOR_TYPE(self).replace("torch.", "torch.cuda.", 1)
+    return _ORIG_TENSOR_TYPE(self, dtype, non_blocking, **kw)
 
 
 class _NullStream:

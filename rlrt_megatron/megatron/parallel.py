@@ -62,7 +62,11 @@ def wrap_with_ddp(
     Sets ``config.finalize_model_grads_func`` (all chunks share one TransformerConfig) and, with
     ``overlap_grad_reduce``, ``config.no_sync_func`` so grad reduction overlaps the last
     micro-batch's backward. Grads then live in ``param.main_grad``; call
-    ``chunk.zero_grad_buffer()`` before each step.
+    ``chunk.zero_grad_buffer()`` before each step. ``use_distributed_optimizer`` must match the
+    ``OptimizerConfig`` given to ``get_megatron_optimizer`` (DDP then allocates the param buffer
+    the distributed optimizer copies into). For its checkpoints use
+    ``metadata={"distrib_optim_sharding_type": "fully_reshardable"}`` (or ``dp_reshardable``):
+    megatron-core 0.16's default ``fully_sharded_model_space`` fails with "flattened_range".
     """
     from megatron.core.distributed import (
         DistributedDataParallel,
@@ -210,7 +214,8 @@ def _gather_full(
             if t is None:
                 continue
             full = _gather_tp(t.detach(), param, name, model.config)
-            local[global_param_name(model, name)] = full.cpu()
+            # A copy even on CPU (where .cpu() aliases): callers keep it across optimizer steps.
+            local[global_param_name(model, name)] = full.to("cpu", copy=True)
     pp = parallel_state.get_pipeline_model_parallel_world_size()
     if pp == 1:
         return local
