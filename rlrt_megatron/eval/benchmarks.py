@@ -214,6 +214,29 @@ def load_benchmarks(
     return out
 
 
+def load_benchmark_specs(
+    specs: Sequence[str], data_dir: str | Path | None = None, limit: int | None = None
+) -> list[Benchmark]:
+    """Benchmarks from config-style strings (the trainer's `eval.datasets`): each is
+    `NAME=PATH` (`PATH#split` for a DatasetDict), a file or save_to_disk directory `PATH` (named
+    by its stem: `data/aime24.jsonl` -> aime24), or a name resolved like `--benchmarks`
+    (`synthetic`, or one of the six with `data_dir`)."""
+    names: list[str] = []
+    files: dict[str, str] = {}
+    for spec in specs:
+        spec = str(spec).strip()
+        if "=" in spec:
+            ((name, path),) = parse_benchmark_files([spec]).items()
+        elif Path(spec.partition("#")[0]).exists():
+            name, path = Path(spec.partition("#")[0]).stem, spec
+        else:
+            name, path = spec, ""
+        names.append(name)
+        if path:
+            files[name] = path
+    return load_benchmarks(names, data_dir=data_dir, files=files, limit=limit)
+
+
 def write_synthetic_benchmark_dir(
     data_dir: str | Path, names: Sequence[str] = PAPER_BENCHMARKS, n: int = 4, seed: int = 1
 ) -> Path:

@@ -277,3 +277,15 @@ def test_malformed_benchmark_files_name_file_row_and_key(tmp_path: Path) -> None
         load_benchmarks("amc23", data_dir=tmp_path)
     with pytest.raises(BenchmarkError, match=r"--data-dir DIR"):
         load_benchmarks("aime25")
+
+
+def test_load_benchmark_specs_for_the_trainer_config(tmp_path: Path) -> None:
+    from rlrt_megatron.eval.benchmarks import load_benchmark_specs
+
+    write_synthetic_benchmark_dir(tmp_path, ["aime24", "math500"], n=3)
+    benches = load_benchmark_specs(
+        [str(tmp_path / "aime24.jsonl"), f"mine={tmp_path / 'math500.jsonl'}", "synthetic"]
+    )
+    assert [(b.name, len(b)) for b in benches] == [("aime24", 3), ("mine", 3), ("synthetic", 16)]
+    with pytest.raises(BenchmarkError, match="nope"):
+        load_benchmark_specs(["nope"])
