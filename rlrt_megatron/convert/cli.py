@@ -30,6 +30,7 @@ def _megatron_to_hf(args: argparse.Namespace) -> int:
         args.out,
         dtype=args.dtype,
         hf_config_dir=args.hf_config,
+        key_prefix=args.key_prefix,
         max_shard_bytes=args.max_shard_bytes or int(args.max_shard_gb * 1024**3),
         overwrite=args.overwrite,
     )
@@ -102,6 +103,9 @@ def add_convert_subcommands(sub: argparse._SubParsersAction) -> None:
         help="split model.safetensors above this size (GiB)",
     )
     b.add_argument("--max-shard-bytes", type=int, default=None, help=argparse.SUPPRESS)
+    b.add_argument(
+        "--key-prefix", default="", help="model key prefix in the checkpoint (e.g. 'teacher.')"
+    )
     b.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     b.set_defaults(func=_megatron_to_hf)
 

@@ -42,16 +42,21 @@ def find_hf_metadata_dir(ckpt_dir: Path, hf_config_dir: str | Path | None) -> Pa
 
 
 def _resolve_keys(
-    entry: mapping.Entry, spec: str, metadata: dict, shape: mapping.ModelShape, ckpt: Path
+    entry: mapping.Entry,
+    spec: str,
+    metadata: dict,
+    shape: mapping.ModelShape,
+    ckpt: Path,
+    prefix: str = "",
 ) -> tuple[str, bool]:
     """(checkpoint key, stacked?) for one entry; both Megatron layer layouts are accepted."""
     if entry.layer is None:
-        key = entry.sharded_key(spec)
+        key = prefix + entry.sharded_key(spec)
         stacked = False
-    elif entry.sharded_key(spec) in metadata:
-        key, stacked = entry.sharded_key(spec), True
-    else:
-        key, stacked = entry.megatron_name(spec), False  # per-layer keys (non-homogeneous layout)
+    elif prefix + entry.sharded_key(spec) in metadata:
+        key, stacked = prefix + entry.sharded_key(spec), True
+    else:  # per-layer keys (Megatron's non-homogeneous layout)
+        key, stacked = prefix + entry.megatron_name(spec), False
     if key not in metadata:
         raise KeyError(
             f"checkpoint {ckpt} has no tensor {key!r} (needed for "
@@ -78,6 +83,7 @@ def megatron_to_hf(
     *,
     dtype: str | torch.dtype | None = None,
     hf_config_dir: str | Path | None = None,
+    key_prefix: str = "",
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     overwrite: bool = False,
     show_progress: bool = True,
@@ -85,6 +91,8 @@ def megatron_to_hf(
     """Convert the model weights of a Megatron dist checkpoint into an HF model directory.
 
     dtype: output dtype (`bf16`, `fp16`, `fp32`); None keeps the checkpoint's dtype.
+    key_prefix: prefix of the model's keys in the checkpoint (e.g. `teacher.` for a teacher copy
+        saved next to the policy); "" for the policy / converted checkpoints.
     Output: `model.safetensors` (or `model-0000i-of-0000N.safetensors` + index above
     `max_shard_bytes`), config.json (dtype updated), generation config and tokenizer files.
     A single-process operation: called from one rank of a multi-rank job (the others waiting),
@@ -104,20 +112,11 @@ def megatron_to_hf(
     shape = mapping.model_shape(config)
 
     if io.in_multi_rank_job():
-        args = [
-            "megatron-to-hf",
-            "--ckpt",
-            str(ckpt),
-            "--out",
-            str(out_dir),
-            "--hf-config",
-            str(meta_dir),
-            "--max-shard-bytes",
-            str(max_shard_bytes),
-        ]
-        args += (["--dtype", io.dtype_name(target)] if target else []) + (
-            ["--overwrite"] if overwrite else []
-        )  # fmt: skip
+        args = ["megatron-to-hf", "--ckpt", str(ckpt), "--out", str(out_dir), "--hf-config",
+                str(meta_dir), "--max-shard-bytes", str(max_shard_bytes),
+                f"--key-prefix={key_prefix}"]  # fmt: skip
+        args += ["--dtype", io.dtype_name(target)] if target else []
+        args += ["--overwrite"] if overwrite else []
         io.run_convert_isolated(args)
         return Path(out_dir)
     owns_dist = not torch.distributed.is_initialized()
@@ -125,9 +124,9 @@ def megatron_to_hf(
         io.init_single_process()
     try:
         metadata = dist_checkpointing.load_tensors_metadata(str(ckpt))
-        spec = mapping.detect_spec(list(metadata))
+        spec = mapping.detect_spec([k for k in metadata if k.startswith(key_prefix)])
         all_entries = list(mapping.entries(shape))
-        keys = {e: _resolve_keys(e, spec, metadata, shape, ckpt) for e in all_entries}
+        keys = {e: _resolve_keys(e, spec, metadata, shape, ckpt, key_prefix) for e in all_entries}
         # One dist_checkpointing.load per group, written out before the next is read: the
         # embedding, each decoder layer, then the final norm (+ lm_head).
         groups: list[list[mapping.Entry]] = []

@@ -176,10 +176,13 @@ def _layouts_worker(rank: int, world_size: int, root: str) -> dict:
             if rank == 0:
                 save.mkdir()
             dist.barrier()
-            dist_checkpointing.save(model_sharded_state_dict(chunks), str(save))
+            state = model_sharded_state_dict(chunks)  # + a prefixed copy, as F saves a teacher
+            state["teacher"] = chunks[0].sharded_state_dict(prefix="teacher.")
+            dist_checkpointing.save(state, str(save))
             if rank == 0:
+                prefix = "teacher." if name == "llama3_gqa" else ""
                 back = megatron_to_hf(save, r / name / "trainer_back", hf_config_dir=hf_dir,
-                                      show_progress=False)  # fmt: skip
+                                      key_prefix=prefix, show_progress=False)  # fmt: skip
                 again = load_hf_tensors(back)
                 out[(name, "trainer", 2, 2)] = sorted(again) == sorted(reference) and all(
                     torch.equal(again[k], reference[k]) for k in reference
