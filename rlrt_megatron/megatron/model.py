@@ -243,6 +243,11 @@ def transformer_config_from_hf(
         batch_p2p_comm=not (pp == 2 and vpp is not None),
     )
     kwargs.update(overrides)
+    if kwargs.get("sequence_parallel") and not te:
+        raise ValueError(
+            "sequence_parallel=True needs model.spec='te': the local spec's torch norms do not "
+            "support sequence parallelism (megatron WrappedTorchNorm)"
+        )
     return TransformerConfig(**kwargs)
 
 

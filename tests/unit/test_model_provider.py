@@ -145,6 +145,11 @@ def test_pp_must_divide_layers():
         transformer_config_from_hf(_qwen3(), tp=1, pp=2, vpp=2)
 
 
+def test_sequence_parallel_needs_te_spec():
+    with pytest.raises(ValueError, match="sequence_parallel.*spec='te'"):
+        transformer_config_from_hf(_qwen3(), tp=2, pp=1, sequence_parallel=True)
+
+
 def test_unsupported_rope_variants():
     bad = dict(LLAMA3_ROPE, high_freq_factor=2.0)
     with pytest.raises(ValueError, match="high_freq_factor"):
