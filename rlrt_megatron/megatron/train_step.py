@@ -286,6 +286,7 @@ class Policy:
             m.zero_grad_buffer()
         self.optimizer.zero_grad()
         metric_sums: dict[str, float] = {}
+        loss_sum = torch.zeros((), dtype=torch.float64, device=platform.device())
         n_mb = 0
         if rows:
             mbs, b = pack_microbatches(rows, seqs, token_budget, pad_id)
@@ -334,18 +335,28 @@ class Policy:
                 loss, metrics = loss_of(lp, batch["rows"], tk)
                 # the schedule divides by the number of micro-batches; the algorithm's loss is
                 # already normalised over the whole mini-batch
-                return loss * n_mb, {"metrics": metrics}
+                return loss * n_mb, {"metrics": metrics, "loss": loss.detach()}
 
             outs = forward_backward(self.model, mbs, loss_fn)
             for o in outs:
                 for k, v in o["metrics"].items():
                     metric_sums[k] = metric_sums.get(k, 0.0) + float(v)
+                loss_sum += o["loss"].double()
         else:  # a rank without rows still joins the collectives of the step
             raise ValueError("every data-parallel rank needs at least one row per mini-batch")
         with cpu_tensor_type_names():
             ok, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(1)
+        if self.pp > 1:  # only the last stage saw the loss function's metrics
+            metric_sums = broadcast_object(metric_sums, self.last_stage_rank, self.pp_group)
         out = {k: v / max(n_mb, 1) for k, v in metric_sums.items()}
+        # the mini-batch loss: micro-batch losses are already normalised by the whole
+        # mini-batch, so they add up (over micro-batches here, over DP ranks below)
+        if self.dp_size > 1:
+            dist.all_reduce(loss_sum, group=self.dp_group)
+        if self.pp > 1:
+            dist.broadcast(loss_sum, src=self.last_stage_rank, group=self.pp_group)
+        out["loss"] = float(loss_sum) * (1.0 if self.dp_size == 1 else 1.0 / self.dp_size)
         out["grad_norm"] = float(grad_norm) if grad_norm is not None else 0.0
         out["update_ok"] = float(bool(ok))
         out["lr"] = float(self.optimizer.param_groups[0]["lr"])

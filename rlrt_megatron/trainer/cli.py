@@ -64,6 +64,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"rlrt train: {e}", file=sys.stderr)
         return 2
+    try:
+        from rlrt_megatron.trainer.steps import preflight
+
+        preflight(cfg)  # model shape and world size checks, before any work
+    except ConfigError as e:
+        print(f"rlrt train: {e}", file=sys.stderr)
+        return 2
     if args.print_config:
         print(cfg.to_json())
         return 0

@@ -108,9 +108,22 @@ def prepare_model_files(cfg: TrainConfig, log: Any = print) -> tuple[str, str]:
     return hf_dir, ckpt
 
 
+def preflight(cfg: TrainConfig) -> None:
+    """Every config check that needs no work: values, the model's heads/layers (config.json, or
+    the tiny model's known shape) and the world size from the launcher's environment."""
+    hf_config = load_hf_config(cfg.model.hf_path)
+    if hf_config is None and cfg.model.build_tiny:
+        from rlrt_megatron.convert.tiny import TINY_SHAPE
+
+        hf_config = dict(TINY_SHAPE)
+    world = os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or "1"
+    cfg.validate(hf_config=hf_config, world_size=int(world))
+
+
 def setup(cfg: TrainConfig) -> Run:
     from rlrt_megatron import platform
 
+    preflight(cfg)
     info = platform.init_distributed(cfg.parallel.tp, cfg.parallel.pp, seed=cfg.train.seed)
     random.seed(cfg.train.seed)
     run_dir = cfg.run_dir
@@ -506,6 +519,13 @@ def step_metrics(
         "teacher/frac_rows": float(batch.has_teacher.float().mean()),
     }
     m.update({k: v for k, v in batch.reward_info.items() if k != "reward/mean"})
+    blp = torch.zeros_like(mask)
+    for i, lp in enumerate(batch.behavior_logprobs):
+        blp[i, : len(lp)] = torch.tensor(lp[: blp.shape[1]])
+    # engine vs Megatron log-probs of the same tokens (training-inference mismatch)
+    m["rollout/logprob_abs_diff"] = float(
+        ((blp - batch.student_logprobs).abs() * mask).sum() / max(n_tok, 1.0)
+    )
     if batch.teacher_logprobs is not None:
         delta = (batch.teacher_logprobs - batch.student_logprobs) * mask
         rows = batch.has_teacher[:, None].float() * mask
@@ -521,8 +541,10 @@ def step_metrics(
             )
     m.update({f"algo/{k}": float(v) for k, v in prepared.metrics.items()})
     for k, v in upd.items():
-        key = k if k in ("grad_norm", "lr", "update_ok") else f"loss/{k}"
-        m[f"train/{k}" if key == k else key] = v
+        if k in ("grad_norm", "lr", "update_ok"):
+            m[f"train/{k}"] = v
+        else:  # "loss" is the mini-batch loss, the rest the algorithm's loss metrics
+            m["loss/value" if k == "loss" else f"loss/{k}"] = v
     m.update(times)
     m["time/step"] = step_time
     m["throughput/tokens_per_s"] = total_tokens / max(step_time, 1e-9)

@@ -1,0 +1,168 @@
+"""Checkpoints: round trip of model + optimizer + RNG, `latest`, keep-last-N, stale tmp dirs,
+and kill -9 during a write leaving the previous checkpoint loadable."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from dist_utils import run_distributed
+
+pytestmark = pytest.mark.distributed
+
+# Shared by the in-process workers and the kill -9 subprocess script.
+HELPERS = textwrap.dedent(
+    """
+    import torch
+    from rlrt_megatron import platform
+    from rlrt_megatron.config import OptimizerConfig
+    from rlrt_megatron.convert.tiny import tiny_config
+    from rlrt_megatron.megatron.train_step import Policy, Seq
+
+    def make_policy():
+        platform.init_distributed(1, 1, seed=5)
+        cfg = tiny_config(vocab_size=256)
+        return Policy(cfg, tp=1, pp=1, optim=OptimizerConfig(lr=1e-2), total_steps=10)
+
+    def train_step(policy):
+        seqs = [Seq(list(range(3, 15)), 4, 7), Seq(list(range(20, 30)), 2, 7)]
+        loss_of = lambda lp, rows, tk: (-lp.sum() / 14.0, {})
+        policy.train_minibatch(seqs, [0, 1], 7, 64, 0, loss_of)
+
+    def params(policy):
+        return {n: p.detach().clone() for n, p in policy.chunks[0].named_parameters()}
+
+    def opt_state(policy):
+        sd = policy.optimizer.state_dict()
+        out = []
+        def walk(x):
+            if torch.is_tensor(x):
+                out.append(x.detach().clone().float().flatten())
+            elif isinstance(x, dict):
+                for k in sorted(x, key=str):
+                    walk(x[k])
+            elif isinstance(x, (list, tuple)):
+                for v in x:
+                    walk(v)
+        walk(sd)
+        return torch.cat(out)
+    """
+)
+exec(HELPERS)  # noqa: S102 - the same helpers in this process (for spawn pickling by name)
+
+
+def _round_trip(rank: int, world: int, root: str) -> dict:
+    import torch
+
+    from rlrt_megatron.trainer.checkpoint import Checkpointer
+
+    policy = make_policy()  # noqa: F821 - from HELPERS
+    train_step(policy)  # noqa: F821
+    ck = Checkpointer(root, keep_last=2)
+    saved_params = params(policy)  # noqa: F821
+    saved_opt = opt_state(policy)  # noqa: F821
+    path = ck.save(1, policy.model, policy.optimizer, {"sampler": {"cursor": 3}})
+    expect_rand = torch.rand(4)  # the RNG stream right after the save
+    train_step(policy)  # noqa: F821 - move away from the saved state
+    train_step(policy)  # noqa: F821
+    assert any(not torch.equal(saved_params[n], p) for n, p in params(policy).items())  # noqa: F821
+    state = ck.load(ck.latest(), policy.model, policy.optimizer)
+    after = params(policy)  # noqa: F821
+    same_params = all(torch.equal(saved_params[n], after[n]) for n in saved_params)
+    same_opt = torch.equal(saved_opt, opt_state(policy))  # noqa: F821
+    same_rng = torch.equal(expect_rand, torch.rand(4))
+    for step in (2, 3):
+        ck.save(step, policy.model, policy.optimizer, {})
+    os.makedirs(os.path.join(root, "iter_0000004.tmp", "dist"))  # a crashed save
+    latest_with_stale_tmp = ck.latest()
+    ck.save(5, policy.model, policy.optimizer, {})
+    return {
+        "path": path,
+        "state": state,
+        "same_params": same_params,
+        "same_opt": same_opt,
+        "same_rng": same_rng,
+        "latest_with_stale_tmp": latest_with_stale_tmp,
+        "listing": sorted(os.listdir(root)),
+    }
+
+
+def test_round_trip_latest_keep_last(tmp_path):
+    root = str(tmp_path / "ckpt")
+    (res,) = run_distributed(_round_trip, 1, root)
+    assert res["same_params"] and res["same_opt"] and res["same_rng"]
+    assert res["state"]["step"] == 1 and res["state"]["sampler"] == {"cursor": 3}
+    assert res["latest_with_stale_tmp"].endswith("iter_0000003")
+    # keep_last=2, the stale tmp dir removed by the next save
+    assert res["listing"] == ["iter_0000003", "iter_0000005", "latest"]
+    assert (tmp_path / "ckpt" / "latest").read_text().strip() == "iter_0000005"
+
+
+KILL_SCRIPT = HELPERS + textwrap.dedent(
+    """
+    import json, os, signal, sys
+    from rlrt_megatron.trainer.checkpoint import Checkpointer
+
+    root, mode = sys.argv[1], sys.argv[2]
+    policy = make_policy()
+    ck = Checkpointer(root, keep_last=3)
+    if mode == "write":
+        train_step(policy)
+        ck.save(1, policy.model, policy.optimizer, {"note": "first"})
+        sums = {n: float(p.double().sum()) for n, p in params(policy).items()}
+        json.dump(sums, open(os.path.join(root, "..", "sums.json"), "w"))
+        train_step(policy)
+        # die hard after the shards of iter 2 are on disk, before the rename / `latest`
+        ck.before_commit = lambda tmp: os.kill(os.getpid(), signal.SIGKILL)
+        ck.save(2, policy.model, policy.optimizer, {"note": "second"})
+        print("unreachable")
+    else:
+        path = ck.latest()
+        state = ck.load(path, policy.model, policy.optimizer)
+        sums = {n: float(p.double().sum()) for n, p in params(policy).items()}
+        print(json.dumps({"path": path, "state": state, "sums": sums}))
+    """
+)
+
+
+def _run(prefix, args: list[str], env: dict) -> subprocess.CompletedProcess:
+    """Run KILL_SCRIPT in its own session; afterwards kill what it left behind (the
+    checkpoint writer's helper processes outlive a SIGKILLed parent)."""
+    out, err = open(f"{prefix}.out", "w+"), open(f"{prefix}.err", "w+")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILL_SCRIPT, *args], stdout=out, stderr=err, env=env,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        rc = proc.wait(timeout=300)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    out.seek(0)
+    err.seek(0)
+    return subprocess.CompletedProcess(proc.args, rc, out.read(), err.read())
+
+
+def test_kill_9_during_write_leaves_previous_checkpoint(tmp_path):
+    root = tmp_path / "ckpt"
+    root.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("RANK", None)
+    env.pop("WORLD_SIZE", None)
+    write = _run(tmp_path / "write", [str(root), "write"], env)
+    assert write.returncode == -signal.SIGKILL, write.stderr[-2000:]
+    assert "unreachable" not in write.stdout
+    assert (root / "iter_0000002.tmp").is_dir()  # the interrupted write
+    assert (root / "latest").read_text().strip() == "iter_0000001"
+    load = _run(tmp_path / "load", [str(root), "load"], env)
+    assert load.returncode == 0, load.stderr[-2000:]
+    out = json.loads(load.stdout.strip().splitlines()[-1])
+    assert out["path"].endswith("iter_0000001") and out["state"]["note"] == "first"
+    assert out["sums"] == json.loads((tmp_path / "sums.json").read_text())
