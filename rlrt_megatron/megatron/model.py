@@ -290,7 +290,9 @@ def build_model(
     Needs :func:`rlrt_megatron.platform.init_distributed` first with the same ``tp``/``pp``.
     Mirrors ``megatron.training.training.get_model``: pre/post process from ``parallel_state``,
     TP attributes defaulted on every parameter, chunks moved to :func:`platform.device`. The
-    chunks are not wrapped (DDP / Float16Module are the trainer's choice).
+    chunks are not wrapped: for bf16/fp16 wrap each in megatron's ``Float16Module`` (it casts the
+    torch-norm weights, created in fp32, and returns fp32 logits) before DDP, as
+    ``megatron.training.get_model`` does.
     Each chunk gets ``true_vocab_size`` and ``padded_vocab_size`` attributes (module docstring).
     """
     from megatron.core import parallel_state, tensor_parallel
