@@ -16,6 +16,7 @@ imported by code that must not pull megatron in (device helpers only).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -63,7 +64,9 @@ def device() -> torch.device:
     """The device this process computes on (``cpu`` or ``cuda:<LOCAL_RANK>``)."""
     if is_cpu_mode():
         return torch.device("cpu")
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0")))
+    # With one visible GPU per task (srun --gpus-per-task=1) every task uses ordinal 0.
+    return torch.device("cuda", local_rank % torch.cuda.device_count())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -225,8 +228,10 @@ def init_distributed(
     be = backend()
     if be == "nccl":
         torch.cuda.set_device(denv.local_rank % torch.cuda.device_count())
+        dev = torch.device("cuda", torch.cuda.current_device())
     else:
         apply_cpu_shims()
+        dev = torch.device("cpu")
 
     if not dist.is_initialized():
         dist.init_process_group(
@@ -276,7 +281,7 @@ def init_distributed(
         pp=pp,
         dp=world_size // (tp * pp),
         backend=be,
-        device=device(),
+        device=dev,
         master_addr=denv.master_addr,
         master_port=denv.master_port,
         source=denv.source,
@@ -376,30 +381,30 @@ class _CpuTorchProxy(types.ModuleType):
         return attr
 
 
-class _CpuRNGStatesTracker:
-    """Megatron's ``CudaRNGStatesTracker`` semantics on the CPU default generator.
+def _cpu_rng_tracker_class(base: type) -> type:
+    """Megatron's ``CudaRNGStatesTracker`` (``base``) with its semantics on the CPU generator."""
 
-    Megatron keeps named CUDA generator states (data-parallel, model-parallel, expert) and
-    ``fork(name)`` swaps the *device* generator to that state, so e.g. TP-sharded init/dropout
-    differ per TP rank while replicated ops stay identical. On CPU the only generator ops use is
-    ``torch.default_generator``, so ``fork`` swaps that one. Made a subclass of megatron's tracker
-    at shim time (so ``isinstance`` checks and ``get_states/set_states/reset`` are megatron's).
-    """
+    class CpuRNGStatesTracker(base):  # type: ignore[misc,valid-type]
+        """Named RNG states swapped into ``torch.default_generator`` by ``fork``.
 
-    def add(self, name: str, seed: int) -> None:
-        self._is_initialized = True
-        if seed in self.seeds_:
-            raise Exception(f"seed {seed} already exists")
-        self.seeds_.add(seed)
-        if name in self.states_:
-            raise Exception(f"rng state {name} already exists")
-        self.states_[name] = torch.Generator().manual_seed(seed).get_state()
+        Megatron keeps named CUDA generator states (data-parallel, model-parallel, expert) and
+        ``fork(name)`` swaps the *device* generator to that state, so TP-sharded init/dropout
+        differ per TP rank while replicated ops stay identical. On CPU the generator ops draw
+        from is ``torch.default_generator``, so ``fork`` swaps that one. ``get_states``,
+        ``set_states`` and ``reset`` are megatron's.
+        """
 
-    def fork(self, name: str = "model-parallel-rng"):  # noqa: ANN201 - a context manager
-        import contextlib
+        def add(self, name: str, seed: int) -> None:
+            self._is_initialized = True
+            if seed in self.seeds_:
+                raise Exception(f"seed {seed} already exists")
+            self.seeds_.add(seed)
+            if name in self.states_:
+                raise Exception(f"rng state {name} already exists")
+            self.states_[name] = torch.Generator().manual_seed(seed).get_state()
 
         @contextlib.contextmanager
-        def _fork():
+        def fork(self, name: str = "model-parallel-rng"):  # noqa: ANN201
             if name not in self.states_:
                 raise Exception(f"rng state {name} is not added")
             orig_state = torch.get_rng_state()
@@ -417,7 +422,7 @@ class _CpuRNGStatesTracker:
                 torch.set_rng_state(orig_state)
                 self._current_state_name = orig_name
 
-        return _fork()
+    return CpuRNGStatesTracker
 
 
 def apply_cpu_shims() -> None:
@@ -436,13 +441,17 @@ def apply_cpu_shims() -> None:
     4. Module-level ``torch`` of the modules in ``_CUDA_LITERAL_MODULES`` -> a proxy mapping
        ``device="cuda"`` to CPU (causal mask, token counters in the schedules, grad buffers...).
     5. RNG: ``tensor_parallel.random._get/_set_cuda_rng_state`` -> the CPU generator, and the
-       tracker class -> :class:`_CpuRNGStatesTracker` (``torch.cuda.get_rng_state`` cannot run).
+       tracker class -> ``CpuRNGStatesTracker`` (``torch.cuda.get_rng_state`` cannot run).
     """
     global _SHIMS_APPLIED
     if _SHIMS_APPLIED or not is_cpu_mode():
         return
     import importlib
+    import warnings
 
+    # Expected on a CPU machine, repeated by every megatron module at import: not actionable.
+    warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex).*not installed.*")
+    warnings.filterwarnings("ignore", message=r"Apex is not installed.*")
     cpu = torch.device("cpu")
 
     # 1-2. torch.cuda entry points megatron calls unconditionally.
@@ -486,12 +495,7 @@ def apply_cpu_shims() -> None:
     mrandom._set_cuda_rng_state = lambda new_state, device=-1, graph_safe=False: (
         torch.set_rng_state(new_state)
     )
-    cpu_tracker = type(
-        "CpuRNGStatesTracker",
-        (mrandom.CudaRNGStatesTracker,),
-        {"add": _CpuRNGStatesTracker.add, "fork": _CpuRNGStatesTracker.fork,
-         "__doc__": _CpuRNGStatesTracker.__doc__},
-    )  # fmt: skip
+    cpu_tracker = _cpu_rng_tracker_class(mrandom.CudaRNGStatesTracker)
     mrandom.CudaRNGStatesTracker = cpu_tracker
     # A tracker created before the shim would hold the CUDA class: rebuild it on next use.
     mrandom._CUDA_RNG_STATE_TRACKER = None
@@ -565,6 +569,4 @@ class _NullEvent:
 
 
 def _nullcontext() -> Any:
-    import contextlib
-
     return contextlib.nullcontext()
