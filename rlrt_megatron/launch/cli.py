@@ -27,6 +27,10 @@ def _submit(args: argparse.Namespace) -> int:
     from rlrt_megatron.launch.submit import submit
 
     try:
+        if args.ssh and not args.home:
+            raise SlurmJobError(
+                "--ssh needs --home: the path of the repo checkout on the cluster's shared storage"
+            )
         sbatch_args = {k.lstrip("-"): (v if v != "" else True)
                        for k, v in _kv(args.sbatch, "--sbatch").items()}  # fmt: skip
         job = SlurmJob(
@@ -41,7 +45,7 @@ def _submit(args: argparse.Namespace) -> int:
             job_name=args.job_name,
             container_image=args.container_image,
             container_mounts=args.container_mounts.split(",") if args.container_mounts else [],
-            home=args.home,
+            home=args.home or str(REPO_ROOT),
             log_dir=args.log_dir,
             exclusive=args.exclusive,
             sbatch_args=sbatch_args,
@@ -86,8 +90,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--job-name", default="rlrt")
     s.add_argument("--container-image", help="pyxis/enroot image; default: the venv")
     s.add_argument("--container-mounts", help="extra pyxis mounts src:dst[,src:dst]")
-    s.add_argument("--home", default=str(REPO_ROOT),
-                   help="repo checkout as the cluster sees it (shared storage)")  # fmt: skip
+    s.add_argument("--home", help=f"repo checkout as the nodes see it (default {REPO_ROOT})")
     s.add_argument("--log-dir", help="job logs (default <home>/runs/slurm-logs)")
     s.add_argument("--exclusive", action="store_true", help="#SBATCH --exclusive")
     s.add_argument("--sbatch", action="append", default=[], metavar="KEY=VALUE",

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
 import subprocess
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -130,3 +133,91 @@ def test_rlrt_slurm_submit_renders_and_submits_through_nemo_run(cluster, job_dir
     st = subprocess.run([cmd[0], "slurm", "status", job], env=cluster.env, capture_output=True,
                         text=True, timeout=60)  # fmt: skip
     assert "JobState=COMPLETED" in st.stdout and "training finished" in st.stdout, st.stdout
+
+
+# ---- the real trainer: tiny recipe, TP=2 across the two nodes -----------------------------------
+
+TINY = ["--recipe", "tiny_demo", "parallel.tp=2", "train.steps=4", "train.prompts_per_step=4",
+        "train.mini_batch_prompts=4", "rollout.group_size=4", "logging.tensorboard=false",
+        "checkpoint.save_every=0"]  # fmt: skip
+NONDETERMINISTIC = ("time/", "throughput/")
+
+
+@pytest.fixture(scope="module")
+def tiny_model() -> list[str]:
+    """The tiny model (SFT-warmed HF dir + Megatron checkpoint), made once by a single-process
+    `rlrt train ... train.steps=0`; the Slurm jobs load it instead of each building it."""
+    rlrt = REPO / ".venv" / "bin" / "rlrt"
+    if subprocess.run([str(rlrt), "train", "--help"], capture_output=True).returncode != 0:
+        pytest.skip("`rlrt train` is not available")
+    run_dir = REPO / "runs" / "pytest-slurm" / "tiny-model"
+    hf, mc = run_dir / "model" / "hf", run_dir / "model" / "megatron"
+    if not (mc.is_dir() and (hf / "config.json").exists()):
+        p = subprocess.run(
+            [str(rlrt), "train", "--recipe", "tiny_demo", "train.steps=0",
+             f"logging.run_dir={run_dir}", "logging.tensorboard=false"],
+            capture_output=True, text=True, timeout=900, cwd=REPO,
+        )  # fmt: skip
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return [f"model.hf_path={hf}", f"model.megatron_ckpt={mc}"]
+
+
+def read_metrics(run_dir: Path) -> dict[int, dict]:
+    """step -> that step's metrics (the last record of a step wins: a resumed run may repeat one),
+    without the wall-clock fields."""
+    out: dict[int, dict] = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        out[rec["step"]] = {k: v for k, v in rec.items() if not k.startswith(NONDETERMINISTIC)}
+    return out
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(cluster, tiny_model) -> dict:
+    job_dir = REPO / "runs" / "pytest-slurm" / f"uninterrupted-{uuid.uuid4().hex[:6]}"
+    job_dir.mkdir(parents=True)
+    run_dir = job_dir / "run"
+    job = sbatch(cluster, job_dir, *TINY, *tiny_model, f"logging.run_dir={run_dir}")
+    info = cluster.wait_job(job, 900)
+    result = {"job": job, "job_dir": job_dir, "run_dir": run_dir, "info": info,
+              "out": batch_log(job_dir, job)}  # fmt: skip
+    yield result
+    if info["JobState"] == "COMPLETED":
+        shutil.rmtree(job_dir, ignore_errors=True)
+
+
+def test_a_tiny_recipe_tp2_across_two_nodes_finishes(uninterrupted):
+    out, info = uninterrupted["out"], uninterrupted["info"]
+    assert info["JobState"] == "COMPLETED", out
+    logs = node_logs(uninterrupted["job_dir"], uninterrupted["job"])
+    assert "train rank 0/2 local_rank 0 on node node1" in out
+    assert "train rank 1/2 local_rank 0 on node node2" in out
+    assert set(logs) >= {"node1.r0.train.rank0.log", "node2.r0.train.rank1.log"}
+    metrics = read_metrics(uninterrupted["run_dir"])
+    assert sorted(metrics) == [1, 2, 3, 4]
+    assert (uninterrupted["run_dir"] / "checkpoints" / "latest").exists()
+
+
+def test_b_preempted_run_resumes_and_matches_the_uninterrupted_one(
+    cluster, tiny_model, uninterrupted, job_dir
+):
+    assert uninterrupted["info"]["JobState"] == "COMPLETED", uninterrupted["out"]
+    run_dir = job_dir / "run"
+    job = sbatch(cluster, job_dir, *TINY, *tiny_model, f"logging.run_dir={run_dir}")
+    metrics = run_dir / "metrics.jsonl"
+    wait_for(lambda: metrics.exists() and metrics.read_text().count("\n") >= 1, 600,
+             "the first training step")  # fmt: skip
+    preempt_and_release(cluster, job, timeout=300)
+    info = cluster.wait_job(job, 900)
+    out = batch_log(job_dir, job)
+    assert info["JobState"] == "COMPLETED", out
+    assert "requeueing job" in out and f"job {job} restart 1" in out, out
+    iters = sorted(p.name for p in (run_dir / "checkpoints").glob("iter_*"))
+    assert any(int(name.split("_")[1]) < 4 for name in iters), iters  # the preemption checkpoint
+    resumed, reference = read_metrics(run_dir), read_metrics(uninterrupted["run_dir"])
+    assert sorted(resumed) == [1, 2, 3, 4]
+    for step in sorted(reference):
+        diff = {k: (reference[step].get(k), resumed[step].get(k))
+                for k in reference[step].keys() | resumed[step].keys()
+                if reference[step].get(k) != resumed[step].get(k)}  # fmt: skip
+        assert not diff, f"step {step}: (uninterrupted, resumed) differ: {diff}"
