@@ -313,6 +313,13 @@ def destroy_distributed() -> None:
 
 _SHIMS_APPLIED = False
 
+# Capabilities of the CPU shims, for callers that used to work around their absence:
+# `Tensor.type()` answers megatron's `torch.cuda.*Tensor` checks, so megatron's optimizers, grad
+# clipping and the DistributedOptimizer run on CPU (tests/distributed/test_parallel_invariance.py
+# steps the DistributedOptimizer under TP=2 and PP=2).
+TENSOR_TYPE_SHIM = True
+DISTRIBUTED_OPTIMIZER_ON_CPU = True
+
 # Megatron modules that allocate with a literal `device="cuda"` (or `pin_memory=True`) on code paths
 # a dense GPT model uses for forward/backward, the schedules, DDP, the optimizer and checkpoints.
 # Their module-global `torch` is swapped for a proxy whose tensor factories put "cuda" on the CPU.
