@@ -7,9 +7,10 @@ weights given the problem plus a peer's correct solution (the SDPO/RLRT teacher 
     s_t = log pi_S(y_t | x, y_<t),   tau_t = log pi_T(y_t | c, x, y_<t),   Delta_t = tau_t - s_t
     w_t = pi_S / pi_T = exp(-Delta_t)                     (RLRT's weight on correct rollouts)
 
-1. **Delta along rollouts** (`delta_analysis`): per-token Delta; "explore" tokens = largest mean
-   ``w`` (the student chose against the teacher; RLRT up-weights them on correct rollouts),
-   "exploit" tokens = smallest mean ``w`` (largest Delta: the teacher is surer than the student),
+1. **Delta along rollouts** (`delta_analysis`): per-token Delta; "explore" tokens = most
+   negative mean Delta, i.e. largest ``w`` (the student chose against the teacher; RLRT
+   up-weights them on correct rollouts), "exploit" tokens = largest mean Delta, smallest ``w``
+   (the teacher is surer than the student),
    both on correct rollouts (all rollouts when there are none, marked ``scope="all"``).
 2. **Reflection injection** (`reflection_injection`): the phrase (default "Wait, let me
    reconsider.") is inserted before the token of max Delta, of min Delta and at a random position;
@@ -226,40 +227,58 @@ def token_text(tokenizer: Any, token_id: int) -> str:
 def explore_exploit_tokens(
     rollouts: Sequence[Rollout], tokenizer: Any, top: int = 15, min_count: int = 2
 ) -> dict[str, Any]:
-    """Token types ranked by the mean RLRT weight ``mean_t w_t = mean exp(-Delta_t)``.
+    """Token types ranked by their mean Delta (the log of the geometric-mean RLRT weight,
+    ``exp(-mean_t Delta_t)``; the arithmetic mean of ``w`` is dominated by single outliers).
 
+    Explore = most negative mean Delta (largest w = pi_S / pi_T), exploit = most positive.
     Scope: tokens of correct rollouts with a teacher (``scope="correct"``); all rollouts with a
     teacher when no correct one has (``scope="all"``). Token types seen fewer than `min_count`
     times are left out unless fewer than `top` types would remain.
-    Returns ``{"scope", "n_tokens", "explore": [...], "exploit": [...]}``, entries
-    ``{"token", "token_id", "count", "mean_w", "mean_delta"}``.
+    Returns ``{"scope", "n_tokens", "explore": [...], "exploit": [...], "top_occurrences"}``;
+    token entries ``{"token", "token_id", "count", "mean_delta", "geo_mean_w", "mean_w"}``,
+    occurrences (the `top` single tokens of largest w) ``{"rollout", "position", "token", "w",
+    "delta", "context"}``.
     """
     with_t = [r for r in rollouts if r.delta is not None and len(r.response_ids)]
     scope = "correct" if any(r.correct for r in with_t) else "all"
     chosen = [r for r in with_t if r.correct] if scope == "correct" else with_t
     acc: dict[int, list[float]] = defaultdict(list)
+    occurrences: list[tuple[float, Rollout, int]] = []
     for r in chosen:
-        for tid, d in zip(r.response_ids, r.delta.tolist(), strict=True):  # type: ignore[union-attr]
+        for t, (tid, d) in enumerate(zip(r.response_ids, r.delta.tolist(), strict=True)):  # type: ignore[union-attr]
             acc[int(tid)].append(float(d))
+            occurrences.append((float(d), r, t))
     rows = [
         {
             "token": token_text(tokenizer, tid),
             "token_id": tid,
             "count": len(ds),
-            "mean_w": sum(math.exp(-d) for d in ds) / len(ds),
             "mean_delta": sum(ds) / len(ds),
+            "geo_mean_w": math.exp(-sum(ds) / len(ds)),
+            "mean_w": sum(math.exp(-d) for d in ds) / len(ds),
         }
         for tid, ds in acc.items()
     ]
     frequent = [r for r in rows if r["count"] >= min_count]
     if len(frequent) >= min(top, len(rows)):
         rows = frequent
-    by_w = sorted(rows, key=lambda r: (-r["mean_w"], r["token_id"]))
+    occurrences.sort(key=lambda x: x[0])
     return {
         "scope": scope,
         "n_tokens": sum(len(v) for v in acc.values()),
-        "explore": by_w[:top],
-        "exploit": sorted(rows, key=lambda r: (r["mean_w"], r["token_id"]))[:top],
+        "explore": sorted(rows, key=lambda r: (r["mean_delta"], r["token_id"]))[:top],
+        "exploit": sorted(rows, key=lambda r: (-r["mean_delta"], r["token_id"]))[:top],
+        "top_occurrences": [
+            {
+                "rollout": r.key,
+                "position": t,
+                "token": token_text(tokenizer, r.response_ids[t]),
+                "w": math.exp(-d),
+                "delta": d,
+                "context": tokenizer.decode(r.response_ids[max(0, t - 12) : t]),
+            }
+            for d, r, t in occurrences[:top]
+        ],
     }
 
 

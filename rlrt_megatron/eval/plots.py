@@ -11,6 +11,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 
 DPI = 130
 C_CORRECT, C_WRONG = "#1b9e77", "#d95f02"
@@ -63,6 +64,8 @@ def plot_delta_traces(rollouts: Sequence[Any], tokenizer: Any, path: Path, n: in
         ax.legend(loc="best", fontsize=8, framealpha=0.85)
         ax.grid(alpha=0.3)
     axes[-1].set_xlabel("response token position")
+    for ax in axes:
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     fig.suptitle("Per-token Δ = log π_T − log π_S along rollouts", fontsize=12)
     fig.tight_layout()
     return _save(fig, path)
@@ -103,11 +106,12 @@ def plot_delta_hist(rollouts: Sequence[Any], path: Path) -> Path:
 
 
 def plot_explore_exploit(delta: dict[str, Any], path: Path) -> Path:
-    """Top explore (largest mean w) and exploit (smallest mean w) tokens, log-x bars."""
-    fig, axes = plt.subplots(1, 2, figsize=(12, 0.32 * max(8, len(delta["explore"])) + 1.5))
+    """Top explore (most negative mean Delta) and exploit (most positive) token types."""
+    n = max(8, len(delta["explore"]), len(delta["exploit"]))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 0.32 * n + 1.8))
     panels = (
-        ("explore", C_EXPLORE, "Explore: largest mean w = π_S / π_T"),
-        ("exploit", C_EXPLOIT, "Exploit: smallest mean w (teacher surer)"),
+        ("explore", C_EXPLORE, "Explore: most negative mean Δ (w = π_S/π_T > 1)"),
+        ("exploit", C_EXPLOIT, "Exploit: most positive mean Δ (teacher surer)"),
     )
     for ax, (key, color, title) in zip(axes, panels, strict=True):
         rows = delta[key][::-1]  # the top entry drawn at the top
@@ -116,18 +120,29 @@ def plot_explore_exploit(delta: dict[str, Any], path: Path) -> Path:
             ax.set_axis_off()
             continue
         labels = [f"'{_short(r['token'], 16)}' ×{r['count']}" for r in rows]
-        ax.barh(range(len(rows)), [r["mean_w"] for r in rows], color=color, alpha=0.8)
+        vals = [r["mean_delta"] for r in rows]
+        bars = ax.barh(range(len(rows)), vals, color=color, alpha=0.8)
         ax.set_yticks(range(len(rows)), labels, fontsize=9)
-        ws = [r["mean_w"] for r in rows]
-        lo, hi = min([*ws, 1.0]), max([*ws, 1.0])
-        pad = 0.05 * (hi - lo or 1.0)
-        ax.set_xlim(max(0.0, lo - pad), hi + pad)
-        ax.axvline(1.0, color="grey", lw=0.8, ls="--")
-        ax.set_xlabel("mean w = exp(−Δ) over the token's occurrences (1 = agreement)")
+        span = max(abs(v) for v in vals) or 1.0
+        ax.set_xlim(min(0.0, min(vals)) - 0.25 * span, max(0.0, max(vals)) + 0.25 * span)
+        for b, r in zip(bars, rows, strict=True):
+            v = r["mean_delta"]
+            ax.annotate(
+                f"w≈{r['geo_mean_w']:.3g}",
+                (v, b.get_y() + b.get_height() / 2),
+                ha="left" if v >= 0 else "right",
+                va="center",
+                fontsize=8,
+                xytext=(3 if v >= 0 else -3, 0),
+                textcoords="offset points",
+            )
+        ax.axvline(0.0, color="grey", lw=0.8)
+        ax.set_xlabel("mean Δ = log π_T − log π_S over the token's occurrences (nats)")
         ax.set_title(title, fontsize=11)
         ax.grid(axis="x", alpha=0.3)
     fig.suptitle(
-        f"Explore / exploit tokens on {delta['scope']} rollouts ({delta['n_tokens']} tokens)",
+        f"Explore / exploit tokens on {delta['scope']} rollouts ({delta['n_tokens']} tokens; "
+        "w≈exp(−mean Δ))",
         fontsize=12,
     )
     fig.tight_layout()
@@ -211,6 +226,7 @@ def plot_jsd(jsd: dict[str, Any], path: Path) -> Path:
     ]
     ax.plot([(b + 0.5) / n_bins for b in range(n_bins)], means, marker="o", color="#386cb0")
     ax.set_xlabel("relative position in the response (0 = start, 1 = end)")
+    ax.set_ylim(bottom=0.0)
     ax.set_ylabel("mean JSD (nats)")
     ax.set_title("JSD along the response")
     ax.grid(alpha=0.3)
@@ -251,14 +267,14 @@ def print_summary(console: Any, data: dict[str, Any], top: int = 10) -> None:
             f"{st.get('delta_mean_incorrect', float('nan')):+.3f}"
         )
         t = Table(title=f"explore / exploit tokens ({d['scope']} rollouts)")
-        for c in ("explore", "mean w", "n", "exploit", "mean w ", "n "):
-            t.add_column(c, justify="right" if c.strip() in ("mean w", "n") else "left")
+        for c in ("explore", "mean Δ", "n", "exploit", "mean Δ ", "n "):
+            t.add_column(c, justify="right" if c.strip() in ("mean Δ", "n") else "left")
         for i in range(min(top, max(len(d["explore"]), len(d["exploit"])))):
             cells = []
             for key in ("explore", "exploit"):
                 if i < len(d[key]):
                     r = d[key][i]
-                    cells += [f"'{r['token']}'", f"{r['mean_w']:.3g}", str(r["count"])]
+                    cells += [f"'{r['token']}'", f"{r['mean_delta']:+.3f}", str(r["count"])]
                 else:
                     cells += ["", "", ""]
             t.add_row(*cells)

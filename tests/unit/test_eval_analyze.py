@@ -86,6 +86,11 @@ def test_explore_exploit_ranking_on_correct_rollouts() -> None:
     assert out["exploit"][0]["token_id"] == 2
     assert out["exploit"][0]["mean_w"] == pytest.approx((math.exp(-0.5) + math.exp(-2.0)) / 2)
     assert out["exploit"][0]["token"] == "␣b"
+    assert out["exploit"][0]["mean_delta"] == pytest.approx(1.25)
+    assert out["exploit"][0]["geo_mean_w"] == pytest.approx(math.exp(-1.25))
+    occ = out["top_occurrences"]
+    assert (occ[0]["rollout"], occ[0]["position"], occ[0]["w"]) == ("b/1/0", 0, math.exp(3.0))
+    assert occ[1]["context"] == "" and occ[2]["context"] == "a b\n"
     # min_count drops the singletons when enough frequent types remain
     assert {e["token_id"] for e in explore_exploit_tokens(rs, Tok(), 1, 2)["explore"]} == {1}
     # no correct rollout: all rollouts, marked
