@@ -221,3 +221,51 @@ def test_b_preempted_run_resumes_and_matches_the_uninterrupted_one(
                 for k in reference[step].keys() | resumed[step].keys()
                 if reference[step].get(k) != resumed[step].get(k)}  # fmt: skip
         assert not diff, f"step {step}: (uninterrupted, resumed) differ: {diff}"
+
+
+# ---- separate rollout nodes: node2 serves, node1 trains and is told the address ------------------
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_rollout_nodes_serve_and_the_trainer_gets_their_urls(cluster, job_dir):
+    port = free_port()
+    env = {
+        "RLRT_ROLLOUT_NODES": "1",
+        "RLRT_ROLLOUT_PORT": str(port),
+        # a stand-in for sglang.launch_server on the rollout node (loopback only)
+        "RLRT_ROLLOUT_CMD": 'exec python -m http.server "$RLRT_ROLLOUT_PORT" --bind 127.0.0.1',
+        "RLRT_TRAIN_CMD": 'python tests/slurm/rollout_probe.py "$@"',
+    }
+    job = sbatch(cluster, job_dir, env=env)
+    info = cluster.wait_job(job, 240)
+    out = batch_log(job_dir, job)
+    assert info["JobState"] == "COMPLETED", out
+    assert "training node(s) [node1]" in out and "rollout node(s) [node2]" in out, out
+    assert f"rollout servers: http://127.0.0.1:{port}" in out
+    logs = node_logs(job_dir, job)
+    assert (
+        f"rollout server http://127.0.0.1:{port} answered 200" in logs["node1.r0.train.rank0.log"]
+    )
+    assert "rollout rank 0/1 local_rank 0 on node node2" in logs["node2.r0.rollout.rank0.log"]
+
+
+def test_a_crashed_rollout_server_fails_the_job(cluster, job_dir):
+    env = {
+        "RLRT_ROLLOUT_NODES": "1",
+        "RLRT_ROLLOUT_CMD": "sleep 5; exit 7",
+        "RLRT_TRAIN_CMD": "sleep 600",
+    }
+    t0 = time.monotonic()
+    job = sbatch(cluster, job_dir, env=env)
+    info = cluster.wait_job(job, 240)
+    out = batch_log(job_dir, job)
+    assert info["JobState"] == "FAILED" and info["ExitCode"] == "7:0", out
+    assert "FAILED: rollout rank 0 on node node2 exited with code 7" in out
+    assert time.monotonic() - t0 < 150, out
