@@ -130,3 +130,57 @@ def test_analyze_cli_writes_pngs_and_json(models, tmp_path, capsys) -> None:
     fracs = [j["frac_above"][t] for t in ("0.01", "0.05", "0.1", "0.3")]
     assert fracs == sorted(fracs, reverse=True) and all(0 <= f <= 1 for f in fracs)
     assert set(j["topk_overlap"]) == {"1", "5", "10"}
+
+
+@pytest.mark.slow
+def test_eval_and_analyze_on_the_sft_warmed_demo_model(tmp_path, capsys) -> None:
+    """The demo's SFT-warmed tiny model (right ~1/3 of the time): eval numbers, peer teachers,
+    explore tokens on correct rollouts, and a large JSD from its random base."""
+    warmup = pytest.importorskip("rlrt_megatron.trainer.warmup")
+    from types import SimpleNamespace as NS
+
+    from rlrt_megatron.convert.tiny import make_tiny_model
+
+    seed = 1234
+    cfg = NS(
+        model=NS(sft_warmup_steps=300, sft_lr=3e-3),
+        train=NS(seed=seed),
+        data=NS(synthetic_max_operand=9, instruction=""),
+    )
+    warm = Path(warmup.build_warm_tiny_model(str(tmp_path / "warm"), cfg, log=lambda s: None))
+    base = make_tiny_model(tmp_path / "base", seed=seed)  # the weights before the warm-up
+    common = ["--benchmarks", "synthetic", "--instruction", "", "--reward-workers", "1"]
+    common += ["--max-new-tokens", "48", "--reward-timeout", "600"]
+    assert (
+        main(
+            [
+                "eval",
+                "--ckpt",
+                str(warm),
+                "--k",
+                "8",
+                "--temperature",
+                "1.0",
+                "--top-p",
+                "1.0",
+                "--out",
+                str(tmp_path / "eval"),
+                *common,
+            ]
+        )
+        == 0
+    )
+    row = json.loads((tmp_path / "eval" / "summary.json").read_text())["benchmarks"]["synthetic"]
+    assert 0.1 < row["avg@8"] < row["pass@8"] <= 1.0
+    out = tmp_path / "an"
+    argv = ["analyze", "--ckpt", str(warm), "--base", str(base), "--max-problems", "8"]
+    argv += ["--k", "8", "--teacher", "peer", "--out", str(out), *common]
+    assert main(argv) == 0
+    res = json.loads((out / "analysis.json").read_text())
+    st = res["delta"]["stats"]
+    assert st["rollouts_peer_teacher"] == st["rollouts_with_teacher"] > 0
+    assert res["delta"]["scope"] == "correct"
+    assert res["delta"]["explore"][0]["mean_delta"] < 0 < res["delta"]["explore"][0]["count"]
+    assert res["jsd"]["mean_jsd"] > 0.1 and res["jsd"]["topk_overlap"]["1"] < 0.5
+    for name in ("delta_trace", "delta_hist", "explore_exploit_tokens", "reflection_flips", "jsd"):
+        assert (out / f"{name}.png").stat().st_size > 10_000
