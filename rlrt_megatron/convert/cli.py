@@ -3,13 +3,32 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
+import sys
+from collections.abc import Callable
+
+
+def _user_errors(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Print input problems (bad directory, architecture, shapes, dtype) as one line, exit 2."""
+
+    @functools.wraps(fn)
+    def wrapper(args: argparse.Namespace) -> int:
+        try:
+            return fn(args)
+        except (ValueError, KeyError, FileNotFoundError, FileExistsError) as e:
+            msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+            print(f"rlrt convert: error: {msg}", file=sys.stderr)
+            return 2
+
+    return wrapper
 
 
 def _log() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
 
+@_user_errors
 def _hf_to_megatron(args: argparse.Namespace) -> int:
     _log()
     from rlrt_megatron.convert.hf_to_megatron import hf_to_megatron
@@ -21,6 +40,7 @@ def _hf_to_megatron(args: argparse.Namespace) -> int:
     return 0
 
 
+@_user_errors
 def _megatron_to_hf(args: argparse.Namespace) -> int:
     _log()
     from rlrt_megatron.convert.megatron_to_hf import megatron_to_hf
@@ -38,6 +58,7 @@ def _megatron_to_hf(args: argparse.Namespace) -> int:
     return 0
 
 
+@_user_errors
 def _tiny_model(args: argparse.Namespace) -> int:
     from rlrt_megatron.convert.io import parse_dtype
     from rlrt_megatron.convert.tiny import make_tiny_model

@@ -122,6 +122,7 @@ def hf_to_megatron(
         raise ValueError(f"unknown layer spec {spec!r}; choose one of {mapping.SPECS}")
     hf_dir = Path(hf_dir)
     inspect_hf_dir(hf_dir)  # fail on a bad directory before starting any process group
+    io.check_out_dir(out_dir, overwrite=overwrite)
     if io.in_multi_rank_job():
         args = ["hf-to-megatron", "--hf", str(hf_dir), "--out", str(out_dir), "--spec", spec]
         args += (["--dtype", io.dtype_name(target)] if target else []) + (

@@ -144,16 +144,21 @@ def copy_hf_metadata(src: str | Path, dst: str | Path) -> list[str]:
     return copied
 
 
+def check_out_dir(out_dir: str | Path, *, overwrite: bool = False) -> Path:
+    """Refuse a non-empty output directory unless `overwrite` (checked before any work)."""
+    out = Path(out_dir)
+    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(
+            f"output directory {out} exists and is not empty: choose another --out or pass "
+            "--overwrite"
+        )
+    return out
+
+
 @contextmanager
 def atomic_dir(out_dir: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a fresh `<out_dir>.tmp` directory, renamed to `out_dir` only if the body succeeds."""
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise FileExistsError(
-                f"output directory {out} exists and is not empty: choose another --out or pass "
-                "--overwrite"
-            )
+    out = check_out_dir(out_dir, overwrite=overwrite)
     tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)

@@ -110,6 +110,7 @@ def megatron_to_hf(
     meta_dir = find_hf_metadata_dir(ckpt, hf_config_dir)
     config = io.read_hf_config(meta_dir)
     shape = mapping.model_shape(config)
+    io.check_out_dir(out_dir, overwrite=overwrite)
 
     if io.in_multi_rank_job():
         args = ["megatron-to-hf", "--ckpt", str(ckpt), "--out", str(out_dir), "--hf-config",

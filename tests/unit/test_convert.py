@@ -259,3 +259,18 @@ def test_safetensors_stream_writer(tmp_path, max_bytes: int) -> None:
     w.add("a", tensors["a"])
     with pytest.raises(ValueError, match="got 1 of 4 planned tensors; the next missing one is b"):
         w.finish()
+
+
+def test_cli_reports_input_errors_in_one_line(tiny_dir, tmp_path, capsys) -> None:
+    from rlrt_megatron.cli import main
+
+    rc = main(["convert", "hf-to-megatron", "--hf", str(tmp_path / "no"), "--out", str(tmp_path)])
+    assert rc == 2 and "no/config.json not found" in capsys.readouterr().err
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "f").write_text("x")
+    rc = main(["convert", "hf-to-megatron", "--hf", str(tiny_dir), "--out", str(tmp_path / "busy")])
+    assert rc == 2 and "not empty" in capsys.readouterr().err
+    rc = main(["convert", "megatron-to-hf", "--ckpt", str(tiny_dir), "--out", str(tmp_path / "o")])
+    assert rc == 2 and "not a Megatron dist checkpoint" in capsys.readouterr().err
+    rc = main(["convert", "hf-to-megatron", "--hf", str(tiny_dir), "--out", "x", "--dtype", "q4"])
+    assert rc == 2 and "unsupported dtype 'q4'" in capsys.readouterr().err
