@@ -52,7 +52,12 @@ def _submit(args: argparse.Namespace) -> int:
             env=_kv(args.env, "--env"),
         )
         job_id, script = submit(
-            job, ssh=args.ssh, identity=args.identity, dry_run=args.dry_run, mkdir=args.mkdir
+            job,
+            ssh=args.ssh,
+            identity=args.identity,
+            dry_run=args.dry_run,
+            mkdir=args.mkdir,
+            log=lambda m: print(m, file=sys.stderr if args.dry_run else sys.stdout),
         )
     except SlurmJobError as e:
         print(f"rlrt slurm submit: {e}", file=sys.stderr)

@@ -99,6 +99,24 @@ class SlurmJob:
         s.update(self.env)
         return s
 
+    def describe(self, cfg: Any) -> str:
+        """One line: nodes, ranks and the parallel layout (printed by `rlrt slurm submit`)."""
+        tp, pp = cfg.parallel.tp, cfg.parallel.pp
+        s = (
+            f"{self.nodes} node(s): {self.training_nodes} training x {self.tasks_per_node} "
+            f"rank(s) = {self.world_size} ranks (tp {tp} x pp {pp} x dp "
+            f"{self.world_size // (tp * pp)})"
+        )
+        if self.rollout_nodes:
+            per_node = self.settings(cfg).get("RLRT_ROLLOUT_SERVERS_PER_NODE", "1")
+            s += (
+                f", {self.rollout_nodes} rollout node(s) x {per_node} SGLang server(s) "
+                f"(tp {cfg.rollout.sglang_tp})"
+            )
+        else:
+            s += f", rollouts colocated ({cfg.rollout.engine})"
+        return s
+
     # ---- nemo-run ----------------------------------------------------------------------------
     def executor(self, tunnel: Any | None = None):  # noqa: ANN201 - nemo_run.SlurmExecutor
         """The nemo-run `SlurmExecutor` for this job (resources, signal, requeue, tunnel)."""

@@ -47,6 +47,7 @@ def submit(
     identity: str | None = None,
     dry_run: bool = False,
     mkdir: bool = False,
+    log=print,  # noqa: ANN001 - where the layout line goes
 ) -> tuple[str | None, str]:
     """Validate, render and (unless `dry_run`) submit `job`; returns (job id, script).
 
@@ -54,6 +55,7 @@ def submit(
     the tunnel is local; a dry run never opens an SSH connection).
     """
     cfg = job.validate()  # everything but the storage check: no connection needed
+    log(f"{job.recipe}: {job.describe(cfg)}")
     job_dir = job.settings()["RLRT_LOG_DIR"] + "/submitted"
     tunnel = make_tunnel(ssh, job_dir, identity)
     check = None

@@ -61,6 +61,10 @@ def test_the_8b_layout_from_the_readme_is_valid():
     job = SlurmJob("qwen3_8b_rlrt", nodes=4, gpus_per_node=8, rollout_nodes=1)
     cfg = job.validate()
     assert job.world_size == 24 and cfg.parallel.tp == 4
+    assert job.describe(cfg) == (
+        "4 node(s): 3 training x 8 rank(s) = 24 ranks (tp 4 x pp 1 x dp 6), "
+        "1 rollout node(s) x 4 SGLang server(s) (tp 2)"
+    )
     assert job.settings(cfg)["RLRT_ROLLOUT_SERVERS_PER_NODE"] == "4"
     SlurmJob("qwen3_8b_rlrt", nodes=4, gpus_per_node=8).validate()  # colocated: 32 ranks, dp=8
 
@@ -87,6 +91,7 @@ def shared_dir():
     shutil.rmtree(d, ignore_errors=True)
 
 
+@pytest.mark.slurm  # needs nemo-run (the slurm extra, installed by `make test-slurm`)
 def test_cli_missing_checkpoint_dir_fails_at_submit(shared_dir):
     pytest.importorskip("nemo_run")
     p = rlrt_slurm("submit", "--recipe", "tiny_demo", "--nodes", "2", "--gpus-per-node", "0",
@@ -96,6 +101,7 @@ def test_cli_missing_checkpoint_dir_fails_at_submit(shared_dir):
     assert "mkdir -p" in p.stderr
 
 
+@pytest.mark.slurm
 def test_dry_run_renders_the_sbatch_template_with_the_jobs_settings(shared_dir):
     pytest.importorskip("nemo_run")
     p = rlrt_slurm("submit", "--recipe", "qwen3_8b_rlrt", "--nodes", "4", "--gpus-per-node", "8",
