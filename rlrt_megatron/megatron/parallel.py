@@ -239,7 +239,24 @@ def gather_full_grads(model_chunks: Sequence[torch.nn.Module]) -> dict[str, torc
     """All gradients (``main_grad`` under megatron DDP, else ``.grad``) in the TP=1/PP=1 layout.
 
     Params without a gradient are left out. Collective like :func:`gather_full_params`.
+    Raises ``ValueError`` under megatron DDP with ``use_distributed_optimizer`` and DP > 1: the
+    reduce-scatter leaves each rank's ``main_grad`` reduced only in its own optimizer shard.
     """
+    from megatron.core import parallel_state
+
+    for chunk in model_chunks:
+        ddp_config = getattr(chunk, "ddp_config", None)
+        if (
+            ddp_config is not None
+            and ddp_config.use_distributed_optimizer
+            and parallel_state.get_data_parallel_world_size() > 1
+        ):
+            raise ValueError(
+                "gather_full_grads: with the distributed optimizer and data-parallel size "
+                f"{parallel_state.get_data_parallel_world_size()} the gradients are reduce-"
+                "scattered (each rank holds only its shard); wrap with "
+                "use_distributed_optimizer=False to inspect full gradients"
+            )
 
     def grad(p: torch.nn.Parameter) -> torch.Tensor | None:
         g = getattr(p, "main_grad", None)
