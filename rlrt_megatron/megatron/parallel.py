@@ -112,9 +112,11 @@ def forward_backward(
     """Run ``microbatches`` through megatron's ``forward_backward_func``; return its loss outputs.
 
     Each micro-batch is a dict with ``input_ids`` ``[B, T]`` and optionally ``position_ids``
-    (default ``arange(T)``) and ``attention_mask`` (default None: the spec's causal mask); other
-    keys are passed through to ``loss_fn``. Every PP stage receives the same micro-batches (only
-    the first stage reads ``input_ids``, only the last calls ``loss_fn``).
+    (default ``arange(T)``) and ``attention_mask`` in megatron's convention, bool ``[B, 1, T, T]``
+    with True = masked out (default None: the spec's causal mask, right for right-padded rows
+    whose padding the loss masks); other keys are passed through to ``loss_fn``. Every PP stage
+    receives the same micro-batches (only the first stage reads ``input_ids``, only the last calls
+    ``loss_fn``).
 
     ``loss_fn(batch, logits)`` gets the last stage's output, vocab-parallel logits
     ``[B, T, padded_vocab / tp]``, and returns what megatron expects from a loss function:
@@ -140,6 +142,14 @@ def forward_backward(
             "shape or set config.variable_seq_lengths=True"
         )
     mbs, seq_len = max(shapes)
+    for mb in microbatches:
+        mask = mb.get("attention_mask")
+        if mask is not None and mask.dim() != 4:
+            raise ValueError(
+                f"attention_mask has shape {tuple(mask.shape)}; megatron wants bool [B, 1, T, T] "
+                "with True = masked (an HF-style [B, T] keep-mask is not accepted): pass None for "
+                "causal attention over right-padded rows"
+            )
     dev = platform.device()
 
     def forward_step(data_iterator: Iterator, model: torch.nn.Module):
