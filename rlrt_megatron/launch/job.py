@@ -220,6 +220,12 @@ class SlurmJob:
                     f"rollout.engine={cfg.rollout.engine} on the trainer; separate rollout nodes "
                     "need rollout.engine=sglang (or drop --rollout-nodes)"
                 )
+            if not hasattr(cfg.rollout, "sglang_urls"):
+                errors.append(
+                    f"--rollout-nodes {self.rollout_nodes}: this trainer's config has no "
+                    "rollout.sglang_urls, so it cannot connect to servers on other nodes; "
+                    "drop --rollout-nodes (colocated SGLang)"
+                )
             if g == 0 and "RLRT_ROLLOUT_CMD" not in self.env:
                 errors.append(
                     f"--rollout-nodes {self.rollout_nodes}: SGLang servers need GPUs; "

