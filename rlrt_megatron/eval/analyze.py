@@ -558,7 +558,10 @@ class AnalysisResult:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    """`rlrt analyze`: the three diagnostics, plots + analysis.json in --out."""
+    """Sample k rollouts per problem from --ckpt, then: per-token Delta = log pi_T - log pi_S
+    (teacher = the same model shown a correct peer solution) with explore/exploit tokens;
+    reflection injection at max-Delta / random / min-Delta positions (flipR, flipW); JSD of the
+    policy vs --base along its rollouts. Writes PNG plots and analysis.json to --out."""
     from rlrt_megatron.eval import plots
     from rlrt_megatron.eval.benchmarks import load_benchmarks, parse_benchmark_files
     from rlrt_megatron.eval.cli import (

@@ -266,7 +266,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
     e = subparsers.add_parser(
-        "eval", help="avg@k / pass@k on math benchmarks (resumable)", description=cmd_eval.__doc__
+        "eval",
+        help="avg@k / pass@k on math benchmarks (resumable)",
+        description=cmd_eval.__doc__,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_eval_args(e)
     try:
@@ -277,6 +280,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "analyze",
         help="RLRT diagnostics: per-token Delta, explore/exploit tokens, reflection "
         "injection, JSD vs the base model (PNG plots)",
+        description=cmd_analyze.__doc__,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_analyze_args(a)
     a.set_defaults(func=cmd_analyze)

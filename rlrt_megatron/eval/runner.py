@@ -390,8 +390,9 @@ def run_eval(
     Returns ``{"eval/<bench>/avg@<k>", "eval/<bench>/pass@<j>", "eval/<bench>/n_problems",
     "eval/<bench>/mean_response_tokens", "eval/<bench>/truncated_frac", ...,
     "eval/average/..."}``. `reward` defaults to a fresh `MathReward` (closed afterwards); pass
-    the trainer's to reuse its workers. `seed` is the sampling seed (pass the step, so a resumed
-    run evaluates what the uninterrupted one did).
+    the trainer's to reuse its workers. `seed`: keep it fixed across steps (e.g.
+    `rollout.seed`): every eval then draws the same random numbers, so step-to-step changes
+    come from the weights, and a resumed run evaluates exactly what the uninterrupted one did.
     """
     t = template or PromptTemplate()
     settings = EvalSettings(

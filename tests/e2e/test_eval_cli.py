@@ -152,3 +152,30 @@ def test_trainer_checkpoint_is_converted_and_matches_hf(uninterrupted, tiny, tmp
     assert main([*eval_args(root, out2), "--max-problems", "1"]) == 0
     meta2 = json.loads((out2 / "results.jsonl").read_text().splitlines()[0])["_meta"]
     assert meta2["instruction"] == ""
+
+
+def test_run_eval_in_training_matches_the_cli(uninterrupted, tiny) -> None:
+    """The trainer's entry point on a live engine gives the CLI's numbers for the same
+    settings (the CLI run used T=1.0 and the default top_p / instruction / seed)."""
+    from rlrt_megatron.eval import run_eval
+    from rlrt_megatron.eval.benchmarks import load_benchmark_specs
+    from rlrt_megatron.reward.math import MathReward
+    from rlrt_megatron.rollout.local import LocalEngine
+
+    engine = LocalEngine(tiny)
+    (bench,) = load_benchmark_specs(["synthetic"], limit=6)
+    with MathReward(num_workers=1, timeout_s=600) as reward:
+        metrics = run_eval(
+            engine,
+            [bench],
+            K,
+            tokenizer=engine.tokenizer,
+            reward=reward,
+            temperature=1.0,
+            top_p=0.95,
+            max_new_tokens=12,
+        )
+    cli = json.loads((uninterrupted / "summary.json").read_text())["benchmarks"]["synthetic"]
+    for key in (f"avg@{K}", f"pass@{K}", "pass@2", "mean_response_tokens"):
+        assert metrics[f"eval/synthetic/{key}"] == pytest.approx(cli[key])
+    assert metrics[f"eval/average/avg@{K}"] == pytest.approx(cli[f"avg@{K}"])
