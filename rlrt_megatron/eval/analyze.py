@@ -562,6 +562,12 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     (teacher = the same model shown a correct peer solution) with explore/exploit tokens;
     reflection injection at max-Delta / random / min-Delta positions (flipR, flipW); JSD of the
     policy vs --base along its rollouts. Writes PNG plots and analysis.json to --out."""
+    from rlrt_megatron.eval.cli import user_errors
+
+    return user_errors(_analyze)(args)
+
+
+def _analyze(args: argparse.Namespace) -> int:
     from rlrt_megatron.eval import plots
     from rlrt_megatron.eval.benchmarks import load_benchmarks, parse_benchmark_files
     from rlrt_megatron.eval.cli import (

@@ -113,6 +113,26 @@ def _make_engine(args: argparse.Namespace, hf_dir: Path):
     return engine, AutoTokenizer.from_pretrained(str(hf_dir))
 
 
+def user_errors(fn):
+    """Run a command; input errors (a bad benchmark file, a results file that cannot be
+    resumed, a missing checkpoint) print their message, without a traceback, and exit 2."""
+    import functools
+
+    @functools.wraps(fn)
+    def run(args: argparse.Namespace) -> int:
+        from rlrt_megatron.eval.benchmarks import BenchmarkError
+        from rlrt_megatron.eval.runner import ResumeError
+
+        try:
+            return fn(args)
+        except (BenchmarkError, ResumeError, FileNotFoundError) as e:
+            print(f"rlrt {args.command}: error: {e}", file=sys.stderr)
+            return 2
+
+    return run
+
+
+@user_errors
 def cmd_eval(args: argparse.Namespace) -> int:
     """Sample k answers per problem, score them with math-verify and report avg@k and pass@k
     per benchmark and on average (console table, summary.json, summary.csv). Per-problem results

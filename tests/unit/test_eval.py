@@ -289,3 +289,16 @@ def test_load_benchmark_specs_for_the_trainer_config(tmp_path: Path) -> None:
     assert [(b.name, len(b)) for b in benches] == [("aime24", 3), ("mine", 3), ("synthetic", 16)]
     with pytest.raises(BenchmarkError, match="nope"):
         load_benchmark_specs(["nope"])
+
+
+def test_cli_reports_a_malformed_benchmark_without_traceback(tmp_path: Path, capsys) -> None:
+    from rlrt_megatron.cli import main
+
+    (tmp_path / "amc23.jsonl").write_text(
+        '{"question": "What is 1 + 1?", "answer": "2"}\n{"q": 1}\n'
+    )
+    argv = ["eval", "--ckpt", str(tmp_path), "--benchmarks", "amc23", "--data-dir", str(tmp_path)]
+    assert main([*argv, "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert f"rlrt eval: error: benchmark 'amc23': {tmp_path / 'amc23.jsonl'}: line 2: " in err
+    assert "missing key 'problem'" in err and "Traceback" not in err
