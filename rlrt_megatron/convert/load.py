@@ -94,9 +94,10 @@ def load_checkpoint_into_model(model_chunks: Sequence[Any], ckpt_dir: str | Path
             else:
                 missing.append(v.key)
     if missing:
+        missing = sorted(set(missing))  # a stacked key appears once per local layer
         raise KeyError(
             f"checkpoint {ckpt_dir} lacks {len(missing)} parameter(s) of the model: "
-            f"{sorted(set(missing))[:10]} (it has e.g. {sorted(ckpt_keys)[:5]}). Is it a "
+            f"{missing[:10]} (it has e.g. {sorted(ckpt_keys)[:5]}). Is it a "
             "checkpoint of this architecture (same num_layers / qk-norm / tied embeddings)?"
         )
     loaded = dist_checkpointing.load(sharded, str(ckpt_dir))

@@ -39,7 +39,11 @@ def megatron_logits(
 
     batch, seq = tokens.shape
     positions = torch.arange(seq).unsqueeze(0)
-    micro_batches = iter([tokens[i : i + 1] for i in range(batch)])
+    rows = [tokens[i : i + 1] for i in range(batch)]
+    # interleaved pipelining (several chunks per rank) takes one iterator per chunk
+    micro_batches = (
+        iter(rows) if len(model_chunks) == 1 else [iter(list(rows)) for _ in model_chunks]
+    )
 
     def forward_step(data_iterator: Any, model: Any):
         ids = next(data_iterator)

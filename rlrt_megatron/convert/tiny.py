@@ -90,7 +90,14 @@ def build_tokenizer(vocab_size: int = 512, seed: int = 0, n_texts: int = 4000):
     )
 
 
-def tiny_config(arch: str = "qwen3", *, vocab_size: int = 512, tied: bool = True, tokenizer=None):
+def tiny_config(
+    arch: str = "qwen3",
+    *,
+    vocab_size: int = 512,
+    tied: bool = True,
+    tokenizer=None,
+    num_layers: int = 2,
+):
     """The tiny model's `transformers` config (Qwen3 or Llama 3 with llama3 rope scaling)."""
     from transformers import LlamaConfig, Qwen3Config
 
@@ -107,7 +114,7 @@ def tiny_config(arch: str = "qwen3", *, vocab_size: int = 512, tied: bool = True
         rms_norm_eps=1e-6,
         tie_word_embeddings=tied,
         attention_bias=False,
-        **TINY_SHAPE,
+        **{**TINY_SHAPE, "num_hidden_layers": num_layers},
         **ids,
     )
     if arch == "qwen3":
@@ -154,6 +161,7 @@ def make_tiny_model(
     vocab_size: int = 512,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
+    num_layers: int = 2,
 ) -> Path:
     """Write a tiny random HF checkpoint (config, safetensors, tokenizer, template) to `out_dir`.
 
@@ -166,7 +174,9 @@ def make_tiny_model(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(min(vocab_size, 512), seed=seed)
-    config = tiny_config(arch, vocab_size=vocab_size, tied=tied, tokenizer=tokenizer)
+    config = tiny_config(
+        arch, vocab_size=vocab_size, tied=tied, tokenizer=tokenizer, num_layers=num_layers
+    )
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     randomize_weights(model, seed)
     model = model.to(dtype)
@@ -183,6 +193,7 @@ def make_tiny_model(
         json.dumps(
             {
                 "arch": arch,
+                "num_layers": num_layers,
                 "tied": tied,
                 "vocab_size": vocab_size,
                 "seed": seed,

@@ -2,8 +2,8 @@
 TP x PP in {1,2}^2, exact `iter_hf_weights`, and re-export of a checkpoint saved at TP2 x PP2.
 
 Spawns: one process converts everything (module fixture), one 4-process job covers all layouts
-of all three models (A's `init_distributed` rebuilds the groups per layout), plus one run of
-`tools/check_parity.py`.
+of all models, interleaved pipelining included (`init_distributed` rebuilds the groups per
+layout), plus one run of `tools/check_parity.py`.
 """
 
 from __future__ import annotations
@@ -26,8 +26,17 @@ MODELS = {
     "qwen3_tied": dict(arch="qwen3", tied=True, vocab_size=1000, seed=1),
     "qwen3_untied": dict(arch="qwen3", tied=False, vocab_size=1000, seed=2),
     "llama3_gqa": dict(arch="llama", tied=False, vocab_size=1000, seed=3),
+    "qwen3_4layers": dict(arch="qwen3", tied=True, vocab_size=1000, seed=4, num_layers=4),
 }
-LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2)]
+LAYOUTS = [(1, 1, None), (2, 1, None), (1, 2, None), (2, 2, None)]  # (tp, pp, vpp)
+# (model, checkpoint, tp, pp, vpp); the last case of a model is its TP2 x PP2 one
+CASES = [(n, "mc", *lay) for n in ("qwen3_tied", "qwen3_untied", "llama3_gqa") for lay in LAYOUTS]
+CASES += [
+    ("qwen3_tied", "mc_te", 2, 2, None),  # TE-named checkpoint into the local-spec model
+    ("qwen3_4layers", "mc", 1, 2, 2),  # interleaved pipeline: 2 chunks per rank
+    ("qwen3_4layers", "mc", 2, 2, 2),
+]
+TRAINER_EXPORT = {"qwen3_tied": "", "llama3_gqa": "teacher."}  # model -> key prefix exported
 PARITY_TOL = 1e-4
 
 
@@ -68,6 +77,18 @@ def _convert_all(rank: int, world_size: int, root: str) -> dict:
         hf_to_megatron(q / "hf", q / "mc", show_progress=False)
     except FileExistsError as e:
         errors["exists"] = str(e)
+    from rlrt_megatron import platform
+    from rlrt_megatron.convert.io import read_hf_config
+    from rlrt_megatron.convert.load import load_checkpoint_into_model
+    from rlrt_megatron.megatron.model import build_model
+
+    platform.init_distributed(tp=1, pp=1)
+    try:  # a Llama checkpoint (no q/k norms) into a Qwen3 model
+        load_checkpoint_into_model(build_model(read_hf_config(q / "hf")), r / "llama3_gqa" / "mc")
+    except KeyError as e:
+        errors["wrong_model"] = str(e)
+    finally:
+        platform.destroy_distributed()
     return errors
 
 
@@ -125,6 +146,8 @@ def test_conversion_errors_are_named(converted) -> None:
     assert "output_layer.weight" in errors["wrong_config"]
     assert "lm_head.weight" in errors["wrong_config"]
     assert "not empty" in errors["exists"] and "--overwrite" in errors["exists"]
+    assert "lacks 2 parameter(s)" in errors["wrong_model"]
+    assert "decoder.layers.self_attention.q_layernorm.weight" in errors["wrong_model"]
 
 
 def _layouts_worker(rank: int, world_size: int, root: str) -> dict:
@@ -154,20 +177,19 @@ def _layouts_worker(rank: int, world_size: int, root: str) -> dict:
             reference = load_hf_tensors(hf_dir)
             tokens = random_batch(1000, 2, 17, seed=rank // 4)
             ref_logits = hf_logits(hf_dir, tokens)
-            ckpts = [("mc", LAYOUTS)] + ([("mc_te", [(2, 2)])] if name == "qwen3_tied" else [])
-            for ckpt_name, layouts in ckpts:
-                for tp, pp in layouts:
-                    platform.init_distributed(tp=tp, pp=pp)
-                    chunks = build_model(config, tp=tp, pp=pp, params_dtype=torch.float32)
-                    load_checkpoint_into_model(chunks, r / name / ckpt_name)
-                    logits = megatron_logits(chunks, tokens, 1000)
-                    diff = None if logits is None else float((logits - ref_logits).abs().max())
-                    exported = dict(iter_hf_weights(chunks))
-                    exact = sorted(exported) == sorted(reference) and all(
-                        torch.equal(exported[k], reference[k]) for k in reference
-                    )
-                    out[(name, ckpt_name, tp, pp)] = (diff, exact)
-            if name == "qwen3_untied":
+            for case in [c for c in CASES if c[0] == name]:
+                _, ckpt_name, tp, pp, vpp = case
+                platform.init_distributed(tp=tp, pp=pp, vpp=vpp)
+                chunks = build_model(config, tp=tp, pp=pp, vpp=vpp, params_dtype=torch.float32)
+                load_checkpoint_into_model(chunks, r / name / ckpt_name)
+                logits = megatron_logits(chunks, tokens, 1000)
+                diff = None if logits is None else float((logits - ref_logits).abs().max())
+                exported = dict(iter_hf_weights(chunks))
+                exact = sorted(exported) == sorted(reference) and all(
+                    torch.equal(exported[k], reference[k]) for k in reference
+                )
+                out[case] = (diff, exact)
+            if name not in TRAINER_EXPORT:
                 continue
             # `chunks` is now the TP2 x PP2 model: save it like the trainer does (padded vocab,
             # swiglu factories, tied copy on the last stage), then export it from rank 0 alone
@@ -180,11 +202,11 @@ def _layouts_worker(rank: int, world_size: int, root: str) -> dict:
             state["teacher"] = chunks[0].sharded_state_dict(prefix="teacher.")
             dist_checkpointing.save(state, str(save))
             if rank == 0:
-                prefix = "teacher." if name == "llama3_gqa" else ""
                 back = megatron_to_hf(save, r / name / "trainer_back", hf_config_dir=hf_dir,
-                                      key_prefix=prefix, show_progress=False)  # fmt: skip
+                                      key_prefix=TRAINER_EXPORT[name],
+                                      show_progress=False)  # fmt: skip
                 again = load_hf_tensors(back)
-                out[(name, "trainer", 2, 2)] = sorted(again) == sorted(reference) and all(
+                out[(name, "trainer")] = sorted(again) == sorted(reference) and all(
                     torch.equal(again[k], reference[k]) for k in reference
                 )
             dist.barrier()
@@ -196,18 +218,16 @@ def _layouts_worker(rank: int, world_size: int, root: str) -> dict:
 def test_parity_and_export_at_every_layout(converted) -> None:
     root, _ = converted
     results = run_distributed(_layouts_worker, 4, str(root))
-    for name in MODELS:
-        for ckpt, tp, pp in [("mc", tp, pp) for tp, pp in LAYOUTS] + (
-            [("mc_te", 2, 2)] if name == "qwen3_tied" else []
-        ):
-            diffs = [res[(name, ckpt, tp, pp)][0] for res in results]
-            measured = [d for d in diffs if d is not None]
-            # every last-stage rank compares (DP replicas and TP ranks alike)
-            assert len(measured) == 4 // pp, (name, ckpt, tp, pp, diffs)
-            assert max(measured) < PARITY_TOL, (name, ckpt, tp, pp, measured)
-            assert all(res[(name, ckpt, tp, pp)][1] for res in results), (name, ckpt, tp, pp)
-        if name != "qwen3_untied":
-            assert results[0][(name, "trainer", 2, 2)] is True, name
+    for case in CASES:
+        _, _, tp, pp, vpp = case
+        diffs = [res[case][0] for res in results]
+        measured = [d for d in diffs if d is not None]
+        # every last-stage rank compares (DP replicas and TP ranks alike)
+        assert len(measured) == 4 // pp, (case, diffs)
+        assert max(measured) < PARITY_TOL, (case, measured)
+        assert all(res[case][1] for res in results), case
+    for name in TRAINER_EXPORT:
+        assert results[0][(name, "trainer")] is True, name
 
 
 def test_check_parity_tool(converted) -> None:
