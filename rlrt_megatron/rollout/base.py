@@ -59,7 +59,9 @@ class RolloutEngine(Protocol):
         """Return, for each request, `sampling.n` completions (in request order)."""
         ...
 
-    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
+    def update_weights(
+        self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int
+    ) -> None:
         """Load new policy weights (Hugging Face names, full unsharded tensors) as `version`."""
         ...
 
