@@ -15,7 +15,6 @@ the last micro-batch is filled with empty rows (mask 0).
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -186,13 +185,22 @@ class Policy:
         return [unwrap_model(m) for m in self.model]
 
     def make_teacher_copy(self) -> list[torch.nn.Module]:
-        """A second set of weights (the RLSD snapshot / SDPO EMA teacher): a deep copy of the
-        unwrapped chunks, frozen. Memory: one more copy of this rank's parameter shards."""
-        teacher = [copy.deepcopy(c) for c in self.chunks]
+        """A second set of weights (the RLSD snapshot / SDPO EMA teacher): freshly built chunks
+        (same TP/PP sharding; a deepcopy cannot copy process groups) holding a copy of the
+        policy's weights, frozen. Memory: one more copy of this rank's parameter shards."""
+        from rlrt_megatron.megatron.model import build_model
+        from rlrt_megatron.trainer.checkpoint import rng_state, set_rng_state
+
+        state = rng_state()  # building must not move the RNG streams of the run
+        teacher = build_model(
+            self.hf_config, tp=self.tp, pp=self.pp, spec=self.spec, params_dtype=self.params_dtype
+        )
+        set_rng_state(state)
         for t in teacher:
             t.eval()
             for p in t.parameters():
                 p.requires_grad_(False)
+        self.copy_into(teacher)
         return teacher
 
     @torch.no_grad()
@@ -296,7 +304,13 @@ class Policy:
                     raise NotImplementedError("top-k distillation (SDPO/SRPO) needs parallel.pp=1")
                 # one teacher micro-batch per student micro-batch, same rows
                 tmbs = [
-                    pack_microbatches(mb["rows"], teacher_seqs, 10**9, pad_id)[0][0] for mb in mbs
+                    pack_microbatches(
+                        mb["rows"],
+                        teacher_seqs,
+                        len(mb["rows"]) * max(len(teacher_seqs[r].input_ids) for r in mb["rows"]),
+                        pad_id,
+                    )[0][0]
+                    for mb in mbs
                 ]
                 for mb, tmb in zip(mbs, tmbs, strict=True):
                     mb["teacher"] = tmb
