@@ -16,7 +16,10 @@ export PYTHONUNBUFFERED=1
 node=${SLURMD_NODENAME:-$(hostname -s)}
 restart=${SLURM_RESTART_COUNT:-0}
 
-if [[ -z ${RLRT_CONTAINER_IMAGE:-} && -f ${RLRT_VENV:-}/bin/activate ]]; then
+if [[ -n ${RLRT_CONTAINER_IMAGE:-} ]]; then
+  # inside the image: its python, our checkout (mounted at the same path) first on the path
+  export PYTHONPATH="$RLRT_HOME${PYTHONPATH:+:$PYTHONPATH}"
+elif [[ -f ${RLRT_VENV:-}/bin/activate ]]; then
   # shellcheck disable=SC1091
   source "$RLRT_VENV/bin/activate"
 fi

@@ -2,7 +2,8 @@
 `rlrt_megatron.platform.init_distributed` and prints where it ran.
 
 `--fail-rank R --exit-code C`: rank R exits with C while the others block in a barrier (they must
-be killed by the job's fail-fast, not hang). `--sleep S`: hold the ranks S seconds (for signals).
+be killed by the job's fail-fast, not hang). `--sleep S`: hold the ranks S seconds (for signals;
+a requeued run does not wait again).
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ def main() -> int:
         os._exit(args.exit_code)
     if args.fail_rank >= 0:
         dist.barrier()  # never completes: the failed rank is gone
-    deadline = time.monotonic() + args.sleep
+    restarted = os.environ.get("SLURM_RESTART_COUNT", "0") != "0"
+    deadline = time.monotonic() + (0.0 if restarted else args.sleep)  # a requeued run just ends
     while time.monotonic() < deadline and not got:
         time.sleep(0.2)
     if got:

@@ -65,12 +65,12 @@ def test_a_dead_task_fails_the_whole_job_fast_naming_node_and_code(cluster, job_
     assert time.monotonic() - t0 < 150, out
 
 
-def wait_for(cond, timeout: float, what: str) -> None:
+def wait_for(cond, timeout: float, what: str, poll: float = 0.5) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if cond():
             return
-        time.sleep(0.5)
+        time.sleep(poll)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
@@ -78,8 +78,16 @@ def preempt_and_release(cluster, job: str, timeout: float = 120) -> None:
     """What Slurm does at `--signal=B:USR1@120`, then skip the 120 s hold Slurm puts on requeued
     jobs (`scontrol update StartTime=now`) so the test does not sit idle."""
     cluster.run("scancel", "--signal=USR1", "--batch", job)
-    wait_for(lambda: cluster.job_state(job).get("Restarts") == "1", timeout, "the requeue")
-    cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now", check=False)
+
+    def requeued() -> bool:
+        info = cluster.job_state(job)
+        return info.get("Restarts") == "1" and info.get("JobState") == "PENDING"
+
+    wait_for(requeued, timeout, "the requeue")
+    deadline = time.monotonic() + 60
+    while cluster.job_state(job).get("JobState") == "PENDING" and time.monotonic() < deadline:
+        cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now", check=False)
+        time.sleep(2)
 
 
 def test_usr1_is_forwarded_and_the_job_requeues(cluster, job_dir):
@@ -137,9 +145,12 @@ def test_rlrt_slurm_submit_renders_and_submits_through_nemo_run(cluster, job_dir
 
 # ---- the real trainer: tiny recipe, TP=2 across the two nodes -----------------------------------
 
-TINY = ["--recipe", "tiny_demo", "parallel.tp=2", "train.steps=4", "train.prompts_per_step=4",
-        "train.mini_batch_prompts=4", "rollout.group_size=4", "logging.tensorboard=false",
-        "checkpoint.save_every=0"]  # fmt: skip
+# 10 steps: the preemption below lands after step 1, well before the end even when a step takes
+# only a fraction of a second (an idle CI machine).
+STEPS = 10
+TINY = ["--recipe", "tiny_demo", "parallel.tp=2", f"train.steps={STEPS}",
+        "train.prompts_per_step=4", "train.mini_batch_prompts=4", "rollout.group_size=4",
+        "logging.tensorboard=false", "checkpoint.save_every=0"]  # fmt: skip
 NONDETERMINISTIC = ("time/", "throughput/")
 
 
@@ -194,7 +205,7 @@ def test_a_tiny_recipe_tp2_across_two_nodes_finishes(uninterrupted):
     assert "train rank 1/2 local_rank 0 on node node2" in out
     assert set(logs) >= {"node1.r0.train.rank0.log", "node2.r0.train.rank1.log"}
     metrics = read_metrics(uninterrupted["run_dir"])
-    assert sorted(metrics) == [1, 2, 3, 4]
+    assert sorted(metrics) == list(range(1, STEPS + 1))
     assert (uninterrupted["run_dir"] / "checkpoints" / "latest").exists()
 
 
@@ -206,16 +217,16 @@ def test_b_preempted_run_resumes_and_matches_the_uninterrupted_one(
     job = sbatch(cluster, job_dir, *TINY, *tiny_model, f"logging.run_dir={run_dir}")
     metrics = run_dir / "metrics.jsonl"
     wait_for(lambda: metrics.exists() and metrics.read_text().count("\n") >= 1, 600,
-             "the first training step")  # fmt: skip
+             "the first training step", poll=0.1)  # fmt: skip
     preempt_and_release(cluster, job, timeout=300)
     info = cluster.wait_job(job, 900)
     out = batch_log(job_dir, job)
     assert info["JobState"] == "COMPLETED", out
     assert "requeueing job" in out and f"job {job} restart 1" in out, out
     iters = sorted(p.name for p in (run_dir / "checkpoints").glob("iter_*"))
-    assert any(int(name.split("_")[1]) < 4 for name in iters), iters  # the preemption checkpoint
+    assert any(int(name.split("_")[1]) < STEPS for name in iters), iters  # the preemption's
     resumed, reference = read_metrics(run_dir), read_metrics(uninterrupted["run_dir"])
-    assert sorted(resumed) == [1, 2, 3, 4]
+    assert sorted(resumed) == list(range(1, STEPS + 1))
     for step in sorted(reference):
         diff = {k: (reference[step].get(k), resumed[step].get(k))
                 for k in reference[step].keys() | resumed[step].keys()
