@@ -139,7 +139,48 @@ def _load_model_state(chunks: Sequence[Any], state: dict, prefix: str = "") -> N
             _unwrap(c).load_state_dict(state[f"{prefix}model{i}"], strict=False)
 
 
-OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+def _ensure_optimizer_state(optimizer: Any) -> None:
+    """A fresh DistributedOptimizer has no Adam state, and its `state_dict()` (called while
+    building the sharded state to load into) asserts on it: give it placeholder state first, as
+    megatron does for other sharding types (`_init_optimizer_states_with_dummy_values`; the
+    placeholders and the parameters are overwritten by the load)."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if inner is None or len(inner.state) > 0:
+            continue
+        if hasattr(opt, "_init_optimizer_states_with_dummy_values"):
+            opt._init_optimizer_states_with_dummy_values()
+
+
+# megatron-core 0.16 with torch's Adam (no TE/Apex): "fully_reshardable" fails to load (its
+# loader skips the per-parameter "step" it then copies), "fully_sharded_model_space" cannot be
+# built (flattened_range); "dp_reshardable" works: resume at the same data-parallel size.
+def _inner_states(optimizer: Any) -> list[dict]:
+    out = []
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        out.extend(getattr(inner, "state", {}).values())
+    return out
+
+
+def adam_step(optimizer: Any) -> float | None:
+    """The torch-Adam step count (bias correction) of the optimizer's parameters, if any."""
+    steps = {float(st["step"]) for st in _inner_states(optimizer) if "step" in st}
+    return max(steps) if steps else None
+
+
+def set_adam_step(optimizer: Any, step: float) -> None:
+    """Give every parameter its own `step` tensor equal to `step`.
+
+    megatron-core 0.16's DistributedOptimizer.load_state_dict (torch Adam, no TE/Apex) leaves the
+    placeholder steps in place (or one shared tensor, which Adam would then increment once per
+    parameter): the step count is saved in the trainer state and restored here."""
+    for st in _inner_states(optimizer):
+        if "step" in st:
+            st["step"] = torch.tensor(float(step), dtype=st["step"].dtype)
+
+
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
 
 
 def _sharded_state(
@@ -230,6 +271,8 @@ class Checkpointer:
         final = os.path.join(self.root, iter_name(step))
         tmp = final + ".tmp"
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        if optimizer is not None:
+            trainer_state = {**trainer_state, "optimizer_adam_step": adam_step(optimizer)}
         if _is_rank0():
             os.makedirs(self.root, exist_ok=True)
             for name in os.listdir(self.root):  # stale tmp dirs of crashed saves
@@ -278,13 +321,20 @@ class Checkpointer:
         """Load model (+ teacher) and optimizer in place; return the trainer state."""
         from megatron.core import dist_checkpointing
 
+        if optimizer is not None:
+            _ensure_optimizer_state(optimizer)
         state = _sharded_state(model, optimizer, teacher, is_loading=True)
         loaded = dist_checkpointing.load(state, os.path.join(path, "dist"))
         _load_model_state(model, loaded)
         if teacher is not None:
             _load_model_state(teacher, loaded, prefix="teacher.")
         if optimizer is not None:
-            optimizer.load_state_dict(loaded["optimizer"])
+            with torch.no_grad():  # megatron copies into parameter views in place
+                optimizer.load_state_dict(loaded["optimizer"])
+            with open(os.path.join(path, "trainer_state.json")) as f:
+                step = json.load(f).get("optimizer_adam_step")
+            if step is not None:
+                set_adam_step(optimizer, step)
         with open(os.path.join(path, "trainer_state.json")) as f:
             trainer_state = json.load(f)
         if restore_rng:

@@ -38,18 +38,12 @@ HELPERS = textwrap.dedent(
         return {n: p.detach().clone() for n, p in policy.chunks[0].named_parameters()}
 
     def opt_state(policy):
-        sd = policy.optimizer.state_dict()
+        # the Adam moments and step counts of this rank's parameter shards
         out = []
-        def walk(x):
-            if torch.is_tensor(x):
-                out.append(x.detach().clone().float().flatten())
-            elif isinstance(x, dict):
-                for k in sorted(x, key=str):
-                    walk(x[k])
-            elif isinstance(x, (list, tuple)):
-                for v in x:
-                    walk(v)
-        walk(sd)
+        for opt in policy.optimizer.chained_optimizers:
+            for st in opt.optimizer.state.values():
+                for k in sorted(st):
+                    out.append(torch.as_tensor(st[k]).detach().clone().float().flatten())
         return torch.cat(out)
     """
 )
@@ -69,6 +63,7 @@ def _round_trip(rank: int, world: int, root: str) -> dict:
     path = ck.save(1, policy.model, policy.optimizer, {"sampler": {"cursor": 3}})
     expect_rand = torch.rand(4)  # the RNG stream right after the save
     train_step(policy)  # noqa: F821 - move away from the saved state
+    expect_next = params(policy)  # noqa: F821 - one optimizer step after the save
     train_step(policy)  # noqa: F821
     assert any(not torch.equal(saved_params[n], p) for n, p in params(policy).items())  # noqa: F821
     state = ck.load(ck.latest(), policy.model, policy.optimizer)
@@ -76,6 +71,8 @@ def _round_trip(rank: int, world: int, root: str) -> dict:
     same_params = all(torch.equal(saved_params[n], after[n]) for n in saved_params)
     same_opt = torch.equal(saved_opt, opt_state(policy))  # noqa: F821
     same_rng = torch.equal(expect_rand, torch.rand(4))
+    train_step(policy)  # noqa: F821 - Adam moments and step count restored: same next step
+    same_next = all(torch.equal(expect_next[n], p) for n, p in params(policy).items())  # noqa: F821
     for step in (2, 3):
         ck.save(step, policy.model, policy.optimizer, {})
     os.makedirs(os.path.join(root, "iter_0000004.tmp", "dist"))  # a crashed save
@@ -87,6 +84,7 @@ def _round_trip(rank: int, world: int, root: str) -> dict:
         "same_params": same_params,
         "same_opt": same_opt,
         "same_rng": same_rng,
+        "same_next": same_next,
         "latest_with_stale_tmp": latest_with_stale_tmp,
         "listing": sorted(os.listdir(root)),
     }
@@ -95,7 +93,7 @@ def _round_trip(rank: int, world: int, root: str) -> dict:
 def test_round_trip_latest_keep_last(tmp_path):
     root = str(tmp_path / "ckpt")
     (res,) = run_distributed(_round_trip, 1, root)
-    assert res["same_params"] and res["same_opt"] and res["same_rng"]
+    assert res["same_params"] and res["same_opt"] and res["same_rng"] and res["same_next"]
     assert res["state"]["step"] == 1 and res["state"]["sampler"] == {"cursor": 3}
     assert res["latest_with_stale_tmp"].endswith("iter_0000003")
     # keep_last=2, the stale tmp dir removed by the next save
