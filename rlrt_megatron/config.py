@@ -106,6 +106,21 @@ class RolloutConfig:
     sglang_tp: int = _f(1, "Tensor parallel size of each SGLang server.")
     sglang_mem_fraction: float = _f(0.6, "SGLang `mem_fraction_static`.")
     sglang_num_servers: int = _f(0, "SGLang servers (0 = one per node's GPUs / sglang_tp).")
+    sglang_urls: list[str] = _f(
+        [], "Running SGLang servers to connect to (comma-separated); empty = launch our own."
+    )
+    sglang_host: str = _f("127.0.0.1", "Address launched servers bind to.")
+    sglang_api_key: str = _f(
+        "", "Server API key; empty = $RLRT_ROLLOUT_API_KEY (keep secrets out of config.json)."
+    )
+    sglang_colocated: bool = _f(True, "Servers share the trainer's GPUs (tensor weight sync).")
+    sglang_sync_mode: str = _f("", "Weight sync: tensor | distributed | disk (empty = auto).")
+    sglang_bucket_mb: int = _f(512, "Weight-sync bucket size in MiB.")
+    sglang_sync_dir: str = _f("", "Directory for disk weight sync (empty = <run_dir>/weight_sync).")
+    sglang_verify_stride: int = _f(0, "Check every N-th synced tensor on the server (0 = off).")
+    sglang_restart_cache: bool = _f(True, "Flush the server's prefix cache after a weight sync.")
+    sglang_master_address: str = _f("", "Rendezvous address for distributed weight sync.")
+    sglang_extra_args: list[str] = _f([], "Extra `sglang.launch_server` arguments.")
 
 
 @dataclass

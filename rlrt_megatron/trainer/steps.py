@@ -241,14 +241,11 @@ def make_engine(cfg: TrainConfig, hf_dir: str) -> Any:
     if cfg.rollout.engine == "sglang":
         from rlrt_megatron.rollout.sglang import SGLangEngine
 
-        return SGLangEngine.from_config(cfg, hf_dir)  # type: ignore[attr-defined]
-    try:
-        from rlrt_megatron.rollout.local import LocalEngine
-    except ImportError:
-        from rlrt_megatron.trainer.hf_engine import HFSamplingEngine
+        key = cfg.rollout.sglang_api_key or os.environ.get("RLRT_ROLLOUT_API_KEY", "")
+        return SGLangEngine.from_config(cfg, hf_dir, **({"api_key": key} if key else {}))
+    from rlrt_megatron.rollout.local import LocalEngine
 
-        return HFSamplingEngine(hf_dir)
-    return LocalEngine(hf_dir)
+    return LocalEngine(hf_dir, seed=cfg.rollout.seed)
 
 
 def teardown(run: Run) -> None:
