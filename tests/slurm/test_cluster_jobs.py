@@ -221,7 +221,8 @@ def test_b_preempted_run_resumes_and_matches_the_uninterrupted_one(
     preempt_and_release(cluster, job, timeout=300)
     info = cluster.wait_job(job, 900)
     out = batch_log(job_dir, job)
-    assert info["JobState"] == "COMPLETED", out
+    state = {k: info.get(k) for k in ("JobState", "Reason", "ExitCode", "Restarts")}
+    assert info["JobState"] == "COMPLETED", f"{state}\n{out}"
     assert "requeueing job" in out and f"job {job} restart 1" in out, out
     iters = sorted(p.name for p in (run_dir / "checkpoints").glob("iter_*"))
     assert any(int(name.split("_")[1]) < STEPS for name in iters), iters  # the preemption's
