@@ -99,6 +99,8 @@ class Policy:
         optim: `rlrt_megatron.config.OptimizerConfig`; `total_steps` for the cosine schedule.
         use_distributed_optimizer: shard optimizer state over data parallel ranks.
         spec, params_dtype: layer spec and dtype.
+        sample_vocab_size: ids >= this (e.g. `len(tokenizer)`, the local engine's sampling
+            vocabulary) are excluded from log-probs and entropy like Megatron's vocab padding.
     """
 
     def __init__(
@@ -112,6 +114,7 @@ class Policy:
         use_distributed_optimizer: bool = True,
         spec: str = "local",
         params_dtype: torch.dtype = torch.float32,
+        sample_vocab_size: int | None = None,
     ) -> None:
         from megatron.core import parallel_state as ps
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
@@ -132,6 +135,10 @@ class Policy:
         self.tp, self.pp, self.spec, self.params_dtype = tp, pp, spec, params_dtype
         chunks = build_model(hf_config, tp=tp, pp=pp, spec=spec, params_dtype=params_dtype)
         self.true_vocab = true_vocab_size(chunks[0])
+        if sample_vocab_size is not None:
+            # ids the rollout engine can never sample (beyond the tokenizer) must not carry
+            # probability here either, or training and sampling distributions drift apart
+            self.true_vocab = min(self.true_vocab, int(sample_vocab_size))
         self.model = wrap_with_ddp(chunks, use_distributed_optimizer=use_distributed_optimizer)
         bf16 = params_dtype == torch.bfloat16
         with cpu_tensor_type_names():
