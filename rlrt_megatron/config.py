@@ -219,6 +219,7 @@ class TimeoutsConfig:
     sync: float = _f(900.0, "Pushing weights to the rollout engine.")
     checkpoint: float = _f(1800.0, "Saving or loading a checkpoint.")
     log: float = _f(300.0, "Metric logging.")
+    eval: float = _f(3600.0, "One in-training evaluation.")
 
 
 @dataclass
@@ -226,7 +227,11 @@ class EvalConfig:
     """Periodic evaluation (avg@k on local benchmark files)."""
 
     every: int = _f(0, "Evaluate every N steps (0 = off).")
-    datasets: list[str] = _f([], "Local benchmark files (problem/answer jsonl or parquet).")
+    datasets: list[str] = _f(
+        [],
+        "Benchmarks: `synthetic` (built in) or NAME=PATH (problem/answer jsonl/parquet), "
+        "comma-separated; empty = no in-training eval.",
+    )
     k: int = _f(4, "Samples per problem (avg@k, pass@k).")
     max_new_tokens: int = _f(0, "Response limit for eval (0 = rollout.max_new_tokens).")
 

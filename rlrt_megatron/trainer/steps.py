@@ -550,6 +550,39 @@ def step_metrics(
     return m
 
 
+def eval_due(cfg: TrainConfig, step: int) -> bool:
+    every = cfg.eval.every
+    return bool(cfg.eval.datasets) and every > 0 and (step % every == 0 or step == cfg.train.steps)
+
+
+def evaluate(run: Run, step: int) -> dict[str, float]:
+    """avg@k / pass@k of the engine's current weights (rank 0; fixed seed across steps)."""
+    if run.rank != 0:
+        return {}
+    from rlrt_megatron.eval.benchmarks import load_benchmarks, parse_benchmark_files
+    from rlrt_megatron.eval.runner import run_eval
+
+    cfg = run.cfg
+    if "eval_benchmarks" not in run.extra:
+        items = cfg.eval.datasets
+        files = parse_benchmark_files([i for i in items if "=" in i])
+        names = [i.split("=", 1)[0] for i in items]
+        run.extra["eval_benchmarks"] = load_benchmarks(names, files=files)
+    return run_eval(
+        run.engine,
+        run.extra["eval_benchmarks"],
+        cfg.eval.k,
+        tokenizer=run.tokenizer,
+        reward=run.reward_fn,
+        temperature=cfg.rollout.temperature,
+        top_p=cfg.rollout.top_p,
+        top_k=cfg.rollout.top_k,
+        max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
+        seed=cfg.rollout.seed,
+        template=run.prompt_template,
+    )
+
+
 def checkpoint_due(cfg: TrainConfig, step: int) -> bool:
     every = cfg.checkpoint.save_every
     return (every > 0 and step % every == 0) or (

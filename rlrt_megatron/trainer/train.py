@@ -1,6 +1,6 @@
 """The RL loop: one screen of named phases (DESIGN.md), each under the watchdog.
 
-    rollout -> reward -> logprobs -> advantages -> update -> sync -> log / checkpoint
+    rollout -> reward -> logprobs -> advantages -> update -> sync -> [eval] -> log / checkpoint
 
 Every rank runs the loop. The rollout engine and the reward workers live on rank 0 (local engine)
 and their results are broadcast; the algorithm (`rlrt_megatron.algorithms.get_algorithm`) is the
@@ -53,6 +53,8 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None) -> dict[str, Any]:
             update = phase("update", steps.update, run, batch, prepared)
             phase("sync", steps.sync, run, step)
             metrics = steps.step_metrics(run, batch, prepared, update, times, t0)
+            if steps.eval_due(cfg, step):
+                metrics.update(phase("eval", steps.evaluate, run, step))
             phase("log", run.logger.log, step, metrics)
             history.append({"step": step, **metrics})
             run.step = step
