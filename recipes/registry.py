@@ -150,6 +150,9 @@ TINY = {
     "checkpoint.save_every": 0,
     "checkpoint.keep_last": 2,
     "logging.tensorboard": True,
+    "eval.every": 10,
+    "eval.datasets": ["synthetic"],
+    "eval.k": 8,
 }
 
 

@@ -157,25 +157,41 @@ def _mean(rows: list[dict], key: str = "reward/mean") -> float:
 
 
 def plot_rewards(results: dict[str, list[dict]], path: str) -> None:
-    """reward and pass rate vs step, one line per algorithm (raw + 5-step moving average)."""
+    """Reward and pass rate vs step (raw + 5-step mean), and the fixed eval set's avg@k when the
+    run evaluated; one line per algorithm."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, key, title in (
-        (axes[0], "reward/mean", "mean reward"),
-        (axes[1], "reward/pass_at_group", "pass rate (>= 1 correct of G)"),
-    ):
+    eval_key = next(
+        (
+            k
+            for rows in results.values()
+            for r in rows
+            for k in r
+            if k.startswith("eval/average/avg@")
+        ),
+        None,
+    )
+    panels = [("reward/mean", "mean reward (training batch)"), ("reward/pass_rate", "pass rate")]
+    if eval_key:
+        panels.append((eval_key, f"fixed eval set: {eval_key.split('/')[-1]}"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
+    for ax, (key, title) in zip(axes, panels, strict=True):
         for algo, rows in results.items():
-            steps = [r["step"] for r in rows]
-            vals = [r.get(key, 0.0) for r in rows]
+            pts = [(r["step"], r[key]) for r in rows if key in r]
+            if not pts:
+                continue
+            steps, vals = zip(*pts, strict=True)
+            if key.startswith("eval/"):
+                ax.plot(steps, vals, marker="o", label=algo.upper(), linewidth=2)
+                continue
             smooth = [
                 sum(vals[max(0, i - 4) : i + 1]) / len(vals[max(0, i - 4) : i + 1])
                 for i in range(len(vals))
             ]
-            (line,) = ax.plot(steps, smooth, label=algo.upper(), linewidth=2)
+            (line,) = ax.plot(steps, smooth, label=f"{algo.upper()} (5-step mean)", linewidth=2)
             ax.plot(steps, vals, color=line.get_color(), alpha=0.3, linewidth=1)
         ax.set_xlabel("step")
         ax.set_title(title)

@@ -14,6 +14,7 @@ FAST = [
     "checkpoint.save_every=0",
     "checkpoint.save_final=false",
     "checkpoint.resume=none",
+    "eval.every=0",
 ]
 
 # Metrics that depend on wall-clock time, not on the computation.
