@@ -59,6 +59,11 @@ say "$role rank $RANK/$WORLD_SIZE local_rank $LOCAL_RANK on node $node" \
 
 "${cmd[@]}" >>"$log_file" 2>&1 &
 child=$!
+# The batch script signals exactly this pid on preemption (see on_usr1 in rlrt.sbatch).
+if [[ -n ${RLRT_JOB_LOG_DIR:-} ]]; then
+  mkdir -p "$RLRT_JOB_LOG_DIR/pids"
+  echo "$child" >"$RLRT_JOB_LOG_DIR/pids/r$restart.$node.$role.$RANK"
+fi
 trap 'kill -USR1 $child 2>/dev/null' USR1
 trap 'kill -TERM $child 2>/dev/null' TERM
 # a trapped signal makes `wait` return early: wait again until the child is gone.

@@ -12,6 +12,7 @@ import argparse
 import os
 import signal
 import socket
+import subprocess
 import sys
 import time
 
@@ -28,6 +29,9 @@ def main() -> int:
 
     from rlrt_megatron.platform import init_distributed
 
+    # a helper process with USR1's default action (like a reward worker): preemption must not
+    # kill it - only the trainer process is signalled.
+    helper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
     got: list[int] = []
     signal.signal(signal.SIGUSR1, lambda s, f: got.append(s))
     info = init_distributed(tp=1, pp=1, seed=0, timeout_s=300)
@@ -45,7 +49,11 @@ def main() -> int:
     while time.monotonic() < deadline and not got:
         time.sleep(0.2)
     if got:
-        print(f"rank {info.rank} on {node} got USR1", flush=True)
+        time.sleep(1)
+        print(f"rank {info.rank} on {node} got USR1 x{len(got)}", flush=True)
+        print(f"rank {info.rank} helper alive after USR1: {helper.poll() is None}", flush=True)
+    helper.kill()
+    helper.wait()
     dist.barrier()
     return 0
 

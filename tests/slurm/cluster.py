@@ -219,10 +219,10 @@ class LocalCluster:
                    "slurmctld to answer `scontrol ping`")  # fmt: skip
         for node in self.nodes:
             self._spawn(f"slurmd-{node}", ["slurmd", "-D", "-N", node, "-f", str(self.conf)])
-        self._wait(self._nodes_idle, timeout, "both nodes to be idle")
+        self._wait(self.nodes_idle, timeout, "both nodes to be idle")
         return self
 
-    def _nodes_idle(self) -> bool:
+    def nodes_idle(self) -> bool:
         p = self.run("sinfo", "-h", "-N", "-o", "%N %t", check=False)
         states = dict(line.split() for line in p.stdout.splitlines() if line.strip())
         return all(states.get(n, "").rstrip("*~#") == "idle" for n in self.nodes)

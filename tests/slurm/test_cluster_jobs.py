@@ -74,20 +74,29 @@ def wait_for(cond, timeout: float, what: str, poll: float = 0.5) -> None:
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
-def preempt_and_release(cluster, job: str, timeout: float = 120) -> None:
-    """What Slurm does at `--signal=B:USR1@120`, then skip the 120 s hold Slurm puts on requeued
-    jobs (`scontrol update StartTime=now`) so the test does not sit idle."""
-    cluster.run("scancel", "--signal=USR1", "--batch", job)
+def release_requeued(cluster, job: str, timeout: float = 120) -> None:
+    """Wait for the requeue, then shorten the 120 s hold Slurm puts on requeued jobs
+    (`scontrol update StartTime=now`) so the test does not sit idle."""
 
     def requeued() -> bool:
         info = cluster.job_state(job)
         return info.get("Restarts") == "1" and info.get("JobState") == "PENDING"
 
     wait_for(requeued, timeout, "the requeue")
+    # slurmd revokes the old incarnation's credential with a 1 s resolution: a restart in the same
+    # second is refused ("Job credential revoked"). Let both nodes finish the old run first.
+    wait_for(cluster.nodes_idle, 60, "the nodes to clean up the first run")
+    time.sleep(3)
     deadline = time.monotonic() + 60
     while cluster.job_state(job).get("JobState") == "PENDING" and time.monotonic() < deadline:
         cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now", check=False)
         time.sleep(2)
+
+
+def preempt_and_release(cluster, job: str, timeout: float = 120) -> None:
+    """What Slurm does at `--signal=B:USR1@120`, then release the requeued job."""
+    cluster.run("scancel", "--signal=USR1", "--batch", job)
+    release_requeued(cluster, job, timeout)
 
 
 def test_usr1_is_forwarded_and_the_job_requeues(cluster, job_dir):
@@ -105,8 +114,11 @@ def test_usr1_is_forwarded_and_the_job_requeues(cluster, job_dir):
     assert info["JobState"] == "COMPLETED", out
     assert "requeueing job" in out and "restart 1" in out, out
     got = node_logs(job_dir, job)
-    assert "rank 0 on node1 got USR1" in got["node1.r0.train.rank0.log"]
-    assert "rank 1 on node2 got USR1" in got["node2.r0.train.rank1.log"]
+    # exactly once, to the trainer process only: its helper process survives
+    assert "rank 0 on node1 got USR1 x1" in got["node1.r0.train.rank0.log"]
+    assert "rank 1 on node2 got USR1 x1" in got["node2.r0.train.rank1.log"]
+    assert "rank 0 helper alive after USR1: True" in got["node1.r0.train.rank0.log"]
+    assert "rank 1 helper alive after USR1: True" in got["node2.r0.train.rank1.log"]
 
 
 def test_rlrt_slurm_submit_renders_and_submits_through_nemo_run(cluster, job_dir):
@@ -209,21 +221,22 @@ def test_a_tiny_recipe_tp2_across_two_nodes_finishes(uninterrupted):
     assert (uninterrupted["run_dir"] / "checkpoints" / "latest").exists()
 
 
-def test_b_preempted_run_resumes_and_matches_the_uninterrupted_one(
-    cluster, tiny_model, uninterrupted, job_dir
-):
+def run_preempted(cluster, tiny_model, uninterrupted, job_dir, preempt) -> str:
+    """Start the tiny run, `preempt(job)` right after its first step, let the requeued job resume
+    from `latest`; every step's metrics must equal the uninterrupted run's."""
     assert uninterrupted["info"]["JobState"] == "COMPLETED", uninterrupted["out"]
     run_dir = job_dir / "run"
     job = sbatch(cluster, job_dir, *TINY, *tiny_model, f"logging.run_dir={run_dir}")
     metrics = run_dir / "metrics.jsonl"
     wait_for(lambda: metrics.exists() and metrics.read_text().count("\n") >= 1, 600,
              "the first training step", poll=0.1)  # fmt: skip
-    preempt_and_release(cluster, job, timeout=300)
+    preempt(job)
+    release_requeued(cluster, job, timeout=300)
     info = cluster.wait_job(job, 900)
     out = batch_log(job_dir, job)
     state = {k: info.get(k) for k in ("JobState", "Reason", "ExitCode", "Restarts")}
     assert info["JobState"] == "COMPLETED", f"{state}\n{out}"
-    assert "requeueing job" in out and f"job {job} restart 1" in out, out
+    assert f"job {job} restart 1" in out, out
     iters = sorted(p.name for p in (run_dir / "checkpoints").glob("iter_*"))
     assert any(int(name.split("_")[1]) < STEPS for name in iters), iters  # the preemption's
     resumed, reference = read_metrics(run_dir), read_metrics(uninterrupted["run_dir"])
@@ -233,6 +246,32 @@ def test_b_preempted_run_resumes_and_matches_the_uninterrupted_one(
                 for k in reference[step].keys() | resumed[step].keys()
                 if reference[step].get(k) != resumed[step].get(k)}  # fmt: skip
         assert not diff, f"step {step}: (uninterrupted, resumed) differ: {diff}"
+    return out
+
+
+def test_b_preempted_run_resumes_and_matches_the_uninterrupted_one(
+    cluster, tiny_model, uninterrupted, job_dir
+):
+    """USR1 to the batch shell (what `--signal=B:USR1@120` does before the time limit): the job
+    forwards it, the trainer checkpoints and exits, the job requeues itself."""
+
+    def usr1(job: str) -> None:
+        cluster.run("scancel", "--signal=USR1", "--batch", job)
+
+    out = run_preempted(cluster, tiny_model, uninterrupted, job_dir, usr1)
+    assert "USR1 (preemption or time limit)" in out and "requeueing job" in out, out
+
+
+def test_b_scontrol_requeue_mid_run_resumes_identically(
+    cluster, tiny_model, uninterrupted, job_dir
+):
+    """An admin/scheduler requeue: Slurm SIGTERMs every task (KillWait before SIGKILL), the
+    trainer checkpoints on SIGTERM, Slurm requeues the job itself."""
+
+    def requeue(job: str) -> None:
+        cluster.run("scontrol", "requeue", job)
+
+    run_preempted(cluster, tiny_model, uninterrupted, job_dir, requeue)
 
 
 # ---- separate rollout nodes: node2 serves, node1 trains and is told the address ------------------
