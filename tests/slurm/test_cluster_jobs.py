@@ -80,6 +80,10 @@ def release_requeued(cluster, job: str, timeout: float = 120) -> None:
 
     def requeued() -> bool:
         info = cluster.job_state(job)
+        if info.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"):
+            out = Path(info.get("StdOut", "/nonexistent"))
+            log = out.read_text() if out.exists() else ""
+            raise AssertionError(f"job {job} ended instead of requeueing: {info}\n{log}")
         return info.get("Restarts") == "1" and info.get("JobState") == "PENDING"
 
     wait_for(requeued, timeout, "the requeue")
