@@ -31,7 +31,7 @@ def register(subparsers: Any) -> None:
 
     d = subparsers.add_parser("demo", help="CPU demo: tiny model, RLRT on synthetic arithmetic")
     d.add_argument("--compare", action="store_true", help="also run GRPO and plot both")
-    d.add_argument("--steps", type=int, default=None, help="RL steps (recipe default 40)")
+    d.add_argument("--steps", type=int, default=None, help="RL steps (tiny_demo: 100)")
     d.add_argument("--run-dir", default="runs/demo", help="where runs, plots, cache go")
     d.add_argument("overrides", nargs="*", help="dotted.key=value overrides of tiny_demo")
     d.set_defaults(func=cmd_demo)
