@@ -74,7 +74,7 @@ def _submit(args: argparse.Namespace) -> int:
 def _status(args: argparse.Namespace) -> int:
     from rlrt_megatron.launch.submit import status
 
-    print(status(args.job_id, ssh=args.ssh))
+    print(status(args.job_id, ssh=args.ssh, identity=args.identity))
     return 0
 
 
@@ -115,4 +115,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t = sub.add_parser("status", help="state of a job (or your queue) and its summary lines")
     t.add_argument("job_id", nargs="?")
     t.add_argument("--ssh", metavar="USER@HOST[:PORT]")
+    t.add_argument("--identity", help="SSH private key for --ssh")
     t.set_defaults(func=_status)

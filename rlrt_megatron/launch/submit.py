@@ -90,9 +90,15 @@ def submit(
     return job_id, script
 
 
-def status(job_id: str | None, *, ssh: str | None = None, log_dir: str | None = None) -> str:
+def status(
+    job_id: str | None,
+    *,
+    ssh: str | None = None,
+    identity: str | None = None,
+    log_dir: str | None = None,
+) -> str:
     """A short summary: squeue/scontrol state, then the job's own summary lines."""
-    tunnel = make_tunnel(ssh, log_dir or ".")
+    tunnel = make_tunnel(ssh, log_dir or ".", identity)
     tunnel.connect()
     if not job_id:
         fmt = "-o '%.10i %.12j %.9T %.10M %.6D %R'"

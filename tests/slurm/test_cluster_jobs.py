@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -324,3 +325,82 @@ def test_a_crashed_rollout_server_fails_the_job(cluster, job_dir):
     assert info["JobState"] == "FAILED" and info["ExitCode"] == "7:0", out
     assert "FAILED: rollout rank 0 on node node2 exited with code 7" in out
     assert time.monotonic() - t0 < 150, out
+
+
+# ---- submitting from another machine: nemo-run's SSH tunnel (sshd on 127.0.0.1) -----------------
+
+
+@pytest.fixture(scope="module")
+def sshd(cluster, tmp_path_factory):
+    """A private sshd on 127.0.0.1 (key auth only) whose sessions see the test cluster's
+    SLURM_CONF, standing in for a cluster's login node."""
+    if shutil.which("/usr/sbin/sshd") is None:
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        cmd = ["apt-get", "install", "-y", "-q", "--no-install-recommends", "openssh-server"]
+        p = subprocess.run(cmd, env=env, capture_output=True, timeout=600)
+        if p.returncode != 0:
+            pytest.skip(f"openssh-server not installable: {p.stderr.decode()[-500:]}")
+    d = tmp_path_factory.mktemp("sshd")
+    for key in ("host_key", "client_key"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / key)],
+                       check=True, timeout=60)  # fmt: skip
+    (d / "authorized_keys").write_text((d / "client_key.pub").read_text())
+    port = free_port()
+    (d / "sshd_config").write_text(
+        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {d}/host_key\n"
+        f"AuthorizedKeysFile {d}/authorized_keys\nPermitRootLogin prohibit-password\n"
+        "PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n"
+        f"PidFile {d}/sshd.pid\nSubsystem sftp internal-sftp\nSetEnv SLURM_CONF={cluster.conf}\n"
+    )
+    os.makedirs("/run/sshd", exist_ok=True)
+    log = open(d / "sshd.log", "wb")  # noqa: SIM115 - the daemon's log
+    proc = subprocess.Popen(["/usr/sbin/sshd", "-D", "-e", "-f", str(d / "sshd_config")],
+                            stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        wait_for(lambda: proc.poll() is not None or _listening(port), 30, "sshd")
+        if proc.poll() is not None:
+            pytest.skip(f"sshd did not start: {(d / 'sshd.log').read_text()[-500:]}")
+        yield {"port": port, "key": str(d / "client_key")}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def _listening(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_c_submit_and_status_through_an_ssh_tunnel(cluster, sshd, job_dir):
+    pytest.importorskip("nemo_run")
+    ckpt = job_dir / "ckpt"
+    ckpt.mkdir()
+    rlrt = str(REPO / ".venv" / "bin" / "rlrt")
+    ssh = ["--ssh", f"root@127.0.0.1:{sshd['port']}", "--identity", sshd["key"]]
+    env = {k: v for k, v in os.environ.items() if k != "SLURM_CONF"}  # only the far side knows it
+    p = subprocess.run(
+        [rlrt, "slurm", "submit", "--recipe", "tiny_demo", "--nodes", "2", "--gpus-per-node", "0",
+         *ssh, "--home", str(REPO), "--log-dir", str(job_dir),
+         "--env", f"RLRT_TRAIN_CMD={ALLREDUCE}", "parallel.tp=2", f"checkpoint.dir={ckpt}"],
+        env=env, capture_output=True, text=True, timeout=180, cwd=REPO,
+    )  # fmt: skip
+    assert p.returncode == 0, p.stdout + p.stderr
+    job = re.search(r"submitted job (\d+)", p.stdout).group(1)
+    info = cluster.wait_job(job, 240)
+    assert info["JobState"] == "COMPLETED", (job_dir / f"rlrt-{job}.out").read_text()
+    st = subprocess.run([rlrt, "slurm", "status", job, *ssh], env=env, capture_output=True,
+                        text=True, timeout=120)  # fmt: skip
+    assert "JobState=COMPLETED" in st.stdout, st.stdout + st.stderr
+    # the storage check goes through the tunnel too
+    p = subprocess.run(
+        [rlrt, "slurm", "submit", "--recipe", "tiny_demo", "--nodes", "2", "--gpus-per-node", "0",
+         *ssh, "--home", str(REPO), f"checkpoint.dir={job_dir}/missing"],
+        env=env, capture_output=True, text=True, timeout=180, cwd=REPO,
+    )  # fmt: skip
+    assert p.returncode == 2 and "does not exist on the cluster's shared storage" in p.stderr
