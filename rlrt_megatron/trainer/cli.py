@@ -174,7 +174,10 @@ def plot_rewards(results: dict[str, list[dict]], path: str) -> None:
         ),
         None,
     )
-    panels = [("reward/mean", "mean reward (training batch)"), ("reward/pass_rate", "pass rate")]
+    panels = [
+        ("reward/mean", "mean reward (training batch)"),
+        ("reward/pass_rate", "pass rate (solid) and pass@G (dashed)"),
+    ]
     if eval_key:
         panels.append((eval_key, f"fixed eval set: {eval_key.split('/')[-1]}"))
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
@@ -193,6 +196,19 @@ def plot_rewards(results: dict[str, list[dict]], path: str) -> None:
             ]
             (line,) = ax.plot(steps, smooth, label=f"{algo.upper()} (5-step mean)", linewidth=2)
             ax.plot(steps, vals, color=line.get_color(), alpha=0.3, linewidth=1)
+            if key == "reward/pass_rate":  # and the share of prompts with >= 1 correct rollout
+                g = [r.get("reward/pass_at_group", 0.0) for r in rows]
+                gs = [
+                    sum(g[max(0, i - 4) : i + 1]) / len(g[max(0, i - 4) : i + 1])
+                    for i in range(len(g))
+                ]
+                ax.plot(
+                    steps,
+                    gs,
+                    color=line.get_color(),
+                    linestyle="--",
+                    label=f"{algo.upper()} pass@G",
+                )
         ax.set_xlabel("step")
         ax.set_title(title)
         ax.grid(alpha=0.3)
