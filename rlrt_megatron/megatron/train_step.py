@@ -1,93 +1,25 @@
 """The Megatron policy the trainer drives: model chunks, DDP, distributed optimizer, schedule,
 token-budget micro-batches, log-prob forwards and the PPO update through `forward_backward_func`.
 
-Sequences are `Seq(input_ids, resp_start, resp_len)`: the response tokens are
-`input_ids[resp_start + 1 : resp_start + 1 + resp_len]`, predicted by the logits at positions
-`resp_start ... resp_start + resp_len - 1`. The same response under a different prefix (the
-teacher view) is just another `Seq`. Rows are right-padded; the causal mask makes padding after a
-row harmless. Only response positions reach the log-prob code (the LM head output of the prompt
-positions is never turned into log-probs).
-
-Micro-batching: all micro-batches of one call share one `[b, T]` shape (pipeline stages exchange
-fixed-shape activations), `T` = the longest row of the call, `b = max(1, token_budget // T)`;
-the last micro-batch is filled with empty rows (mask 0).
+The forwards are `megatron/forward.py`'s: rollouts packed into micro-batches of at most
+`train.max_tokens_per_microbatch` tokens (raised to the longest sequence when one is longer),
+the LM head applied only at response positions, PP-aware through Megatron's schedules. The
+`logprobs` phase gets student and teacher views of every rollout (teacher = the policy itself
+or the snapshot / EMA chunks of `make_teacher_copy`); the update back-propagates the
+algorithm's loss per micro-batch, then takes one optimizer step per PPO mini-batch.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from rlrt_megatron import platform
-from rlrt_megatron.megatron.logprobs import vocab_parallel_logprobs, vocab_parallel_topk_logprobs
-from rlrt_megatron.megatron.parallel import forward_backward, unwrap_model, wrap_with_ddp
-
-
-@dataclass(frozen=True)
-class Seq:
-    """One row: tokens and where its response sits (see module docstring)."""
-
-    input_ids: list[int]
-    resp_start: int
-    resp_len: int
-
-
-def pack_microbatches(
-    rows: Sequence[int], seqs: Sequence[Seq], token_budget: int, pad_id: int
-) -> tuple[list[dict[str, Any]], int]:
-    """Rows -> same-shape micro-batches within `token_budget` tokens each; returns (mbs, b)."""
-    seq_len = max(len(seqs[r].input_ids) for r in rows)
-    b = max(1, token_budget // seq_len)
-    mbs = []
-    for i in range(0, len(rows), b):
-        chunk = list(rows[i : i + b])
-        ids = torch.full((b, seq_len), pad_id, dtype=torch.long)
-        starts = torch.zeros(b, dtype=torch.long)
-        lens = torch.zeros(b, dtype=torch.long)
-        for j, r in enumerate(chunk):
-            s = seqs[r]
-            ids[j, : len(s.input_ids)] = torch.tensor(s.input_ids, dtype=torch.long)
-            starts[j], lens[j] = s.resp_start, s.resp_len
-        mbs.append(
-            {
-                "input_ids": ids,
-                "resp_start": starts,
-                "resp_len": lens,
-                "rows": chunk,
-                "n": len(chunk),
-            }
-        )
-    return mbs, b
-
-
-def response_positions(
-    starts: torch.Tensor, lens: torch.Tensor, width: int, seq_len: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logit positions `[b, width]` of each row's response tokens and their validity mask."""
-    ar = torch.arange(width, device=starts.device)
-    pos = (starts[:, None] + ar[None, :]).clamp(max=seq_len - 2)
-    valid = ar[None, :] < lens[:, None]
-    return pos, valid
-
-
-def gather_response(
-    logits: torch.Tensor,
-    input_ids: torch.Tensor,
-    starts: torch.Tensor,
-    lens: torch.Tensor,
-    width: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Logits `[b, width, V/tp]` at the response positions, target ids `[b, width]`, mask."""
-    pos, valid = response_positions(starts, lens, width, input_ids.shape[1])
-    idx = pos[..., None].expand(-1, -1, logits.shape[-1])
-    resp_logits = torch.gather(logits, 1, idx)
-    targets = torch.gather(input_ids, 1, pos + 1) * valid
-    return resp_logits, targets, valid
+from rlrt_megatron.megatron.parallel import unwrap_model, wrap_with_ddp
 
 
 class Policy:
@@ -223,161 +155,141 @@ class Policy:
             for pt, ps_ in zip(t.parameters(), s.parameters(), strict=True):
                 pt.lerp_(ps_.to(pt.dtype), rate)
 
-    # ---- forward only: log-probs of response tokens -----------------------------------------
-    @torch.no_grad()
-    def logprobs(
-        self,
-        seqs: Sequence[Seq],
-        rows: Sequence[int],
-        width: int,
-        token_budget: int,
-        pad_id: int,
-        *,
-        model: Sequence[torch.nn.Module] | None = None,
-        with_entropy: bool = False,
-    ) -> dict[int, dict[str, torch.Tensor]]:
-        """Per row of `rows`: `logprobs` [width] (and `entropy`) of its response tokens.
+    # ---- forward only: student / teacher log-probs of response tokens ----------------------
+    @contextmanager
+    def _sampling_vocab(self, chunks: Sequence[torch.nn.Module]) -> Iterator[None]:
+        """TEMPORARY (until `megatron/forward.py` takes a vocabulary limit): the forward code
+        reads the chunks' `true_vocab_size`; narrow it to the engine's sampling vocabulary for
+        the call (the converter needs the real value, so it is restored afterwards)."""
+        mods = [unwrap_model(c) for c in chunks]
+        old = [m.true_vocab_size for m in mods]
+        for m in mods:
+            m.true_vocab_size = min(m.true_vocab_size, self.true_vocab)
+        try:
+            yield
+        finally:
+            for m, v in zip(mods, old, strict=True):
+                m.true_vocab_size = v
 
-        Runs through the pipeline schedule (forward only); results are broadcast from the last
-        stage so every rank of the model-parallel group returns them.
-        """
-        chunks = list(model) if model is not None else self.model
+    @torch.no_grad()
+    def response_logprobs(
+        self,
+        prompts: Sequence[Sequence[int]],
+        responses: Sequence[Sequence[int]],
+        teacher_prefixes: Sequence[Sequence[int] | None],
+        *,
+        token_budget: int,
+        teacher: Sequence[torch.nn.Module] | None = None,
+        topk: int = 0,
+    ) -> tuple[Any, Any]:
+        """Student and teacher `ResponseLogprobs` (`megatron/forward.py`) of these rollouts, on
+        every rank of the model-parallel group. `teacher_prefixes[i]` = teacher context + prompt
+        (None: no teacher view); `teacher` = separate teacher chunks (None: the policy)."""
+        from rlrt_megatron.megatron.forward import student_teacher_logprobs
+
+        chunks = list(self.model) + list(teacher or [])
         for c in chunks:
             c.eval()
-        out: dict[int, dict[str, torch.Tensor]] = {}
-        if rows:
-            mbs, _ = pack_microbatches(rows, seqs, token_budget, pad_id)
-
-            def loss_fn(batch: dict, logits: torch.Tensor) -> tuple:
-                resp, tgt, valid = gather_response(
-                    logits, batch["input_ids"], batch["resp_start"], batch["resp_len"], width
+        longest = max(
+            [len(p) + len(r) for p, r in zip(prompts, responses, strict=True)]
+            + [len(t) + len(r) for t, r in zip(teacher_prefixes, responses, strict=True) if t]
+        )
+        try:
+            with self._sampling_vocab(chunks):
+                return student_teacher_logprobs(
+                    self.model,
+                    prompts,
+                    responses,
+                    teacher_prefixes,
+                    teacher_chunks=teacher,
+                    token_budget=max(token_budget, longest),
+                    with_entropy=True,
+                    topk=topk,
                 )
-                res = vocab_parallel_logprobs(
-                    resp, tgt, self.tp_group, with_entropy=with_entropy,
-                    true_vocab_size=self.true_vocab,
-                )  # fmt: skip
-                lp, ent = res if with_entropy else (res, None)
-                lp = lp * valid
-                reduced = {"rows": batch["rows"], "logprobs": lp[: batch["n"]].float()}
-                if ent is not None:
-                    reduced["entropy"] = (ent * valid)[: batch["n"]].float()
-                return torch.zeros((), device=logits.device), reduced
-
-            results = forward_backward(chunks, mbs, loss_fn, forward_only=True)
-            for r in results:
-                for j, row in enumerate(r["rows"]):
-                    out[row] = {k: v[j].cpu() for k, v in r.items() if k != "rows"}
-        for c in chunks:
-            c.train()
-        if self.pp > 1:
-            box = [out]
-            dist.broadcast_object_list(box, src=self.last_stage_rank, group=self.pp_group)
-            out = box[0]
-        return out
+        finally:
+            for c in self.model:
+                c.train()
 
     # ---- one optimizer step on a mini-batch -------------------------------------------------
     def train_minibatch(
         self,
-        seqs: Sequence[Seq],
+        sequences: Sequence[Sequence[int]],
+        response_starts: Sequence[int],
         rows: Sequence[int],
         width: int,
         token_budget: int,
-        pad_id: int,
         loss_of: Callable[..., tuple[torch.Tensor, dict[str, float]]],
         *,
-        teacher: Sequence[torch.nn.Module] | None = None,
-        teacher_seqs: Sequence[Seq] | None = None,
-        topk: int = 0,
+        topk_ids: torch.Tensor | None = None,
+        teacher_topk: tuple[torch.Tensor, torch.Tensor | None] | None = None,
     ) -> dict[str, float]:
-        """Forward/backward this rank's `rows` of one mini-batch, then one optimizer step.
+        """Forward/backward this rank's rollouts of one mini-batch, then one optimizer step.
 
-        `loss_of(logprobs [n, width], rows, topk)` returns `(loss, metrics)` with the
-        mini-batch normalisation already applied (the algorithm's `loss`). With `topk > 0`
-        the teacher's logits on `teacher_seqs` are computed per micro-batch (no grad) and
-        `topk` = `(student_topk_logprobs, teacher_topk_logprobs, teacher_entropy)` at the
-        student's top-k ids; this needs pp == 1.
+        `sequences[i]` (prompt + response of global row `rows[i]`, response from
+        `response_starts[i]`) are packed by `megatron/forward.py`; per micro-batch
+        `loss_of(logprobs [n, width], global_rows, topk)` returns `(loss, metrics)` with the
+        mini-batch normalisation already applied (the algorithm's `loss`). For SDPO/SRPO,
+        `topk_ids` `[len(rows), width, K]` fixes the support (the pre-update student's top-k,
+        from the logprobs phase) and `teacher_topk` = (teacher log-probs on it `[.., K+1]`,
+        teacher entropy `[.., width]` or None); `topk` then is
+        `(student_topk_logprobs, teacher_topk_logprobs, teacher_entropy)`.
         """
+        from rlrt_megatron.megatron.forward import forward_backward_responses
+        from rlrt_megatron.megatron.packing import pack_sequences
+
+        if not rows:
+            raise ValueError("every data-parallel rank needs at least one row per mini-batch")
         for m in self.model:
             m.zero_grad_buffer()
         self.optimizer.zero_grad()
+        budget = max(token_budget, max(len(s) for s in sequences))
+        n_mb = len(pack_sequences(sequences, response_starts, budget, 1))
+        if len(self.model) > 1:  # interleaved schedule: padded to a multiple of pp
+            n_mb += -n_mb % self.pp
         metric_sums: dict[str, float] = {}
         loss_sum = torch.zeros((), dtype=torch.float64, device=platform.device())
-        n_mb = 0
-        if rows:
-            mbs, b = pack_microbatches(rows, seqs, token_budget, pad_id)
-            n_mb = len(mbs)
-            if topk:
-                if self.pp != 1:
-                    raise NotImplementedError("top-k distillation (SDPO/SRPO) needs parallel.pp=1")
-                # one teacher micro-batch per student micro-batch, same rows
-                tmbs = [
-                    pack_microbatches(
-                        mb["rows"],
-                        teacher_seqs,
-                        len(mb["rows"]) * max(len(teacher_seqs[r].input_ids) for r in mb["rows"]),
-                        pad_id,
-                    )[0][0]
-                    for mb in mbs
-                ]
-                for mb, tmb in zip(mbs, tmbs, strict=True):
-                    mb["teacher"] = tmb
 
-            def loss_fn(batch: dict, logits: torch.Tensor) -> tuple:
-                n = batch["n"]
-                resp, tgt, valid = gather_response(
-                    logits, batch["input_ids"], batch["resp_start"], batch["resp_len"], width
+        def loss_fn(mb: Any, outs: dict[str, torch.Tensor]) -> tuple:
+            idx = outs["rollout_index"]
+            tk = None
+            if topk_ids is not None and teacher_topk is not None:
+                t_lp, t_ent = teacher_topk
+                tk = (
+                    outs["topk_logprobs"],
+                    t_lp.to(idx.device)[idx],
+                    None if t_ent is None else t_ent.to(idx.device)[idx],
                 )
-                resp, tgt, valid = resp[:n], tgt[:n], valid[:n]
-                lp = vocab_parallel_logprobs(
-                    resp, tgt, self.tp_group, true_vocab_size=self.true_vocab
-                )
-                lp = lp * valid
-                tk = None
-                if topk:
-                    tb_ = batch["teacher"]
-                    with torch.no_grad():
-                        t_logits = teacher[0](
-                            tb_["input_ids"].to(logits.device),
-                            torch.arange(tb_["input_ids"].shape[1], device=logits.device).expand_as(
-                                tb_["input_ids"]
-                            ),
-                            attention_mask=None,
-                        )
-                        t_resp, _, _ = gather_response(
-                            t_logits, tb_["input_ids"].to(logits.device),
-                            tb_["resp_start"].to(logits.device), tb_["resp_len"].to(logits.device),
-                            width,
-                        )  # fmt: skip
-                    res = vocab_parallel_topk_logprobs(
-                        resp, t_resp[:n], k=topk, group=self.tp_group,
-                        true_vocab_size=self.true_vocab,
-                    )  # fmt: skip
-                    tk = (res.student_logprobs, res.teacher_logprobs, res.teacher_entropy)
-                loss, metrics = loss_of(lp, batch["rows"], tk)
-                # the schedule divides by the number of micro-batches; the algorithm's loss is
-                # already normalised over the whole mini-batch
-                return loss * n_mb, {"metrics": metrics, "loss": loss.detach()}
+            loss, metrics = loss_of(outs["logprobs"], [rows[i] for i in idx.tolist()], tk)
+            # the schedule divides by the number of micro-batches; the algorithm's loss is
+            # already normalised over the whole mini-batch
+            return loss * n_mb, {"metrics": metrics, "loss": loss.detach().clone()}
 
-            outs = forward_backward(self.model, mbs, loss_fn)
-            for o in outs:
-                for k, v in o["metrics"].items():
-                    metric_sums[k] = metric_sums.get(k, 0.0) + float(v)
-                loss_sum += o["loss"].double()
-        else:  # a rank without rows still joins the collectives of the step
-            raise ValueError("every data-parallel rank needs at least one row per mini-batch")
+        with self._sampling_vocab(self.model):
+            outs = forward_backward_responses(
+                self.model,
+                sequences,
+                response_starts,
+                loss_fn,
+                token_budget=budget,
+                response_len=width,
+                topk_ids=topk_ids,
+            )
+        for o in outs:
+            for k, v in o["metrics"].items():
+                metric_sums[k] = metric_sums.get(k, 0.0) + float(v)
+            loss_sum += o["loss"].double()
         with cpu_tensor_type_names():
             ok, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(1)
-        if self.pp > 1:  # only the last stage saw the loss function's metrics
-            metric_sums = broadcast_object(metric_sums, self.last_stage_rank, self.pp_group)
-        out = {k: v / max(n_mb, 1) for k, v in metric_sums.items()}
         # the mini-batch loss: micro-batch losses are already normalised by the whole
         # mini-batch, so they add up (over micro-batches here, over DP ranks below)
         if self.dp_size > 1:
             dist.all_reduce(loss_sum, group=self.dp_group)
         if self.pp > 1:
             dist.broadcast(loss_sum, src=self.last_stage_rank, group=self.pp_group)
-        out["loss"] = float(loss_sum) * (1.0 if self.dp_size == 1 else 1.0 / self.dp_size)
+            metric_sums = broadcast_object(metric_sums, self.last_stage_rank, self.pp_group)
+        out = {k: v / max(len(outs), 1) for k, v in metric_sums.items()}
+        out["loss"] = float(loss_sum) / self.dp_size
         out["grad_norm"] = float(grad_norm) if grad_norm is not None else 0.0
         out["update_ok"] = float(bool(ok))
         out["lr"] = float(self.optimizer.param_groups[0]["lr"])

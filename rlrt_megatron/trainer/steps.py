@@ -8,7 +8,6 @@ splits each PPO mini-batch over data-parallel ranks (DDP averages the gradients)
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import random
@@ -64,8 +63,9 @@ class Batch:
     finish: list[str]
     rewards: torch.Tensor | None = None
     reward_info: dict = field(default_factory=dict)
-    student: list = field(default_factory=list)  # Seq per rollout
-    teacher: list = field(default_factory=list)  # Seq per rollout (student's where none)
+    row_prompts: list = field(default_factory=list)  # prompt ids per rollout
+    row_responses: list = field(default_factory=list)  # response ids per rollout (never empty)
+    teacher_prefixes: list = field(default_factory=list)  # teacher context + prompt, or None
     has_teacher: torch.Tensor | None = None
     width: int = 0
     mask: torch.Tensor | None = None
@@ -74,6 +74,8 @@ class Batch:
     teacher_logprobs: torch.Tensor | None = None
     teacher_entropy: torch.Tensor | None = None
     entropy: torch.Tensor | None = None
+    topk_ids: torch.Tensor | None = None  # [B, T, K] the pre-update student's top-k support
+    teacher_topk_logprobs: torch.Tensor | None = None  # [B, T, K+1] teacher on that support
 
 
 # ---- setup --------------------------------------------------------------------------------
@@ -145,6 +147,7 @@ def _build(cfg: TrainConfig, info: Any, hf_dir: str, ckpt: str, hf_config: dict,
     from rlrt_megatron.algorithms import get_algorithm
     from rlrt_megatron.convert.load import load_checkpoint_into_model
     from rlrt_megatron.data import PromptSampler, PromptTemplate
+    from rlrt_megatron.data.templates import filter_by_prompt_length
     from rlrt_megatron.megatron.train_step import Policy
 
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)
@@ -166,8 +169,10 @@ def _build(cfg: TrainConfig, info: Any, hf_dir: str, ckpt: str, hf_config: dict,
     )
     load_checkpoint_into_model(policy.chunks, ckpt)
     teacher = policy.make_teacher_copy() if algo.teacher_weights in ("snapshot", "ema") else None
-    dataset = load_dataset(cfg)
     template = PromptTemplate(instruction=cfg.data.instruction)
+    dataset, n_too_long = filter_by_prompt_length(
+        load_dataset(cfg), tokenizer, cfg.data.max_prompt_tokens, template
+    )
     sampler = PromptSampler(
         dataset, cfg.train.prompts_per_step, seed=cfg.train.seed, shuffle=cfg.data.shuffle
     )
@@ -218,6 +223,11 @@ def _build(cfg: TrainConfig, info: Any, hf_dir: str, ckpt: str, hf_config: dict,
     )
     if resume:
         run.logger.message(f"resumed from {resume} at step {run.step}")
+    if n_too_long:
+        run.logger.message(
+            f"data: {n_too_long} prompts longer than data.max_prompt_tokens="
+            f"{cfg.data.max_prompt_tokens} skipped, {len(dataset)} left"
+        )
     sync(run, run.step)  # the engine samples with the policy's weights from the first step on
     return run
 
@@ -317,20 +327,17 @@ def reward(run: Run, batch: Batch) -> None:
 
 
 def _build_views(run: Run, batch: Batch, step: int) -> None:
-    """Student rows (prompt + response) and teacher rows (teacher context + response)."""
+    """Per rollout: its prompt, its response (an empty one gets one masked pad token) and its
+    teacher prefix (teacher context + prompt; None when the rollout has no teacher view)."""
     from rlrt_megatron.data import build_teacher_contexts
-    from rlrt_megatron.megatron.train_step import Seq
 
     cfg, algo = run.cfg, run.algo
     g = cfg.rollout.group_size
     n = len(batch.responses)
-    batch.student = []
-    for i, resp in enumerate(batch.responses):
-        p = batch.prompts[i // g]
-        resp = resp or [run.pad_id]  # an empty response still has one (masked) position
-        batch.student.append(Seq(list(p) + list(resp), len(p) - 1, len(batch.responses[i])))
-    batch.width = max(1, max(len(r) for r in batch.responses))
-    batch.teacher = list(batch.student)
+    batch.row_prompts = [batch.prompts[i // g] for i in range(n)]
+    batch.row_responses = [list(r) or [run.pad_id] for r in batch.responses]
+    batch.width = max(len(r) for r in batch.row_responses)
+    batch.teacher_prefixes = [None] * n
     batch.has_teacher = torch.zeros(n, dtype=torch.bool)
     if algo.needs_teacher and algo.teacher_context:
         ctx = build_teacher_contexts(
@@ -346,48 +353,65 @@ def _build_views(run: Run, batch: Batch, step: int) -> None:
             seed=cfg.train.seed * 100003 + step,
         )
         for i, c in enumerate(ctx):
-            if c is None:
-                continue
-            resp = batch.responses[i] or [run.pad_id]
-            batch.teacher[i] = Seq(
-                list(c.token_ids) + list(resp), len(c.token_ids) - 1, len(batch.responses[i])
-            )
-            batch.has_teacher[i] = True
+            if c is not None:
+                batch.teacher_prefixes[i] = list(c.token_ids)
+                batch.has_teacher[i] = True
     mask = torch.zeros(n, batch.width)
     for i, r in enumerate(batch.responses):
         mask[i, : len(r)] = 1.0
     batch.mask = mask
 
 
-def _dp_logprobs(run: Run, seqs: list, rows: list[int], width: int, **kw: Any) -> dict:
-    """Log-probs of `rows`, split over data-parallel ranks, gathered on every rank."""
-    from rlrt_megatron.megatron.train_step import all_gather_objects
-
-    pol = run.policy
-    mine = rows[pol.dp_rank :: pol.dp_size]
-    out = pol.logprobs(seqs, mine, width, run.cfg.train.max_tokens_per_microbatch, run.pad_id, **kw)
-    if pol.dp_size > 1:
-        merged: dict = {}
-        for part in all_gather_objects(out, group=pol.dp_group):
-            merged.update(part)
-        out = merged
+def _pad(t: torch.Tensor | None, width: int) -> torch.Tensor | None:
+    """`[n, T, ...]` -> `[n, width, ...]` (zeros on the right), on the CPU."""
+    if t is None:
+        return None
+    t = t.detach().cpu()
+    if t.shape[1] == width:
+        return t
+    out = t.new_zeros((t.shape[0], width, *t.shape[2:]))
+    out[:, : t.shape[1]] = t
     return out
 
 
-def _stack(out: dict, n: int, width: int, key: str) -> torch.Tensor:
-    t = torch.zeros(n, width)
-    for i, v in out.items():
-        t[i] = v[key]
-    return t
-
-
 def logprobs(run: Run, batch: Batch) -> None:
-    """Student log pi_S (+ entropy) on every rollout; teacher log pi_T where the algorithm asks."""
+    """Student log pi_S (+ entropy) on every rollout and, where the algorithm asks, teacher
+    log pi_T (+ entropy, + the teacher on the student's top-k support for SDPO/SRPO). Rollouts are
+    split over data-parallel ranks and the results all-gathered."""
+    from rlrt_megatron.megatron.train_step import all_gather_objects
+
     _build_views(run, batch, run.step + 1)
+    pol, algo = run.policy, run.algo
     n, w = len(batch.responses), batch.width
-    stud = _dp_logprobs(run, batch.student, list(range(n)), w, with_entropy=True)
-    batch.student_logprobs = _stack(stud, n, w, "logprobs")
-    batch.entropy = _stack(stud, n, w, "entropy")
+    mine = list(range(pol.dp_rank, n, pol.dp_size))
+    wants_teacher = bool(algo.needs_teacher)
+    student, teacher = pol.response_logprobs(
+        [batch.row_prompts[i] for i in mine],
+        [batch.row_responses[i] for i in mine],
+        [batch.teacher_prefixes[i] if wants_teacher else None for i in mine],
+        token_budget=run.cfg.train.max_tokens_per_microbatch,
+        teacher=run.teacher if algo.teacher_weights != "current" else None,
+        topk=int(getattr(algo, "needs_topk", 0) or 0),
+    )
+    part = {
+        "rows": mine,
+        "logprobs": _pad(student.logprobs, w),
+        "entropy": _pad(student.entropy, w),
+        "teacher_logprobs": _pad(teacher.logprobs, w),
+        "teacher_entropy": _pad(teacher.entropy, w),
+        "topk_ids": _pad(student.topk_ids, w),
+        "teacher_topk_logprobs": _pad(teacher.topk_logprobs, w),
+    }
+    parts = all_gather_objects(part, group=pol.dp_group) if pol.dp_size > 1 else [part]
+    full: dict[str, torch.Tensor | None] = {}
+    for key in part:
+        if key == "rows" or part[key] is None:
+            continue
+        t = part[key].new_zeros((n, *part[key].shape[1:]))
+        for p in parts:
+            t[p["rows"]] = p[key]
+        full[key] = t
+    batch.student_logprobs, batch.entropy = full["logprobs"], full["entropy"]
     if run.cfg.train.recompute_old_logprobs:
         batch.old_logprobs = batch.student_logprobs
     else:
@@ -395,16 +419,13 @@ def logprobs(run: Run, batch: Batch) -> None:
         for i, lp in enumerate(batch.behavior_logprobs):
             blp[i, : len(lp)] = torch.tensor(lp)
         batch.old_logprobs = blp
-    algo = run.algo
-    if algo.needs_teacher and not getattr(algo, "needs_topk", 0):
-        rows = [i for i in range(n) if batch.has_teacher[i]]
-        model = run.teacher if algo.teacher_weights != "current" else None
-        teach = _dp_logprobs(run, batch.teacher, rows, w, model=model, with_entropy=True)
-        batch.teacher_logprobs = batch.student_logprobs.clone()
-        batch.teacher_entropy = batch.entropy.clone()
-        for i, v in teach.items():
-            batch.teacher_logprobs[i] = v["logprobs"]
-            batch.teacher_entropy[i] = v["entropy"]
+    if wants_teacher:
+        has = batch.has_teacher[:, None]
+        # rows without a teacher view hold the student's values (their weight is 1 anyway)
+        batch.teacher_logprobs = torch.where(has, full["teacher_logprobs"], batch.student_logprobs)
+        batch.teacher_entropy = torch.where(has, full["teacher_entropy"], batch.entropy)
+    batch.topk_ids = full.get("topk_ids")
+    batch.teacher_topk_logprobs = full.get("teacher_topk_logprobs")
 
 
 def advantages(run: Run, batch: Batch, step: int) -> Any:
@@ -436,7 +457,6 @@ def update(run: Run, batch: Batch, prepared: Any) -> dict[str, float]:
     g = cfg.rollout.group_size
     mb_rows = cfg.train.mini_batch_prompts * g
     n = len(batch.responses)
-    topk = int(getattr(algo, "needs_topk", 0) or 0)
     sums: dict[str, float] = {}
     count = 0
     for _epoch in range(cfg.train.ppo_epochs):
@@ -460,15 +480,16 @@ def update(run: Run, batch: Batch, prepared: Any) -> dict[str, float]:
                 )
 
             m = pol.train_minibatch(
-                batch.student,
+                [batch.row_prompts[i] + batch.row_responses[i] for i in mine],
+                [len(batch.row_prompts[i]) for i in mine],
                 mine,
                 batch.width,
                 cfg.train.max_tokens_per_microbatch,
-                run.pad_id,
                 loss_of,
-                teacher=run.teacher if algo.teacher_weights != "current" else pol.chunks,
-                teacher_seqs=batch.teacher,
-                topk=topk,
+                topk_ids=None if batch.topk_ids is None else batch.topk_ids[mine],
+                teacher_topk=None
+                if batch.teacher_topk_logprobs is None
+                else (batch.teacher_topk_logprobs[mine], batch.teacher_entropy[mine]),
             )
             for k, v in m.items():
                 sums[k] = sums.get(k, 0.0) + v
@@ -615,8 +636,10 @@ __all__ = [
     "Run",
     "advantages",
     "checkpoint_due",
-    "dataclasses",
+    "eval_due",
+    "evaluate",
     "logprobs",
+    "preflight",
     "reward",
     "rollout",
     "save_checkpoint",

@@ -22,7 +22,7 @@ HELPERS = textwrap.dedent(
     from rlrt_megatron import platform
     from rlrt_megatron.config import OptimizerConfig
     from rlrt_megatron.convert.tiny import tiny_config
-    from rlrt_megatron.megatron.train_step import Policy, Seq
+    from rlrt_megatron.megatron.train_step import Policy
 
     def make_policy():
         platform.init_distributed(1, 1, seed=5)
@@ -30,9 +30,9 @@ HELPERS = textwrap.dedent(
         return Policy(cfg, tp=1, pp=1, optim=OptimizerConfig(lr=1e-2), total_steps=10)
 
     def train_step(policy):
-        seqs = [Seq(list(range(3, 15)), 4, 7), Seq(list(range(20, 30)), 2, 7)]
+        seqs, starts = [list(range(3, 15)), list(range(20, 30))], [5, 3]  # 7 response tokens
         loss_of = lambda lp, rows, tk: (-lp.sum() / 14.0, {})
-        policy.train_minibatch(seqs, [0, 1], 7, 64, 0, loss_of)
+        policy.train_minibatch(seqs, starts, [0, 1], 7, 64, loss_of)
 
     def params(policy):
         return {n: p.detach().clone() for n, p in policy.chunks[0].named_parameters()}
