@@ -75,13 +75,37 @@ def wait_for(cond, timeout: float, what: str, poll: float = 0.5) -> None:
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
+TERMINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
+
+
+def running(cluster, job: str, cond):  # noqa: ANN001, ANN201
+    """`cond` for wait_for that fails at once (with the job's log) if the job has ended."""
+
+    last = [0.0]
+
+    def check() -> bool:
+        if cond():
+            return True
+        if time.monotonic() - last[0] < 1.0:  # ask slurmctld at most once a second
+            return False
+        last[0] = time.monotonic()
+        info = cluster.job_state(job)
+        if info.get("JobState") in TERMINAL:
+            out = Path(info.get("StdOut", "/nonexistent"))
+            log = out.read_text() if out.exists() else ""
+            raise AssertionError(f"job {job} ended early: {info.get('JobState')}\n{log}")
+        return False
+
+    return check
+
+
 def release_requeued(cluster, job: str, timeout: float = 120) -> None:
     """Wait for the requeue, then shorten the 120 s hold Slurm puts on requeued jobs
     (`scontrol update StartTime=now`) so the test does not sit idle."""
 
     def requeued() -> bool:
         info = cluster.job_state(job)
-        if info.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"):
+        if info.get("JobState") in TERMINAL:
             out = Path(info.get("StdOut", "/nonexistent"))
             log = out.read_text() if out.exists() else ""
             raise AssertionError(f"job {job} ended instead of requeueing: {info}\n{log}")
@@ -112,7 +136,7 @@ def test_usr1_is_forwarded_and_the_job_requeues(cluster, job_dir):
         text = "".join(p.read_text() for p in logs.glob("*.r0.*.log"))
         return text.count("allreduce rank") == 2
 
-    wait_for(started, 180, "both ranks to start")
+    wait_for(running(cluster, job, started), 180, "both ranks to start")
     preempt_and_release(cluster, job)
     info = cluster.wait_job(job, 240)
     out = batch_log(job_dir, job)
@@ -233,7 +257,11 @@ def run_preempted(cluster, tiny_model, uninterrupted, job_dir, preempt) -> str:
     run_dir = job_dir / "run"
     job = sbatch(cluster, job_dir, *TINY, *tiny_model, f"logging.run_dir={run_dir}")
     metrics = run_dir / "metrics.jsonl"
-    wait_for(lambda: metrics.exists() and metrics.read_text().count("\n") >= 1, 600,
+
+    def first_step() -> bool:
+        return metrics.exists() and metrics.read_text().count("\n") >= 1
+
+    wait_for(running(cluster, job, first_step), 600,
              "the first training step", poll=0.1)  # fmt: skip
     preempt(job)
     release_requeued(cluster, job, timeout=300)
