@@ -23,7 +23,13 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slurm and not gpu and not slow" --timeout 900
 
-test-slurm: $(STAMP)
+# The Slurm tier also needs the `slurm` extra (nemo-run).
+SLURM_STAMP := $(VENV)/.installed-slurm
+$(SLURM_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q -e ".[dev,slurm]"
+	touch $(SLURM_STAMP)
+
+test-slurm: $(SLURM_STAMP)
 	$(BIN)/python -m pytest -q -m slurm tests/slurm --timeout 1800
 
 test-slow: $(STAMP)

@@ -551,7 +551,7 @@ class SGLangEngine:
         self.tp = tp
         self.host = host
         # servers we launch always get a key (they may listen on the node's address)
-        api_key = api_key or os.environ.get("RLRT_SGLANG_API_KEY")
+        api_key = api_key or os.environ.get("RLRT_ROLLOUT_API_KEY")
         if api_key is None and _urls is None:
             api_key = secrets.token_urlsafe(24)
         self.api_key = api_key

@@ -698,7 +698,7 @@ def test_from_config_builds_servers_from_the_rollout_config(tmp_path):
 
 
 def test_launched_servers_get_an_api_key_by_default(monkeypatch):
-    monkeypatch.delenv("RLRT_SGLANG_API_KEY", raising=False)
+    monkeypatch.delenv("RLRT_ROLLOUT_API_KEY", raising=False)
     seen = {}
 
     class NoLaunch(SGLangEngine):
@@ -710,6 +710,6 @@ def test_launched_servers_get_an_api_key_by_default(monkeypatch):
 
     NoLaunch("m", launch_cmd=lambda i, p: ["true"])
     assert seen["key"] and len(seen["key"]) >= 24
-    monkeypatch.setenv("RLRT_SGLANG_API_KEY", "from-env")
+    monkeypatch.setenv("RLRT_ROLLOUT_API_KEY", "from-env")
     NoLaunch("m", launch_cmd=lambda i, p: ["true"])
     assert seen["key"] == "from-env"
