@@ -348,7 +348,3 @@ def all_gather_objects(obj: Any, group: Any = None) -> list[Any]:
     out: list[Any] = [None] * dist.get_world_size(group)
     dist.all_gather_object(out, obj, group=group)
     return out
-
-
-def device() -> torch.device:
-    return platform.device()
