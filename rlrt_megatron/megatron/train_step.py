@@ -196,29 +196,51 @@ class Policy:
         """Student and teacher `ResponseLogprobs` (`megatron/forward.py`) of these rollouts, on
         every rank of the model-parallel group. `teacher_prefixes[i]` = teacher context + prompt
         (None: no teacher view); `teacher` = separate teacher chunks (None: the policy)."""
-        from rlrt_megatron.megatron.forward import student_teacher_logprobs
+        from rlrt_megatron.megatron.forward import ResponseLogprobs, compute_response_logprobs
 
         chunks = list(self.model) + list(teacher or [])
         for c in chunks:
             c.eval()
-        longest = max(
-            [len(p) + len(r) for p, r in zip(prompts, responses, strict=True)]
-            + [len(t) + len(r) for t, r in zip(teacher_prefixes, responses, strict=True) if t]
-        )
-        row_tokens, rows_per_mb = self._layout(longest, token_budget)
+        t_resp = max(len(r) for r in responses)
+        has = [i for i, t in enumerate(teacher_prefixes) if t is not None]
+
+        def run(model: Sequence[torch.nn.Module], seqs: list, starts: list, **kw: Any) -> Any:
+            # each pass gets its own layout: the student's forward must not depend on the
+            # teacher's lengths (RLRT with alpha=0 reproduces GRPO bit for bit)
+            row_tokens, rows_per_mb = self._layout(max(len(x) for x in seqs), token_budget)
+            return compute_response_logprobs(
+                model, seqs, starts, token_budget=row_tokens, rows_per_microbatch=rows_per_mb,
+                with_entropy=True, response_len=t_resp, **kw,
+            )  # fmt: skip
+
         try:
             with self._sampling_vocab(chunks):
-                return student_teacher_logprobs(
+                student = run(
                     self.model,
-                    prompts,
-                    responses,
-                    teacher_prefixes,
-                    teacher_chunks=teacher,
-                    token_budget=row_tokens,
-                    rows_per_microbatch=rows_per_mb,
-                    with_entropy=True,
+                    [list(p) + list(r) for p, r in zip(prompts, responses, strict=True)],
+                    [len(p) for p in prompts],
                     topk=topk,
                 )
+                teacher_out = ResponseLogprobs(
+                    logprobs=torch.zeros_like(student.logprobs),
+                    mask=torch.zeros_like(student.mask),
+                    entropy=torch.zeros_like(student.entropy),
+                    topk_ids=student.topk_ids,
+                    topk_logprobs=None if not topk else torch.zeros_like(student.topk_logprobs),
+                )
+                if has:
+                    sub = run(
+                        teacher if teacher is not None else self.model,
+                        [list(teacher_prefixes[i]) + list(responses[i]) for i in has],
+                        [len(teacher_prefixes[i]) for i in has],
+                        topk_ids=None if not topk else student.topk_ids[has],
+                    )
+                    idx = torch.tensor(has, device=student.mask.device)
+                    for name in ("logprobs", "mask", "entropy", "topk_logprobs"):
+                        dst = getattr(teacher_out, name)
+                        if dst is not None:
+                            dst[idx] = getattr(sub, name)
+                return student, teacher_out
         finally:
             for c in self.model:
                 c.train()
