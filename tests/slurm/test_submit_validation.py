@@ -57,15 +57,17 @@ def test_checkpoint_dir_must_exist_on_shared_storage(tmp_path):
 
 
 def test_the_8b_layout_from_the_readme_is_valid():
-    # 4 nodes x 8 H100, colocated: 32 ranks, tp=4 -> dp=8
-    job = SlurmJob("qwen3_8b_rlrt", nodes=4, gpus_per_node=8)
+    # 4 nodes x 8 H100, colocated: 32 ranks, tp=4 -> dp=8. `home` is explicit: the default (this
+    # checkout) may be under /tmp, which the validation rightly rejects as node-local storage.
+    home = "/shared/rlrt-megatron"
+    job = SlurmJob("qwen3_8b_rlrt", nodes=4, gpus_per_node=8, home=home)
     cfg = job.validate()
     assert job.describe(cfg) == (
         "4 node(s): 4 training x 8 rank(s) = 32 ranks (tp 4 x pp 1 x dp 8), "
         "rollouts colocated (sglang)"
     )
     # 3 training nodes (24 ranks, dp=6) + 1 node of 4 SGLang servers (tp 2)
-    job = SlurmJob("qwen3_8b_rlrt", nodes=4, gpus_per_node=8, rollout_nodes=1)
+    job = SlurmJob("qwen3_8b_rlrt", nodes=4, gpus_per_node=8, rollout_nodes=1, home=home)
     if not hasattr(cfg.rollout, "sglang_urls"):
         with pytest.raises(SlurmJobError, match=r"no rollout.sglang_urls"):
             job.validate()
