@@ -54,15 +54,6 @@ class Policy:
         from rlrt_megatron.megatron.model import build_model, true_vocab_size
 
         self.hf_config = hf_config
-        if (
-            use_distributed_optimizer
-            and platform.is_cpu_mode()
-            and not getattr(platform, "DISTRIBUTED_OPTIMIZER_ON_CPU", False)
-        ):
-            # megatron's DistributedOptimizer accepts only `torch.cuda.*Tensor` parameters
-            # (`param.type()` checks); until platform.py shims that, CPU runs use the plain
-            # Megatron optimizer (same math, optimizer state replicated over DP ranks).
-            use_distributed_optimizer = False
         self.use_distributed_optimizer = use_distributed_optimizer
         self.tp, self.pp, self.spec, self.params_dtype = tp, pp, spec, params_dtype
         chunks = build_model(hf_config, tp=tp, pp=pp, spec=spec, params_dtype=params_dtype)
@@ -73,8 +64,7 @@ class Policy:
             self.true_vocab = min(self.true_vocab, int(sample_vocab_size))
         self.model = wrap_with_ddp(chunks, use_distributed_optimizer=use_distributed_optimizer)
         bf16 = params_dtype == torch.bfloat16
-        with cpu_tensor_type_names():
-            self.optimizer = self._make_optimizer(optim, bf16, use_distributed_optimizer)
+        self.optimizer = self._make_optimizer(optim, bf16, use_distributed_optimizer)
         decay_steps = max(1, total_steps)
         self.scheduler = OptimizerParamScheduler(
             self.optimizer,
@@ -314,8 +304,7 @@ class Policy:
             for k, v in o["metrics"].items():
                 metric_sums[k] = metric_sums.get(k, 0.0) + float(v)
             loss_sum += o["loss"].double()
-        with cpu_tensor_type_names():
-            ok, grad_norm, _ = self.optimizer.step()
+        ok, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(1)
         # the mini-batch loss: micro-batch losses are already normalised by the whole
         # mini-batch, so they add up (over micro-batches here, over DP ranks below)
@@ -330,29 +319,6 @@ class Policy:
         out["update_ok"] = float(bool(ok))
         out["lr"] = float(self.optimizer.param_groups[0]["lr"])
         return out
-
-
-@contextmanager
-def cpu_tensor_type_names() -> Iterator[None]:
-    """TEMPORARY CPU shim (belongs in platform.py): megatron's optimizers check
-    `param.type() == "torch.cuda.FloatTensor"` (optimizer.py, distrib_optimizer.py,
-    clip_grads.py); on CPU report CPU tensors under their CUDA type names while building and
-    stepping the optimizer. A no-op with a GPU or once platform installs the shim."""
-    if not platform.is_cpu_mode() or getattr(platform, "TENSOR_TYPE_SHIM", False):
-        yield
-        return
-    orig = torch.Tensor.type
-
-    def type_(self: torch.Tensor, dtype: Any = None, non_blocking: bool = False, **kw: Any):
-        if dtype is None and not kw and self.device.type == "cpu":
-            return orig(self).replace("torch.", "torch.cuda.", 1)
-        return orig(self, dtype, non_blocking, **kw)
-
-    torch.Tensor.type = type_  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        torch.Tensor.type = orig  # type: ignore[method-assign]
 
 
 def broadcast_object(obj: Any, src: int = 0, group: Any = None) -> Any:
