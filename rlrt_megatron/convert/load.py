@@ -30,17 +30,19 @@ def unwrap(chunk: Any) -> Any:
     return chunk
 
 
-def model_sharded_state_dict(model_chunks: Sequence[Any]) -> dict:
+def model_sharded_state_dict(model_chunks: Sequence[Any], prefix: str = "") -> dict:
     """The chunks' sharded state dict in Megatron's default layout (stacked layers).
 
     One chunk -> `{"model": ...}`; virtual pipeline chunks -> `{"model0": ..., "model1": ...}`
-    (Megatron's own convention). Use this for every save/load of model weights so the layout
-    stays the one `hf_to_megatron` writes.
+    (Megatron's own convention; the chunks' keys are global, with no per-chunk prefix, so a
+    checkpoint loads at any layout). Use this for every save/load of model weights so the layout
+    stays the one `hf_to_megatron` writes. `prefix` (e.g. the trainer's `teacher.`) prefixes the
+    dict keys and every sharded key, for a second model in the same checkpoint.
     """
     chunks = [unwrap(c) for c in model_chunks]
     if len(chunks) == 1:
-        return {"model": chunks[0].sharded_state_dict()}
-    return {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
+        return {f"{prefix}model": chunks[0].sharded_state_dict(prefix=prefix)}
+    return {f"{prefix}model{i}": c.sharded_state_dict(prefix=prefix) for i, c in enumerate(chunks)}
 
 
 def _checkpoint_keys(ckpt_dir: str | Path) -> set[str]:

@@ -7,6 +7,7 @@ Layout of `<checkpoint_dir>`::
         trainer_state.json       step, data cursor, schedules, rollout version (rank 0)
         rng_rank<R>.pt           python / numpy / torch / megatron tracker RNG states (per rank)
         config.json              the run's TrainConfig
+        hf/                      the HF config / tokenizer files (for `megatron-to-hf`)
     latest                       text file: "iter_0000012"
 
 Atomicity: every rank writes into `iter_N.tmp/`; after a barrier rank 0 fsyncs the files, renames
@@ -30,6 +31,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+
+from rlrt_megatron.convert.io import copy_hf_metadata
+from rlrt_megatron.convert.load import model_sharded_state_dict, unwrap
 
 ITER_RE = re.compile(r"^iter_(\d{7})$")
 LATEST = "latest"
@@ -115,28 +119,12 @@ def set_rng_state(state: dict[str, Any]) -> None:
 # ---- sharded state ------------------------------------------------------------------------
 
 
-def _unwrap(chunk: Any) -> Any:
-    while hasattr(chunk, "module"):
-        chunk = chunk.module
-    return chunk
-
-
-def model_sharded_state_dict(chunks: Sequence[Any], prefix: str = "") -> dict:
-    """Sharded state dict of model chunks (`model`, or `model0`, `model1`... with vpp)."""
-    if len(chunks) == 1:
-        return {f"{prefix}model": _unwrap(chunks[0]).sharded_state_dict(prefix=prefix)}
-    return {
-        f"{prefix}model{i}": _unwrap(c).sharded_state_dict(prefix=f"{prefix}c{i}.")
-        for i, c in enumerate(chunks)
-    }
-
-
 def _load_model_state(chunks: Sequence[Any], state: dict, prefix: str = "") -> None:
     if len(chunks) == 1:
-        _unwrap(chunks[0]).load_state_dict(state[f"{prefix}model"], strict=False)
+        unwrap(chunks[0]).load_state_dict(state[f"{prefix}model"], strict=False)
     else:
         for i, c in enumerate(chunks):
-            _unwrap(c).load_state_dict(state[f"{prefix}model{i}"], strict=False)
+            unwrap(c).load_state_dict(state[f"{prefix}model{i}"], strict=False)
 
 
 def _ensure_optimizer_state(optimizer: Any) -> None:
@@ -206,11 +194,15 @@ class Checkpointer:
     Args:
         root: the checkpoint directory.
         keep_last: newest complete checkpoints to keep (0 = all).
+        hf_dir: the run's Hugging Face model directory; its config / tokenizer files are copied
+            to `iter_N/hf/` so `rlrt convert megatron-to-hf --ckpt iter_N/dist` needs no
+            `--hf-config`.
     """
 
-    def __init__(self, root: str, keep_last: int = 2) -> None:
+    def __init__(self, root: str, keep_last: int = 2, hf_dir: str | None = None) -> None:
         self.root = root
         self.keep_last = keep_last
+        self.hf_dir = hf_dir
         # test hook: called after the shards are written, before the rename (kill -9 tests)
         self.before_commit: Callable[[str], None] | None = None
 
@@ -290,6 +282,8 @@ class Checkpointer:
             if config is not None:
                 with open(os.path.join(tmp, "config.json"), "w") as f:
                     json.dump(config, f, indent=1)
+            if self.hf_dir:
+                copy_hf_metadata(self.hf_dir, os.path.join(tmp, "hf"))
             _fsync_tree(tmp)
             if self.before_commit is not None:
                 self.before_commit(tmp)

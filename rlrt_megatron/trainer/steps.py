@@ -176,7 +176,9 @@ def _build(cfg: TrainConfig, info: Any, hf_dir: str, ckpt: str, hf_config: dict,
     sampler = PromptSampler(
         dataset, cfg.train.prompts_per_step, seed=cfg.train.seed, shuffle=cfg.data.shuffle
     )
-    checkpointer = Checkpointer(cfg.checkpoint_dir, keep_last=cfg.checkpoint.keep_last)
+    checkpointer = Checkpointer(
+        cfg.checkpoint_dir, keep_last=cfg.checkpoint.keep_last, hf_dir=hf_dir
+    )
     run = Run(
         cfg=cfg,
         rank=info.rank,
