@@ -85,28 +85,40 @@ def _is_rank0() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
 def prepare_model_files(cfg: TrainConfig, log: Any = print) -> tuple[str, str]:
     """(hf_dir, megatron_ckpt) for the run; builds the tiny model, SFT-warms and converts it on
-    rank 0 when the config asks (cached under `<run_dir>/model/`)."""
+    rank 0 when the config asks (cached under `<run_dir>/model/`).
+
+    Every rank derives the same paths from the config. Rank 0 alone does the work while the
+    others wait: the conversion's checkpoint save is collective, so inside a multi-rank job
+    `hf_to_megatron` runs in a 1-rank child process. A failure on rank 0 is sent to the other
+    ranks, which raise too instead of waiting forever.
+    """
     model_dir = os.path.join(cfg.run_dir, "model")
     hf_dir = cfg.model.hf_path
     if cfg.model.build_tiny and not hf_dir:
         hf_dir = os.path.join(model_dir, "hf")
-        if _is_rank0():
-            from rlrt_megatron.trainer.warmup import build_warm_tiny_model
-
-            build_warm_tiny_model(hf_dir, cfg, log=log)
     ckpt = cfg.model.megatron_ckpt or os.path.join(model_dir, "megatron")
-    if not cfg.model.megatron_ckpt and _is_rank0() and not os.path.isdir(ckpt):
-        from rlrt_megatron.convert.hf_to_megatron import hf_to_megatron
+    failure: BaseException | None = None
+    if _is_rank0():
+        try:
+            if cfg.model.build_tiny and not cfg.model.hf_path:
+                from rlrt_megatron.trainer.warmup import build_warm_tiny_model
 
-        hf_to_megatron(hf_dir, ckpt, spec=cfg.model.spec, show_progress=False)
-    _barrier()
+                build_warm_tiny_model(hf_dir, cfg, log=log)
+            if not cfg.model.megatron_ckpt and not os.path.isdir(ckpt):
+                from rlrt_megatron.convert.hf_to_megatron import hf_to_megatron
+
+                hf_to_megatron(hf_dir, ckpt, spec=cfg.model.spec, show_progress=False)
+        except BaseException as ex:
+            failure = ex
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [None if failure is None else f"{type(failure).__name__}: {failure}"]
+        dist.broadcast_object_list(box, src=0)  # also the barrier after rank 0's work
+        if failure is None and box[0] is not None:
+            raise RuntimeError(f"rank 0 failed to prepare the model files: {box[0]}")
+    if failure is not None:
+        raise failure
     return hf_dir, ckpt
 
 

@@ -4,6 +4,7 @@ trainable parameter changes after one step; RLRT with alpha=0 has GRPO's losses 
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 from dist_utils import run_distributed
@@ -90,3 +91,37 @@ def test_rlrt_alpha0_equals_grpo_bit_for_bit(results):
     assert [r["loss/value"] for r in results["metrics"]["rlrt"]] != [r["loss/value"] for r in grpo]
     common = set(computed(grpo[0])) & set(computed(rlrt0[0]))
     assert "loss/clipfrac" in common
+
+
+def _prepare_build_tiny(rank: int, world: int, root: str) -> dict:
+    from recipes import get_recipe
+    from rlrt_megatron import platform
+    from rlrt_megatron.trainer import steps
+
+    cfg = get_recipe("tiny_demo", ["model.sft_warmup_steps=0", f"logging.run_dir={root}/run"])
+    platform.init_distributed(tp=2, pp=1)
+    try:
+        hf_dir, ckpt = steps.prepare_model_files(cfg, log=lambda _: None)
+        bad = get_recipe(
+            "tiny_demo",
+            ["model.build_tiny=false", f"model.hf_path={root}/none", f"logging.run_dir={root}/bad"],
+        )
+        try:
+            steps.prepare_model_files(bad, log=lambda _: None)
+            error = ""
+        except Exception as ex:  # noqa: BLE001 - every rank must raise, none may hang
+            error = type(ex).__name__
+    finally:
+        platform.destroy_distributed()
+    return {"paths": (hf_dir, ckpt), "ckpt_ok": os.path.isfile(f"{ckpt}/metadata.json"),
+            "error": error}  # fmt: skip
+
+
+def test_build_tiny_prepares_model_files_on_two_ranks(tmp_path):
+    """model.build_tiny with 2 ranks: rank 0 builds and converts (the conversion's collective
+    save runs in a child process), both ranks get the same paths; a rank-0 failure reaches
+    every rank instead of leaving the others at a barrier."""
+    res = run_distributed(_prepare_build_tiny, 2, str(tmp_path), timeout=300)
+    assert res[0]["paths"] == res[1]["paths"]
+    assert res[0]["ckpt_ok"] and res[1]["ckpt_ok"]
+    assert res[0]["error"] and res[1]["error"] == "RuntimeError"
