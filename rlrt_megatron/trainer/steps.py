@@ -521,11 +521,13 @@ def sync(run: Run, step: int) -> None:
             run.policy.ema_into(run.teacher, float(algo.ema_rate))
         elif algo.teacher_weights == "snapshot" and step % int(algo.teacher_refresh_every) == 0:
             run.policy.copy_into(run.teacher)
+    # streamed: the engine takes the tensors as they are gathered (SGLang sends them in buckets)
     weights = iter_hf_weights(run.policy.chunks)
-    if run.rank == 0:
-        run.engine.update_weights(list(weights), version=step)
-    else:
-        for _ in weights:  # lockstep with rank 0's gathers
+    try:
+        if run.rank == 0:
+            run.engine.update_weights(weights, version=step)
+    finally:
+        for _ in weights:  # lockstep with rank 0's gathers, even if its engine stopped early
             pass
     run.rollout_version = step
 
