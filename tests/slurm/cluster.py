@@ -25,6 +25,18 @@ import sys
 import time
 from pathlib import Path
 
+REPO = Path(__file__).resolve().parents[2]
+# The two local "nodes" share this host's disk, which stands in for the cluster's shared storage.
+# `rlrt slurm submit` rightly rejects node-local checkpoint paths (/tmp/..., see
+# rlrt_megatron.launch.job.NODE_LOCAL_PREFIXES), and a CI clone may itself live under /tmp:
+# then the tier's job directories go under /srv instead of the checkout's runs/.
+try:
+    from rlrt_megatron.launch.job import NODE_LOCAL_PREFIXES as _NODE_LOCAL
+except ImportError:  # cluster.py run as a script outside the venv: only up/down need it then
+    _NODE_LOCAL = ("/tmp/",)
+_RUNS = REPO / "runs" / "pytest-slurm"
+SHARED_ROOT = Path("/srv/rlrt-slurm-tests") if f"{_RUNS}/".startswith(_NODE_LOCAL) else _RUNS
+
 PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
 BINARIES = ["slurmctld", "slurmd", "sbatch", "srun", "scontrol", "squeue", "munged"]
 

@@ -13,7 +13,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from cluster import ClusterError, LocalCluster  # noqa: E402
+from cluster import SHARED_ROOT, ClusterError, LocalCluster  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -35,7 +35,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture
 def job_dir(request: pytest.FixtureRequest):
     """A fresh directory under the repo's runs/ (shared by both 'nodes', like shared storage)."""
-    d = REPO / "runs" / "pytest-slurm" / f"{request.node.name[:40]}-{uuid.uuid4().hex[:6]}"
+    d = SHARED_ROOT / f"{request.node.name[:40]}-{uuid.uuid4().hex[:6]}"
     d.mkdir(parents=True)
     yield d
     if not getattr(request.node, "rep_failed", True):

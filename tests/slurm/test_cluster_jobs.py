@@ -12,6 +12,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from cluster import SHARED_ROOT
 
 pytestmark = pytest.mark.slurm
 
@@ -202,7 +203,7 @@ def tiny_model() -> list[str]:
     rlrt = REPO / ".venv" / "bin" / "rlrt"
     if subprocess.run([str(rlrt), "train", "--help"], capture_output=True).returncode != 0:
         pytest.skip("`rlrt train` is not available")
-    run_dir = REPO / "runs" / "pytest-slurm" / "tiny-model"
+    run_dir = SHARED_ROOT / "tiny-model"
     hf, mc = run_dir / "model" / "hf", run_dir / "model" / "megatron"
     if not (mc.is_dir() and (hf / "config.json").exists()):
         p = subprocess.run(
@@ -226,7 +227,7 @@ def read_metrics(run_dir: Path) -> dict[int, dict]:
 
 @pytest.fixture(scope="module")
 def uninterrupted(cluster, tiny_model) -> dict:
-    job_dir = REPO / "runs" / "pytest-slurm" / f"uninterrupted-{uuid.uuid4().hex[:6]}"
+    job_dir = SHARED_ROOT / f"uninterrupted-{uuid.uuid4().hex[:6]}"
     job_dir.mkdir(parents=True)
     run_dir = job_dir / "run"
     job = sbatch(cluster, job_dir, *TINY, *tiny_model, f"logging.run_dir={run_dir}")

@@ -9,6 +9,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from cluster import SHARED_ROOT
 
 from rlrt_megatron.launch.job import SlurmJob, SlurmJobError
 
@@ -95,7 +96,7 @@ def test_cli_reports_misconfiguration_with_exit_code_2():
 def shared_dir():
     """A directory under the repo's runs/ (the tests' stand-in for shared storage; /tmp is
     node-local and refused for multi-node jobs)."""
-    d = REPO / "runs" / "pytest-slurm" / f"validation-{uuid.uuid4().hex[:8]}"
+    d = SHARED_ROOT / f"validation-{uuid.uuid4().hex[:8]}"
     d.mkdir(parents=True)
     yield d
     shutil.rmtree(d, ignore_errors=True)
