@@ -50,6 +50,36 @@ def _sub(cls: type) -> Any:
 
 
 @dataclass
+class FP8Settings:
+    """FP8 training of the transformer layers (needs model.spec=te; default off)."""
+
+    enabled: bool = _f(False, "Run the transformer layers' GEMMs in FP8 (needs model.spec=te).")
+    format: Literal["hybrid", "e4m3"] = _f(
+        "hybrid", "`hybrid` = E4M3 forward, E5M2 gradients; `e4m3` = E4M3 for both."
+    )
+    recipe: Literal["delayed", "current", "tensorwise", "blockwise", "mxfp8"] = _f(
+        "delayed",
+        "Scaling recipe: `delayed` (amax history), `current`/`tensorwise` (per-tensor, "
+        "TE >= 2.2), `blockwise` (Hopper, TE >= 2.3) or `mxfp8` (Blackwell).",
+    )
+    amax_history_len: int = _f(1024, "Delayed scaling: length of the amax history.")
+    amax_compute_algo: Literal["max", "most_recent"] = _f(
+        "max", "Delayed scaling: scale from the history's `max` or `most_recent` amax."
+    )
+    margin: int = _f(0, "Scaling margin (power-of-two exponent) of the FP8 scale.")
+    fp8_param: bool = _f(
+        False, "Keep GEMM weights in FP8 (off: RL pushes exact bf16 weights to the rollouts)."
+    )
+    wgrad: bool = _f(True, "Compute weight gradients in FP8 too (false: bf16 wgrad GEMMs).")
+
+    def to_te(self) -> Any:
+        """The `rlrt_megatron.megatron.te.FP8Config` of these settings."""
+        from rlrt_megatron.megatron.te import FP8Config
+
+        return FP8Config(**dataclasses.asdict(self))
+
+
+@dataclass
 class ModelConfig:
     """The policy model: where its weights come from and how Megatron builds it."""
 
@@ -76,6 +106,7 @@ class ModelConfig:
     params_dtype: Literal["float32", "bfloat16"] = _f(
         "float32", "Parameter/compute dtype of the Megatron policy (bfloat16 on GPU)."
     )
+    fp8: FP8Settings = _sub(FP8Settings)
 
 
 @dataclass
@@ -396,6 +427,16 @@ def validation_errors(
     )
     need(m.sft_warmup_steps >= 0, "model.sft_warmup_steps", "must be >= 0")
     need(m.spec in ("local", "te"), "model.spec", "must be `local` or `te`")
+    need(
+        not m.fp8.enabled or m.spec == "te",
+        "model.fp8.enabled",
+        f"FP8 requires model.spec=te (got model.spec={m.spec}): only Transformer Engine layers "
+        "run FP8 GEMMs",
+    )
+    try:
+        m.fp8.to_te().validate("te")  # the other FP8 fields (the spec is checked above)
+    except ValueError as ex:
+        e.append(f"model.{ex}")
     c = cfg.checkpoint
     need(c.save_every >= 0, "checkpoint.save_every", "must be >= 0")
     need(c.keep_last >= 0, "checkpoint.keep_last", "must be >= 0")

@@ -33,6 +33,8 @@ class Policy:
         spec, params_dtype: layer spec and dtype.
         sample_vocab_size: ids >= this (e.g. `len(tokenizer)`, the local engine's sampling
             vocabulary) are excluded from log-probs and entropy like Megatron's vocab padding.
+        fp8: `rlrt_megatron.megatron.te.FP8Config` (or None = off); its TransformerConfig
+            fields (`te.fp8_transformer_kwargs`) go to `build_model` (policy and teacher).
     """
 
     def __init__(
@@ -47,16 +49,21 @@ class Policy:
         spec: str = "local",
         params_dtype: torch.dtype = torch.float32,
         sample_vocab_size: int | None = None,
+        fp8: Any = None,
     ) -> None:
         from megatron.core import parallel_state as ps
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
         from rlrt_megatron.megatron.model import build_model, true_vocab_size
+        from rlrt_megatron.megatron.te import fp8_transformer_kwargs
 
         self.hf_config = hf_config
         self.use_distributed_optimizer = use_distributed_optimizer
         self.tp, self.pp, self.spec, self.params_dtype = tp, pp, spec, params_dtype
-        chunks = build_model(hf_config, tp=tp, pp=pp, spec=spec, params_dtype=params_dtype)
+        self.model_kwargs = fp8_transformer_kwargs(fp8, spec)
+        chunks = build_model(
+            hf_config, tp=tp, pp=pp, spec=spec, params_dtype=params_dtype, **self.model_kwargs
+        )
         self.true_vocab = true_vocab_size(chunks[0])
         if sample_vocab_size is not None:
             # ids the rollout engine can never sample (beyond the tokenizer) must not carry
@@ -122,7 +129,12 @@ class Policy:
 
         state = rng_state()  # building must not move the RNG streams of the run
         teacher = build_model(
-            self.hf_config, tp=self.tp, pp=self.pp, spec=self.spec, params_dtype=self.params_dtype
+            self.hf_config,
+            tp=self.tp,
+            pp=self.pp,
+            spec=self.spec,
+            params_dtype=self.params_dtype,
+            **self.model_kwargs,
         )
         set_rng_state(state)
         for t in teacher:

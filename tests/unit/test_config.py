@@ -38,6 +38,20 @@ def test_tp_must_divide_heads():
     get_recipe("tiny_demo", ["parallel.tp=2"]).validate(hf_config=HF, world_size=2)
 
 
+def test_fp8_requires_te_spec():
+    with pytest.raises(ConfigError, match=r"model\.fp8\.enabled: FP8 requires model\.spec=te"):
+        get_recipe("tiny_demo", ["model.fp8.enabled=true"])
+    with pytest.raises(ConfigError, match=r"model\.fp8\.amax_history_len"):
+        get_recipe("tiny_demo", ["model.fp8.amax_history_len=0"])
+    cfg = get_recipe("tiny_demo", ["model.spec=te", "model.fp8.enabled=true"])
+    from rlrt_megatron.megatron.te import fp8_transformer_kwargs
+
+    kw = fp8_transformer_kwargs(cfg.model.fp8.to_te(), cfg.model.spec)
+    assert kw["fp8"] == "hybrid" and kw["fp8_recipe"] == "delayed"
+    assert fp8_transformer_kwargs(get_recipe("tiny_demo").model.fp8.to_te(), "local") == {}
+    assert TrainConfig.from_dict(cfg.to_dict()).model.fp8.enabled
+
+
 def test_data_parallel_divisibility():
     cfg = get_recipe("tiny_demo", ["train.mini_batch_prompts=1", "rollout.group_size=3"])
     with pytest.raises(ConfigError, match="data parallel 2"):
