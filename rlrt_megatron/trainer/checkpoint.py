@@ -120,11 +120,16 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def _load_model_state(chunks: Sequence[Any], state: dict, prefix: str = "") -> None:
-    if len(chunks) == 1:
-        unwrap(chunks[0]).load_state_dict(state[f"{prefix}model"], strict=False)
-    else:
-        for i, c in enumerate(chunks):
-            unwrap(c).load_state_dict(state[f"{prefix}model{i}"], strict=False)
+    # `sharded_state_dict(prefix=...)` prefixes the dict keys too: strip it, or the teacher's
+    # `load_state_dict(strict=False)` would match nothing and silently keep its weights
+    names = (
+        [f"{prefix}model"]
+        if len(chunks) == 1
+        else [f"{prefix}model{i}" for i in range(len(chunks))]
+    )
+    for c, name in zip(chunks, names, strict=True):
+        sd = {k.removeprefix(prefix): v for k, v in state[name].items()}
+        unwrap(c).load_state_dict(sd, strict=False)
 
 
 def _ensure_optimizer_state(optimizer: Any) -> None:

@@ -57,16 +57,27 @@ def _round_trip(rank: int, world: int, root: str) -> dict:
 
     policy = make_policy()  # noqa: F821 - from HELPERS
     train_step(policy)  # noqa: F821
-    ck = Checkpointer(root, keep_last=2)
+    hf = root + "_hf"
+    os.makedirs(hf)
+    with open(os.path.join(hf, "config.json"), "w") as f:
+        f.write("{}")
+    ck = Checkpointer(root, keep_last=2, hf_dir=hf)
+    teacher = policy.make_teacher_copy()
+    saved_teacher = {n: p.detach().clone() for n, p in teacher[0].named_parameters()}
     saved_params = params(policy)  # noqa: F821
     saved_opt = opt_state(policy)  # noqa: F821
-    path = ck.save(1, policy.model, policy.optimizer, {"sampler": {"cursor": 3}})
+    path = ck.save(1, policy.model, policy.optimizer, {"sampler": {"cursor": 3}}, teacher=teacher)
+    hf_copied = os.path.isfile(os.path.join(path, "hf", "config.json"))
     expect_rand = torch.rand(4)  # the RNG stream right after the save
     train_step(policy)  # noqa: F821 - move away from the saved state
     expect_next = params(policy)  # noqa: F821 - one optimizer step after the save
     train_step(policy)  # noqa: F821
     assert any(not torch.equal(saved_params[n], p) for n, p in params(policy).items())  # noqa: F821
-    state = ck.load(ck.latest(), policy.model, policy.optimizer)
+    with torch.no_grad():
+        for p in teacher[0].parameters():
+            p.zero_()
+    state = ck.load(ck.latest(), policy.model, policy.optimizer, teacher=teacher)
+    same_teacher = all(torch.equal(saved_teacher[n], p) for n, p in teacher[0].named_parameters())
     after = params(policy)  # noqa: F821
     same_params = all(torch.equal(saved_params[n], after[n]) for n in saved_params)
     same_opt = torch.equal(saved_opt, opt_state(policy))  # noqa: F821
@@ -85,6 +96,8 @@ def _round_trip(rank: int, world: int, root: str) -> dict:
         "same_opt": same_opt,
         "same_rng": same_rng,
         "same_next": same_next,
+        "same_teacher": same_teacher,
+        "hf_copied": hf_copied,
         "latest_with_stale_tmp": latest_with_stale_tmp,
         "listing": sorted(os.listdir(root)),
     }
@@ -94,6 +107,7 @@ def test_round_trip_latest_keep_last(tmp_path):
     root = str(tmp_path / "ckpt")
     (res,) = run_distributed(_round_trip, 1, root)
     assert res["same_params"] and res["same_opt"] and res["same_rng"] and res["same_next"]
+    assert res["same_teacher"] and res["hf_copied"]
     assert res["state"]["step"] == 1 and res["state"]["sampler"] == {"cursor": 3}
     assert res["latest_with_stale_tmp"].endswith("iter_0000003")
     # keep_last=2, the stale tmp dir removed by the next save
