@@ -37,6 +37,25 @@ def register(subparsers: Any) -> None:
     d.set_defaults(func=cmd_demo)
 
 
+def _quiet_library_warnings() -> None:
+    """Hide library deprecation chatter that users cannot act on (megatron-core 0.16 and torch
+    warn about their own internals on every step); our own warnings and errors still show.
+    Set PYTHONWARNINGS to see everything."""
+    import warnings
+
+    if os.environ.get("PYTHONWARNINGS"):
+        return
+    for module in (r"megatron\..*", r"torch\..*", r"transformers\..*"):
+        warnings.filterwarnings("ignore", category=FutureWarning, module=module)
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=module)
+    warnings.filterwarnings("ignore", message=r"full scope is deprecated")
+    # megatron modules say this at import, before platform.apply_cpu_shims can silence it
+    warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex).*not installed.*")
+    warnings.filterwarnings(
+        "ignore", message=r"The \.grad attribute of a Tensor that is not a leaf"
+    )
+
+
 def _resolve(recipe: str, overrides: list[str], resume: str | None) -> Any:
     from recipes import get_recipe
 
@@ -47,6 +66,8 @@ def _resolve(recipe: str, overrides: list[str], resume: str | None) -> Any:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from rlrt_megatron.config import ConfigError, describe
+
+    _quiet_library_warnings()
 
     if args.list:
         from recipes import list_recipes
@@ -88,6 +109,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """Tiny Qwen3, SFT warm-up, conversion, RLRT (and GRPO with --compare), reward.png."""
     from rlrt_megatron.config import ConfigError
 
+    _quiet_library_warnings()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     start = time.perf_counter()

@@ -98,7 +98,7 @@ def sft_warmup(hf_dir: str, cfg: Any, log: Callable[[str], None] = print, batch:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         if (step + 1) % 100 == 0:
             log(f"sft warm-up step {step + 1}/{steps}: loss {sum(losses[-100:]) / 100:.3f}")
     model.save_pretrained(hf_dir)
