@@ -68,6 +68,29 @@ def check_finite_where(
         )
 
 
+def check_token_inputs(
+    fn: str,
+    mask: Tensor,
+    tokens: dict[str, Tensor],
+    rows: dict[str, Tensor | None] | None = None,
+) -> Tensor:
+    """The common checks of a [B, T] call: ``tokens`` are tensors shaped like the 2-D ``mask`` and
+    finite at its valid positions; ``rows`` (None entries skipped) hold one value per row.
+    Returns ``mask`` as bool."""
+    present = {k: v for k, v in (rows or {}).items() if v is not None}
+    for name, x in {**tokens, **present, "mask": mask}.items():
+        as_tensor(fn, name, x)
+    check_ndim(fn, "mask", mask, 2)
+    for name, x in tokens.items():
+        check_same_shape(fn, name, x, "mask", mask)
+    for name, x in present.items():
+        check_rows(fn, name, x, "mask", mask)
+    valid = mask_bool(fn, mask)
+    for name, x in tokens.items():
+        check_finite_where(fn, name, x.detach(), valid)
+    return valid
+
+
 def f32(x: Tensor) -> Tensor:
     """Compute in fp32 whatever the input precision (bf16 log-probs lose ~3 digits)."""
     return x.to(torch.float32)

@@ -15,10 +15,8 @@ from ._checks import (
     as_tensor,
     check_finite_where,
     check_ndim,
-    check_rows,
-    check_same_shape,
+    check_token_inputs,
     f32,
-    mask_bool,
     masked_f32,
 )
 
@@ -75,24 +73,12 @@ def _check_token_inputs(
     rewards: Tensor | None = None,
     has_teacher: Tensor | None = None,
 ) -> Tensor:
-    for name, x in (
-        ("advantages", advantages),
-        ("student_logprobs", student_logprobs),
-        ("teacher_logprobs", teacher_logprobs),
-        ("mask", mask),
-    ):
-        as_tensor(fn, name, x)
-    check_ndim(fn, "mask", mask, 2)
-    check_same_shape(fn, "student_logprobs", student_logprobs, "mask", mask)
-    check_same_shape(fn, "teacher_logprobs", teacher_logprobs, "mask", mask)
-    check_rows(fn, "advantages", advantages, "mask", mask)
-    if rewards is not None:
-        check_rows(fn, "rewards", as_tensor(fn, "rewards", rewards), "mask", mask)
-    if has_teacher is not None:
-        check_rows(fn, "has_teacher", as_tensor(fn, "has_teacher", has_teacher), "mask", mask)
-    valid = mask_bool(fn, mask)
-    check_finite_where(fn, "student_logprobs", student_logprobs, valid)
-    check_finite_where(fn, "teacher_logprobs", teacher_logprobs, valid)
+    valid = check_token_inputs(
+        fn,
+        mask,
+        {"student_logprobs": student_logprobs, "teacher_logprobs": teacher_logprobs},
+        {"advantages": advantages, "rewards": rewards, "has_teacher": has_teacher},
+    )
     rows = torch.ones_like(advantages, dtype=torch.bool)
     check_finite_where(fn, "advantages", advantages, rows)
     return valid

@@ -11,39 +11,24 @@ import torch
 from torch import Tensor
 
 from ._checks import (
-    as_tensor,
-    check_finite_where,
-    check_ndim,
-    check_rows,
-    check_same_shape,
+    check_token_inputs,
     f32,
     mask_bool,
-    masked_f32,
 )
-from .advantages import CORRECT_THRESHOLD
+from .advantages import CORRECT_THRESHOLD, _teacher_delta
 from .losses import generalized_jsd
 
 
 def _inputs(
     fn: str, student_logprobs: Tensor, teacher_logprobs: Tensor, mask: Tensor, rewards: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
-    for name, x in (
-        ("student_logprobs", student_logprobs),
-        ("teacher_logprobs", teacher_logprobs),
-        ("mask", mask),
-        ("rewards", rewards),
-    ):
-        as_tensor(fn, name, x)
-    check_ndim(fn, "mask", mask, 2)
-    check_same_shape(fn, "student_logprobs", student_logprobs, "mask", mask)
-    check_same_shape(fn, "teacher_logprobs", teacher_logprobs, "mask", mask)
-    check_rows(fn, "rewards", rewards, "mask", mask)
-    valid = mask_bool(fn, mask)
-    check_finite_where(fn, "student_logprobs", student_logprobs, valid)
-    check_finite_where(fn, "teacher_logprobs", teacher_logprobs, valid)
-    delta = masked_f32(teacher_logprobs.detach(), valid) - masked_f32(
-        student_logprobs.detach(), valid
+    valid = check_token_inputs(
+        fn,
+        mask,
+        {"student_logprobs": student_logprobs, "teacher_logprobs": teacher_logprobs},
+        {"rewards": rewards},
     )
+    delta = _teacher_delta(student_logprobs, teacher_logprobs, valid)
     correct = f32(rewards.detach()) > CORRECT_THRESHOLD
     return delta, valid, correct
 

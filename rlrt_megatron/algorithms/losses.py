@@ -17,8 +17,8 @@ from ._checks import (
     as_tensor,
     check_finite_where,
     check_ndim,
-    check_rows,
     check_same_shape,
+    check_token_inputs,
     f32,
     mask_bool,
     masked_f32,
@@ -70,25 +70,17 @@ def aggregate(
 def _check_pg_inputs(
     fn: str, logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor
 ) -> tuple[Tensor, Tensor]:
-    for name, x in (
-        ("logprobs", logprobs),
-        ("old_logprobs", old_logprobs),
-        ("advantages", advantages),
-        ("mask", mask),
-    ):
-        as_tensor(fn, name, x)
-    check_ndim(fn, "mask", mask, 2)
-    check_same_shape(fn, "logprobs", logprobs, "mask", mask)
-    check_same_shape(fn, "old_logprobs", old_logprobs, "mask", mask)
-    if advantages.dim() == 1:
-        check_rows(fn, "advantages", advantages, "mask", mask)
+    per_row = isinstance(advantages, Tensor) and advantages.dim() == 1
+    valid = check_token_inputs(
+        fn,
+        mask,
+        {"logprobs": logprobs, "old_logprobs": old_logprobs}
+        | ({} if per_row else {"advantages": advantages}),
+        {"advantages": advantages} if per_row else None,
+    )
+    if per_row:
         advantages = advantages[:, None].expand_as(mask)
-    else:
-        check_same_shape(fn, "advantages", advantages, "mask", mask)
-    valid = mask_bool(fn, mask)
-    check_finite_where(fn, "logprobs", logprobs.detach(), valid)
-    check_finite_where(fn, "old_logprobs", old_logprobs, valid)
-    check_finite_where(fn, "advantages", advantages, valid)
+        check_finite_where(fn, "advantages", advantages, valid)
     return valid, advantages
 
 
