@@ -23,20 +23,9 @@ K = 6
 
 
 def _hf_config(vocab: int = VOCAB, layers: int = 2):
-    from transformers import Qwen3Config
+    from rlrt_megatron.convert.tiny import tiny_config
 
-    return Qwen3Config(
-        vocab_size=vocab,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=256,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=True,
-    )
+    return tiny_config(vocab_size=vocab, tied=True, num_layers=layers)
 
 
 def _rollouts():

@@ -23,20 +23,9 @@ LR, CLIP = 0.5, 1.0  # the grad norm of the tiny model is ~2, so clipping is act
 
 
 def _hf_config(tied: bool, layers: int):
-    from transformers import Qwen3Config
+    from rlrt_megatron.convert.tiny import tiny_config
 
-    return Qwen3Config(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=128,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=tied,
-    )
+    return tiny_config(vocab_size=VOCAB, tied=tied, num_layers=layers)
 
 
 def _microbatches() -> list[dict[str, torch.Tensor]]:
