@@ -84,6 +84,32 @@ def _check_token_inputs(
     return valid
 
 
+def _reweighted(
+    advantages: Tensor,
+    student_logprobs: Tensor,
+    teacher_logprobs: Tensor,
+    valid: Tensor,
+    direction: float,
+    mix: float,
+    eps_w: float,
+    gate: Tensor | None,
+    has_teacher: Tensor | None,
+) -> Tensor:
+    """The shared shape of RLRT (``direction=-1``, ``mix=alpha``) and RLSD (``+1``, ``lam``):
+    ``w = clip(exp(direction * sign(A_i) * Delta_it), 1 - eps_w, 1 + eps_w)``,
+    ``Ahat_it = A_i * ((1 - mix) + mix * w_it) * m_it`` on rows where ``gate & has_teacher``,
+    ``A_i * m_it`` elsewhere (None = every row)."""
+    delta = _teacher_delta(student_logprobs, teacher_logprobs, valid)
+    a = f32(advantages.detach()).to(valid.device)
+    w = torch.exp(direction * torch.sign(a)[:, None] * delta).clamp(1.0 - eps_w, 1.0 + eps_w)
+    factor = (1.0 - mix) + mix * w
+    rows = torch.ones_like(a, dtype=torch.bool) if gate is None else gate
+    if has_teacher is not None:
+        rows = rows & has_teacher.to(device=valid.device, dtype=torch.bool)
+    factor = torch.where(rows[:, None], factor, torch.ones_like(w))
+    return a[:, None] * factor * valid.to(torch.float32)
+
+
 def _teacher_delta(student_logprobs: Tensor, teacher_logprobs: Tensor, valid: Tensor) -> Tensor:
     """``Delta = stopgrad(tau - s)``, 0 at masked positions."""
     return masked_f32(teacher_logprobs.detach(), valid) - masked_f32(
@@ -126,16 +152,12 @@ def rlrt_advantages(
     valid = _check_token_inputs(
         fn, advantages, student_logprobs, teacher_logprobs, mask, rewards, has_teacher
     )
-    delta = _teacher_delta(student_logprobs, teacher_logprobs, valid)
-    a = f32(advantages.detach()).to(mask.device)
-    w = torch.exp(-torch.sign(a)[:, None] * delta).clamp(1.0 - eps_w, 1.0 + eps_w)
-    gate = torch.ones_like(a, dtype=torch.bool)
+    gate = None
     if reward_gate:
         gate = f32(rewards.detach()).to(mask.device) > CORRECT_THRESHOLD
-    if has_teacher is not None:
-        gate = gate & has_teacher.to(device=mask.device, dtype=torch.bool)
-    factor = torch.where(gate[:, None], (1.0 - alpha) + alpha * w, torch.ones_like(w))
-    return a[:, None] * factor * valid.to(torch.float32)
+    return _reweighted(
+        advantages, student_logprobs, teacher_logprobs, valid, -1.0, alpha, eps_w, gate, has_teacher
+    )
 
 
 def rlsd_advantages(
@@ -162,17 +184,9 @@ def rlsd_advantages(
     valid = _check_token_inputs(
         fn, advantages, student_logprobs, teacher_logprobs, mask, None, has_teacher
     )
-    delta = _teacher_delta(student_logprobs, teacher_logprobs, valid)
-    a = f32(advantages.detach()).to(mask.device)
-    w = torch.exp(torch.sign(a)[:, None] * delta).clamp(1.0 - eps_w, 1.0 + eps_w)
-    factor = (1.0 - lam) + lam * w
-    if has_teacher is not None:
-        factor = torch.where(
-            has_teacher.to(device=mask.device, dtype=torch.bool)[:, None],
-            factor,
-            torch.ones_like(w),
-        )
-    return a[:, None] * factor * valid.to(torch.float32)
+    return _reweighted(
+        advantages, student_logprobs, teacher_logprobs, valid, 1.0, lam, eps_w, None, has_teacher
+    )
 
 
 def lambda_schedule(step: int, init: float = 0.5, decay_steps: int | None = 50) -> float:

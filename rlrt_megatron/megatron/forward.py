@@ -141,6 +141,15 @@ def _attention_layout(model: torch.nn.Module, layout: AttentionLayout) -> str:
 # ----------------------------------------------------------------------------------------------
 # Per-micro-batch outputs on the last stage
 # ----------------------------------------------------------------------------------------------
+def _response_len(
+    sequences: Sequence[Sequence[int]], response_starts: Sequence[int], response_len: int | None
+) -> int:
+    """``T_resp`` of the returned blocks: ``response_len`` or the longest response."""
+    if response_len is not None:
+        return response_len
+    return max((len(s) - r for s, r in zip(sequences, response_starts, strict=True)), default=0)
+
+
 def _to_block(x: torch.Tensor, mb: PackedMicroBatch, t_resp: int) -> torch.Tensor:
     """[N, ...] per selected position -> [n, T_resp, ...] (zeros off the responses)."""
     out = x.new_zeros(mb.rollout_index.numel(), t_resp, *x.shape[1:])
@@ -230,11 +239,7 @@ def forward_backward_responses(
     layout = _attention_layout(chunks[0], attention)
     if layout == "thd" and rows_per_microbatch != 1:
         raise ValueError("attention='thd' packs one row per micro-batch: rows_per_microbatch=1")
-    t_resp = response_len
-    if t_resp is None:
-        t_resp = max(
-            (len(s) - r for s, r in zip(sequences, response_starts, strict=True)), default=0
-        )
+    t_resp = _response_len(sequences, response_starts, response_len)
     mbs = pack_sequences(
         sequences,
         response_starts,
@@ -350,11 +355,7 @@ def compute_response_logprobs(
     are then broadcast over the pipeline group (the mask is rebuilt locally from the lengths).
     """
     n = len(sequences)
-    t_resp = response_len
-    if t_resp is None:
-        t_resp = max(
-            (len(s) - r for s, r in zip(sequences, response_starts, strict=True)), default=0
-        )
+    t_resp = _response_len(sequences, response_starts, response_len)
     reduced = forward_backward_responses(
         model_chunks,
         sequences,
