@@ -42,8 +42,8 @@ WHEELS=.whl
 SITE=/tmp/site
 LOGDIR=${OUT:-$REPO/gpu_check_logs}
 TE_DIR=""
-TE_STASH=/tmp/te-stash
-TE_BUILD=/tmp/te-build
+TE_STASH=${TE_STASH:-/tmp/te-stash}
+TE_BUILD=${TE_BUILD:-/tmp/te-build}
 TE_BG=0
 TE_ASKED=0
 ONLY=""
@@ -105,8 +105,11 @@ install_wheels() {
   echo "$want" > "$stamp"
 }
 install_wheels
-"$PY" -c "import megatron.core, math_verify, rlrt_megatron" \
-  || die "import megatron.core, math_verify, rlrt_megatron failed (PYTHONPATH=$PYTHONPATH)"
+if ! "$PY" -c "import megatron.core, math_verify, rlrt_megatron" 2> "$LOGDIR/.import.err"; then
+  cat "$LOGDIR/.import.err"
+  die "import megatron.core, math_verify, rlrt_megatron failed (PYTHONPATH=$PYTHONPATH)"
+fi
+rm -f "$LOGDIR/.import.err"
 
 # TE's import looks for cuDNN / NVRTC / cuRAND with a recursive glob of $X_HOME, $CUDA_HOME and
 # /usr/local/cuda before the pip packages (transformer_engine/common/__init__.py,
@@ -347,7 +350,7 @@ for s in "${run[@]}"; do
   else STATUS[$s]="fail(rc=$rc)"; fi
   FIGS[$s]=$(grep -a '^RESULT ' "$log" | sed 's/^RESULT //' | tr '\n' ';' | sed 's/;$//')
   grep -a '^RESULT ' "$log" | sed "s/^/$s: /" >> "$LOGDIR/results.txt"
-  tail -n 15 "$log"
+  tail -n 8 "$log" | cut -c1-240
   echo "=== $s: ${STATUS[$s]} in ${SECS[$s]} s"
 done
 
