@@ -12,7 +12,8 @@
 # Set-up (always): pip-installs --wheels DIR (made by tools/fetch_gpu_wheels.sh) into --site
 # (/tmp/site, skipped when already done for the same wheels) with --no-index --no-deps, puts the
 # repo and the site on PYTHONPATH (no editable install: nothing needs the dist metadata), and
-# checks `import megatron.core, math_verify, rlrt_megatron`.
+# checks `import megatron.core, math_verify, rlrt_megatron` (--no-setup skips both, e.g. in a call
+# that only stashes TE pieces).
 #
 # Stages (default: env tests demo throughput logprobs weight_sync; `te` when asked for or when
 # --te-dir/--te-build-bg is given). Each runs under its own `timeout`, logs to $OUT/<stage>.log
@@ -46,6 +47,7 @@ TE_STASH=${TE_STASH:-/tmp/te-stash}
 TE_BUILD=${TE_BUILD:-/tmp/te-build}
 TE_BG=0
 TE_ASKED=0
+SETUP=1
 ONLY=""
 SKIP=""
 DEFAULT_STAGES=(env tests demo throughput logprobs weight_sync)
@@ -76,6 +78,7 @@ while [[ $# -gt 0 ]]; do
                 echo "gpu_check: stashed $2 into $TE_STASH:"; ls "$TE_STASH"; shift ;;
     --te-build-bg) TE_BG=1 ;;
     --te-wait) ONLY=${ONLY:+$ONLY,}te ;;
+    --no-setup) SETUP=0 ;;
     -h|--help) usage 0 ;;
     *) die "unknown argument $1 (see --help)" ;;
   esac
@@ -85,6 +88,20 @@ TE_DIR=${TE_DIR:-$TE_STASH}
 
 mkdir -p "$LOGDIR" || die "cannot create $LOGDIR"
 : > "$LOGDIR/results.txt"
+
+# which stages run (checked before any work)
+declare -A STATUS SECS FIGS
+selected=()
+in_list() { [[ ",$2," == *",$1,"* ]]; }
+if [[ -n $ONLY ]]; then
+  for s in "${ALL_STAGES[@]}"; do in_list "$s" "$ONLY" && selected+=("$s"); done
+  for s in ${ONLY//,/ }; do in_list "$s" "$(IFS=,; echo "${ALL_STAGES[*]}")" || die "unknown stage $s"; done
+else
+  selected=("${DEFAULT_STAGES[@]}")
+  [[ $TE_ASKED == 1 && $TE_BG == 0 ]] && selected+=(te)
+fi
+RUN_STAGES=()
+for s in "${selected[@]}"; do in_list "$s" "$SKIP" || RUN_STAGES+=("$s"); done
 
 # ----------------------------------------------------------------------------- set-up
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
@@ -104,12 +121,14 @@ install_wheels() {
     --target "$SITE" "$WHEELS"/*.whl || die "pip install of $WHEELS into $SITE failed"
   echo "$want" > "$stamp"
 }
-install_wheels
-if ! "$PY" -c "import megatron.core, math_verify, rlrt_megatron" 2> "$LOGDIR/.import.err"; then
-  cat "$LOGDIR/.import.err"
-  die "import megatron.core, math_verify, rlrt_megatron failed (PYTHONPATH=$PYTHONPATH)"
+if [[ $SETUP == 1 ]]; then
+  install_wheels
+  if ! "$PY" -c "import megatron.core, math_verify, rlrt_megatron" 2> "$LOGDIR/.import.err"; then
+    cat "$LOGDIR/.import.err"
+    die "import megatron.core, math_verify, rlrt_megatron failed (PYTHONPATH=$PYTHONPATH)"
+  fi
+  rm -f "$LOGDIR/.import.err"
 fi
-rm -f "$LOGDIR/.import.err"
 
 # TE's import looks for cuDNN / NVRTC / cuRAND with a recursive glob of $X_HOME, $CUDA_HOME and
 # /usr/local/cuda before the pip packages (transformer_engine/common/__init__.py,
@@ -319,25 +338,13 @@ export -f stage_env stage_tests stage_demo stage_throughput stage_logprobs stage
   stage_te throughput_script te_core_wheel te_build te_wait_build te_lib_env
 export PY SITE TE_DIR TE_BUILD DEMO_ARGS THROUGHPUT_ARGS LOGPROBS_ARGS WEIGHT_SYNC_ARGS \
   TE_THROUGHPUT_ARGS TESTS_ARGS
-declare -A STATUS SECS FIGS
-selected=()
-in_list() { [[ ",$2," == *",$1,"* ]]; }
-if [[ -n $ONLY ]]; then
-  for s in "${ALL_STAGES[@]}"; do in_list "$s" "$ONLY" && selected+=("$s"); done
-  for s in ${ONLY//,/ }; do in_list "$s" "$(IFS=,; echo "${ALL_STAGES[*]}")" || die "unknown stage $s"; done
-else
-  selected=("${DEFAULT_STAGES[@]}")
-  [[ $TE_ASKED == 1 && $TE_BG == 0 ]] && selected+=(te)
-fi
-run=()
-for s in "${selected[@]}"; do in_list "$s" "$SKIP" || run+=("$s"); done
 
 if [[ $TE_BG == 1 ]]; then
   te_core_wheel || die "TE pieces not ready in $TE_DIR (stash them with --te-stash)"
   te_build_bg
 fi
 
-for s in "${run[@]}"; do
+for s in "${RUN_STAGES[@]}"; do
   log="$LOGDIR/$s.log"
   echo "=== $s (timeout ${TIMEOUT[$s]} s) -> $log"
   t0=$(date +%s.%N)

@@ -72,7 +72,7 @@ def test_stage_runs_and_summary_carries_result_lines(tmp_path):
 
 def test_failing_and_timed_out_stages_make_the_run_fail(tmp_path):
     p = _run(
-        ["--only", "weight_sync,logprobs", "--timeout", "logprobs=1"], tmp_path,
+        ["--no-setup", "--only", "weight_sync,logprobs", "--timeout", "logprobs=1"], tmp_path,
         WEIGHT_SYNC_ARGS="--no-such-flag", LOGPROBS_ARGS="--device cpu --tokens 65536",
     )  # fmt: skip
     assert p.returncode == 1
@@ -94,7 +94,7 @@ def test_te_stage_reassembles_checks_sha_and_reports_a_failed_build(tmp_path):
     payload = os.urandom(5000)
     name = _te_pieces(tmp_path / "pieces", payload, 2048)
     (tmp_path / "pieces" / "transformer_engine_torch-2.20.2.tar.gz").write_bytes(b"not a tar")
-    p = _run(["--te-dir", str(tmp_path / "pieces"), "--only", "te"], tmp_path)
+    p = _run(["--no-setup", "--te-dir", str(tmp_path / "pieces"), "--only", "te"], tmp_path)
     log = (tmp_path / "out" / "te.log").read_text()
     assert p.returncode == 1 and f"core wheel {name} ok" in log, log
     assert (tmp_path / "te-build" / "wheels" / name).read_bytes() == payload
@@ -106,7 +106,7 @@ def test_te_stage_rejects_a_missing_or_corrupt_piece(tmp_path):
     payload = os.urandom(5000)
     name = _te_pieces(tmp_path / "pieces", payload, 2048)
     (tmp_path / "pieces" / f"{name}.part-01").unlink()
-    p = _run(["--te-dir", str(tmp_path / "pieces"), "--only", "te"], tmp_path)
+    p = _run(["--no-setup", "--te-dir", str(tmp_path / "pieces"), "--only", "te"], tmp_path)
     log = (tmp_path / "out" / "te.log").read_text()
     assert p.returncode == 1 and "sha256 of the reassembled" in log, log
     assert not (tmp_path / "te-build" / "wheels" / name).exists()
@@ -122,9 +122,9 @@ def test_te_stash_collects_pieces_across_calls_and_build_bg_starts(tmp_path):
         shutil.copy(tmp_path / "src" / f"{name}.sha256", d)
     (tmp_path / "p2" / "transformer_engine_torch-2.20.2.tar.gz").write_bytes(b"not a tar")
     for k in range(3):  # one call per piece, as with the device tool's 64 MiB per call
-        p = _run(["--te-stash", str(tmp_path / f"p{k}"), "--only", "weight_sync",
-                  "--skip", "weight_sync"], tmp_path)  # fmt: skip
+        p = _run(["--no-setup", "--te-stash", str(tmp_path / f"p{k}"), "--only", "te",
+                  "--skip", "te"], tmp_path)  # fmt: skip
         assert p.returncode == 0, p.stdout + p.stderr
-    p = _run(["--te-build-bg", "--only", "weight_sync", "--skip", "weight_sync"], tmp_path)
+    p = _run(["--no-setup", "--te-build-bg", "--only", "te", "--skip", "te"], tmp_path)
     assert p.returncode == 0 and "started in the background" in p.stdout, p.stdout + p.stderr
     assert (tmp_path / "te-build" / "wheels" / name).read_bytes() == payload
