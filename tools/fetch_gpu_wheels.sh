@@ -43,7 +43,7 @@ TE_DEPS=(
 )
 PIECE=${PIECE:-47M}
 
-usage() { sed -n '2,17p' "$0"; exit "${1:-0}"; }
+usage() { awk 'NR > 1 && /^set /{exit} NR > 1' "$0"; exit "${1:-0}"; }
 
 te=0
 base=1

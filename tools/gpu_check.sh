@@ -5,9 +5,11 @@
 # (the device tool's H200: python3 = /opt/torch/.venv/bin/python3). Run from the repo root.
 #
 #   bash tools/gpu_check.sh [--wheels .whl] [--only a,b | --skip a,b] [--timeout stage=S ...]
-#   bash tools/gpu_check.sh --te-stash .whl-te/pK --only env     # ship TE pieces, one per call
-#   bash tools/gpu_check.sh --te-build-bg --only env             # start TE's torch-extension build
-#   bash tools/gpu_check.sh --only te                            # wait for it, install, test TE
+#   bash tools/gpu_check.sh --te-stash .whl-te/p5 --te-build-bg --only env,tests
+#                  # stash one TE folder (one per call: 64 MiB each), start the extension build
+#                  # (needs only the sdist, in the last folder) detached, run other stages
+#   bash tools/gpu_check.sh --te-stash .whl-te/p0 --only demo    # ... one call per piece ...
+#   bash tools/gpu_check.sh --te-stash .whl-te/p4 --only te      # all pieces there: install, test
 #
 # Set-up (always): pip-installs --wheels DIR (made by tools/fetch_gpu_wheels.sh) into --site
 # (/tmp/site, skipped when already done for the same wheels) with --no-index --no-deps, puts the
@@ -52,7 +54,7 @@ ONLY=""
 SKIP=""
 DEFAULT_STAGES=(env tests demo throughput logprobs weight_sync)
 ALL_STAGES=(env tests demo throughput logprobs weight_sync te)
-declare -A TIMEOUT=([env]=40 [tests]=150 [demo]=120 [throughput]=90 [logprobs]=45
+declare -A TIMEOUT=([env]=40 [tests]=140 [demo]=110 [throughput]=90 [logprobs]=45
                     [weight_sync]=30 [te]=420)
 # Arguments each benchmark gets; override from the environment (the device tool's command line).
 DEMO_ARGS=${DEMO_ARGS:-"--steps 20"}
@@ -62,7 +64,7 @@ WEIGHT_SYNC_ARGS=${WEIGHT_SYNC_ARGS:-"--device cuda --layers 28"}
 TE_THROUGHPUT_ARGS=${TE_THROUGHPUT_ARGS:-"--seq 4096 --cases local te te_fp8_delayed te_fp8_current"}
 TESTS_ARGS=${TESTS_ARGS:-""}
 
-usage() { sed -n '4,35p' "$0"; exit "${1:-0}"; }
+usage() { awk 'NR > 3 && /^set /{exit} NR > 3' "$0"; exit "${1:-0}"; }
 die() { echo "gpu_check: $*" >&2; exit 2; }
 
 while [[ $# -gt 0 ]]; do
@@ -339,8 +341,7 @@ export -f stage_env stage_tests stage_demo stage_throughput stage_logprobs stage
 export PY SITE TE_DIR TE_BUILD DEMO_ARGS THROUGHPUT_ARGS LOGPROBS_ARGS WEIGHT_SYNC_ARGS \
   TE_THROUGHPUT_ARGS TESTS_ARGS
 
-if [[ $TE_BG == 1 ]]; then
-  te_core_wheel || die "TE pieces not ready in $TE_DIR (stash them with --te-stash)"
+if [[ $TE_BG == 1 ]]; then  # needs only the sdist: start it with the first piece folder
   te_build_bg
 fi
 

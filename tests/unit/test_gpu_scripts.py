@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -125,6 +126,16 @@ def test_te_stash_collects_pieces_across_calls_and_build_bg_starts(tmp_path):
         p = _run(["--no-setup", "--te-stash", str(tmp_path / f"p{k}"), "--only", "te",
                   "--skip", "te"], tmp_path)  # fmt: skip
         assert p.returncode == 0, p.stdout + p.stderr
+    # the build needs only the sdist: it starts detached, before every piece is there
     p = _run(["--no-setup", "--te-build-bg", "--only", "te", "--skip", "te"], tmp_path)
     assert p.returncode == 0 and "started in the background" in p.stdout, p.stdout + p.stderr
+    done = tmp_path / "te-build" / "done"
+    for _ in range(300):
+        if done.exists():
+            break
+        time.sleep(0.2)
+    assert done.read_text().strip() != "0"  # the fake sdist cannot build
+    p = _run(["--no-setup", "--only", "te"], tmp_path)
+    log = (tmp_path / "out" / "te.log").read_text()
+    assert p.returncode == 1 and f"core wheel {name} ok" in log and "build failed" in log, log
     assert (tmp_path / "te-build" / "wheels" / name).read_bytes() == payload
