@@ -54,7 +54,7 @@ ONLY=""
 SKIP=""
 DEFAULT_STAGES=(env tests demo throughput logprobs weight_sync)
 ALL_STAGES=(env tests demo throughput logprobs weight_sync te)
-declare -A TIMEOUT=([env]=40 [tests]=140 [demo]=110 [throughput]=90 [logprobs]=45
+declare -A TIMEOUT=([env]=60 [tests]=130 [demo]=110 [throughput]=90 [logprobs]=45
                     [weight_sync]=30 [te]=420)
 # Arguments each benchmark gets; override from the environment (the device tool's command line).
 DEMO_ARGS=${DEMO_ARGS:-"--steps 20"}
@@ -152,6 +152,7 @@ for lib, var in (("cudnn", "CUDNN_HOME"), ("nvrtc", "NVRTC_HOME"), ("curand", "C
 EOF
 )
 }
+te_lib_env  # every stage: the tests and `env` import TE too once it is installed
 
 # ----------------------------------------------------------------------------- stages
 stage_env() {
@@ -314,7 +315,6 @@ stage_te() {
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target "$SITE" "$TE_BUILD"/wheels/*.whl "$TE_BUILD"/ext/*.whl "${deps[@]}" || return 1
   ls "$SITE"/transformer_engine/wheel_lib/
-  te_lib_env
   # how long the recursive glob TE would otherwise do takes here (bounded)
   local t0=$SECONDS
   timeout 20 "$PY" -c "import glob; glob.glob('/usr/local/cuda/**/libcudnn.so*', recursive=True)"
