@@ -23,7 +23,8 @@
 #   env          nvidia-smi, torch/CUDA, megatron-core, which optional packages import
 #   tests        pytest -m gpu tests/gpu (TE / SGLang tests skip with a reason when absent)
 #   demo         rlrt demo on the GPU ($DEMO_ARGS); step time and reward from metrics.jsonl
-#   throughput   benchmarks/train_throughput.py (or te_throughput.py) ($THROUGHPUT_ARGS)
+#   throughput   benchmarks/train_throughput.py (or te_throughput.py) ($THROUGHPUT_ARGS; default
+#                qwen3-0.6b shape, seq 4096, every case)
 #   logprobs     benchmarks/logprobs_memory.py ($LOGPROBS_ARGS)
 #   weight_sync  benchmarks/weight_sync.py ($WEIGHT_SYNC_ARGS)
 #   te           Transformer Engine: reassemble + sha256-check the core wheel pieces (--te-dir,
@@ -58,10 +59,10 @@ declare -A TIMEOUT=([env]=60 [tests]=130 [demo]=110 [throughput]=90 [logprobs]=4
                     [weight_sync]=30 [te]=420)
 # Arguments each benchmark gets; override from the environment (the device tool's command line).
 DEMO_ARGS=${DEMO_ARGS:-"--steps 20"}
-THROUGHPUT_ARGS=${THROUGHPUT_ARGS:-"--shape qwen3-0.6b --seq 4096 --device cuda"}
+THROUGHPUT_ARGS=${THROUGHPUT_ARGS:-}        # empty: chosen by throughput_args below
 LOGPROBS_ARGS=${LOGPROBS_ARGS:-"--device cuda"}
 WEIGHT_SYNC_ARGS=${WEIGHT_SYNC_ARGS:-"--device cuda --layers 28"}
-TE_THROUGHPUT_ARGS=${TE_THROUGHPUT_ARGS:-"--seq 4096 --cases local te te_fp8_delayed te_fp8_current"}
+TE_THROUGHPUT_ARGS=${TE_THROUGHPUT_ARGS:-}  # empty: the TE cases of that script
 TESTS_ARGS=${TESTS_ARGS:-""}
 
 usage() { awk 'NR > 3 && /^set /{exit} NR > 3' "$0"; exit "${1:-0}"; }
@@ -206,14 +207,23 @@ print(f"RESULT steps={len(rows)} step_s_median={statistics.median(t[1:] or t):.3
 EOF
 }
 
+# benchmarks/train_throughput.py (hf anchor row, cases hf local torch te te-fp8) replaces
+# benchmarks/te_throughput.py (cases local te te_fp8_delayed te_fp8_current): use what exists
 throughput_script() {
   if [[ -f benchmarks/train_throughput.py ]]; then echo benchmarks/train_throughput.py
   else echo benchmarks/te_throughput.py; fi
 }
+throughput_args() {  # throughput_args base|te
+  if [[ -f benchmarks/train_throughput.py ]]; then
+    if [[ $1 == te ]]; then echo "--shape qwen3-0.6b --seq 4096 --device cuda --cases local te te-fp8"
+    else echo "--shape qwen3-0.6b --seq 4096 --device cuda"; fi
+  elif [[ $1 == te ]]; then echo "--seq 4096 --cases local te te_fp8_delayed te_fp8_current"
+  else echo "--seq 4096 --cases local"; fi
+}
 
 stage_throughput() {
   # shellcheck disable=SC2086
-  "$PY" "$(throughput_script)" $THROUGHPUT_ARGS
+  "$PY" "$(throughput_script)" ${THROUGHPUT_ARGS:-$(throughput_args base)}
 }
 
 stage_logprobs() {
@@ -331,13 +341,13 @@ print('transformer_engine', T.__version__)
   "$PY" -m pytest -q -m gpu tests/gpu/test_te_spec.py -p no:cacheprovider --timeout 300 -rs -s \
     || return 1
   # shellcheck disable=SC2086
-  "$PY" "$(throughput_script)" $TE_THROUGHPUT_ARGS
+  "$PY" "$(throughput_script)" ${TE_THROUGHPUT_ARGS:-$(throughput_args te)}
 }
 
 # ----------------------------------------------------------------------------- driver
 # each stage runs as `timeout N bash -c stage_X`: the child shell needs these
 export -f stage_env stage_tests stage_demo stage_throughput stage_logprobs stage_weight_sync \
-  stage_te throughput_script te_core_wheel te_build te_wait_build te_lib_env
+  stage_te throughput_script throughput_args te_core_wheel te_build te_wait_build te_lib_env
 export PY SITE TE_DIR TE_BUILD DEMO_ARGS THROUGHPUT_ARGS LOGPROBS_ARGS WEIGHT_SYNC_ARGS \
   TE_THROUGHPUT_ARGS TESTS_ARGS
 
