@@ -17,8 +17,8 @@
 # checks `import megatron.core, math_verify, rlrt_megatron` (--no-setup skips both, e.g. in a call
 # that only stashes TE pieces).
 #
-# Stages (default: env tests demo throughput logprobs weight_sync; `te` when asked for or when
-# --te-dir/--te-build-bg is given). Each runs under its own `timeout`, logs to $OUT/<stage>.log
+# Stages (default: env tests demo throughput logprobs weight_sync, plus `te` with --te-dir DIR;
+# or exactly those named by --only). Each runs under its own `timeout`, logs to $OUT/<stage>.log
 # (./gpu_check_logs without $OUT); the default stages' timeouts add up to < 8 minutes.
 #   env          nvidia-smi, torch/CUDA, megatron-core, which optional packages import
 #   tests        pytest -m gpu tests/gpu (TE / SGLang tests skip with a reason when absent)
