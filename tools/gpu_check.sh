@@ -55,7 +55,7 @@ ONLY=""
 SKIP=""
 DEFAULT_STAGES=(env tests demo throughput logprobs weight_sync)
 ALL_STAGES=(env tests demo throughput logprobs weight_sync te)
-declare -A TIMEOUT=([env]=60 [tests]=130 [demo]=110 [throughput]=90 [logprobs]=45
+declare -A TIMEOUT=([env]=40 [tests]=150 [demo]=100 [throughput]=90 [logprobs]=45
                     [weight_sync]=30 [te]=420)
 # Arguments each benchmark gets; override from the environment (the device tool's command line).
 DEMO_ARGS=${DEMO_ARGS:-"--steps 20"}
