@@ -568,7 +568,9 @@ def sync(run: Run, step: int) -> None:
         elif algo.teacher_weights == "snapshot" and step % int(algo.teacher_refresh_every) == 0:
             run.policy.copy_into(run.teacher)
     # streamed: the engine takes the tensors as they are gathered (SGLang sends them in buckets)
-    weights = iter_hf_weights(run.policy.chunks)
+    # bf16 to the engine whenever the policy is not fp32 (FP8 parameters included)
+    fp32 = run.policy.params_dtype == torch.float32
+    weights = iter_hf_weights(run.policy.chunks, dtype=None if fp32 else torch.bfloat16)
     try:
         if run.rank == 0:
             run.engine.update_weights(weights, version=step)
