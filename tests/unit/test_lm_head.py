@@ -197,3 +197,12 @@ def test_triton_kernels_interpreted_match_torch_blocks():
     )
     assert out.returncode == 0, out.stdout + out.stderr[-3000:]
     assert "interpreted triton kernels OK" in out.stdout
+
+
+def test_config_key_is_validated():
+    from recipes import get_recipe
+    from rlrt_megatron.config import ConfigError
+
+    assert get_recipe("tiny_demo", ["model.logprobs_impl=chunked"]).model.logprobs_impl == "chunked"
+    with pytest.raises(ConfigError, match=r"model\.logprobs_impl"):
+        get_recipe("tiny_demo", ["model.logprobs_impl=fast"])
