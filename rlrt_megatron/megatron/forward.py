@@ -25,8 +25,8 @@ vocabulary in blocks, never `[N, V/tp]` logits, the weight's gradient through pl
 Megatron DDP's hooks collect it). `logprobs_impl` picks the implementation (`auto` = fused
 Triton kernels on CUDA, chunked torch on CPU; `naive` = full logits, for comparison).
 
-Do not wrap the chunks in Megatron's `Float16Module` for these calls: it casts the last stage's
-output to fp32, i.e. materialises an fp32 copy of the `[N, V/tp]` logits.
+Megatron's `Float16Module` would cast the last stage's output (here the selected hidden states)
+to fp32; `_mb_outputs` casts them back to the LM-head weight's dtype, so it costs a copy only.
 """
 
 from __future__ import annotations
