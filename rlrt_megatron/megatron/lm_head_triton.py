@@ -100,9 +100,8 @@ def _grad_kernel(
     lse = tl.load(lse_ptr + row)
     gl = tl.load(glp_ptr + row)
     t = tl.load(tgt_ptr + row) - v0
-    if WITH_ENT:
-        h = tl.load(ent_ptr + row)
-        ge = tl.load(gent_ptr + row)
+    h = tl.load(ent_ptr + row)
+    ge = tl.load(gent_ptr + row)
     for start in range(0, ncols, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         mask = cols < ncols
