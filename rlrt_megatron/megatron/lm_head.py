@@ -284,7 +284,8 @@ def _logprobs_backward(
             if need_h:
                 if acc.dtype == z.dtype:
                     acc.addmm_(z, w)
-                else:  # bf16: the product in the inputs' dtype, the sum over blocks in fp32
+                elif not _addmm_fp32_out(acc, z, w):
+                    # bf16 without cuBLAS fp32 output: the product in bf16, the sum in fp32
                     tmp = _mm_into(z, w, tmp)
                     acc.add_(tmp)
             if need_w:
@@ -293,6 +294,23 @@ def _logprobs_backward(
             _all_reduce(acc, dist.ReduceOp.SUM, group, size)
             grad_h[t0:t1] = acc
     return grad_h, grad_w
+
+
+_FP32_OUT: dict[str, bool] = {}
+
+
+def _addmm_fp32_out(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> bool:
+    """acc += a @ b with low-precision a, b and fp32 acc in one cuBLAS call (torch's `out_dtype`
+    addmm, CUDA only, newer torch). False (nothing done) where unsupported."""
+    if acc.device.type != "cuda" or _FP32_OUT.get("addmm") is False:
+        return False
+    try:
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    except (RuntimeError, TypeError, NotImplementedError):
+        _FP32_OUT["addmm"] = False
+        return False
+    _FP32_OUT["addmm"] = True
+    return True
 
 
 def _mm_into(a: torch.Tensor, b: torch.Tensor, buf: torch.Tensor | None) -> torch.Tensor:

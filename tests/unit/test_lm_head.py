@@ -148,7 +148,8 @@ def _interpreted_checks() -> None:
     """Run in a child with TRITON_INTERPRET=1: Triton blocks == torch blocks == naive."""
     from rlrt_megatron.megatron import lm_head_triton
 
-    lm_head_triton._BLOCK_V = 64  # several tiles per row
+    # several tiles per row, ragged row tiles (9 rows)
+    lm_head_triton.CONFIG = {"stats": (2, 64, 1), "grad": (4, 64, 1)}
     blocks = lm_head_triton.TritonBlocks
     lm_head._BLOCKS["cpu"] = {"fwd": (4, 300), "bwd": (4, 300)}  # several blocks, ragged ends
     h, w, tgt = make_inputs(9)
