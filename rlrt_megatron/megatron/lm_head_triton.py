@@ -7,10 +7,8 @@ registers:
 
 * `stats`: per row, online update of (m, s, a, z_y) with the block (see `lm_head` for the
   formulas); the running state lives in `[c]` fp32 vectors, so a row's state flows from one vocab
-  block to the next. Two launches: every `[BLOCK_M, BLOCK_V]` tile of the block writes its own
-  (max, sum-exp, entropy term, target logit) (fully parallel, near the memory bandwidth; a
-  per-row loop over the columns ran at ~1 TB/s on an H200), then a small kernel merges a row's
-  tiles into its running state.
+  block to the next (and the blocks of a row can come from different launches). A program takes
+  `BLOCK_M` rows and walks their columns in `[BLOCK_M, BLOCK_V]` tiles.
 * `grad`: `g_j = g_lp ([j = y] - p_j) - g_H p_j (log p_j + H)`, `p_j = exp(z_j - lse)`, written
   over z in its own dtype (the block is dead after its two backward matmuls); elementwise, one
   program per `[BLOCK_M, BLOCK_V]` tile.
@@ -31,7 +29,7 @@ import triton.language as tl
 __all__ = ["TritonBlocks", "available"]
 
 # (BLOCK_M, BLOCK_V, num_warps) per kernel; measured on an H200 on [4096, 4096..8192] bf16 blocks.
-CONFIG = {"stats": (16, 512, 4), "combine": (64, 4), "grad": (16, 512, 4)}
+CONFIG = {"stats": (4, 1024, 4), "grad": (16, 512, 4)}
 # Tuning runs (benchmarks) may override it: RLRT_LM_HEAD_TRITON_CONFIG='{"stats": [4, 1024, 4]}'.
 CONFIG.update(
     {k: tuple(v) for k, v in json.loads(os.environ.get("RLRT_LM_HEAD_TRITON_CONFIG", "{}")).items()}
@@ -47,82 +45,52 @@ def available() -> bool:
 
 
 @triton.jit
-def _stats_partial_kernel(
+def _stats_kernel(
     z_ptr,
     stride_z,
     nrows,
     ncols,
     tgt_ptr,
     v0,
-    part_ptr,
-    NSPLIT: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-):
-    """Per [BLOCK_M, BLOCK_V] tile: (max, sum e, sum e (z - max), z_target) -> part[row, tile]."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    split = tl.program_id(1)
-    cols = split * BLOCK_V + tl.arange(0, BLOCK_V)
-    rmask = rows < nrows
-    mask = rmask[:, None] & (cols < ncols)[None, :]
-    ptrs = z_ptr + rows.to(tl.int64)[:, None] * stride_z + cols[None, :]
-    x = tl.load(ptrs, mask=mask, other=float("-inf")).to(tl.float32)
-    pm = tl.max(x, axis=1)  # every tile holds >= 1 real column
-    pm = tl.where(rmask, pm, 0.0)
-    xs = tl.where(mask, x - pm[:, None], 0.0)
-    e = tl.where(mask, tl.exp(xs), 0.0)
-    t = tl.load(tgt_ptr + rows, mask=rmask, other=-1) - v0  # absent: -1 - v0 < 0, never a column
-    zt = tl.sum(tl.where(mask & (cols[None, :] == t[:, None]), x, 0.0), axis=1)
-    out = part_ptr + (rows * NSPLIT + split) * 4
-    tl.store(out, pm, mask=rmask)
-    tl.store(out + 1, tl.sum(e, axis=1), mask=rmask)
-    tl.store(out + 2, tl.sum(e * xs, axis=1), mask=rmask)
-    tl.store(out + 3, zt, mask=rmask)
-
-
-@triton.jit
-def _stats_combine_kernel(
-    part_ptr,
-    nrows,
-    nsplit,
     m_ptr,
     s_ptr,
     a_ptr,
     zt_ptr,
     WITH_ENT: tl.constexpr,
-    NSPLIT: tl.constexpr,
-    NSPLIT_P2: tl.constexpr,
     BLOCK_M: tl.constexpr,
+    BLOCK_V: tl.constexpr,
 ):
-    """Merge a block's tile statistics into the running (m, s, a, z_y) of its rows."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    ks = tl.arange(0, NSPLIT_P2)
     rmask = rows < nrows
-    kmask = rmask[:, None] & (ks < nsplit)[None, :]
-    base = part_ptr + (rows[:, None] * NSPLIT + ks[None, :]) * 4
-    pm = tl.load(base, mask=kmask, other=float("-inf"))
-    ps = tl.load(base + 1, mask=kmask, other=0.0)
-    pa = tl.load(base + 2, mask=kmask, other=0.0)
-    pz = tl.load(base + 3, mask=kmask, other=0.0)
     m = tl.load(m_ptr + rows, mask=rmask, other=0.0)
     s = tl.load(s_ptr + rows, mask=rmask, other=0.0)
     a = tl.load(a_ptr + rows, mask=rmask, other=0.0)
     zt = tl.load(zt_ptr + rows, mask=rmask, other=0.0)
-    new_m = tl.maximum(m, tl.max(pm, axis=1))
-    new_m = tl.where(rmask, new_m, 0.0)
-    # empty running state (s = 0, m = -inf) contributes nothing (and must not make 0 * inf = nan)
-    live = s > 0.0
-    alpha = tl.where(live, tl.exp(m - new_m), 0.0)
-    d = tl.where(kmask, pm - new_m[:, None], 0.0)
-    beta = tl.where(kmask, tl.exp(d), 0.0)
-    if WITH_ENT:
-        old_a = tl.where(live, a + (m - new_m) * s, 0.0)
-        a = alpha * old_a + tl.sum(beta * (pa + d * ps), axis=1)
-    s = alpha * s + tl.sum(beta * ps, axis=1)
-    tl.store(m_ptr + rows, new_m, mask=rmask)
+    # local column of each row's target in this block (never matches when absent: -1 - v0 < 0)
+    t = tl.load(tgt_ptr + rows, mask=rmask, other=-1) - v0
+    zrow = z_ptr + rows.to(tl.int64)[:, None] * stride_z
+    for start in range(0, ncols, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        mask = rmask[:, None] & (cols < ncols)[None, :]
+        x = tl.load(zrow + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32)
+        new_m = tl.maximum(m, tl.max(x, axis=1))
+        new_m = tl.where(rmask, new_m, 0.0)  # rows past the end: keep everything finite
+        # empty state (s = 0, m = -inf) contributes nothing (and must not make 0 * inf = nan)
+        live = s > 0.0
+        alpha = tl.where(live, tl.exp(m - new_m), 0.0)
+        xs = tl.where(mask, x - new_m[:, None], 0.0)
+        e = tl.where(mask, tl.exp(xs), 0.0)
+        if WITH_ENT:
+            old_a = tl.where(live, a + (m - new_m) * s, 0.0)
+            a = alpha * old_a + tl.sum(e * xs, axis=1)
+        s = alpha * s + tl.sum(e, axis=1)
+        m = new_m
+        hit = mask & (cols[None, :] == t[:, None])
+        zt = zt + tl.sum(tl.where(hit, x, 0.0), axis=1)
+    tl.store(m_ptr + rows, m, mask=rmask)
     tl.store(s_ptr + rows, s, mask=rmask)
     tl.store(a_ptr + rows, a, mask=rmask)
-    tl.store(zt_ptr + rows, zt + tl.sum(pz, axis=1), mask=rmask)
+    tl.store(zt_ptr + rows, zt, mask=rmask)
 
 
 @triton.jit
@@ -172,17 +140,9 @@ class TritonBlocks:
             return
         assert z.stride(1) == 1 and m.is_contiguous() and tgt.is_contiguous()
         bm, bv, warps = CONFIG["stats"]
-        nsplit = triton.cdiv(w, bv)
-        part = torch.empty(c, nsplit, 4, dtype=torch.float32, device=z.device)
-        _stats_partial_kernel[(triton.cdiv(c, bm), nsplit)](
-            z, z.stride(0), c, w, tgt, v0, part,
-            NSPLIT=nsplit, BLOCK_M=bm, BLOCK_V=bv, num_warps=warps,
-        )  # fmt: skip
-        cm = CONFIG["combine"][0]
-        _stats_combine_kernel[(triton.cdiv(c, cm),)](
-            part, c, nsplit, m, s, a, zt,
-            WITH_ENT=with_entropy, NSPLIT=nsplit, NSPLIT_P2=triton.next_power_of_2(nsplit),
-            BLOCK_M=cm, num_warps=CONFIG["combine"][1],
+        _stats_kernel[(triton.cdiv(c, bm),)](
+            z, z.stride(0), c, w, tgt, v0, m, s, a, zt,
+            WITH_ENT=with_entropy, BLOCK_M=bm, BLOCK_V=bv, num_warps=warps,
         )  # fmt: skip
 
     @staticmethod

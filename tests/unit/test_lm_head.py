@@ -149,7 +149,7 @@ def _interpreted_checks() -> None:
     from rlrt_megatron.megatron import lm_head_triton
 
     # several tiles per row, ragged row tiles (9 rows)
-    lm_head_triton.CONFIG = {"stats": (2, 64, 1), "combine": (4, 1), "grad": (4, 64, 1)}
+    lm_head_triton.CONFIG = {"stats": (2, 64, 1), "grad": (4, 64, 1)}
     blocks = lm_head_triton.TritonBlocks
     lm_head._BLOCKS["cpu"] = {"fwd": (4, 300), "bwd": (4, 300)}  # several blocks, ragged ends
     h, w, tgt = make_inputs(9)
