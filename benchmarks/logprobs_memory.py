@@ -21,9 +21,8 @@ Rows (each optional one only when importable / applicable):
               `vocab_parallel_logprobs` (gradient written into the logits' storage);
 * `fused`   - `lm_head_logprobs(impl="fused")`: cuBLAS blocks + Triton kernels (CUDA);
 * `chunked` - `lm_head_logprobs(impl="chunked")`: the same blocks with torch ops (the CPU path);
-* `liger`   - Liger's fused linear cross entropy (`reduction="none"` forward; `fwd+bwd` uses
-              `reduction="sum"` of w-weighted... Liger takes no per-token weights, so its
-              backward is of the plain sum: same work);
+* `liger`   - Liger's fused linear cross entropy (`reduction="none"` forward; it takes no
+              per-token loss weights, so `fwd+bwd` backpropagates `reduction="sum"`: same work);
 * `cce`     - cut-cross-entropy's `linear_cross_entropy(reduction="none")`.
 
 Peak = memory above the inputs: on CUDA `max_memory_allocated()` minus the allocation before

@@ -28,6 +28,11 @@ Block ops (what a block contributes) come in two implementations with the same s
 :mod:`lm_head_triton` (`impl="fused"`, CUDA; one pass over a bf16 block, no fp32 copies).
 `impl="naive"` is the plain `log_softmax(hidden @ weight.T)` (full logits; tests/benchmarks).
 
+Measured on one H200 (T=32k, H=4096, V=151,936, bf16; `benchmarks/logprobs_memory.py`): forward
+67.5 ms with 33 MiB above the inputs (naive 87.8 ms / 37 GiB; the block matmuls alone take
+56 ms), forward+backward 260 ms with 1.6 GiB (= the two gradients + 194 MiB; naive 240 ms /
+56 GiB); log-probs within 1.5e-2 of fp32 (the bf16 logits' own rounding, as naive bf16).
+
 Vocab padding (ids >= `true_vocab_size`, a global size) never enters a max, a sum, top-k or a
 gradient. Log-probs are computed as `(z_y - m) - log s` with `z_y` taken from the same block
 values as `s` (so `s >= exp(z_y - m)`) and clamped at 0: never positive, whatever the dtype.

@@ -29,7 +29,7 @@ import triton.language as tl
 __all__ = ["TritonBlocks", "available"]
 
 # (BLOCK_M, BLOCK_V, num_warps) per kernel; measured on an H200 on [4096, 4096..8192] bf16 blocks.
-CONFIG = {"stats": (4, 1024, 4), "grad": (16, 512, 4)}
+CONFIG = {"stats": (2, 1024, 4), "grad": (16, 512, 4)}
 # Tuning runs (benchmarks) may override it: RLRT_LM_HEAD_TRITON_CONFIG='{"stats": [4, 1024, 4]}'.
 CONFIG.update(
     {k: tuple(v) for k, v in json.loads(os.environ.get("RLRT_LM_HEAD_TRITON_CONFIG", "{}")).items()}
