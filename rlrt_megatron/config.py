@@ -103,8 +103,10 @@ class ModelConfig:
     spec: Literal["local", "te"] = _f(
         "local", "Layer spec: `local` (pure PyTorch, CPU) or `te` (Transformer Engine, GPU)."
     )
-    params_dtype: Literal["float32", "bfloat16"] = _f(
-        "float32", "Parameter/compute dtype of the Megatron policy (bfloat16 on GPU)."
+    params_dtype: Literal["auto", "float32", "bfloat16"] = _f(
+        "float32",
+        "Parameter/compute dtype of the Megatron policy; bfloat16 keeps fp32 main params and "
+        "gradients in Megatron's optimizer/DDP. `auto` = bfloat16 on a GPU, float32 on CPU.",
     )
     fp8: FP8Settings = _sub(FP8Settings)
     logprobs_impl: Literal["auto", "fused", "chunked", "naive"] = _f(
@@ -133,6 +135,12 @@ class RolloutConfig:
 
     engine: Literal["local", "sglang"] = _f(
         "local", "`local`: transformers on rank 0 (CPU, tests, demo); `sglang`: SGLang servers."
+    )
+    local_dtype: Literal["auto", "float32", "bfloat16"] = _f(
+        "auto", "Local engine dtype; `auto` = bfloat16 on a GPU, float32 on CPU."
+    )
+    local_max_batch_rows: int = _f(
+        0, "Local engine: rows decoded together (0 = auto: all on a GPU, 64 on CPU)."
     )
     group_size: int = _f(8, "Rollouts per prompt (G).")
     temperature: float = _f(1.0, "Sampling temperature.")
@@ -202,6 +210,11 @@ class TrainLoopConfig:
     seed: int = _f(1234, "Seed of data order, model init and dropout.")
     recompute_old_logprobs: bool = _f(
         True, "Old log-probs from the Megatron policy (True) or the engine's behavior log-probs."
+    )
+    deterministic: bool = _f(
+        False,
+        "Deterministic GPU kernels (slower): a rerun or resumed run reproduces the metrics bit "
+        "for bit on GPUs too. CPU runs are deterministic anyway.",
     )
 
 
@@ -370,6 +383,7 @@ def validation_errors(
     need(0 < r.top_p <= 1, "rollout.top_p", f"must be in (0, 1] (got {r.top_p})")
     need(r.max_new_tokens >= 1, "rollout.max_new_tokens", f"must be >= 1 (got {r.max_new_tokens})")
     need(r.engine in ("local", "sglang"), "rollout.engine", "must be `local` or `sglang`")
+    need(r.local_max_batch_rows >= 0, "rollout.local_max_batch_rows", "must be >= 0 (0 = auto)")
     for sub in dataclasses.fields(a):
         obj = getattr(a, sub.name)
         if dataclasses.is_dataclass(obj):

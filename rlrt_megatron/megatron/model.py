@@ -348,7 +348,10 @@ def build_model(
         )
         for param in model.parameters():
             tensor_parallel.set_defaults_if_not_set_tensor_model_parallel_attributes(param)
-        model.to(platform.device())
+        # Megatron creates the torch norms' weights in fp32 whatever params_dtype says (its
+        # Float16Module casts them); cast here so bf16 runs in bf16 end to end (fp32 main params
+        # and gradients live in the optimizer and DDP buffers, as in Megatron's training).
+        model.to(device=platform.device(), dtype=params_dtype)
         model.true_vocab_size = vocab
         model.padded_vocab_size = padded
         chunks.append(model)
