@@ -109,6 +109,12 @@ class ModelConfig:
         "gradients in Megatron's optimizer/DDP. `auto` = bfloat16 on a GPU, float32 on CPU.",
     )
     fp8: FP8Settings = _sub(FP8Settings)
+    logprobs_impl: Literal["auto", "fused", "chunked", "naive"] = _f(
+        "auto",
+        "LM head + log-probs from hidden states (student, teacher, update; no [tokens, vocab] "
+        "logits): `fused` (Triton kernels, CUDA), `chunked` (torch, any device; the reference), "
+        "`naive` (full fp32 logits, for comparison only), `auto` (fused on CUDA, else chunked).",
+    )
 
 
 @dataclass
@@ -441,6 +447,11 @@ def validation_errors(
     )
     need(m.sft_warmup_steps >= 0, "model.sft_warmup_steps", "must be >= 0")
     need(m.spec in ("local", "te"), "model.spec", "must be `local` or `te`")
+    need(
+        m.logprobs_impl in ("auto", "fused", "chunked", "naive"),
+        "model.logprobs_impl",
+        f"must be `auto`, `fused`, `chunked` or `naive`, got {m.logprobs_impl!r}",
+    )
     need(
         not m.fp8.enabled or m.spec == "te",
         "model.fp8.enabled",

@@ -35,6 +35,8 @@ class Policy:
             vocabulary) are excluded from log-probs and entropy like Megatron's vocab padding.
         fp8: `rlrt_megatron.megatron.te.FP8Config` (or None = off); its TransformerConfig
             fields (`te.fp8_transformer_kwargs`) go to `build_model` (policy and teacher).
+        logprobs_impl: `model.logprobs_impl`, the LM head + log-probs implementation of every
+            forward (`megatron/lm_head.py`).
     """
 
     def __init__(
@@ -50,6 +52,7 @@ class Policy:
         params_dtype: torch.dtype = torch.float32,
         sample_vocab_size: int | None = None,
         fp8: Any = None,
+        logprobs_impl: str = "auto",
     ) -> None:
         from megatron.core import parallel_state as ps
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
@@ -60,6 +63,7 @@ class Policy:
         self.hf_config = hf_config
         self.use_distributed_optimizer = use_distributed_optimizer
         self.tp, self.pp, self.spec, self.params_dtype = tp, pp, spec, params_dtype
+        self.logprobs_impl = logprobs_impl
         self.model_kwargs = fp8_transformer_kwargs(fp8, spec)
         chunks = build_model(
             hf_config, tp=tp, pp=pp, spec=spec, params_dtype=params_dtype, **self.model_kwargs
@@ -212,7 +216,7 @@ class Policy:
             row_tokens, rows_per_mb = self._layout(max(len(x) for x in seqs), token_budget)
             return compute_response_logprobs(
                 model, seqs, starts, token_budget=row_tokens, rows_per_microbatch=rows_per_mb,
-                with_entropy=True, response_len=t_resp, **kw,
+                with_entropy=True, response_len=t_resp, logprobs_impl=self.logprobs_impl, **kw,
             )  # fmt: skip
 
         try:
@@ -311,6 +315,7 @@ class Policy:
                 rows_per_microbatch=rows_per_mb,
                 response_len=width,
                 topk_ids=topk_ids,
+                logprobs_impl=self.logprobs_impl,
             )
         for o in outs:
             for k, v in o["metrics"].items():

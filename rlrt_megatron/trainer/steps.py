@@ -191,6 +191,7 @@ def _build(cfg: TrainConfig, info: Any, hf_dir: str, ckpt: str, hf_config: dict,
         params_dtype=resolve_dtype(cfg.model.params_dtype),
         sample_vocab_size=len(tokenizer) if cfg.rollout.engine == "local" else None,
         fp8=cfg.model.fp8.to_te(),
+        logprobs_impl=cfg.model.logprobs_impl,
     )
     load_checkpoint_into_model(policy.chunks, ckpt)
     teacher = policy.make_teacher_copy() if algo.teacher_weights in ("snapshot", "ema") else None
