@@ -1,0 +1,268 @@
+"""The `torch` layer spec: Megatron's local modules with PyTorch SDPA attention, no TE needed.
+
+Megatron's `local` spec attends through `DotProductAttention`, which materialises the
+`[b, heads, s, s]` score matrix (and our packing adds a dense `[s, s]` block-causal mask): fine
+for CPU tests, quadratic in memory and time on a GPU. `model.spec=torch` keeps every module and
+parameter name of the local spec (the converter's table, `convert/mapping.py`, applies
+unchanged) and swaps two things:
+
+* core attention -> :class:`SDPAttention`: `torch.nn.functional.scaled_dot_product_attention`
+  (flash / memory-efficient kernels on CUDA), causal via `is_causal=True`, never an `[s, s]`
+  mask. Packed rows arrive as `thd` (`packed_seq_params.cu_seqlens_q`, one row per
+  micro-batch, like Transformer Engine): every sequence of the row gets its own causal SDPA call,
+  so tokens never see another sequence and nothing quadratic in the *row* length exists. The
+  sequence lengths are read from `cu_seqlens` once per micro-batch (one host sync), not per layer.
+* norms -> :class:`TorchNorm`: `torch.nn.RMSNorm` / `LayerNorm` created in `params_dtype`.
+  Megatron's `WrappedTorchNorm` creates fp32 weights; with bf16 activations torch's `rms_norm`
+  then cannot use its fused kernel (it warns "Mismatch dtype between input and weight") and the
+  trainer would need `Float16Module` to cast them. The final norm is built the same way.
+
+GQA: with bf16/fp16 on CUDA the kv heads go to SDPA as they are (`enable_gqa=True`, supported by
+the flash kernel); otherwise (fp32, CPU) they are expanded with `repeat_interleave`, which is
+what the local spec computes and lets the efficient/math kernels run. Query head `h` uses kv
+head `h // (heads / groups)` in both (Megatron's `linear_qkv` grouping).
+
+RoPE with `thd`: Megatron's `SelfAttention` rotates each packed sequence from position 0
+(`apply_rotary_pos_emb(..., cu_seqlens=...)`), the local spec's mask layout rotates by the row
+position; attention scores depend only on position differences within one sequence, so both
+give the same logits (up to rounding).
+
+Not supported (raise at construction): context parallelism, softmax types other than vanilla,
+sliding windows, attention bias.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import weakref
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["SDPAttention", "TorchNorm", "packed_seqlens", "sdpa", "torch_block_spec"]
+
+
+# sequence lengths of a cu_seqlens tensor, computed once per tensor (one host sync per
+# micro-batch: every layer of the forward reuses them). Keyed by id, checked by a weak
+# reference (tensors compare elementwise, so they cannot be dict keys by value).
+_SEQLENS: dict[int, tuple[weakref.ref, int, list[int]]] = {}
+
+
+def packed_seqlens(cu_seqlens: torch.Tensor) -> list[int]:
+    """Python list of the sequence lengths in `cu_seqlens` (cached per tensor and version)."""
+    hit = _SEQLENS.get(id(cu_seqlens))
+    if hit is not None and hit[0]() is cu_seqlens and hit[1] == cu_seqlens._version:
+        return hit[2]
+    lens = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+    if len(_SEQLENS) >= 64:
+        for key in [k for k, v in _SEQLENS.items() if v[0]() is None]:
+            del _SEQLENS[key]
+    _SEQLENS[id(cu_seqlens)] = (weakref.ref(cu_seqlens), cu_seqlens._version, lens)
+    return lens
+
+
+def _native_gqa(q: torch.Tensor) -> bool:
+    return q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)
+
+
+def sdpa(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float,
+    causal: bool = True,
+    mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    native_gqa: bool | None = None,
+) -> torch.Tensor:
+    """SDPA on `[b, heads, s, d]` query and `[b, groups, s, d]` key/value -> `[b, heads, s, d]`.
+
+    `mask`: bool, True = may attend (SDPA's convention), broadcast to `[b, heads, s, s]`; with a
+    mask `causal` is ignored. `native_gqa`: pass grouped kv heads to SDPA (`enable_gqa`) instead
+    of expanding them (default: on CUDA in bf16/fp16, see the module docstring).
+    """
+    rep = q.shape[1] // k.shape[1]
+    kw: dict[str, Any] = {}
+    if rep > 1:
+        if native_gqa if native_gqa is not None else _native_gqa(q):
+            kw["enable_gqa"] = True
+        else:
+            k = k.repeat_interleave(rep, dim=1)
+            v = v.repeat_interleave(rep, dim=1)
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal and mask is None,
+        scale=scale, **kw,
+    )  # fmt: skip
+
+
+class SDPAttention(torch.nn.Module):
+    """Core attention over `scaled_dot_product_attention`, a drop-in for megatron-core 0.16's
+    `DotProductAttention` / `TEDotProductAttention` inside `SelfAttention`.
+
+    Inputs: `sbhd` query `[s, b, heads, d]`, key/value `[s, b, groups, d]` (this TP rank's heads)
+    -> `[s, b, heads * d]`; or `thd` (with `packed_seq_params.qkv_format == "thd"`) query
+    `[t, heads, d]`, key/value `[t, groups, d]` -> `[t, heads * d]`, attention causal within each
+    `cu_seqlens_q` segment. An explicit `attention_mask` (bool, True = masked out, Megatron's
+    convention, `[b, 1, s, s]`) replaces the causal mask in `sbhd`.
+    """
+
+    def __init__(
+        self,
+        config: Any,
+        layer_number: int,
+        attn_mask_type: Any,
+        attention_type: str,
+        attention_dropout: float | None = None,
+        softmax_scale: float | None = None,
+        cp_comm_type: str | None = None,
+        pg_collection: Any = None,
+    ) -> None:
+        from megatron.core.process_groups_config import ProcessGroupCollection
+        from megatron.core.transformer.enums import AttnMaskType
+        from megatron.core.utils import divide
+
+        super().__init__()
+        for ok, what in (
+            (config.context_parallel_size == 1, "context parallelism (context_parallel_size > 1)"),
+            (config.softmax_type == "vanilla", f"softmax_type={config.softmax_type!r}"),
+            (config.window_size is None, "sliding-window attention (window_size)"),
+        ):
+            if not ok:
+                raise ValueError(f"model.spec=torch does not support {what}; use model.spec=te")
+        if attn_mask_type not in (AttnMaskType.causal, AttnMaskType.padding_causal):
+            raise ValueError(f"model.spec=torch attends causally only, got {attn_mask_type}")
+        self.config = config
+        self.layer_number = max(1, layer_number)
+        if pg_collection is None:
+            pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp"])
+        tp = pg_collection.tp.size()
+        self.heads = divide(config.num_attention_heads, tp)
+        self.groups = divide(config.num_query_groups, tp)
+        self.head_dim = config.kv_channels
+        # Megatron's apply_query_key_layer_scaling divides the scale by the layer number and the
+        # softmax multiplies it back: the net scale is this one.
+        self.scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(self.head_dim)
+        self.dropout_p = float(
+            config.attention_dropout if attention_dropout is None else attention_dropout
+        )
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        attn_mask_type: Any = None,
+        attention_bias: torch.Tensor | None = None,
+        packed_seq_params: Any = None,
+    ) -> torch.Tensor:
+        if attention_bias is not None:
+            raise ValueError("model.spec=torch does not support attention_bias")
+        p = self.dropout_p if self.training else 0.0
+        if p > 0.0 and not self.config.sequence_parallel:
+            from megatron.core import tensor_parallel
+
+            # TP ranks hold different heads: dropout draws from the model-parallel RNG stream
+            with tensor_parallel.get_cuda_rng_tracker().fork():
+                return self._attend(query, key, value, attention_mask, packed_seq_params, p)
+        return self._attend(query, key, value, attention_mask, packed_seq_params, p)
+
+    def _attend(self, query, key, value, attention_mask, packed_seq_params, p):
+        if packed_seq_params is not None and packed_seq_params.qkv_format == "thd":
+            if attention_mask is not None:
+                raise ValueError("thd (packed_seq_params) takes no attention_mask")
+            return self._attend_thd(query, key, value, packed_seq_params, p)
+        s, b = query.shape[:2]
+        mask = None if attention_mask is None else ~attention_mask
+        out = sdpa(
+            query.permute(1, 2, 0, 3), key.permute(1, 2, 0, 3), value.permute(1, 2, 0, 3),
+            scale=self.scale, mask=mask, dropout_p=p,
+        )  # fmt: skip
+        return out.permute(2, 0, 1, 3).reshape(s, b, -1)  # [b, h, s, d] -> [s, b, h * d]
+
+    def _attend_thd(self, query, key, value, packed_seq_params, p):
+        cu_q, cu_kv = packed_seq_params.cu_seqlens_q, packed_seq_params.cu_seqlens_kv
+        if packed_seq_params.cu_seqlens_q_padded is not None:
+            cu_q = packed_seq_params.cu_seqlens_q_padded
+        if packed_seq_params.cu_seqlens_kv_padded is not None:
+            cu_kv = packed_seq_params.cu_seqlens_kv_padded
+        if cu_kv is not None and cu_kv is not cu_q and not torch.equal(cu_kv, cu_q):
+            raise ValueError("model.spec=torch: self-attention needs cu_seqlens_kv == cu_seqlens_q")
+        lens = packed_seqlens(cu_q)
+        if sum(lens) != query.shape[0]:
+            raise ValueError(
+                f"cu_seqlens cover {sum(lens)} tokens but the packed row has {query.shape[0]}"
+            )
+        # [t, h, d] -> [1, h, t, d] views; each sequence is a causal SDPA call of its own
+        q, k, v = (x.transpose(0, 1).unsqueeze(0) for x in (query, key, value))
+        if len(lens) == 1:
+            outs = [sdpa(q, k, v, scale=self.scale, dropout_p=p)]
+        else:
+            outs = [
+                sdpa(qi, ki, vi, scale=self.scale, dropout_p=p)
+                for qi, ki, vi in zip(
+                    q.split(lens, dim=2), k.split(lens, dim=2), v.split(lens, dim=2), strict=True
+                )
+            ]
+        # [1, h, n, d] -> [n, h, d] per sequence, back to back -> [t, h * d]
+        outs = [o.squeeze(0).transpose(0, 1) for o in outs]
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
+        return out.reshape(query.shape[0], -1)
+
+
+class TorchNorm:
+    """`torch.nn.RMSNorm` / `LayerNorm` in `config.params_dtype`; same constructor and parameter
+    names as megatron's `WrappedTorchNorm` (which creates fp32 weights)."""
+
+    def __new__(
+        cls,
+        config: Any,
+        hidden_size: int,
+        eps: float = 1e-5,
+        persist_layer_norm: bool = False,
+        zero_centered_gamma: bool = False,
+        normalization: str = "LayerNorm",
+    ) -> torch.nn.Module:
+        if config.layernorm_zero_centered_gamma or config.memory_efficient_layer_norm:
+            raise ValueError(
+                "model.spec=torch: zero-centered gamma / memory-efficient layer norm need TE"
+            )
+        if config.sequence_parallel:
+            raise ValueError("model.spec=torch does not support sequence parallelism (torch norms)")
+        norm_cls = {"RMSNorm": torch.nn.RMSNorm, "LayerNorm": torch.nn.LayerNorm}.get(
+            config.normalization
+        )
+        if norm_cls is None:
+            raise ValueError(f"model.spec=torch: normalization={config.normalization!r}")
+        return norm_cls(hidden_size, eps=eps, dtype=config.params_dtype)
+
+
+def torch_block_spec(config: Any, vp_stage: int | None = None):
+    """`TransformerBlockSubmodules` of the `torch` spec for this pipeline (virtual) stage:
+    the local layer spec with :class:`SDPAttention` and :class:`TorchNorm` (final norm too)."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.identity_op import IdentityOp
+    from megatron.core.transformer.transformer_block import (
+        TransformerBlockSubmodules,
+        get_num_layers_to_build,
+    )
+
+    layer = copy.deepcopy(
+        get_gpt_layer_local_spec(
+            qk_layernorm=config.qk_layernorm, normalization=config.normalization
+        )
+    )
+    sub = layer.submodules
+    sub.input_layernorm = TorchNorm
+    sub.pre_mlp_layernorm = TorchNorm
+    attn = sub.self_attention.submodules
+    attn.core_attention = SDPAttention
+    if attn.q_layernorm is not IdentityOp:
+        attn.q_layernorm = TorchNorm
+    if attn.k_layernorm is not IdentityOp:
+        attn.k_layernorm = TorchNorm
+    n_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
+    return TransformerBlockSubmodules(layer_specs=[layer] * n_layers, layer_norm=TorchNorm)
