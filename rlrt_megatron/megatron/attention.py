@@ -17,9 +17,11 @@ unchanged) and swaps two things:
   then cannot use its fused kernel (it warns "Mismatch dtype between input and weight") and the
   trainer would need `Float16Module` to cast them. The final norm is built the same way.
 
-GQA: with bf16/fp16 on CUDA the kv heads go to SDPA as they are (`enable_gqa=True`, supported by
-the flash kernel); otherwise (fp32, CPU) they are expanded with `repeat_interleave`, which is
-what the local spec computes and lets the efficient/math kernels run. Query head `h` uses kv
+GQA: where SDPA's flash kernel takes grouped kv heads (CUDA, bf16/fp16, asked once per shape via
+`torch.backends.cuda.can_use_flash_attention`) they go to SDPA as they are (`enable_gqa=True`,
+no copy); otherwise (fp32, CPU) they are expanded with `repeat_interleave`, as the local spec
+does, so the efficient/math kernels can run (with `enable_gqa` SDPA would silently fall back to
+the math kernel, which materialises the scores). Query head `h` uses kv
 head `h // (heads / groups)` in both (Megatron's `linear_qkv` grouping).
 
 RoPE with `thd`: Megatron's `SelfAttention` rotates each packed sequence from position 0
@@ -34,6 +36,7 @@ sliding windows, attention bias.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import weakref
 from typing import Any
@@ -41,7 +44,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["SDPAttention", "TorchNorm", "packed_seqlens", "sdpa", "torch_block_spec"]
+__all__ = [
+    "SDPAttention",
+    "TorchNorm",
+    "flash_takes_gqa",
+    "packed_seqlens",
+    "sdpa",
+    "torch_block_spec",
+]
 
 
 # sequence lengths of a cu_seqlens tensor, computed once per tensor (one host sync per
@@ -63,8 +73,25 @@ def packed_seqlens(cu_seqlens: torch.Tensor) -> list[int]:
     return lens
 
 
-def _native_gqa(q: torch.Tensor) -> bool:
-    return q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)
+@functools.lru_cache(maxsize=32)
+def flash_takes_gqa(device: torch.device, dtype: torch.dtype, heads: int, groups: int,
+                    head_dim: int) -> bool:  # fmt: skip
+    """Whether SDPA's flash kernel can attend with grouped kv heads (`enable_gqa`) here; when
+    it cannot, SDPA would silently use the math kernel, so the kv heads are expanded instead."""
+    if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
+        return False
+    try:
+        from torch.backends.cuda import SDPAParams, can_use_flash_attention
+
+        q = torch.empty(1, heads, 8, head_dim, device=device, dtype=dtype)
+        k = torch.empty(1, groups, 8, head_dim, device=device, dtype=dtype)
+        return bool(can_use_flash_attention(SDPAParams(q, k, k, None, 0.0, True, True), False))
+    except Exception:  # an older/newer SDPAParams signature: expanding is always correct
+        return False
+
+
+def _native_gqa(q: torch.Tensor, k: torch.Tensor) -> bool:
+    return flash_takes_gqa(q.device, q.dtype, q.shape[1], k.shape[1], q.shape[-1])
 
 
 def sdpa(
@@ -87,7 +114,7 @@ def sdpa(
     rep = q.shape[1] // k.shape[1]
     kw: dict[str, Any] = {}
     if rep > 1:
-        if native_gqa if native_gqa is not None else _native_gqa(q):
+        if native_gqa if native_gqa is not None else _native_gqa(q, k):
             kw["enable_gqa"] = True
         else:
             k = k.repeat_interleave(rep, dim=1)

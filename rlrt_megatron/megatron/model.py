@@ -78,6 +78,7 @@ def resolve_spec(spec: str) -> str:
         raise ValueError(f"model.spec must be one of auto, {', '.join(SPECS)}; got {spec!r}")
     return spec
 
+
 # Megatron's RotaryEmbedding._apply_scaling hard-codes these llama3 rope-scaling constants.
 _MEGATRON_LLAMA3_ROPE = {
     "low_freq_factor": 1.0,

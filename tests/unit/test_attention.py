@@ -266,7 +266,9 @@ def test_convert_for_torch_spec_loads_and_matches_transformers(megatron_1proc, t
     model = build_model(hf.config, spec="torch")[0].eval()
     load_checkpoint_into_model([model], ckpt)
     lens = [11, 6]
-    ids = torch.randint(0, hf.config.vocab_size, (1, 17), generator=torch.Generator().manual_seed(5))
+    ids = torch.randint(
+        0, hf.config.vocab_size, (1, 17), generator=torch.Generator().manual_seed(5)
+    )
     with torch.no_grad():
         out = model(ids, None, attention_mask=None, packed_seq_params=_thd(lens))
         out = out[..., : hf.config.vocab_size]
