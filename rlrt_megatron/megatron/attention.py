@@ -10,8 +10,10 @@ unchanged) and swaps two things:
   (flash / memory-efficient kernels on CUDA), causal via `is_causal=True`, never an `[s, s]`
   mask. Packed rows arrive as `thd` (`packed_seq_params.cu_seqlens_q`, one row per
   micro-batch, like Transformer Engine): every sequence of the row gets its own causal SDPA call,
-  so tokens never see another sequence and nothing quadratic in the *row* length exists. The
-  sequence lengths are read from `cu_seqlens` once per micro-batch (one host sync), not per layer.
+  so tokens never see another sequence and nothing quadratic in the *row* length exists.
+  :class:`SDPASelfAttention` (Megatron's `SelfAttention`, same parameters) copies `cu_seqlens`
+  to the host once per micro-batch, so neither the per-sequence split nor Megatron's thd RoPE
+  syncs with the GPU in every layer.
 * norms -> :class:`TorchNorm`: `torch.nn.RMSNorm` / `LayerNorm` created in `params_dtype`.
   Megatron's `WrappedTorchNorm` creates fp32 weights; with bf16 activations torch's `rms_norm`
   then cannot use its fused kernel (it warns "Mismatch dtype between input and weight") and the
@@ -36,6 +38,7 @@ sliding windows, attention bias.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import math
 import weakref
@@ -43,34 +46,77 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from megatron.core.transformer.attention import SelfAttention
 
 __all__ = [
+    "SDPASelfAttention",
     "SDPAttention",
     "TorchNorm",
     "flash_takes_gqa",
+    "host_packed_seq_params",
     "packed_seqlens",
     "sdpa",
     "torch_block_spec",
 ]
 
 
-# sequence lengths of a cu_seqlens tensor, computed once per tensor (one host sync per
-# micro-batch: every layer of the forward reuses them). Keyed by id, checked by a weak
-# reference (tensors compare elementwise, so they cannot be dict keys by value).
-_SEQLENS: dict[int, tuple[weakref.ref, int, list[int]]] = {}
+# Per-tensor results (host copies of cu_seqlens, their lengths as Python ints), computed once
+# per micro-batch and reused by every layer. Keyed by id and checked by a weak reference and the
+# tensor's version (tensors compare elementwise, so they cannot be dict keys by value).
+_CACHE: dict[tuple[str, int], tuple[weakref.ref, int, Any]] = {}
+
+
+def _cached(kind: str, t: torch.Tensor, make: Any) -> Any:
+    key = (kind, id(t))
+    hit = _CACHE.get(key)
+    if hit is not None and hit[0]() is t and hit[1] == t._version:
+        return hit[2]
+    value = make(t)
+    if len(_CACHE) >= 64:
+        for k in [k for k, v in _CACHE.items() if v[0]() is None]:
+            del _CACHE[k]
+    _CACHE[key] = (weakref.ref(t), t._version, value)
+    return value
 
 
 def packed_seqlens(cu_seqlens: torch.Tensor) -> list[int]:
     """Python list of the sequence lengths in `cu_seqlens` (cached per tensor and version)."""
-    hit = _SEQLENS.get(id(cu_seqlens))
-    if hit is not None and hit[0]() is cu_seqlens and hit[1] == cu_seqlens._version:
-        return hit[2]
-    lens = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
-    if len(_SEQLENS) >= 64:
-        for key in [k for k, v in _SEQLENS.items() if v[0]() is None]:
-            del _SEQLENS[key]
-    _SEQLENS[id(cu_seqlens)] = (weakref.ref(cu_seqlens), cu_seqlens._version, lens)
-    return lens
+    return _cached("lens", cu_seqlens, lambda t: (t[1:] - t[:-1]).tolist())
+
+
+_CU_FIELDS = ("cu_seqlens_q", "cu_seqlens_kv", "cu_seqlens_q_padded", "cu_seqlens_kv_padded")
+
+
+def host_packed_seq_params(psp: Any) -> Any:
+    """`psp` with its `cu_seqlens` tensors on the host, copied once per micro-batch.
+
+    Megatron's unfused thd RoPE (`_apply_rotary_pos_emb_thd`) reads the sequence lengths with
+    `.tolist()` / `.item()` for q and for k in every layer: with device tensors that is a few host
+    syncs per layer (the CPU stops running ahead of the GPU); with host tensors none. Only the
+    RoPE and :class:`SDPAttention` read them in the torch spec (TE would need device tensors).
+    """
+
+    def make(_: torch.Tensor) -> Any:
+        copies: dict[int, torch.Tensor] = {}
+        fields = {}
+        for f in _CU_FIELDS:
+            t = getattr(psp, f, None)
+            if t is not None:
+                fields[f] = copies.setdefault(id(t), t.to("cpu"))
+        return dataclasses.replace(psp, **fields)
+
+    return psp if psp.cu_seqlens_q is None else _cached("host", psp.cu_seqlens_q, make)
+
+
+class SDPASelfAttention(SelfAttention):
+    """Megatron's `SelfAttention` (same parameters and names), handing RoPE and the core
+    attention host copies of `cu_seqlens` (:func:`host_packed_seq_params`) in `thd` mode."""
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        psp = kwargs.get("packed_seq_params")
+        if psp is not None and psp.qkv_format == "thd":
+            kwargs["packed_seq_params"] = host_packed_seq_params(psp)
+        return super().forward(*args, **kwargs)
 
 
 @functools.lru_cache(maxsize=32)
@@ -285,6 +331,7 @@ def torch_block_spec(config: Any, vp_stage: int | None = None):
     sub = layer.submodules
     sub.input_layernorm = TorchNorm
     sub.pre_mlp_layernorm = TorchNorm
+    sub.self_attention.module = SDPASelfAttention
     attn = sub.self_attention.submodules
     attn.core_attention = SDPAttention
     if attn.q_layernorm is not IdentityOp:

@@ -73,7 +73,9 @@ def test_same_parameter_names_and_params_dtype_norms(megatron_1proc):
     # the local spec's torch norms stay fp32 (megatron WrappedTorchNorm); the torch spec's don't
     assert local.decoder.final_layernorm.weight.dtype == torch.float32
     assert {p.dtype for p in sdpa.parameters()} == {torch.bfloat16}
-    core = sdpa.decoder.layers[0].self_attention.core_attention
+    attn = sdpa.decoder.layers[0].self_attention
+    assert type(attn).__name__ == "SDPASelfAttention"
+    core = attn.core_attention
     assert type(core).__name__ == "SDPAttention" and (core.heads, core.groups) == (4, 2)
 
 
@@ -143,14 +145,19 @@ def test_sdpa_gqa_paths_and_mask_agree():
         torch.testing.assert_close(out, ref, atol=1e-6, rtol=0)
 
 
-def test_packed_seqlens_one_host_read_per_tensor():
-    from rlrt_megatron.megatron.attention import packed_seqlens
+def test_cu_seqlens_read_once_per_micro_batch():
+    from rlrt_megatron.megatron.attention import host_packed_seq_params, packed_seqlens
 
     cu = torch.tensor([0, 3, 8], dtype=torch.int32)
     first = packed_seqlens(cu)
     assert first == [3, 5] and packed_seqlens(cu) is first  # cached
     cu[2] = 9  # in-place change: recomputed
     assert packed_seqlens(cu) == [3, 6]
+    psp = _thd([4, 2])
+    host = host_packed_seq_params(psp)
+    assert host_packed_seq_params(psp) is host  # every layer gets the same host copy
+    assert host.cu_seqlens_q is host.cu_seqlens_kv and host.cu_seqlens_q.device.type == "cpu"
+    assert host.cu_seqlens_q.tolist() == [0, 4, 6] and host.max_seqlen_q == 4
 
 
 def _rollouts():
