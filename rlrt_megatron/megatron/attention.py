@@ -46,15 +46,18 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.attention import SelfAttention
 
 __all__ = [
+    "SDPAParams",
     "SDPASelfAttention",
     "SDPAttention",
     "TorchNorm",
     "flash_takes_gqa",
     "host_packed_seq_params",
     "packed_seqlens",
+    "rope_tables",
     "sdpa",
     "torch_block_spec",
 ]
@@ -108,15 +111,108 @@ def host_packed_seq_params(psp: Any) -> Any:
     return psp if psp.cu_seqlens_q is None else _cached("host", psp.cu_seqlens_q, make)
 
 
+@dataclasses.dataclass
+class SDPAParams(PackedSeqParams):
+    """What :class:`SDPASelfAttention` hands its core attention: the packed-sequence fields
+    (`qkv_format` "thd", host `cu_seqlens`) or `qkv_format="sbhd"` for unpacked rows, plus the
+    RoPE frequencies `[n, 1, 1, d]` the core attention applies to q and k (None: already
+    applied). Riding on `packed_seq_params` keeps it correct under activation recomputation,
+    which calls the core attention again with the same arguments."""
+
+    rotary_freqs: torch.Tensor | None = None
+
+
 class SDPASelfAttention(SelfAttention):
-    """Megatron's `SelfAttention` (same parameters and names), handing RoPE and the core
-    attention host copies of `cu_seqlens` (:func:`host_packed_seq_params`) in `thd` mode."""
+    """Megatron's `SelfAttention` (same parameters and names) for the torch spec.
+
+    * `thd`: RoPE and the core attention get host copies of `cu_seqlens`
+      (:func:`host_packed_seq_params`).
+    * RoPE moves into :class:`SDPAttention` (:class:`_Rotary`): cos/sin tables built once per
+      micro-batch for all layers (Megatron rebuilds them for q and for k in every layer, per
+      packed sequence) and nothing but those tables saved for backward (Megatron keeps the
+      rotated-half copies and the q/k-norm outputs). Falls back to Megatron's RoPE for
+      inference, tuples of distinct q/k embeddings, partial or interleaved rotary and yarn.
+    """
+
+    def _own_rope(self, freqs: Any, kwargs: dict) -> bool:
+        cfg = self.config
+        return (
+            isinstance(freqs, torch.Tensor)
+            and freqs.shape[-1] == cfg.kv_channels
+            and kwargs.get("inference_context") is None
+            and kwargs.get("inference_params") is None
+            and not cfg.rotary_interleaved
+            and not cfg.multi_latent_attention
+            and not cfg.apply_rope_fusion
+            and not hasattr(cfg, "yarn_rotary_scaling_factor")
+            and getattr(cfg, "mrope_section", None) is None
+        )
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         psp = kwargs.get("packed_seq_params")
-        if psp is not None and psp.qkv_format == "thd":
-            kwargs["packed_seq_params"] = host_packed_seq_params(psp)
+        thd = psp is not None and psp.qkv_format == "thd"
+        if thd:
+            psp = host_packed_seq_params(psp)
+        freqs = kwargs.get("rotary_pos_emb")
+        if isinstance(freqs, tuple) and len(freqs) == 2 and freqs[0] is freqs[1]:
+            freqs = freqs[0]
+        if len(args) <= 1 and self._own_rope(freqs, kwargs) and (thd or psp is None):
+            kwargs["rotary_pos_emb"] = None
+            if thd:
+                psp = SDPAParams(**{f.name: getattr(psp, f.name)
+                                    for f in dataclasses.fields(PackedSeqParams)})  # fmt: skip
+                psp.rotary_freqs = freqs
+            else:
+                psp = SDPAParams(qkv_format="sbhd", rotary_freqs=freqs)
+        if psp is not None:
+            kwargs["packed_seq_params"] = psp
         return super().forward(*args, **kwargs)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class _Rotary(torch.autograd.Function):
+    """`x * cos + rotate_half(x) * sin` (Megatron's non-interleaved RoPE, same ops and rounding)
+    saving only the shared cos/sin tables: the input gradient is
+    `g * cos + rotate_half^T(g * sin)` with `rotate_half^T([u1, u2]) = [u2, -u1]`."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(cos, sin)
+        return x * cos + _rotate_half(x) * sin
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple:
+        cos, sin = ctx.saved_tensors
+        u1, u2 = (grad * sin).chunk(2, dim=-1)
+        return grad * cos + torch.cat((u2, -u1), dim=-1), None, None
+
+
+def rope_tables(
+    freqs: torch.Tensor, lens: list[int] | None, cu_host: torch.Tensor | None, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of `freqs` in `dtype`: `[s, 1, 1, d]` for sbhd rows (`lens` None), or `[t, 1, d]`
+    at each packed token's position within its own sequence (thd), cached per micro-batch."""
+
+    def make(_: torch.Tensor) -> dict:
+        return {}
+
+    # one dict per micro-batch (thd: its host cu_seqlens) or per freqs tensor (sbhd)
+    tables = _cached("rope", cu_host if cu_host is not None else freqs, make)
+    key = (id(freqs), freqs._version, dtype)
+    hit = tables.get(key)
+    if hit is not None and hit[0]() is freqs:
+        return hit[1], hit[2]
+    f = freqs
+    if lens is not None:
+        pos = torch.cat([torch.arange(n) for n in lens]).to(freqs.device, non_blocking=True)
+        f = freqs.reshape(freqs.shape[0], -1).index_select(0, pos).unsqueeze(1)  # [t, 1, d]
+    cos, sin = torch.cos(f).to(dtype), torch.sin(f).to(dtype)
+    tables[key] = (weakref.ref(freqs), cos, sin)
+    return cos, sin
 
 
 @functools.lru_cache(maxsize=32)
@@ -244,7 +340,14 @@ class SDPAttention(torch.nn.Module):
         return self._attend(query, key, value, attention_mask, packed_seq_params, p)
 
     def _attend(self, query, key, value, attention_mask, packed_seq_params, p):
-        if packed_seq_params is not None and packed_seq_params.qkv_format == "thd":
+        thd = packed_seq_params is not None and packed_seq_params.qkv_format == "thd"
+        freqs = getattr(packed_seq_params, "rotary_freqs", None)
+        if freqs is not None:  # RoPE handed over by SDPASelfAttention
+            cu = packed_seq_params.cu_seqlens_q if thd else None
+            lens = packed_seqlens(cu) if thd else None
+            cos, sin = rope_tables(freqs, lens, cu, query.dtype)
+            query, key = _Rotary.apply(query, cos, sin), _Rotary.apply(key, cos, sin)
+        if thd:
             if attention_mask is not None:
                 raise ValueError("thd (packed_seq_params) takes no attention_mask")
             return self._attend_thd(query, key, value, packed_seq_params, p)

@@ -281,3 +281,55 @@ def test_convert_for_torch_spec_loads_and_matches_transformers(megatron_1proc, t
         out = out[..., : hf.config.vocab_size]
         ref = torch.cat([hf(x).logits for x in ids.split(lens, dim=1)], dim=1)
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_rotary_matches_megatron_and_gradcheck():
+    from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
+
+    from rlrt_megatron.megatron.attention import _Rotary, rope_tables
+
+    g = torch.Generator().manual_seed(6)
+    freqs = torch.randn(9, 1, 1, 8, generator=g, dtype=torch.float64)
+    x = torch.randn(9, 2, 3, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    cos, sin = rope_tables(freqs, None, None, torch.float64)
+    assert torch.equal(_Rotary.apply(x, cos, sin), _apply_rotary_pos_emb_bshd(x, freqs))
+    assert torch.autograd.gradcheck(_Rotary.apply, (x, cos, sin))
+    # thd: each packed token rotates by its position within its own sequence
+    lens = [5, 4]
+    cu = torch.tensor([0, 5, 9], dtype=torch.int32)
+    cos_t, sin_t = rope_tables(freqs, lens, cu, torch.float64)
+    pos = torch.tensor([0, 1, 2, 3, 4, 0, 1, 2, 3])
+    torch.testing.assert_close(cos_t, torch.cos(freqs[pos, 0]), rtol=0, atol=0)
+    assert rope_tables(freqs, lens, cu, torch.float64)[0] is cos_t  # once per micro-batch
+
+
+def test_torch_spec_applies_rope_itself(megatron_1proc, monkeypatch):
+    """Megatron's per-layer RoPE is bypassed (the core attention rotates q/k), also under
+    selective recomputation of the core attention."""
+    import megatron.core.transformer.attention as mattn
+
+    from rlrt_megatron.megatron.model import build_model
+
+    hf = tiny_config(vocab_size=VOCAB)
+    plain = build_model(hf, spec="torch")[0]
+    recompute = build_model(
+        hf, spec="torch", recompute_granularity="selective", recompute_modules=["core_attn"]
+    )[0]
+    assert recompute.decoder.layers[0].self_attention.checkpoint_core_attention
+    recompute.load_state_dict(plain.state_dict())
+
+    def boom(*a, **k):
+        raise AssertionError("megatron's RoPE ran")
+
+    monkeypatch.setattr(mattn, "apply_rotary_pos_emb", boom)
+    lens = [7, 9]
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randint(0, VOCAB, (1, 16), generator=g)
+    w = torch.randn(1, 16, 512, generator=g)
+    pos = torch.cat([torch.arange(n) for n in lens])[None]
+    for m in (plain, recompute):
+        (m(ids, pos, attention_mask=None, packed_seq_params=_thd(lens)) * w).sum().backward()
+        (m(ids[:, :7], pos[:, :7], attention_mask=None) * w[:, :7]).sum().backward()
+    ref = dict(plain.named_parameters())
+    for name, p in recompute.named_parameters():
+        torch.testing.assert_close(p.grad, ref[name].grad, atol=1e-6, rtol=1e-5, msg=name)
