@@ -10,7 +10,10 @@ Cases (`--cases`, default all; `te*` skip with a reason when Transformer Engine 
     hf      transformers `Qwen3ForCausalLM`, attn_implementation="sdpa", bf16 params,
             `model(ids, labels=ids)` (transformers' causal-LM loss), `torch.optim.AdamW`
             (fused on CUDA; states in the params' dtype): what a user gets with plain
-            transformers. The ratio column is relative to this row.
+            transformers. The ratio column is relative to this row. Pure bf16 weights:
+            an Adam update below bf16's resolution (lr 1e-6) is lost.
+    hf-amp  the same with fp32 params, `torch.autocast(bf16)` and fp32 AdamW (what the
+            transformers Trainer does with bf16=True): fp32 master weights like Megatron's.
     local   Megatron local spec (dense `[s, s]` attention scores; the CPU-test spec)
     torch   Megatron torch spec (PyTorch SDPA flash attention; `megatron/attention.py`)
     te      Megatron Transformer Engine spec, bf16
@@ -27,7 +30,8 @@ tokens (Megatron: response = tokens 1..seq-1). `--no-optimizer` times forward + 
 Memory: peak allocated bytes during the case minus what was allocated before it (leftovers of
 earlier cases do not count), so static memory differs between rows: Megatron keeps fp32
 gradients, fp32 main params and fp32 Adam states (~16 bytes/param more than bf16 params) where
-the hf row's AdamW keeps bf16 states (~6 bytes/param).
+the hf row's AdamW keeps bf16 states (~6 bytes/param; hf-amp: fp32 params, grads and states,
+16 bytes/param).
 
 MFU = achieved model FLOP/s / dense bf16 peak of the GPU (`--peak-tflops` for unknown GPUs), with
 the count of issue 12 (PaLM): FLOPs/token = 6 * N + 12 * layers * hidden * seq, N = non-embedding
@@ -45,7 +49,7 @@ import socket
 import time
 
 PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "H20": 148.0, "A100": 312.0, "B200": 2250.0}
-CASES = ("hf", "local", "torch", "te", "te-fp8")
+CASES = ("hf", "hf-amp", "local", "torch", "te", "te-fp8")
 
 
 def _peak_bf16(name: str, override: float | None) -> float | None:
@@ -127,26 +131,35 @@ def _time(step, args, meter) -> float:
     return (time.perf_counter() - t0) / args.steps
 
 
-def run_hf(hf, args, device) -> tuple[float, float | None]:
+def run_hf(hf, args, device, amp: bool) -> tuple[float, float | None]:
+    import contextlib
     import copy
 
     import torch
     from transformers import Qwen3ForCausalLM
 
     meter = _Meter(device)
-    with torch.device(device):  # created in bf16 on the device: no fp32 copy on the way
+    dtype = torch.float32 if amp else torch.bfloat16
+    with torch.device(device):  # created in its dtype on the device: no extra copy on the way
         model = Qwen3ForCausalLM._from_config(
-            copy.deepcopy(hf), attn_implementation="sdpa", dtype=torch.bfloat16
+            copy.deepcopy(hf), attn_implementation="sdpa", dtype=dtype
         )
-    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in model.parameters()} == {dtype}
     model.train()
     opt = None
     if args.optimizer:
         opt = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=device.type == "cuda")
     ids = _tokens(hf, args, device)
+    autocast = (
+        (lambda: torch.autocast(device.type, dtype=torch.bfloat16))
+        if amp
+        else contextlib.nullcontext
+    )
 
     def step():
-        model(input_ids=ids, labels=ids).loss.backward()
+        with autocast():
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
         if opt is not None:
             opt.step()
         model.zero_grad(set_to_none=True)
@@ -243,8 +256,8 @@ def main() -> None:
             print(f"# {case}: skipped, transformer_engine is not importable (gpu extra)")
             continue
         try:
-            if case == "hf":
-                dt, mem = run_hf(hf, args, device)
+            if case.startswith("hf"):
+                dt, mem = run_hf(hf, args, device, amp=case == "hf-amp")
             else:
                 dt, mem = run_megatron(case, hf, args, device)
         except Exception as e:  # one failing case (e.g. an FP8 recipe) keeps the others

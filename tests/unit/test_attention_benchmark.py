@@ -1,5 +1,5 @@
 """benchmarks/train_throughput.py runs end to end on CPU (tiny shape, one timed step): the hf
-anchor row and the local / torch Megatron rows train through the real code paths."""
+anchor rows and the local / torch Megatron rows train through the real code paths."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def test_train_throughput_cpu_smoke(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = {r["case"]: r for r in json.loads(out.read_text())["results"]}
-    assert set(rows) == {"hf", "local", "torch"}, proc.stdout  # te rows skip without TE
+    assert set(rows) == {"hf", "hf-amp", "local", "torch"}, proc.stdout  # te rows skip without TE
     assert all(r["tokens_per_s"] > 0 for r in rows.values())
     assert "skipped, transformer_engine is not importable" in proc.stdout
     assert "vs hf" in proc.stdout
