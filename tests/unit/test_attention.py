@@ -333,3 +333,20 @@ def test_torch_spec_applies_rope_itself(megatron_1proc, monkeypatch):
     ref = dict(plain.named_parameters())
     for name, p in recompute.named_parameters():
         torch.testing.assert_close(p.grad, ref[name].grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_policy_response_logprobs_torch_spec(megatron_1proc):
+    """The logprobs phase (student + teacher views, top-k) agrees between the specs."""
+    seqs, starts = _rollouts()
+    prompts = [s[:r] for s, r in zip(seqs, starts, strict=True)]
+    responses = [s[r:] for s, r in zip(seqs, starts, strict=True)]
+    prefixes = [[1, 2, 3] + p if i % 2 else None for i, p in enumerate(prompts)]
+    out = {}
+    for spec in ("local", "torch"):
+        policy = _policy(spec, torch.float32)
+        out[spec] = policy.response_logprobs(prompts, responses, prefixes, token_budget=32, topk=4)
+    for view in (0, 1):
+        ref, got = out["local"][view], out["torch"][view]
+        assert torch.equal(got.mask, ref.mask)
+        for name in ("logprobs", "entropy", "topk_logprobs"):
+            torch.testing.assert_close(getattr(got, name), getattr(ref, name), atol=1e-5, rtol=0)
