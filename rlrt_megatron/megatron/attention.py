@@ -2,37 +2,40 @@
 
 Megatron's `local` spec attends through `DotProductAttention`, which materialises the
 `[b, heads, s, s]` score matrix (and our packing adds a dense `[s, s]` block-causal mask): fine
-for CPU tests, quadratic in memory and time on a GPU. `model.spec=torch` keeps every module and
-parameter name of the local spec (the converter's table, `convert/mapping.py`, applies
-unchanged) and swaps two things:
+for CPU tests, quadratic in memory and time on a GPU. `model.spec=torch` keeps every parameter
+and name of the local spec (the converter's table, `convert/mapping.py`, applies unchanged) and
+swaps three modules:
 
 * core attention -> :class:`SDPAttention`: `torch.nn.functional.scaled_dot_product_attention`
   (flash / memory-efficient kernels on CUDA), causal via `is_causal=True`, never an `[s, s]`
   mask. Packed rows arrive as `thd` (`packed_seq_params.cu_seqlens_q`, one row per
-  micro-batch, like Transformer Engine): every sequence of the row gets its own causal SDPA call,
-  so tokens never see another sequence and nothing quadratic in the *row* length exists.
-  :class:`SDPASelfAttention` (Megatron's `SelfAttention`, same parameters) copies `cu_seqlens`
-  to the host once per micro-batch, so neither the per-sequence split nor Megatron's thd RoPE
-  syncs with the GPU in every layer.
+  micro-batch, like Transformer Engine): every sequence of the row gets its own causal SDPA
+  call, so tokens never see another sequence and nothing is quadratic in the *row* length.
+* self attention -> :class:`SDPASelfAttention` (Megatron's `SelfAttention`, unchanged
+  parameters): copies `cu_seqlens` to the host once per micro-batch (no per-layer host syncs
+  in the per-sequence split or in Megatron's thd RoPE) and hands RoPE to the core attention,
+  which rotates q and k with cos/sin tables built once per micro-batch for all layers and
+  saves only those tables for backward (:class:`_Rotary`).
 * norms -> :class:`TorchNorm`: `torch.nn.RMSNorm` / `LayerNorm` created in `params_dtype`.
   Megatron's `WrappedTorchNorm` creates fp32 weights; with bf16 activations torch's `rms_norm`
   then cannot use its fused kernel (it warns "Mismatch dtype between input and weight") and the
   trainer would need `Float16Module` to cast them. The final norm is built the same way.
 
-GQA: where SDPA's flash kernel takes grouped kv heads (CUDA, bf16/fp16, asked once per shape via
-`torch.backends.cuda.can_use_flash_attention`) they go to SDPA as they are (`enable_gqa=True`,
-no copy); otherwise (fp32, CPU) they are expanded with `repeat_interleave`, as the local spec
-does, so the efficient/math kernels can run (with `enable_gqa` SDPA would silently fall back to
-the math kernel, which materialises the scores). Query head `h` uses kv
-head `h // (heads / groups)` in both (Megatron's `linear_qkv` grouping).
+GQA: where SDPA's flash kernel takes grouped kv heads (CUDA, bf16/fp16; asked once per shape
+via `torch.backends.cuda.can_use_flash_attention`) they go to SDPA as they are
+(`enable_gqa=True`, no copy); otherwise (fp32, CPU) they are expanded with `repeat_interleave`,
+as the local spec does, so the efficient/math kernels can run (with `enable_gqa` and no flash,
+SDPA would silently take the math kernel, which materialises the scores). Query head `h` uses
+kv head `h // (heads / groups)` in both (Megatron's `linear_qkv` grouping).
 
-RoPE with `thd`: Megatron's `SelfAttention` rotates each packed sequence from position 0
-(`apply_rotary_pos_emb(..., cu_seqlens=...)`), the local spec's mask layout rotates by the row
-position; attention scores depend only on position differences within one sequence, so both
-give the same logits (up to rounding).
+RoPE positions: in `thd` each packed sequence is rotated from position 0 (as Megatron's thd
+RoPE does); the local spec's mask layout rotates by the row position. Attention scores depend
+only on position differences within one sequence, so both give the same logits (up to
+rounding; tests/unit/test_attention.py checks 1e-5 in fp32).
 
 Not supported (raise at construction): context parallelism, softmax types other than vanilla,
-sliding windows, attention bias.
+sliding windows, attention bias; sequence parallelism (torch norms). Interleaved, partial or
+yarn RoPE and inference contexts fall back to Megatron's own RoPE.
 """
 
 from __future__ import annotations

@@ -29,8 +29,13 @@ sampling code must mask them (``logits[..., true_vocab_size:] = -inf`` in the sh
 them). Use :func:`true_vocab_size` to read it from a model chunk.
 
 Parameter names are megatron's own (local spec: ``decoder.layers.0.self_attention.linear_qkv.
-weight``, ``...input_layernorm.weight``, ``decoder.final_layernorm.weight``, ...); the converter's
-mapping table relies on them.
+weight``, ``...input_layernorm.weight``, ``decoder.final_layernorm.weight``, ...; the ``torch``
+spec of ``megatron/attention.py`` has the same); the converter's mapping table relies on them.
+
+Layer specs (``model.spec``, :func:`resolve_spec`): ``local`` Megatron's pure-PyTorch modules
+(dense ``[s, s]`` attention; CPU tests), ``torch`` the same with PyTorch SDPA attention over packed
+sequences and params-dtype norms (GPUs without Transformer Engine), ``te`` Transformer Engine
+(clusters, FP8); ``auto`` picks te / torch / local by what this machine has.
 """
 
 from __future__ import annotations
@@ -58,9 +63,6 @@ __all__ = [
 
 SUPPORTED_MODEL_TYPES = ("qwen3", "llama")
 
-# Layer specs: `local` Megatron's pure-PyTorch modules (dense [s, s] attention; CPU tests),
-# `torch` the same modules with PyTorch SDPA attention and params-dtype norms (GPUs without
-# Transformer Engine; megatron/attention.py), `te` Transformer Engine (clusters, FP8).
 SPECS = ("local", "torch", "te")
 Spec = Literal["auto", "local", "torch", "te"]
 
