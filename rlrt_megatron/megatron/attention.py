@@ -16,10 +16,10 @@ swaps three modules:
   in the per-sequence split or in Megatron's thd RoPE) and hands RoPE to the core attention,
   which rotates q and k with cos/sin tables built once per micro-batch for all layers and
   saves only those tables for backward (:class:`_Rotary`).
-* norms -> :class:`TorchNorm`: `torch.nn.RMSNorm` / `LayerNorm` created in `params_dtype`.
-  Megatron's `WrappedTorchNorm` creates fp32 weights; with bf16 activations torch's `rms_norm`
-  then cannot use its fused kernel (it warns "Mismatch dtype between input and weight") and the
-  trainer would need `Float16Module` to cast them. The final norm is built the same way.
+* norms -> :class:`TorchNorm`: `torch.nn.RMSNorm` / `LayerNorm` created in `params_dtype`
+  (final norm included). Megatron's `WrappedTorchNorm` creates fp32 weights, which
+  `build_model` has to cast afterwards: with bf16 activations and fp32 weights torch's
+  `rms_norm` cannot use its fused kernel ("Mismatch dtype between input and weight").
 
 GQA: where SDPA's flash kernel takes grouped kv heads (CUDA, bf16/fp16; asked once per shape
 via `torch.backends.cuda.can_use_flash_attention`) they go to SDPA as they are

@@ -318,10 +318,10 @@ def build_model(
 
     Needs :func:`rlrt_megatron.platform.init_distributed` first with the same ``tp``/``pp``.
     Mirrors ``megatron.training.training.get_model``: pre/post process from ``parallel_state``,
-    TP attributes defaulted on every parameter, chunks moved to :func:`platform.device`. The
-    chunks are not wrapped (``spec="torch"`` creates every weight in ``params_dtype``; the local
-    spec's torch norms are fp32, which ``Float16Module`` would cast - at the price of fp32
-    logits, see ``megatron/forward.py``).
+    TP attributes defaulted on every parameter, chunks moved to :func:`platform.device` and
+    ``params_dtype`` (the local spec's torch norms are created in fp32; the torch spec creates
+    them in ``params_dtype``). The chunks are not wrapped in ``Float16Module`` (it would return
+    fp32 logits, see ``megatron/forward.py``).
     Each chunk gets ``true_vocab_size`` and ``padded_vocab_size`` attributes (module docstring).
     """
     from megatron.core import parallel_state, tensor_parallel
