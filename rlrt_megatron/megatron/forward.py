@@ -153,12 +153,16 @@ def lm_head_weight(model: torch.nn.Module) -> torch.Tensor:
 
 
 def _attention_layout(model: torch.nn.Module, layout: AttentionLayout) -> str:
+    """`layout`, or for "auto" what the model's core attention takes: the local spec's
+    `DotProductAttention` rejects `PackedSeqParams` and needs a dense `[b, 1, s, s]` mask
+    ("mask"); Transformer Engine and the `torch` spec's `SDPAttention` attend within the
+    `cu_seqlens` segments of one long row ("thd", nothing quadratic in the row length; TE would
+    also ignore a mask under a causal mask type)."""
     if layout != "auto":
         return layout
     gpt = unwrap_model(model)
-    core = gpt.decoder.layers[0].self_attention.core_attention if len(gpt.decoder.layers) else None
-    # The local spec's DotProductAttention rejects PackedSeqParams but takes a [b, 1, s, s] mask;
-    # Transformer Engine takes cu_seqlens (thd) and would ignore the mask under a causal type.
+    layers = gpt.decoder.layers
+    core = layers[0].self_attention.core_attention if len(layers) else None
     return "mask" if core is None or type(core).__name__ == "DotProductAttention" else "thd"
 
 

@@ -180,11 +180,15 @@ class Policy:
     def _layout(self, longest: int, token_budget: int) -> tuple[int, int]:
         """(tokens per packed row, rows per micro-batch) for `megatron/forward.py`.
 
-        Transformer Engine (`spec=te`) attends within packed sequences (thd): one long row of
-        up to `token_budget` tokens. The local spec uses a dense block-causal mask, quadratic in
-        the row length: rows as long as the longest sequence, `token_budget // longest` rows per
-        micro-batch (the unpacked cost, 20-30x faster on the tiny demo than 2k-token rows)."""
-        if self.spec == "te":
+        Transformer Engine (`spec=te`) and the SDPA spec (`spec=torch`) attend within packed
+        sequences (thd): one long row of up to `token_budget` tokens. The local spec uses a dense
+        block-causal mask, quadratic in the row length: rows as long as the longest sequence,
+        `token_budget // longest` rows per micro-batch (the unpacked cost, 20-30x faster on the
+        tiny demo than 2k-token rows). The layout is read from the model (`spec=auto` resolves
+        when the model is built)."""
+        from rlrt_megatron.megatron.forward import _attention_layout
+
+        if _attention_layout(self.model[0], "auto") == "thd":
             return max(token_budget, longest), 1
         return longest, max(1, token_budget // longest)
 
