@@ -376,16 +376,13 @@ class SDPAttention(torch.nn.Module):
                 f"cu_seqlens cover {sum(lens)} tokens but the packed row has {query.shape[0]}"
             )
         # [t, h, d] -> [1, h, t, d] views; each sequence is a causal SDPA call of its own
+        # (empty segments are skipped: fused kernels reject zero-length sequences)
         q, k, v = (x.transpose(0, 1).unsqueeze(0) for x in (query, key, value))
         if len(lens) == 1:
             outs = [sdpa(q, k, v, scale=self.scale, dropout_p=p)]
         else:
-            outs = [
-                sdpa(qi, ki, vi, scale=self.scale, dropout_p=p)
-                for qi, ki, vi in zip(
-                    q.split(lens, dim=2), k.split(lens, dim=2), v.split(lens, dim=2), strict=True
-                )
-            ]
+            parts = zip(lens, *(x.split(lens, dim=2) for x in (q, k, v)), strict=True)
+            outs = [sdpa(qi, ki, vi, scale=self.scale, dropout_p=p) for n, qi, ki, vi in parts if n]
         # [1, h, n, d] -> [n, h, d] per sequence, back to back -> [t, h * d]
         outs = [o.squeeze(0).transpose(0, 1) for o in outs]
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)

@@ -100,6 +100,9 @@ def test_packed_thd_logits_match_local_block_mask(megatron_1proc):
         mask = block_causal_mask(lens[:-1], sum(lens))[None, None]
         ref = local(ids, pos, attention_mask=mask)
         out = sdpa(ids, pos, attention_mask=None, packed_seq_params=_thd(lens))
+        # an empty segment in cu_seqlens changes nothing
+        empty = sdpa(ids, pos, attention_mask=None, packed_seq_params=_thd([9, 0, 7, 1, 5, 2]))
+        torch.testing.assert_close(empty, out, atol=0, rtol=0)
         # each sequence alone gives the same logits: nothing leaks between packed sequences
         alone = torch.cat(
             [sdpa(x, torch.arange(x.shape[1])[None], attention_mask=None)
