@@ -377,7 +377,11 @@ class SDPAttention(torch.nn.Module):
             )
         # [t, h, d] -> [1, h, t, d] views; each sequence is a causal SDPA call of its own
         # (empty segments are skipped: fused kernels reject zero-length sequences)
-        q, k, v = (x.transpose(0, 1).unsqueeze(0) for x in (query, key, value))
+        # Contiguous first: key/value arrive as strided views of Megatron's fused qkv, and on the
+        # H200 (torch 2.11) flash with grouped kv heads gave a different result for such views
+        # than for the same sequence attended alone (tests/gpu/test_torch_spec_gpu.py); the copy
+        # is O(t * heads * d), small next to the attention itself.
+        q, k, v = (x.contiguous().transpose(0, 1).unsqueeze(0) for x in (query, key, value))
         if len(lens) == 1:
             outs = [sdpa(q, k, v, scale=self.scale, dropout_p=p)]
         else:
