@@ -3,81 +3,21 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
 
+from rlrt_megatron.eval.cli_common import (
+    add_model_args,
+    add_prompt_args,
+    device_dtype,
+    instruction_for,
+    make_console,
+    template_kwargs,
+    user_errors,
+)
+
 logger = logging.getLogger(__name__)
-
-
-# --------------------------------------------------------------------------- shared helpers
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--hf-config",
-        default=None,
-        help="HF config + tokenizer directory for a Megatron checkpoint (default: found next to "
-        "it or from the run's config)",
-    )
-    p.add_argument("--device", default=None, help="torch device (default: cuda if available)")
-    p.add_argument("--dtype", default=None, help="fp32 | bf16 | fp16 (default: fp32 on CPU)")
-
-
-def _add_prompt_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--instruction",
-        default=None,
-        help="appended to each problem (default: the training run's data.instruction for a "
-        "trainer checkpoint, else the \\boxed{} instruction)",
-    )
-    p.add_argument("--system-prompt", default=None, help="optional system message")
-    p.add_argument(
-        "--no-chat-template",
-        action="store_true",
-        help="plain-text prompt `{problem}\\n{instruction}\\n` (base models without a template)",
-    )
-    p.add_argument(
-        "--chat-template-kwargs",
-        default="{}",
-        help="JSON for apply_chat_template, e.g. '{\"enable_thinking\": false}'",
-    )
-
-
-def _device_dtype(args: argparse.Namespace):
-    import torch
-
-    from rlrt_megatron.convert.io import parse_dtype
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = parse_dtype(args.dtype) or (torch.float32 if device == "cpu" else torch.bfloat16)
-    return device, dtype
-
-
-def _instruction(args: argparse.Namespace, train_config: dict | None) -> str:
-    from rlrt_megatron.data.templates import DEFAULT_INSTRUCTION
-
-    if args.instruction is not None:
-        return args.instruction
-    if train_config and isinstance(train_config.get("data"), dict):
-        return str(train_config["data"].get("instruction", DEFAULT_INSTRUCTION))
-    return DEFAULT_INSTRUCTION
-
-
-def _template_kwargs(args: argparse.Namespace) -> dict:
-    try:
-        kw = json.loads(args.chat_template_kwargs)
-    except ValueError as e:
-        raise SystemExit(f"--chat-template-kwargs: not valid JSON ({e})") from e
-    if not isinstance(kw, dict):
-        raise SystemExit("--chat-template-kwargs: must be a JSON object")
-    return kw
-
-
-def _console():
-    from rich.console import Console
-
-    c = Console()
-    return c if c.is_terminal else Console(width=160)
 
 
 # --------------------------------------------------------------------------- rlrt eval
@@ -94,7 +34,7 @@ def _make_engine(args: argparse.Namespace, hf_dir: Path):
     if args.engine == "local":
         from rlrt_megatron.rollout.local import LocalEngine
 
-        device, dtype = _device_dtype(args)
+        device, dtype = device_dtype(args)
         engine = LocalEngine(
             hf_dir, device=device, dtype=dtype, seed=args.seed, max_batch_rows=args.batch_rows
         )
@@ -113,25 +53,6 @@ def _make_engine(args: argparse.Namespace, hf_dir: Path):
     return engine, AutoTokenizer.from_pretrained(str(hf_dir))
 
 
-def user_errors(fn):
-    """Run a command; input errors (a bad benchmark file, a results file that cannot be
-    resumed, a missing checkpoint) print their message, without a traceback, and exit 2."""
-    import functools
-
-    @functools.wraps(fn)
-    def run(args: argparse.Namespace) -> int:
-        from rlrt_megatron.eval.benchmarks import BenchmarkError
-        from rlrt_megatron.eval.runner import ResumeError
-
-        try:
-            return fn(args)
-        except (BenchmarkError, ResumeError, FileNotFoundError) as e:
-            print(f"rlrt {args.command}: error: {e}", file=sys.stderr)
-            return 2
-
-    return run
-
-
 @user_errors
 def cmd_eval(args: argparse.Namespace) -> int:
     """Sample k answers per problem, score them with math-verify and report avg@k and pass@k
@@ -145,7 +66,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from rlrt_megatron.eval.runner import EvalSettings, evaluate, read_results
     from rlrt_megatron.reward.math import MathReward
 
-    console = _console()
+    console = make_console()
     benches = load_benchmarks(
         args.benchmarks,
         data_dir=args.data_dir,
@@ -166,10 +87,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         seed=args.seed,
         model=str(Path(args.ckpt).resolve()),
-        instruction=_instruction(args, model.train_config),
+        instruction=instruction_for(args, model.train_config),
         system_prompt=args.system_prompt,
         use_chat_template=not args.no_chat_template,
-        chat_template_kwargs=_template_kwargs(args),
+        chat_template_kwargs=template_kwargs(args),
     )
     settings.validate()
     _, done = read_results(results, settings)
@@ -274,8 +195,8 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sglang-tp", type=int, default=1)
     p.add_argument("--sglang-servers", type=int, default=1)
     p.add_argument("--sglang-mem-fraction", type=float, default=0.85)
-    _add_model_args(p)
-    _add_prompt_args(p)
+    add_model_args(p)
+    add_prompt_args(p)
     p.set_defaults(func=cmd_eval)
 
 
@@ -293,7 +214,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_eval_args(e)
     try:
-        from rlrt_megatron.eval.analyze import add_analyze_args, cmd_analyze
+        from rlrt_megatron.eval.analyze_cli import add_analyze_args, cmd_analyze
     except ImportError:  # pragma: no cover - analyze not importable: eval still works
         return
     a = subparsers.add_parser(

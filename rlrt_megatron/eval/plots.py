@@ -13,6 +13,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 
+from rlrt_megatron.eval.analyze import POSITION_KINDS, token_text  # noqa: E402
+
 DPI = 130
 C_CORRECT, C_WRONG = "#1b9e77", "#d95f02"
 C_EXPLORE, C_EXPLOIT = "#7570b3", "#e7298a"
@@ -41,8 +43,6 @@ def _pick_traces(rollouts: Sequence[Any], n: int) -> list[Any]:
 
 def plot_delta_traces(rollouts: Sequence[Any], tokenizer: Any, path: Path, n: int = 3) -> Path:
     """Delta_t along up to `n` rollouts, with the max-Delta and min-Delta tokens marked."""
-    from rlrt_megatron.eval.analyze import token_text
-
     picked = _pick_traces(rollouts, n)
     fig, axes = plt.subplots(max(1, len(picked)), 1, figsize=(10, 2.8 * max(1, len(picked))))
     axes = [axes] if not hasattr(axes, "__len__") else list(axes)
@@ -151,8 +151,6 @@ def plot_explore_exploit(delta: dict[str, Any], path: Path) -> Path:
 
 def plot_reflection(refl: dict[str, Any], path: Path) -> Path:
     """flipR / flipW (%) per insertion position, with the group sizes."""
-    from rlrt_megatron.eval.analyze import POSITION_KINDS
-
     names = {
         "max_delta": "max-Δ position",
         "random": "random position",

@@ -129,7 +129,7 @@ class Policy:
         (same TP/PP sharding; a deepcopy cannot copy process groups) holding a copy of the
         policy's weights, frozen. Memory: one more copy of this rank's parameter shards."""
         from rlrt_megatron.megatron.model import build_model
-        from rlrt_megatron.trainer.checkpoint import rng_state, set_rng_state
+        from rlrt_megatron.megatron.rng import rng_state, set_rng_state
 
         state = rng_state()  # building must not move the RNG streams of the run
         teacher = build_model(

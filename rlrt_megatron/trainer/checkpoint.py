@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import shutil
 import signal
@@ -34,6 +33,7 @@ import torch
 
 from rlrt_megatron.convert.io import copy_hf_metadata
 from rlrt_megatron.convert.load import model_sharded_state_dict, unwrap
+from rlrt_megatron.megatron.rng import rng_state, set_rng_state
 
 ITER_RE = re.compile(r"^iter_(\d{7})$")
 LATEST = "latest"
@@ -79,41 +79,6 @@ def write_atomic(path: str, text: str) -> None:
 
 
 # ---- RNG ----------------------------------------------------------------------------------
-
-
-def rng_state() -> dict[str, Any]:
-    """Every RNG this process uses, including Megatron's model-parallel tracker."""
-    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    try:
-        import numpy as np
-
-        state["numpy"] = np.random.get_state()
-    except ImportError:  # pragma: no cover - numpy is a dependency
-        pass
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    try:
-        from megatron.core import tensor_parallel
-
-        state["megatron_tracker"] = tensor_parallel.get_cuda_rng_tracker().get_states()
-    except Exception:  # noqa: BLE001 - no tracker initialised (tools, unit tests)
-        pass
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
-    if "numpy" in state:
-        import numpy as np
-
-        np.random.set_state(state["numpy"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-    if "megatron_tracker" in state:
-        from megatron.core import tensor_parallel
-
-        tensor_parallel.get_cuda_rng_tracker().set_states(state["megatron_tracker"])
 
 
 # ---- sharded state ------------------------------------------------------------------------

@@ -125,7 +125,7 @@ def _with_last(it: Iterable) -> Iterator[tuple[object, bool]]:
     yield prev, True
 
 
-# ----------------------------------------------------------------------------- the engine
+# ----------------------------------------------------------------------------- sync modes
 
 
 class WeightSync:
