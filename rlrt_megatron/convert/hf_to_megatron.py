@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from rlrt_megatron.convert import io, mapping
+from rlrt_megatron.megatron.model import gpt_model_kwargs_from_hf
 
 logger = logging.getLogger(__name__)
 
@@ -55,9 +56,16 @@ def check_hf_tensors(
 
 
 def inspect_hf_dir(hf_dir: str | Path) -> tuple[mapping.ModelShape, dict[str, Path]]:
-    """Validate an HF directory (architecture, tensor names and shapes) from headers only."""
+    """Validate an HF directory (architecture, RoPE settings the loader accepts, tensor names and
+    shapes) from config.json and the safetensors headers only."""
     config = io.read_hf_config(hf_dir)
     shape = mapping.model_shape(config)
+    try:
+        # what the loader would refuse (e.g. llama3 RoPE scaling that megatron-core cannot
+        # express) is refused here, before any conversion work
+        gpt_model_kwargs_from_hf(config)
+    except ValueError as e:
+        raise ValueError(f"{Path(hf_dir) / 'config.json'}: {e}") from None
     index = io.safetensors_index(hf_dir)
     check_hf_tensors(shape, io.safetensors_shapes(index), str(hf_dir))
     return shape, index
