@@ -6,7 +6,6 @@ import dataclasses
 import math
 import subprocess
 import sys
-from typing import NamedTuple
 
 import pytest
 import torch
@@ -316,24 +315,22 @@ def test_prepared_select() -> None:
     assert a.normalizers() == (float(make_batch().mask[[1, 3]].sum()), 2.0)
 
 
-class _MegatronTopK(NamedTuple):  # the field order of megatron.logprobs.TopKLogprobs
-    ids: torch.Tensor
-    student_logprobs: torch.Tensor
-    teacher_logprobs: torch.Tensor
-    teacher_entropy: torch.Tensor
-    full_kl: torch.Tensor | None
-
-
 @pytest.mark.parametrize("name", ["sdpo", "srpo"])
 def test_topk_accepts_named_objects_and_tuples(name: str) -> None:
+    from rlrt_megatron.megatron.logprobs import TopKLogprobs  # what the trainer passes
+
     batch = make_batch()
     algo = get_algorithm(name)
     prepared = algo.prepare(batch)
     tk = make_topk(B)
     ref, _ = algo.loss(batch.old_logprobs, prepared, topk=tk)
     ids = torch.zeros(B, T, K, dtype=torch.long)
-    mega = _MegatronTopK(
-        ids, tk.student_topk_logprobs, tk.teacher_topk_logprobs, tk.teacher_entropy, None
+    mega = TopKLogprobs(
+        ids=ids,
+        student_logprobs=tk.student_topk_logprobs,
+        teacher_logprobs=tk.teacher_topk_logprobs,
+        teacher_entropy=tk.teacher_entropy,
+        full_kl=None,
     )
     for form in (mega, tuple(tk)):
         got, _ = algo.loss(batch.old_logprobs, prepared, topk=form)
