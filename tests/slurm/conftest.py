@@ -13,7 +13,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from cluster import SHARED_ROOT, ClusterError, LocalCluster  # noqa: E402
+from cluster import NOT_TESTED, SHARED_ROOT, ClusterError, LocalCluster  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -50,3 +50,23 @@ def pytest_runtest_makereport(item, call):  # noqa: ANN001 - keep a failed test'
         item.rep_failed = rep.failed
     elif rep.failed:
         item.rep_failed = True
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):  # noqa: ANN001, ARG001
+    """Repeat, after everything else, each Slurm-tier test that was skipped and why, so a skip
+    (e.g. of the SSH-tunnel test when openssh-server cannot be installed) cannot go unseen."""
+    lines = []
+    for rep in terminalreporter.stats.get("skipped", []):
+        if "tests/slurm/" not in rep.nodeid.replace(os.sep, "/"):
+            continue
+        reason = rep.longrepr[2] if isinstance(rep.longrepr, tuple) else str(rep.longrepr)
+        lines.append(f"{rep.nodeid}: {reason.removeprefix('Skipped: ')}")
+    if not lines:
+        return
+    terminalreporter.write_sep("=", f"slurm tier: {len(lines)} test(s) did NOT run")
+    for line in lines:
+        terminalreporter.write_line(line, yellow=NOT_TESTED in line)
+    log = os.environ.get("RLRT_CI_SKIP_LOG")
+    if log:
+        with open(log, "a") as f:
+            f.writelines(f"SKIPPED {line}\n" for line in lines)

@@ -12,7 +12,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from cluster import SHARED_ROOT
+from cluster import NOT_TESTED, SHARED_ROOT
 
 pytestmark = pytest.mark.slurm
 
@@ -368,7 +368,11 @@ def sshd(cluster, tmp_path_factory):
         cmd = ["apt-get", "install", "-y", "-q", "--no-install-recommends", "openssh-server"]
         p = subprocess.run(cmd, env=env, capture_output=True, timeout=600)
         if p.returncode != 0:
-            pytest.skip(f"openssh-server not installable: {p.stderr.decode()[-500:]}")
+            pytest.skip(
+                f"{NOT_TESTED} openssh-server could not be installed (apt-get exit "
+                f"{p.returncode}), so nemo-run's SSH-tunnel submission was not exercised; "
+                f"apt-get said: {p.stderr.decode(errors='replace')[-300:].strip()}"
+            )
     d = tmp_path_factory.mktemp("sshd")
     for key in ("host_key", "client_key"):
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / key)],
@@ -388,7 +392,10 @@ def sshd(cluster, tmp_path_factory):
     try:
         wait_for(lambda: proc.poll() is not None or _listening(port), 30, "sshd")
         if proc.poll() is not None:
-            pytest.skip(f"sshd did not start: {(d / 'sshd.log').read_text()[-500:]}")
+            pytest.skip(
+                f"{NOT_TESTED} sshd did not start, so nemo-run's SSH-tunnel submission was not "
+                f"exercised; its log: {(d / 'sshd.log').read_text()[-300:].strip()}"
+            )
         yield {"port": port, "key": str(d / "client_key")}
     finally:
         proc.terminate()
