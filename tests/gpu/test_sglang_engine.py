@@ -5,7 +5,8 @@
 Checks, on one GPU: launch + health, batched generate with behaviour log-probs close to
 transformers' log-probs of the same tokens, colocated weight sync (CUDA IPC, flattened
 buckets) with version check and parameter sample check, the disk fallback, memory
-release/resume, and restart-once after killing the server's process group.
+release/resume, and restart-once after killing the server's process group. Every sync is
+checked by the log-probs served afterwards (those of the pushed weights, not the initial ones).
 """
 
 from __future__ import annotations
@@ -101,34 +102,56 @@ def test_generate_logprobs_match_transformers(engine, tiny_model_dir):
 
 
 def test_tensor_sync_version_and_check(engine, tiny_model_dir):
-    from rlrt_megatron.rollout.base import GenerateRequest, SamplingParams
-
     weights = _hf_weights(tiny_model_dir, scale=1.5)
     stats = engine.update_weights(iter(weights), version=1)
     print(f"tensor sync: {stats}")
     assert engine.weight_version == 1 and stats["buckets"] >= 1
-    out = engine.generate([GenerateRequest([1, 2, 3], "x")], SamplingParams(max_new_tokens=8))
+    _assert_serves(engine, tiny_model_dir, weights, 1)
+
+
+def _assert_serves(engine, model_dir, weights, version: int) -> None:
+    """After a sync to `version`: a fresh sample's log-probs are those of `weights` (an fp32
+    transformers reference loaded with them), and clearly not those of the initial weights, so
+    a sync that reported the version without loading the tensors fails here."""
+    from rlrt_megatron.rollout.base import GenerateRequest, SamplingParams
+
+    prompt = [1, 5, 9, 20]
+    out = engine.generate(
+        [GenerateRequest(prompt, f"v{version}")], SamplingParams(max_new_tokens=16, seed=version)
+    )
     c = out[0][0]
-    assert c.weight_version == 1
-    ref = _hf_token_logprobs(tiny_model_dir, weights, [1, 2, 3], c.token_ids)
-    assert max(abs(a - b) for a, b in zip(ref, c.logprobs, strict=True)) < 0.1
+    assert c.weight_version == version and len(c.token_ids) > 0
+    got = torch.tensor(c.logprobs)
+    new = torch.tensor(_hf_token_logprobs(model_dir, weights, prompt, c.token_ids))
+    initial = torch.tensor(_hf_token_logprobs(model_dir, None, prompt, c.token_ids))
+    err, stale = (new - got).abs(), (initial - got).abs()
+    print(f"v{version}: |sglang - synced| max {err.max():.4f}, |sglang - initial| mean ", end="")
+    print(f"{stale.mean():.4f}")
+    assert err.max() < 0.1  # bf16 server vs fp32 reference
+    assert stale.mean() > 2 * err.mean(), "the served log-probs do not tell synced from initial"
 
 
 def test_release_resume_then_sync(engine, tiny_model_dir):
+    """Weights released (they hold garbage), then re-allocated and synced: the server must
+    serve exactly the pushed weights."""
     engine.release_memory()
     engine.resume_memory(["weights"])
-    engine.update_weights(iter(_hf_weights(tiny_model_dir, scale=0.5)), version=2)
+    weights = _hf_weights(tiny_model_dir, scale=0.5)
+    engine.update_weights(iter(weights), version=2)
     engine.resume_memory(["kv_cache"])
     assert engine.health()
+    _assert_serves(engine, tiny_model_dir, weights, 2)
 
 
 def test_disk_fallback(engine, tiny_model_dir, tmp_path):
+    weights = _hf_weights(tiny_model_dir, scale=0.75)
     engine.sync_mode, engine.sync_dir = "disk", str(tmp_path)
     try:
-        engine.update_weights(iter(_hf_weights(tiny_model_dir)), version=3)
+        engine.update_weights(iter(weights), version=3)
     finally:
         engine.sync_mode = "tensor"
     assert engine.servers[0].client.get_weight_version() == "3"
+    _assert_serves(engine, tiny_model_dir, weights, 3)
 
 
 def test_restart_after_kill(engine, tiny_model_dir):
