@@ -1,6 +1,6 @@
 """The rollout engine protocol: what the trainer, eval and every engine agree on.
 
-Engines: `local.py` (transformers, CPU, tests and demo) and `sglang.py` (SGLang servers, GPU).
+Engines: `local.py` (transformers, CPU, tests and demo) and `sglang/` (SGLang servers, GPU).
 """
 
 from __future__ import annotations
