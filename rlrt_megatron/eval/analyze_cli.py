@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from rlrt_megatron.data.templates import PromptTemplate
-from rlrt_megatron.eval import plots
+from rlrt_megatron.eval import cli_common, plots
 from rlrt_megatron.eval.analyze import (
     ANALYSES,
     REFLECTION_PHRASE,
@@ -21,15 +21,6 @@ from rlrt_megatron.eval.analyze import (
     jsd_analysis,
     reflection_injection,
     sample_rollouts,
-)
-from rlrt_megatron.eval.cli_common import (
-    add_model_args,
-    add_prompt_args,
-    device_dtype,
-    instruction_for,
-    make_console,
-    template_kwargs,
-    user_errors,
 )
 
 
@@ -66,8 +57,8 @@ def add_analyze_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--topk", default="1,5,10", help="k of the top-k overlap")
     p.add_argument("--reward-workers", type=int, default=2)
     p.add_argument("--reward-timeout", type=float, default=10.0)
-    add_model_args(p)
-    add_prompt_args(p)
+    cli_common.add_model_args(p)
+    cli_common.add_prompt_args(p)
 
 
 def _floats(text: str, what: str) -> list[float]:
@@ -104,7 +95,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     (teacher = the same model shown a correct peer solution) with explore/exploit tokens;
     reflection injection at max-Delta / random / min-Delta positions (flipR, flipW); JSD of the
     policy vs --base along its rollouts. Writes PNG plots and analysis.json to --out."""
-    return user_errors(_analyze)(args)
+    return cli_common.user_errors(_analyze)(args)
 
 
 def _analyze(args: argparse.Namespace) -> int:
@@ -113,7 +104,7 @@ def _analyze(args: argparse.Namespace) -> int:
     from rlrt_megatron.reward.math import MathReward
     from rlrt_megatron.rollout.local import LocalEngine
 
-    console = make_console()
+    console = cli_common.make_console()
     wanted = [a.strip() for a in args.analyses.split(",") if a.strip()]
     unknown = sorted(set(wanted) - set(ANALYSES))
     if unknown:
@@ -132,12 +123,12 @@ def _analyze(args: argparse.Namespace) -> int:
         limit=args.max_problems,
     )
     model = resolve_model(args.ckpt, out, args.hf_config)
-    device, dtype = device_dtype(args)
+    device, dtype = cli_common.device_dtype(args)
     template = PromptTemplate(
-        instruction=instruction_for(args, model.train_config),
+        instruction=cli_common.instruction_for(args, model.train_config),
         system_prompt=args.system_prompt,
         use_chat_template=not args.no_chat_template,
-        chat_template_kwargs=template_kwargs(args),
+        chat_template_kwargs=cli_common.template_kwargs(args),
     )
     engine = LocalEngine(model.hf_dir, device=device, dtype=dtype, seed=args.seed)
     tok = engine.tokenizer

@@ -32,58 +32,11 @@ Weight sync modes (`sync_mode`):
 Only the process that iterates the weights (the trainer's rank 0 of the sync) calls this.
 """
 
-from rlrt_megatron.rollout.sglang.client import (
-    GPU_EXTRA_HINT,
-    INITIAL_WEIGHT_VERSION,
-    RolloutServerCrashed,
-    Sample,
-    SGLangClient,
-    SGLangConnectionError,
-    SGLangError,
-    build_generate_payload,
-    expand_samples,
-    parse_generate_output,
-    require_sglang,
-    sampling_to_sglang,
-    sglang_available,
-)
-from rlrt_megatron.rollout.sglang.engine import SGLangEngine
-from rlrt_megatron.rollout.sglang.server import (
-    Server,
-    build_launch_command,
-    free_port,
-    start_server,
-    stop_server,
-    wait_until_healthy,
-)
-from rlrt_megatron.rollout.sglang.transport import (
-    WeightSync,
-    init_weight_transfer_group,
-    serialize_for_sglang,
-)
+# every public name of the four modules (each lists them in its __all__)
+from rlrt_megatron.rollout.sglang import client, engine, server, transport
+from rlrt_megatron.rollout.sglang.client import *  # noqa: F403
+from rlrt_megatron.rollout.sglang.engine import *  # noqa: F403
+from rlrt_megatron.rollout.sglang.server import *  # noqa: F403
+from rlrt_megatron.rollout.sglang.transport import *  # noqa: F403
 
-__all__ = [
-    "GPU_EXTRA_HINT",
-    "INITIAL_WEIGHT_VERSION",
-    "RolloutServerCrashed",
-    "SGLangClient",
-    "SGLangConnectionError",
-    "SGLangEngine",
-    "SGLangError",
-    "Sample",
-    "Server",
-    "WeightSync",
-    "build_generate_payload",
-    "build_launch_command",
-    "expand_samples",
-    "free_port",
-    "init_weight_transfer_group",
-    "parse_generate_output",
-    "require_sglang",
-    "sampling_to_sglang",
-    "serialize_for_sglang",
-    "sglang_available",
-    "start_server",
-    "stop_server",
-    "wait_until_healthy",
-]
+__all__ = [*client.__all__, *server.__all__, *transport.__all__, *engine.__all__]

@@ -20,6 +20,22 @@ from http.client import HTTPException
 from rlrt_megatron.rollout.base import Completion, GenerateRequest, SamplingParams
 from rlrt_megatron.rollout.weight_sync import WeightSyncError
 
+__all__ = [
+    "build_generate_payload",
+    "expand_samples",
+    "GPU_EXTRA_HINT",
+    "INITIAL_WEIGHT_VERSION",
+    "parse_generate_output",
+    "require_sglang",
+    "RolloutServerCrashed",
+    "Sample",
+    "sampling_to_sglang",
+    "sglang_available",
+    "SGLangClient",
+    "SGLangConnectionError",
+    "SGLangError",
+]
+
 GPU_EXTRA_HINT = "install the GPU extra on a CUDA machine: pip install -e '.[gpu]'"
 
 

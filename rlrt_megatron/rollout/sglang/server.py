@@ -19,6 +19,15 @@ from dataclasses import dataclass, field
 
 from rlrt_megatron.rollout.sglang.client import INITIAL_WEIGHT_VERSION, SGLangClient, SGLangError
 
+__all__ = [
+    "build_launch_command",
+    "free_port",
+    "Server",
+    "start_server",
+    "stop_server",
+    "wait_until_healthy",
+]
+
 
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:

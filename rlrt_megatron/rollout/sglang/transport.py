@@ -36,6 +36,12 @@ from rlrt_megatron.rollout.weight_sync import (
     write_hf_checkpoint,
 )
 
+__all__ = [
+    "init_weight_transfer_group",
+    "serialize_for_sglang",
+    "WeightSync",
+]
+
 
 def serialize_for_sglang(
     bucket: list[NamedTensor], flattened: bool = True
