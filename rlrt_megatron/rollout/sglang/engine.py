@@ -40,9 +40,7 @@ from rlrt_megatron.rollout.sglang.server import (
 from rlrt_megatron.rollout.sglang.transport import WeightSync, serialize_for_sglang
 from rlrt_megatron.rollout.weight_sync import NamedTensor, WeightSyncError, check_weight_version
 
-__all__ = [
-    "SGLangEngine",
-]
+__all__ = ["SGLangEngine"]
 
 
 class SGLangEngine(WeightSync):
