@@ -1,7 +1,7 @@
 """Save and restore every RNG stream of this process (python, numpy, torch, CUDA, and
 Megatron's model-parallel CUDA RNG tracker). Used by checkpoints (trainer/checkpoint.py, one file
-per rank) and by `Policy.make_teacher_copy` (megatron/train_step.py), which must build a model without moving the
-run's RNG streams."""
+per rank) and by `Policy.make_teacher_copy` (megatron/train_step.py), which must build a model
+without moving the run's RNG streams."""
 
 from __future__ import annotations
 
