@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from rlrt_megatron.config import ConfigError
 from rlrt_megatron.convert.io import copy_hf_metadata
 from rlrt_megatron.convert.load import model_sharded_state_dict, unwrap
 
@@ -195,10 +196,14 @@ def set_adam_step(optimizer: Any, step: float) -> None:
 # optimizer, since the plain optimizer stores its state the same way: one tensor per parameter
 # with the parameter's sharding). Loading reads the parameter's whole tensor and slices this
 # rank's range. The Adam step is not part of it (see `set_adam_step`).
+OPTIMIZER_FORMAT = "fully_reshardable"
 OPTIMIZER_METADATA = {
-    "distrib_optim_sharding_type": "fully_reshardable",
+    "distrib_optim_sharding_type": OPTIMIZER_FORMAT,
     "chained_optim_avoid_prefix": True,
 }
+
+
+PARAM_STATE_KIND = "param_state_sharding_type"
 
 
 def _load_optimizer_state(optimizer: Any, state: Any) -> None:
@@ -213,10 +218,11 @@ def _load_optimizer_state(optimizer: Any, state: Any) -> None:
     else:
         states = [v for _, v in sorted(state.items())] if isinstance(state, dict) else list(state)
     for opt, sd in zip(opts, states, strict=True):
-        if not (isinstance(sd, dict) and sd.get("param_state_sharding_type") == "fully_reshardable"):
+        kind = sd.get(PARAM_STATE_KIND) if isinstance(sd, dict) else None
+        if kind != "fully_reshardable":
             opt.load_state_dict(sd)
             continue
-        common = {k: v for k, v in sd.items() if k not in ("param_state", "param_state_sharding_type")}
+        common = {k: v for k, v in sd.items() if k not in ("param_state", PARAM_STATE_KIND)}
         opt.load_state_dict(common)  # param groups, the step, grad scaler
         inner = opt.optimizer.state
         steps = {p: st.pop("step") for p, st in inner.items() if "step" in st}
@@ -225,8 +231,9 @@ def _load_optimizer_state(optimizer: Any, state: Any) -> None:
             inner[p]["step"] = step
 
 
-class ResumeError(RuntimeError):
-    """A checkpoint cannot be resumed with this run's settings (the message says why)."""
+class ResumeError(ConfigError):
+    """A checkpoint cannot be resumed with this run's settings (the message says why; `rlrt
+    train` exits 2 with it)."""
 
 
 # Settings that change what one step computes: they must match on resume. The layout (TP, PP,
@@ -270,6 +277,14 @@ def check_layout(saved: dict | None, current: dict | None, path: str) -> str | N
             "optimizer steps per RL step). Resume with the saved batch settings, or start a new "
             "run (checkpoint.resume=none) initialised from this checkpoint's weights"
         )
+    a, b = saved.get("distributed_optimizer"), current.get("distributed_optimizer")
+    if a is not None and b is not None and a != b:
+        raise ResumeError(
+            f"checkpoint {path} was written with parallel.use_distributed_optimizer={a}, this run "
+            f"has {b}: the optimizer state formats differ (fp32 main params are kept only by the "
+            f"distributed optimizer); resume with parallel.use_distributed_optimizer={a} (any "
+            "TP / PP / DP layout works)"
+        )
     changed = [
         f"{k} {saved.get(k)} -> {current.get(k)}"
         for k in LAYOUT_KEYS
@@ -281,7 +296,11 @@ def check_layout(saved: dict | None, current: dict | None, path: str) -> str | N
 
 
 def _sharded_state(
-    model: Sequence[Any], optimizer: Any, teacher: Sequence[Any] | None, is_loading: bool
+    model: Sequence[Any],
+    optimizer: Any,
+    teacher: Sequence[Any] | None,
+    is_loading: bool,
+    optimizer_format: str = OPTIMIZER_FORMAT,
 ) -> dict:
     state = model_sharded_state_dict(model)
     if teacher is not None:
@@ -289,7 +308,9 @@ def _sharded_state(
     if optimizer is not None:
         model_only = model_sharded_state_dict(model)
         state["optimizer"] = optimizer.sharded_state_dict(
-            model_only, is_loading=is_loading, metadata=OPTIMIZER_METADATA
+            model_only,
+            is_loading=is_loading,
+            metadata={**OPTIMIZER_METADATA, "distrib_optim_sharding_type": optimizer_format},
         )
     return state
 
@@ -378,7 +399,11 @@ class Checkpointer:
         tmp = final + ".tmp"
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
         if optimizer is not None:
-            trainer_state = {**trainer_state, "optimizer_adam_step": adam_step(optimizer)}
+            trainer_state = {
+                **trainer_state,
+                "optimizer_adam_step": adam_step(optimizer),
+                "optimizer_format": OPTIMIZER_FORMAT,
+            }
         if layout is not None:
             trainer_state = {**trainer_state, "layout": dict(layout)}
         if _is_rank0():
@@ -432,8 +457,8 @@ class Checkpointer:
     ) -> dict[str, Any]:
         """Load model (+ teacher) and optimizer in place; return the trainer state.
 
-        The checkpoint may have been written at another layout (TP, PP, VPP, DP, with or without
-        the distributed optimizer): weights and optimizer state are resharded on load. With
+        The checkpoint may have been written at another layout (TP, PP, VPP, DP; the distributed
+        optimizer on or off as when saved): weights and optimizer state are resharded on load. With
         `layout` (this run's `layout_of`), a different global batch raises `ResumeError` before
         anything is loaded, and a layout change is reported through `log` (rank 0; default
         stderr).
@@ -447,7 +472,9 @@ class Checkpointer:
             (log or (lambda m: print(f"[rlrt] {m}", file=sys.stderr, flush=True)))(change)
         if optimizer is not None:
             _ensure_optimizer_state(optimizer)
-        state = _sharded_state(model, optimizer, teacher, is_loading=True)
+        # checkpoints from before the reshardable format: loadable at their own DP size only
+        fmt = trainer_state.get("optimizer_format", "dp_reshardable")
+        state = _sharded_state(model, optimizer, teacher, is_loading=True, optimizer_format=fmt)
         loaded = dist_checkpointing.load(state, os.path.join(path, "dist"))
         _load_model_state(model, loaded)
         if teacher is not None:
