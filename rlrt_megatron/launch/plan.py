@@ -392,8 +392,7 @@ def layout_problems(shape: ModelShape, lay: Layout) -> list[str]:
         out.append(f"{lay.nodes} node(s) with {lay.rollout_nodes} rollout node(s) leave no GPU")
     elif lay.world % (lay.tp * lay.pp):
         out.append(
-            f"{lay.world} GPU(s) is not a multiple of tp {lay.tp} x pp {lay.pp} = "
-            f"{lay.tp * lay.pp}"
+            f"{lay.world} GPU(s) is not a multiple of tp {lay.tp} x pp {lay.pp} = {lay.tp * lay.pp}"
         )
     if lay.tp > lay.gpus_per_node:
         out.append(f"tp {lay.tp} > {lay.gpus_per_node} GPU(s) per node")
@@ -441,11 +440,11 @@ def predict(
         static = st.weights + st.grads + st.optimizer + teacher
         train = static + max(acts + head, step_tmp) + sglang_w
         sample = static + sglang_all
+        opt_row = f"optimizer (distributed, 1/{dp})" if s.distributed_optimizer else "optimizer"
         rows = {
             "weights": st.weights,
             "gradients (fp32)": st.grads,
-            "optimizer" + (" (distributed, 1/%d)" % dp if s.distributed_optimizer else ""):
-                st.optimizer,
+            opt_row: st.optimizer,
             "teacher copy": teacher,
             f"activations ({tokens} tokens/micro-batch)": acts,
             "LM head / log-prob buffers": head,
