@@ -21,8 +21,9 @@ or the LM head), in the order it appears:
   probabilities; with PP > 1, 1F1B keeps PP micro-batches in flight on the first stage, each
   of L/PP layers, so the total is the same L layers' worth;
 * LM-head / log-prob buffers: the logits shard `[T, V/tp]` in the compute dtype (only response
-  positions are projected, bounded by T), its gradient written in place, and the chunked fp32
-  temporaries (`megatron/logprobs.py`: 3 x 256 MiB on GPU);
+  positions are projected, bounded by T), its gradient written in place, the chunked fp32
+  temporaries (`megatron/logprobs.py`: 3 x 256 MiB on GPU) and the LM head's `[V/tp, h]` weight
+  gradient before it is added to the fp32 grad buffer;
 * the optimizer step's temporaries: torch Adam's `sqrt(v)` over the whole shard (4 bytes per
   element; TE FusedAdam needs none), which exists only when activations do not;
 * colocated SGLang: its share of the weights (`bytes / sglang_tp`, bf16) stays on the GPU while
@@ -429,6 +430,7 @@ def predict(
         head = 0
         if stage == lay.pp - 1:
             head = tokens * v_local * pbytes + LOGPROB_CHUNK_TEMPS * LOGPROB_CHUNK_BYTES
+            head += v_local * shape.hidden * pbytes  # the LM head's weight grad before the add
             head += tokens * (s.topk + 1) * 4 * 2 if s.topk else 0
         step_tmp = 0 if s.fused_adam else st.optimizer_elements * 4
         teacher = st.weights if s.teacher_copy else 0
