@@ -61,6 +61,9 @@ def _submit(args: argparse.Namespace) -> int:
             identity=args.identity,
             dry_run=args.dry_run,
             mkdir=args.mkdir,
+            gpu=args.gpu,
+            gpu_mem_gib=args.gpu_mem_gib,
+            force=args.force,
             log=lambda m: print(m, file=sys.stderr if args.dry_run else sys.stdout),
         )
     except SlurmJobError as e:
@@ -150,6 +153,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument(
         "--dry-run", action="store_true", help="print the rendered script, submit nothing"
     )
+    s.add_argument("--gpu", default="h100-80gb",
+                   help=f"GPU kind for the memory check: {', '.join(GPU_MEMORY_GIB)}")  # fmt: skip
+    s.add_argument("--gpu-mem-gib", type=float, help="GPU memory in GiB (instead of --gpu)")
+    s.add_argument("--force", action="store_true",
+                   help="submit even if `rlrt plan` predicts it does not fit")  # fmt: skip
     s.add_argument("overrides", nargs="*", metavar="key=value", help="dotted recipe overrides")
     s.set_defaults(func=_submit)
 
