@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import subprocess
 import sys
 import time
 
@@ -166,11 +167,21 @@ def main() -> int:
     ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     ap.add_argument("--models", default="qwen3-0.6b,qwen3-1.7b", help="built-in shapes (cuda)")
     ap.add_argument("--tokens", default="4096,8192", help="token budgets per micro-batch")
-    ap.add_argument("--row-len", type=int, default=1024, help="tokens per sequence")
+    ap.add_argument("--row-len", default="1024", help="tokens per sequence (comma list)")
     args = ap.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         print("--device cuda: no GPU visible", file=sys.stderr)
         return 2
+    models, row_lens = args.models.split(","), [int(r) for r in args.row_len.split(",")]
+    if args.device == "cuda" and len(models) * len(row_lens) > 1:
+        # one process per model: nothing of the previous model stays allocated
+        for m in models:
+            for r in row_lens:
+                cmd = [sys.executable, os.path.abspath(__file__), "--device", "cuda",
+                       "--models", m, "--tokens", args.tokens, "--row-len", str(r)]  # fmt: skip
+                if subprocess.run(cmd).returncode != 0:
+                    return 1
+        return 0
     from rlrt_megatron import platform
 
     platform.init_distributed(1, 1, seed=0)
@@ -182,9 +193,10 @@ def main() -> int:
                 "model_type": "qwen3"}  # fmt: skip
         run("tiny", ModelShape.from_hf(tiny, "tiny"), [256, 512], 64, "cpu")
         return 0
-    for name in args.models.split(","):
-        run(name.replace(".", "_").replace("-", "_"), BUILTIN_SHAPES[name], budgets,
-            args.row_len, "cuda")  # fmt: skip
+    name = models[0].replace(".", "_").replace("-", "_")
+    if row_lens[0] != 1024:
+        name += f"_row{row_lens[0]}"
+    run(name, BUILTIN_SHAPES[models[0]], budgets, row_lens[0], "cuda")
     return 0
 
 

@@ -14,12 +14,13 @@ or the LM head), in the order it appears:
   are bf16; the distributed optimizer holds only this rank's 1/DP slice of the buffer;
 * the teacher copy (RLSD snapshot, SDPO/SRPO EMA): one more `P x b_param`;
 * activations of one micro-batch of `train.max_tokens_per_microbatch` tokens kept for backward
-  (no activation recompute: the trainer has none), per token and layer in bytes of the compute
-  dtype: `4h` (two norms' inputs and outputs) + `(nq + 2 nkv) d / tp` (q, k, v) + `(nq + nkv) d /
-  tp` (Qwen3's q/k-norm inputs) + `nq d / tp` (attention output) + `3 f / tp` (SwiGLU's gate, up
-  and product), plus, with the `local` spec's dense attention, `nq / tp x row_len` softmax
-  probabilities; with PP > 1, 1F1B keeps PP micro-batches in flight on the first stage, each
-  of L/PP layers, so the total is the same L layers' worth;
+  (no activation recompute: the trainer has none), per token and layer, e = bytes of the
+  compute dtype (`activation_bytes_per_token`): with `te`, `e x (4h + (2 nq + 2 nkv) d / tp +
+  (nq + nkv) d / tp + 3 f / tp)` (two norms' inputs and outputs, q, k, v, attention output,
+  Qwen3's q/k-norm inputs, SwiGLU's gate, up and product); with `local`, torch's unfused norms,
+  the dense softmax (`nq / tp x row_len` scores per token) and the unfused SwiGLU cost more;
+  with PP > 1, 1F1B keeps PP - k micro-batches of L/PP layers in flight on stage k (the first
+  stage holds the same L layers' worth as PP = 1);
 * LM-head / log-prob buffers: the logits shard `[T, V/tp]` in the compute dtype (only response
   positions are projected, bounded by T), its gradient written in place, the chunked fp32
   temporaries (`megatron/logprobs.py`: 3 x 256 MiB on GPU) and the LM head's `[V/tp, h]` weight
@@ -297,18 +298,32 @@ def static_bytes(
 
 def activation_bytes_per_token(
     shape: ModelShape, *, tp: int, act_bytes: int, spec: str, row_len: int
-) -> int:
-    """Bytes one token keeps for backward in one transformer layer (module docstring)."""
-    h, d, t = shape.hidden, shape.head_dim, tp
-    elems = 4 * h  # input_layernorm and pre_mlp_layernorm: input and output each
-    elems += (shape.heads + 2 * shape.kv_heads) * d // t  # q, k, v
-    if shape.qk_norm:
-        elems += (shape.heads + shape.kv_heads) * d // t
-    elems += shape.heads * d // t  # attention output (linear_proj's input)
-    elems += 3 * shape.ffn // t  # fc1 output (gate, up) and the SwiGLU product
-    if spec != "te":
-        elems += shape.heads // t * row_len  # dense attention's softmax probabilities
-    return elems * act_bytes
+) -> float:
+    """Bytes one token keeps for backward in one transformer layer (module docstring).
+
+    `te`: fused norms keep their input and output in the compute dtype (e each), flash
+    attention keeps q, k, v, its output and a per-head fp32 statistic, the fused SwiGLU its
+    input (gate, up) and the next linear its product. `local` (megatron's pure-torch modules,
+    what a GPU without Transformer Engine runs): torch's RMSNorm keeps fp32 intermediates
+    (8 + 1.5 e bytes per normalised element: 11 in bf16), the dense attention keeps the fp32
+    softmax output and its copy in the compute dtype (4 + e per score), and the unfused SwiGLU
+    keeps silu's output too (4 f). The local-spec constants are megatron/torch's saved tensors
+    as read in their code, checked on an H200 by `benchmarks/plan_vs_measured.py` (within 3%).
+    """
+    h, d, t, e = shape.hidden, shape.head_dim, tp, act_bytes
+    q, kv = shape.heads * d // t, shape.kv_heads * d // t
+    qk_norm_elems = (q + kv) if shape.qk_norm else 0
+    out = (q + 2 * kv + q) * e  # q, k, v and the attention output (linear_proj's input)
+    if spec == "te":
+        out += 2 * (2 * h) * e  # input_layernorm / pre_mlp_layernorm: input and output
+        out += qk_norm_elems * e  # q/k norm inputs
+        out += 3 * shape.ffn // t * e  # fc1 output (gate, up) and the SwiGLU product
+        out += shape.heads // t * 4  # flash attention's log-sum-exp
+    else:
+        out += (2 * h + qk_norm_elems) * (8 + 1.5 * e)
+        out += 4 * shape.ffn // t * e
+        out += shape.heads // t * row_len * (4 + e)
+    return out
 
 
 # ---- the plan ------------------------------------------------------------------------------
@@ -425,7 +440,7 @@ def predict(
             shape, tp=lay.tp, act_bytes=pbytes, spec=s.spec, row_len=min(s.row_len, tokens)
         )
         # 1F1B: stage k keeps pp - k micro-batches of L/pp layers
-        acts = per_tok * tokens * (shape.layers // lay.pp) * (lay.pp - stage)
+        acts = int(per_tok * tokens) * (shape.layers // lay.pp) * (lay.pp - stage)
         v_local = padded_vocab(shape.vocab, lay.tp) // lay.tp
         head = 0
         if stage == lay.pp - 1:
