@@ -159,7 +159,7 @@ def model_shape(hf_path: str, build_tiny: bool = False) -> tuple[ModelShape, str
             f"model.hf_path={hf_path or '(empty)'}: no config.json there and not a built-in "
             f"shape ({known}); point model.hf_path at a directory with the HF config.json"
         )
-    return shape, f"built-in shape of {shape.name} ({hf_path} not found here)"
+    return shape, f"built-in shape: {hf_path} not found here"
 
 
 # ---- exact parameter / buffer accounting (megatron-core 0.16) ------------------------------
