@@ -4,7 +4,8 @@ Layout of `<checkpoint_dir>`::
 
     iter_0000012/
         dist/                    model (+ teacher copy) and optimizer, Megatron dist checkpoint
-        trainer_state.json       step, data cursor, schedules, rollout version (rank 0)
+        trainer_state.json       step, data cursor, schedules, rollout version, Adam step,
+                                 layout and global batch (rank 0)
         rng_rank<R>.pt           python / numpy / torch / megatron tracker RNG states (per rank)
         config.json              the run's TrainConfig
         hf/                      the HF config / tokenizer files (for `megatron-to-hf`)
@@ -14,6 +15,15 @@ Atomicity: every rank writes into `iter_N.tmp/`; after a barrier rank 0 fsyncs t
 the directory to `iter_N/` and only then replaces `latest` (tmp file + `os.replace`). A crash (even
 `kill -9`) at any point leaves `latest` naming a complete checkpoint; a stale `*.tmp` directory is
 ignored and removed by the next save. `keep_last` prunes older complete checkpoints.
+
+Resharding: every tensor is stored per parameter with the parameter's own sharding (the model's
+sharded state dict; megatron's `fully_reshardable` optimizer format, for the plain and the
+distributed optimizer alike), so a checkpoint loads at any TP / PP / DP layout. What megatron's
+format leaves out, the Adam step, lives in `trainer_state.json` and is set into whichever Adam
+runs (`set_adam_step`). `load(..., layout=)` refuses another global batch (`ResumeError`) and
+logs a layout change. Checkpoints saved before (`dp_reshardable`) load at their own DP size.
+Cost: saving gathers each model-parallel rank's optimizer state into CPU memory on every
+data-parallel rank (12 bytes per parameter of the TP x PP shard), and loading reads it whole.
 
 Preemption: `SignalFlag` turns SIGTERM / SIGUSR1 into a flag the loop checks at its safe point
 (end of a step); all ranks agree through an all-reduce, save, and exit 0 (Slurm requeues).
@@ -186,8 +196,13 @@ def set_adam_step(optimizer: Any, step: float) -> None:
         if "step" in st:
             st["step"] = torch.tensor(float(step), dtype=st["step"].dtype)
     for g in _inner_param_groups(optimizer):
-        if "step" in g:
-            g["step"] = type(g["step"])(step) if not torch.is_tensor(g["step"]) else step
+        if "step" not in g:
+            continue
+        old = g["step"]
+        if torch.is_tensor(old):
+            g["step"] = torch.full_like(old, float(step))
+        else:
+            g["step"] = type(old)(step)
 
 
 # Megatron's layout-independent optimizer format: the DistributedOptimizer's flat buffers are

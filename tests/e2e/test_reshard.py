@@ -161,3 +161,22 @@ def test_resume_at_another_layout(tmp_path, dist_opt):
         assert rel < 1e-5, (name, res["loss"])
         assert res["lr"][name] == res["lr"]["ref"]
     assert "global batch" in res["refused"] and "8" in res["refused"]
+
+
+def test_adam_step_kept_apart_for_fused_adam():
+    """TE / Apex FusedAdam keep one `step` per param group and none per parameter: the step
+    saved in the trainer state comes back there (torch Adam's per-parameter steps above)."""
+    from rlrt_megatron.trainer.checkpoint import adam_step, set_adam_step
+
+    class FusedLike:  # megatron's wrapper around an inner optimizer with group-level steps
+        def __init__(self) -> None:
+            p = torch.nn.Parameter(torch.zeros(3))
+            self.optimizer = torch.optim.SGD([p], lr=0.1)
+            self.optimizer.param_groups[0]["step"] = 7
+            self.optimizer.state[p] = {"exp_avg": torch.zeros(3), "exp_avg_sq": torch.zeros(3)}
+
+    opt = FusedLike()
+    assert adam_step(opt) == 7.0
+    set_adam_step(opt, 3.0)
+    assert opt.optimizer.param_groups[0]["step"] == 3 and adam_step(opt) == 3.0
+    assert all("step" not in st for st in opt.optimizer.state.values())
