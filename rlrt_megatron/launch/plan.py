@@ -354,7 +354,8 @@ class Settings:
     params_dtype: str = "bfloat16"
     distributed_optimizer: bool = True
     tokens_per_microbatch: int = 16384
-    row_len: int = 2048  # longest sequence (prompt + response), capped by the token budget
+    row_len: int = 2048  # tokens per packed row (local spec: the longest sequence)
+    longest: int = 0  # the longest sequence (prompt + response): a micro-batch holds at least it
     teacher_copy: bool = False  # RLSD snapshot / SDPO-SRPO EMA
     topk: int = 0  # SDPO/SRPO top-k support
     sglang: bool = False  # colocated SGLang engine
@@ -375,6 +376,7 @@ class Settings:
             distributed_optimizer=cfg.parallel.use_distributed_optimizer,
             tokens_per_microbatch=max(budget, longest),  # one longer sequence raises it
             row_len=longest if cfg.model.spec != "te" else max(budget, longest),
+            longest=longest,
             teacher_copy=getattr(algo, "teacher_weights", None) in ("snapshot", "ema"),
             topk=int(getattr(getattr(cfg.algorithm, cfg.algorithm.name, None), "topk", 0) or 0),
             sglang=cfg.rollout.engine == "sglang" and cfg.rollout.sglang_colocated,
@@ -542,13 +544,21 @@ def suggest(plan: Plan) -> str:
                 trial(abs(cost) + len(changed) - 1, " ".join(changed),
                       dataclasses.replace(lay, tp=tp, pp=pp), s)  # fmt: skip
     tok = s.tokens_per_microbatch
-    if s.spec == "te" or s.row_len < tok:
-        for k in (2, 4, 8):
-            t2 = max(tok // k, 1)
-            if t2 >= s.row_len or s.spec == "te":
-                trial(2 + math.log2(k), f"train.max_tokens_per_microbatch={t2}", lay,
-                      dataclasses.replace(s, tokens_per_microbatch=t2,
-                                          row_len=min(s.row_len, t2)))  # fmt: skip
+    layouts = [(0.0, "", lay)] + [
+        (2 + abs(math.log2(tp * pp / (lay.tp * lay.pp))),
+         " ".join([f"parallel.tp={tp}"] * (tp != lay.tp) + [f"parallel.pp={pp}"] * (pp != lay.pp)),
+         dataclasses.replace(lay, tp=tp, pp=pp))
+        for tp in _divisors(lay.gpus_per_node) for pp in _divisors(shape.layers)
+        if (tp, pp) != (lay.tp, lay.pp) and tp * pp <= max(lay.world, 1)
+    ]  # fmt: skip
+    for k in (2, 4, 8, 16):
+        t2 = tok // k
+        if t2 < max(s.longest, 1):  # the trainer raises a smaller budget to the longest
+            continue
+        s2 = dataclasses.replace(s, tokens_per_microbatch=t2, row_len=min(s.row_len, t2))
+        for cost, text, lay2 in layouts:  # fewer tokens, alone or with another layout
+            trial(cost + 2 + math.log2(k),
+                  f"{text} train.max_tokens_per_microbatch={t2}".strip(), lay2, s2)  # fmt: skip
     if s.sglang:
         for frac in (0.5, 0.4, 0.3):
             if frac < s.sglang_mem_fraction:
