@@ -129,7 +129,7 @@ TINY = {
     "model.build_tiny": True,
     "model.sft_warmup_steps": 300,
     "model.spec": "local",
-    "model.params_dtype": "float32",
+    "model.params_dtype": "auto",
     "parallel.tp": 1,
     "parallel.pp": 1,
     "rollout.engine": "local",

@@ -100,13 +100,25 @@ class ModelConfig:
         "not all be zero). Cached under the run dir.",
     )
     sft_lr: float = _f(3e-3, "Learning rate of the SFT warm-up.")
-    spec: Literal["local", "te"] = _f(
-        "local", "Layer spec: `local` (pure PyTorch, CPU) or `te` (Transformer Engine, GPU)."
+    spec: Literal["auto", "local", "torch", "te"] = _f(
+        "auto",
+        "Layer spec: `local` (Megatron's pure PyTorch modules, dense attention; CPU), `torch` "
+        "(PyTorch SDPA flash attention, packed rows; GPUs without TE), `te` (Transformer "
+        "Engine, GPU; needed for FP8). `auto`: te with TE and a GPU, torch on a GPU without "
+        "TE, local on CPU (resolved where the model is built).",
     )
-    params_dtype: Literal["float32", "bfloat16"] = _f(
-        "float32", "Parameter/compute dtype of the Megatron policy (bfloat16 on GPU)."
+    params_dtype: Literal["auto", "float32", "bfloat16"] = _f(
+        "float32",
+        "Parameter/compute dtype of the Megatron policy; bfloat16 keeps fp32 main params and "
+        "gradients in Megatron's optimizer/DDP. `auto` = bfloat16 on a GPU, float32 on CPU.",
     )
     fp8: FP8Settings = _sub(FP8Settings)
+    logprobs_impl: Literal["auto", "fused", "chunked", "naive"] = _f(
+        "auto",
+        "LM head + log-probs from hidden states (student, teacher, update; no [tokens, vocab] "
+        "logits): `fused` (Triton kernels, CUDA), `chunked` (torch, any device; the reference), "
+        "`naive` (full fp32 logits, for comparison only), `auto` (fused on CUDA, else chunked).",
+    )
 
 
 @dataclass
@@ -127,6 +139,12 @@ class RolloutConfig:
 
     engine: Literal["local", "sglang"] = _f(
         "local", "`local`: transformers on rank 0 (CPU, tests, demo); `sglang`: SGLang servers."
+    )
+    local_dtype: Literal["auto", "float32", "bfloat16"] = _f(
+        "auto", "Local engine dtype; `auto` = bfloat16 on a GPU, float32 on CPU."
+    )
+    local_max_batch_rows: int = _f(
+        0, "Local engine: rows decoded together (0 = auto: all on a GPU, 64 on CPU)."
     )
     group_size: int = _f(8, "Rollouts per prompt (G).")
     temperature: float = _f(1.0, "Sampling temperature.")
@@ -196,6 +214,11 @@ class TrainLoopConfig:
     seed: int = _f(1234, "Seed of data order, model init and dropout.")
     recompute_old_logprobs: bool = _f(
         True, "Old log-probs from the Megatron policy (True) or the engine's behavior log-probs."
+    )
+    deterministic: bool = _f(
+        False,
+        "Deterministic GPU kernels (slower): a rerun or resumed run reproduces the metrics bit "
+        "for bit on GPUs too. CPU runs are deterministic anyway.",
     )
 
 
@@ -364,6 +387,7 @@ def validation_errors(
     need(0 < r.top_p <= 1, "rollout.top_p", f"must be in (0, 1] (got {r.top_p})")
     need(r.max_new_tokens >= 1, "rollout.max_new_tokens", f"must be >= 1 (got {r.max_new_tokens})")
     need(r.engine in ("local", "sglang"), "rollout.engine", "must be `local` or `sglang`")
+    need(r.local_max_batch_rows >= 0, "rollout.local_max_batch_rows", "must be >= 0 (0 = auto)")
     for sub in dataclasses.fields(a):
         obj = getattr(a, sub.name)
         if dataclasses.is_dataclass(obj):
@@ -426,7 +450,16 @@ def validation_errors(
         "is empty; give a Hugging Face model directory or set model.build_tiny=true",
     )
     need(m.sft_warmup_steps >= 0, "model.sft_warmup_steps", "must be >= 0")
-    need(m.spec in ("local", "te"), "model.spec", "must be `local` or `te`")
+    need(
+        m.spec in ("auto", "local", "torch", "te"),
+        "model.spec",
+        f"is {m.spec!r}; must be `auto`, `local`, `torch` or `te`",
+    )
+    need(
+        m.logprobs_impl in ("auto", "fused", "chunked", "naive"),
+        "model.logprobs_impl",
+        f"must be `auto`, `fused`, `chunked` or `naive`, got {m.logprobs_impl!r}",
+    )
     need(
         not m.fp8.enabled or m.spec == "te",
         "model.fp8.enabled",

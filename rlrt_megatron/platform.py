@@ -2,9 +2,11 @@
 
 One place decides where tensors live and how processes talk:
 
-* GPU present -> device ``cuda:<LOCAL_RANK>``, backend ``nccl``; no shim is installed.
-* no GPU      -> device ``cpu``, backend ``gloo``, and :func:`apply_cpu_shims` makes megatron-core
-  0.16 run on CPU (it was written for CUDA and allocates on ``"cuda"`` in many places).
+* GPU present -> device ``cuda:<LOCAL_RANK>``, backend ``nccl``; no shim is installed. More
+  ranks on a node than visible GPUs is refused at start (one GPU per rank).
+* no GPU, or ``RLRT_DEVICE=cpu`` -> device ``cpu``, backend ``gloo``, and
+  :func:`apply_cpu_shims` makes megatron-core 0.16 run on CPU (it was written for CUDA and
+  allocates on ``"cuda"`` in many places).
 
 Process topology comes from torchrun (``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_ADDR``/
 ``MASTER_PORT``), from Slurm (``SLURM_PROCID``/``SLURM_NTASKS``/``SLURM_LOCALID``/
@@ -39,9 +41,11 @@ __all__ = [
     "backend",
     "destroy_distributed",
     "device",
+    "device_name",
     "init_distributed",
     "is_cpu_mode",
     "resolve_dist_env",
+    "set_deterministic",
 ]
 
 
@@ -50,9 +54,46 @@ __all__ = [
 # ----------------------------------------------------------------------------------------------
 
 
+DEVICE_ENV = "RLRT_DEVICE"
+
+
+def _device_request() -> str:
+    """``RLRT_DEVICE``: ``auto`` (default: CUDA when available), ``cpu`` or ``cuda``."""
+    want = os.environ.get(DEVICE_ENV, "auto").strip().lower() or "auto"
+    if want not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"{DEVICE_ENV}={want!r}: must be auto, cpu or cuda")
+    if want == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(
+            f"{DEVICE_ENV}=cuda but torch sees no CUDA device (torch {torch.__version__}, "
+            f"built for CUDA {torch.version.cuda}); unset {DEVICE_ENV} to run on the CPU"
+        )
+    return want
+
+
 def is_cpu_mode() -> bool:
-    """True when no CUDA device is usable: everything runs on CPU with gloo."""
-    return not torch.cuda.is_available()
+    """True when everything runs on CPU with gloo: no usable CUDA device, or ``RLRT_DEVICE=cpu``
+    (forces the CPU path, shims included, on a GPU machine)."""
+    return _device_request() == "cpu" or not torch.cuda.is_available()
+
+
+def device_name() -> str:
+    """What :func:`device` is, in words: ``"CPU"`` or the GPU's name (``"NVIDIA H200"``)."""
+    dev = device()
+    return "CPU" if dev.type == "cpu" else torch.cuda.get_device_name(dev)
+
+
+def set_deterministic() -> None:
+    """Deterministic kernels on GPUs (bit-identical reruns and resumes; slower).
+
+    cuBLAS needs ``CUBLAS_WORKSPACE_CONFIG`` before its first handle is created, so call this
+    before any matrix product runs. Ops without a deterministic CUDA kernel warn instead of
+    failing. A no-op on CPU, whose kernels are deterministic already.
+    """
+    if is_cpu_mode():
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
 
 
 def backend() -> str:
@@ -62,11 +103,58 @@ def backend() -> str:
 
 def device() -> torch.device:
     """The device this process computes on (``cpu`` or ``cuda:<LOCAL_RANK>``)."""
+    if _DIST_INFO is not None:
+        return _DIST_INFO.device
     if is_cpu_mode():
         return torch.device("cpu")
     local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0")))
-    # With one visible GPU per task (srun --gpus-per-task=1) every task uses ordinal 0.
-    return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device("cuda", _cuda_ordinal(local_rank))
+
+
+def _local_world_size(env: dict[str, str] | None = None) -> int:
+    """Processes of this job on this node (torchrun ``LOCAL_WORLD_SIZE``, Slurm
+    ``SLURM_NTASKS_PER_NODE`` / ``SLURM_TASKS_PER_NODE``), or 1 when unknown."""
+    env = dict(os.environ if env is None else env)
+    for key in ("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE"):
+        if env.get(key, "").strip().isdigit():
+            return int(env[key])
+    tpn = env.get("SLURM_TASKS_PER_NODE", "")  # e.g. "4(x2)" or "4,3"
+    m = re.match(r"^(\d+)", tpn)
+    return int(m.group(1)) if m else 1
+
+
+def _cuda_ordinal(local_rank: int, env: dict[str, str] | None = None) -> int:
+    """The GPU of local rank ``local_rank``: one GPU per rank, never shared.
+
+    With one visible GPU per task (``srun --gpus-per-task=1``, or ``CUDA_VISIBLE_DEVICES`` set
+    per rank) every task uses ordinal 0. Otherwise ranks beyond the visible GPUs would silently
+    stack on ``cuda:0`` (wrong memory, NCCL errors much later): refuse at start instead.
+    """
+    n_gpus = torch.cuda.device_count()
+    local_world = _local_world_size(env)
+    if n_gpus == 1 and _one_gpu_per_task(env):
+        return 0
+    if local_world > n_gpus or local_rank >= n_gpus:
+        raise RuntimeError(_too_few_gpus(max(local_world, local_rank + 1), n_gpus))
+    return local_rank
+
+
+def _one_gpu_per_task(env: dict[str, str] | None = None) -> bool:
+    """True when Slurm bound one GPU to each task (``--gpus-per-task=1``): each task then
+    sees a single device, ordinal 0."""
+    env = dict(os.environ if env is None else env)
+    visible = env.get("CUDA_VISIBLE_DEVICES", "")
+    bound = bool(env.get("SLURM_STEP_GPUS") or env.get("SLURM_JOB_GPUS"))
+    return bound and bool(visible) and "," not in visible
+
+
+def _too_few_gpus(ranks: int, n_gpus: int) -> str:
+    return (
+        f"{ranks} ranks on this node but only {n_gpus} visible GPU(s) "
+        f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')}): "
+        f"start at most {n_gpus} processes per node (torchrun --nproc-per-node {n_gpus}), "
+        f"or set {DEVICE_ENV}=cpu to run every rank on the CPU with gloo"
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -227,7 +315,7 @@ def init_distributed(
     denv = resolve_dist_env()
     be = backend()
     if be == "nccl":
-        torch.cuda.set_device(denv.local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(_cuda_ordinal(denv.local_rank))
         dev = torch.device("cuda", torch.cuda.current_device())
     else:
         apply_cpu_shims()

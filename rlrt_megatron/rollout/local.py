@@ -268,64 +268,95 @@ class LocalEngine:
     def _decode(
         self, prompts: list[list[int]], gens: list[torch.Generator], sp: SamplingParams
     ) -> list[tuple[list[int], list[float], str, str]]:
+        """Decode a batch of rows; tokens, log-probs and stop flags stay on the model's device.
+
+        The host reads the batch's state every `_SYNC_EVERY` steps (to stop when every row has
+        finished) and once at the end, never per token. Stop strings need the text of every
+        row at every step, so with `sp.stop` the tokens come to the host each step.
+        """
         from transformers import DynamicCache
 
         b = len(prompts)
         dev = self.device
         width = max(len(p) for p in prompts)
+        max_new = sp.max_new_tokens
         ids = torch.full((b, width), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((b, width), dtype=torch.long)
+        mask = torch.zeros((b, width + max_new), dtype=torch.long)
         for r, p in enumerate(prompts):
             ids[r, width - len(p) :] = torch.tensor(p, dtype=torch.long)
-            mask[r, width - len(p) :] = 1
+            mask[r, width - len(p) :] = 1  # generated positions are always attended
         ids, mask = ids.to(dev), mask.to(dev)
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        pos = (mask[:, :width].cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=self.model.config)
-        tokens: list[list[int]] = [[] for _ in range(b)]
-        logps: list[list[float]] = [[] for _ in range(b)]
-        reasons: list[str | None] = [None] * b
-        stopped_by_string = [False] * b
-        eos = set(self.eos_token_ids)
-        # A character takes at most 4 byte-level tokens: decode enough tail to see a stop string.
-        tail_tokens = 4 * max((len(s) for s in sp.stop), default=0) + 4
-        if sp.max_new_tokens > 0:
-            logits = self._forward(ids, mask, pos, cache)
-        for _step in range(sp.max_new_tokens):
+        toks = torch.zeros((b, max(max_new, 1)), dtype=torch.long, device=dev)
+        lps = torch.zeros((b, max(max_new, 1)), dtype=torch.float32, device=dev)
+        length = torch.full((b,), max_new, dtype=torch.long, device=dev)  # incl. the stop token
+        done = torch.zeros(b, dtype=torch.bool, device=dev)
+        eos = torch.tensor(self.eos_token_ids or [-1], dtype=torch.long, device=dev)
+        host = _StopStrings(self.tokenizer, sp.stop, b) if sp.stop else None
+        steps = 0
+        if max_new > 0:
+            logits = self._forward(ids, mask[:, :width], pos, cache)
+        for step in range(max_new):
             nxt, lp = self._sample(logits, gens, sp)
-            for r in range(b):
-                if reasons[r] is not None:
-                    continue
-                t = int(nxt[r])
-                tokens[r].append(t)
-                logps[r].append(float(lp[r]))
-                if t in eos:
-                    reasons[r] = "stop"
-                elif sp.stop:
-                    tail = self.tokenizer.decode(tokens[r][-tail_tokens:])
-                    if any(s in tail for s in sp.stop):
-                        reasons[r] = "stop"
-                        stopped_by_string[r] = True
-            if all(x is not None for x in reasons):
+            toks[:, step], lps[:, step] = nxt, lp
+            steps = step + 1
+            ended = torch.isin(nxt, eos)
+            if host is not None:
+                ended = ended | host.update(nxt.tolist(), done.tolist()).to(dev)
+            ended &= ~done
+            length = torch.where(ended, step + 1, length)
+            done |= ended
+            check = host is not None or step % _SYNC_EVERY == _SYNC_EVERY - 1
+            if step + 1 == max_new or (check and bool(done.all())):
                 break
-            # Finished rows keep decoding their last token; their outputs are ignored.
-            feed = torch.tensor([[t[-1]] for t in tokens], dtype=torch.long, device=dev)
-            mask = torch.cat([mask, torch.ones((b, 1), dtype=mask.dtype, device=dev)], dim=1)
+            # Finished rows keep decoding; their outputs past `length` are ignored.
             pos = pos[:, -1:] + 1
-            logits = self._forward(feed, mask, pos, cache)
+            logits = self._forward(nxt[:, None], mask[:, : width + step + 1], pos, cache)
+        n_tok = length.clamp(max=steps).tolist()
+        reasons = done.tolist()
+        toks_h, lps_h = toks[:, :steps].tolist(), lps[:, :steps].tolist()
         out = []
         for r in range(b):
-            text = self.tokenizer.decode(tokens[r], skip_special_tokens=True)
-            if stopped_by_string[r]:
+            t, lp = toks_h[r][: n_tok[r]], lps_h[r][: n_tok[r]]
+            text = self.tokenizer.decode(t, skip_special_tokens=True)
+            if host is not None and host.by_string[r]:
                 cuts = [text.find(s) for s in sp.stop if s in text]
                 if cuts:
                     text = text[: min(cuts)]
-            out.append((tokens[r], logps[r], reasons[r] or "length", text))
+            out.append((t, lp, "stop" if reasons[r] else "length", text))
         return out
 
     def _sample(
         self, logits: torch.Tensor, gens: list[torch.Generator], sp: SamplingParams
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return sample_next(logits, gens, sp.temperature, sp.top_k, sp.top_p, self.vocab_size)
+
+
+# Decode steps between the host's checks of "has every row finished?" (each check syncs).
+_SYNC_EVERY = 8
+
+
+class _StopStrings:
+    """Host-side stop-string detection: the decoded tail of each row after every step."""
+
+    def __init__(self, tokenizer: Any, stop: Sequence[str], rows: int) -> None:
+        self.tokenizer, self.stop = tokenizer, list(stop)
+        # A character takes at most 4 byte-level tokens: decode enough tail to see a stop string.
+        self.tail = 4 * max(len(s) for s in self.stop) + 4
+        self.tokens: list[list[int]] = [[] for _ in range(rows)]
+        self.by_string = [False] * rows
+
+    def update(self, nxt: list[int], done: list[bool]) -> torch.Tensor:
+        hit = [False] * len(nxt)
+        for r, t in enumerate(nxt):
+            if done[r]:
+                continue
+            self.tokens[r].append(t)
+            tail = self.tokenizer.decode(self.tokens[r][-self.tail :])
+            if any(s in tail for s in self.stop):
+                hit[r] = self.by_string[r] = True
+        return torch.tensor(hit, dtype=torch.bool)
 
 
 def sample_next(
@@ -351,14 +382,14 @@ def sample_next(
     scaled = logits / temperature
     logp = torch.log_softmax(scaled, dim=-1)
     filtered = _top_k_top_p(scaled, top_k, top_p)
-    # Inverse-CDF sampling with one uniform per row from the row's own generator (one small call
-    # per row instead of a multinomial per row). u is in (0, 1], so x = u * total lands on a token
-    # with positive probability: the first index whose cumulative mass reaches x.
-    probs = torch.softmax(filtered.double(), dim=-1).cpu()
-    cdf = probs.cumsum(dim=-1)
+    # Inverse-CDF sampling with one uniform per row from the row's own (CPU) generator: the
+    # uniforms cross to the device as one small tensor, the distribution never leaves it. u is in
+    # (0, 1], so x = u * total lands on a token with positive probability: the first index whose
+    # cumulative mass reaches x.
+    cdf = torch.softmax(filtered.double(), dim=-1).cumsum(dim=-1)
     u = 1.0 - torch.stack([torch.rand((), generator=g, dtype=torch.float64) for g in gens])
-    x = (u * cdf[:, -1]).unsqueeze(1)
-    nxt = torch.searchsorted(cdf, x).squeeze(1).clamp_(max=cdf.shape[1] - 1).to(logits.device)
+    x = (u.to(cdf.device, non_blocking=True) * cdf[:, -1]).unsqueeze(1)
+    nxt = torch.searchsorted(cdf, x).squeeze(1).clamp_(max=cdf.shape[1] - 1)
     return nxt, logp.gather(1, nxt[:, None]).squeeze(1)
 
 

@@ -26,6 +26,15 @@ from rlrt_megatron.trainer.watchdog import Watchdog
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
+def resolve_dtype(name: str) -> torch.dtype:
+    """A config dtype: `float32`, `bfloat16`, or `auto` = bfloat16 on a GPU, float32 on CPU."""
+    from rlrt_megatron import platform
+
+    if name == "auto":
+        return torch.float32 if platform.is_cpu_mode() else torch.bfloat16
+    return DTYPES[name]
+
+
 @dataclass
 class Run:
     """Everything the loop carries from step to step."""
@@ -74,6 +83,7 @@ class Batch:
     teacher_logprobs: torch.Tensor | None = None
     teacher_entropy: torch.Tensor | None = None
     entropy: torch.Tensor | None = None
+    behavior: torch.Tensor | None = None  # [B, T] the engine's log-probs, padded
     topk_ids: torch.Tensor | None = None  # [B, T, K] the pre-update student's top-k support
     teacher_topk_logprobs: torch.Tensor | None = None  # [B, T, K+1] teacher on that support
 
@@ -138,6 +148,8 @@ def setup(cfg: TrainConfig) -> Run:
     from rlrt_megatron import platform
 
     preflight(cfg)
+    if cfg.train.deterministic:
+        platform.set_deterministic()
     info = platform.init_distributed(cfg.parallel.tp, cfg.parallel.pp, seed=cfg.train.seed)
     random.seed(cfg.train.seed)
     run_dir = cfg.run_dir
@@ -176,9 +188,10 @@ def _build(cfg: TrainConfig, info: Any, hf_dir: str, ckpt: str, hf_config: dict,
         total_steps=cfg.train.steps * updates_per_step,
         use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
         spec=cfg.model.spec,
-        params_dtype=DTYPES[cfg.model.params_dtype],
+        params_dtype=resolve_dtype(cfg.model.params_dtype),
         sample_vocab_size=len(tokenizer) if cfg.rollout.engine == "local" else None,
         fp8=cfg.model.fp8.to_te(),
+        logprobs_impl=cfg.model.logprobs_impl,
     )
     load_checkpoint_into_model(policy.chunks, ckpt)
     teacher = policy.make_teacher_copy() if algo.teacher_weights in ("snapshot", "ema") else None
@@ -272,9 +285,19 @@ def make_engine(cfg: TrainConfig, hf_dir: str) -> Any:
 
         key = cfg.rollout.sglang_api_key or os.environ.get("RLRT_ROLLOUT_API_KEY", "")
         return SGLangEngine.from_config(cfg, hf_dir, **({"api_key": key} if key else {}))
+    from rlrt_megatron import platform
     from rlrt_megatron.rollout.local import LocalEngine
 
-    return LocalEngine(hf_dir, seed=cfg.rollout.seed)
+    # On a GPU the engine shares the trainer's device (weight sync is a device-to-device copy)
+    # and decodes the whole batch at once; on CPU smaller chunks keep memory and latency low.
+    rows = cfg.rollout.local_max_batch_rows or (64 if platform.is_cpu_mode() else 4096)
+    return LocalEngine(
+        hf_dir,
+        seed=cfg.rollout.seed,
+        device=platform.device(),
+        dtype=resolve_dtype(cfg.rollout.local_dtype),
+        max_batch_rows=rows,
+    )
 
 
 def teardown(run: Run) -> None:
@@ -340,7 +363,7 @@ def reward(run: Run, batch: Batch) -> None:
         res = run.reward_fn(batch.texts, refs)
         payload = (list(res.scores), res.metrics())
     scores, info = _broadcast(payload)
-    batch.rewards = torch.tensor(scores, dtype=torch.float32)
+    batch.rewards = torch.tensor(scores, dtype=torch.float32).to(_device(), non_blocking=True)
     batch.reward_info = info
 
 
@@ -356,7 +379,7 @@ def _build_views(run: Run, batch: Batch, step: int) -> None:
     batch.row_responses = [list(r) or [run.pad_id] for r in batch.responses]
     batch.width = max(len(r) for r in batch.row_responses)
     batch.teacher_prefixes = [None] * n
-    batch.has_teacher = torch.zeros(n, dtype=torch.bool)
+    has_teacher = [False] * n
     if algo.needs_teacher and algo.teacher_context:
         ctx = build_teacher_contexts(
             [r.problem for r in batch.rows],
@@ -373,18 +396,35 @@ def _build_views(run: Run, batch: Batch, step: int) -> None:
         for i, c in enumerate(ctx):
             if c is not None:
                 batch.teacher_prefixes[i] = list(c.token_ids)
-                batch.has_teacher[i] = True
-    mask = torch.zeros(n, batch.width)
-    for i, r in enumerate(batch.responses):
-        mask[i, : len(r)] = 1.0
-    batch.mask = mask
+                has_teacher[i] = True
+    dev = _device()
+    batch.has_teacher = torch.tensor(has_teacher, dtype=torch.bool).to(dev, non_blocking=True)
+    batch.mask = _ragged_to_padded([[1.0] * len(r) for r in batch.responses], batch.width, dev)
+
+
+def _device() -> torch.device:
+    """Where every step tensor lives (the policy's device): built there once, never moved."""
+    from rlrt_megatron import platform
+
+    return platform.device()
+
+
+def _ragged_to_padded(rows: list[list[float]], width: int, dev: torch.device) -> torch.Tensor:
+    """`[n, width]` fp32 on `dev` from ragged rows (zeros on the right): one host-to-device
+    copy of the whole batch, not one per row."""
+    out = torch.zeros(len(rows), width, dtype=torch.float32)
+    for i, r in enumerate(rows):
+        if r:
+            k = min(len(r), width)
+            out[i, :k] = torch.tensor(r[:k], dtype=torch.float32)
+    return out.to(dev, non_blocking=True)
 
 
 def _pad(t: torch.Tensor | None, width: int) -> torch.Tensor | None:
-    """`[n, T, ...]` -> `[n, width, ...]` (zeros on the right), on the CPU."""
+    """`[n, T, ...]` -> `[n, width, ...]` (zeros on the right), on the tensor's device."""
     if t is None:
         return None
-    t = t.detach().cpu()
+    t = t.detach()
     if t.shape[1] == width:
         return t
     out = t.new_zeros((t.shape[0], width, *t.shape[2:]))
@@ -396,8 +436,6 @@ def logprobs(run: Run, batch: Batch) -> None:
     """Student log pi_S (+ entropy) on every rollout and, where the algorithm asks, teacher
     log pi_T (+ entropy, + the teacher on the student's top-k support for SDPO/SRPO). Rollouts are
     split over data-parallel ranks and the results all-gathered."""
-    from rlrt_megatron.megatron.train_step import all_gather_objects
-
     _build_views(run, batch, run.step + 1)
     pol, algo = run.policy, run.algo
     n, w = len(batch.responses), batch.width
@@ -412,7 +450,6 @@ def logprobs(run: Run, batch: Batch) -> None:
         topk=int(getattr(algo, "needs_topk", 0) or 0),
     )
     part = {
-        "rows": mine,
         "logprobs": _pad(student.logprobs, w),
         "entropy": _pad(student.entropy, w),
         "teacher_logprobs": _pad(teacher.logprobs, w),
@@ -420,23 +457,13 @@ def logprobs(run: Run, batch: Batch) -> None:
         "topk_ids": _pad(student.topk_ids, w),
         "teacher_topk_logprobs": _pad(teacher.topk_logprobs, w),
     }
-    parts = all_gather_objects(part, group=pol.dp_group) if pol.dp_size > 1 else [part]
-    full: dict[str, torch.Tensor | None] = {}
-    for key in part:
-        if key == "rows" or part[key] is None:
-            continue
-        t = part[key].new_zeros((n, *part[key].shape[1:]))
-        for p in parts:
-            t[p["rows"]] = p[key]
-        full[key] = t
+    full = {k: _gather_rows(v, n, pol) for k, v in part.items() if v is not None}
     batch.student_logprobs, batch.entropy = full["logprobs"], full["entropy"]
+    batch.behavior = _ragged_to_padded(batch.behavior_logprobs, w, batch.mask.device)
     if run.cfg.train.recompute_old_logprobs:
         batch.old_logprobs = batch.student_logprobs
     else:
-        blp = torch.zeros(n, w)
-        for i, lp in enumerate(batch.behavior_logprobs):
-            blp[i, : len(lp)] = torch.tensor(lp)
-        batch.old_logprobs = blp
+        batch.old_logprobs = batch.behavior
     if wants_teacher:
         has = batch.has_teacher[:, None]
         # rows without a teacher view hold the student's values (their weight is 1 anyway)
@@ -444,6 +471,25 @@ def logprobs(run: Run, batch: Batch) -> None:
         batch.teacher_entropy = torch.where(has, full["teacher_entropy"], batch.entropy)
     batch.topk_ids = full.get("topk_ids")
     batch.teacher_topk_logprobs = full.get("teacher_topk_logprobs")
+
+
+def _gather_rows(t: torch.Tensor, n: int, pol: Any) -> torch.Tensor:
+    """Rows `dp_rank::dp_size` of every data-parallel rank -> all `n` rows, on every rank.
+
+    One tensor all-gather on the policy's device (NCCL on GPUs), each rank's part padded to
+    `ceil(n / dp)` rows; no pickling and no host round trip."""
+    if pol.dp_size == 1:
+        return t
+    per = -(-n // pol.dp_size)
+    buf = t.new_zeros((per, *t.shape[1:]))
+    buf[: t.shape[0]] = t
+    parts = [torch.empty_like(buf) for _ in range(pol.dp_size)]
+    dist.all_gather(parts, buf, group=pol.dp_group)
+    out = t.new_zeros((n, *t.shape[1:]))
+    for r, p in enumerate(parts):
+        rows = len(range(r, n, pol.dp_size))
+        out[r :: pol.dp_size] = p[:rows]
+    return out
 
 
 def advantages(run: Run, batch: Batch, step: int) -> Any:
@@ -526,7 +572,9 @@ def sync(run: Run, step: int) -> None:
         elif algo.teacher_weights == "snapshot" and step % int(algo.teacher_refresh_every) == 0:
             run.policy.copy_into(run.teacher)
     # streamed: the engine takes the tensors as they are gathered (SGLang sends them in buckets)
-    weights = iter_hf_weights(run.policy.chunks)
+    # bf16 to the engine whenever the policy is not fp32 (FP8 parameters included)
+    fp32 = run.policy.params_dtype == torch.float32
+    weights = iter_hf_weights(run.policy.chunks, dtype=None if fp32 else torch.bfloat16)
     try:
         if run.rank == 0:
             run.engine.update_weights(weights, version=step)
@@ -558,12 +606,9 @@ def step_metrics(
         "teacher/frac_rows": float(batch.has_teacher.float().mean()),
     }
     m.update({k: v for k, v in batch.reward_info.items() if k != "reward/mean"})
-    blp = torch.zeros_like(mask)
-    for i, lp in enumerate(batch.behavior_logprobs):
-        blp[i, : len(lp)] = torch.tensor(lp[: blp.shape[1]])
     # engine vs Megatron log-probs of the same tokens (training-inference mismatch)
     m["rollout/logprob_abs_diff"] = float(
-        ((blp - batch.student_logprobs).abs() * mask).sum() / max(n_tok, 1.0)
+        ((batch.behavior - batch.student_logprobs).abs() * mask).sum() / max(n_tok, 1.0)
     )
     if batch.teacher_logprobs is not None:
         delta = (batch.teacher_logprobs - batch.student_logprobs) * mask
@@ -587,6 +632,9 @@ def step_metrics(
     m.update(times)
     m["time/step"] = step_time
     m["throughput/tokens_per_s"] = total_tokens / max(step_time, 1e-9)
+    if mask.is_cuda:  # peak since the last step (rollout engine, log-probs, update, sync)
+        m["memory/gpu_peak_gib"] = torch.cuda.max_memory_allocated(mask.device) / 2**30
+        torch.cuda.reset_peak_memory_stats(mask.device)
     m["rollout/version"] = run.rollout_version
     return m
 

@@ -55,12 +55,15 @@ def sft_warmup(hf_dir: str, cfg: Any, log: Callable[[str], None] = print, batch:
     """Next-token training on synthetic (prompt, solution) pairs; saves the model in place."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from rlrt_megatron import platform
     from rlrt_megatron.data import PromptTemplate, render_prompt
     from rlrt_megatron.data.synthetic import arithmetic_problem
 
     torch.manual_seed(cfg.train.seed)
+    dev = platform.device()
     tok = AutoTokenizer.from_pretrained(hf_dir)
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    # fp32 on every device: the warm-up is small and its result is the demo's starting point
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).to(dev)
     model.train()
     template = PromptTemplate(instruction=cfg.data.instruction)
     eos = tok.convert_tokens_to_ids("<|im_end|>")
@@ -92,14 +95,19 @@ def sft_warmup(hf_dir: str, cfg: Any, log: Callable[[str], None] = print, batch:
             ids[i, : len(s)] = torch.tensor(s)
             labels[i, st : len(s)] = torch.tensor(s[st:])
             attn[i, : len(s)] = 1
+        ids, attn, labels = (t.to(dev, non_blocking=True) for t in (ids, attn, labels))
         loss = model(input_ids=ids, attention_mask=attn, labels=labels).loss
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        losses.append(loss.item())
+        losses.append(loss.detach())  # read on the host only when logged (no sync per step)
         if (step + 1) % 100 == 0:
-            log(f"sft warm-up step {step + 1}/{steps}: loss {sum(losses[-100:]) / 100:.3f}")
-    model.save_pretrained(hf_dir)
-    return {"final_loss": sum(losses[-20:]) / max(1, len(losses[-20:]))}
+            log(f"sft warm-up step {step + 1}/{steps}: loss {_mean(losses[-100:]):.3f}")
+    model.cpu().save_pretrained(hf_dir)
+    return {"final_loss": _mean(losses[-20:]) if losses else 0.0}
+
+
+def _mean(xs: list[torch.Tensor]) -> float:
+    return float(torch.stack(xs).mean())

@@ -17,8 +17,8 @@ FAST = [
     "eval.every=0",
 ]
 
-# Metrics that depend on wall-clock time, not on the computation.
-TIMING_PREFIXES = ("time/", "throughput/")
+# Metrics that depend on wall-clock time or the allocator, not on the computation.
+TIMING_PREFIXES = ("time/", "throughput/", "memory/")
 
 
 def model_overrides(tiny_model: dict[str, str]) -> list[str]:

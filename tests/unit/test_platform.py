@@ -133,3 +133,49 @@ def test_algorithms_and_platform_do_not_import_megatron():
         "if m.split('.')[0] in ('megatron', 'transformer_engine', 'sglang', 'nemo_run'))))"
     )
     assert json.loads(_run_python(code)) == []
+
+
+# ---- device choice: RLRT_DEVICE and one GPU per rank ---------------------------------------
+
+
+def test_rlrt_device_cpu_forces_cpu_mode(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("RLRT_DEVICE", "cpu")
+    assert platform.is_cpu_mode() and platform.backend() == "gloo"
+    monkeypatch.setenv("RLRT_DEVICE", "auto")
+    assert not platform.is_cpu_mode() and platform.backend() == "nccl"
+
+
+def test_rlrt_device_rejects_bad_values(monkeypatch):
+    monkeypatch.setenv("RLRT_DEVICE", "tpu")
+    with pytest.raises(ValueError, match="RLRT_DEVICE='tpu'"):
+        platform.is_cpu_mode()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("RLRT_DEVICE", "cuda")
+    with pytest.raises(RuntimeError, match="no CUDA device"):
+        platform.is_cpu_mode()
+
+
+@pytest.mark.parametrize(
+    ("gpus", "env", "local_rank", "expect"),
+    [
+        (8, {"LOCAL_WORLD_SIZE": "8"}, 5, 5),
+        (1, {}, 0, 0),
+        # srun --gpus-per-task=1: each task sees its own single GPU
+        (1, {"SLURM_NTASKS_PER_NODE": "4", "SLURM_STEP_GPUS": "2", "CUDA_VISIBLE_DEVICES": "2"},
+         2, 0),
+        (1, {"LOCAL_WORLD_SIZE": "2"}, 1, "2 ranks on this node but only 1 visible GPU"),
+        (1, {"LOCAL_WORLD_SIZE": "2"}, 0, "2 ranks on this node but only 1 visible GPU"),
+        (4, {"SLURM_TASKS_PER_NODE": "8(x2)"}, 0, "8 ranks on this node but only 4"),
+    ],
+)  # fmt: skip
+def test_one_gpu_per_rank(monkeypatch, gpus, env, local_rank, expect):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    for k in ("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE", "SLURM_TASKS_PER_NODE"):
+        monkeypatch.delenv(k, raising=False)
+    if isinstance(expect, int):
+        assert platform._cuda_ordinal(local_rank, env) == expect
+    else:
+        with pytest.raises(RuntimeError, match=expect) as err:
+            platform._cuda_ordinal(local_rank, env)
+        assert "RLRT_DEVICE=cpu" in str(err.value)
