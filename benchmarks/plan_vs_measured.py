@@ -3,8 +3,9 @@
     python benchmarks/plan_vs_measured.py --device cuda     # Qwen3-0.6B and -1.7B shapes, H200
     python benchmarks/plan_vs_measured.py --device cpu      # tiny shape: a smoke test
 
-Builds each model (random init, bf16 on GPU, `model.spec=local`: the layer spec a GPU without
-Transformer Engine runs) through the trainer's `Policy` (DDP + distributed optimizer, torch
+Builds each model (random init, bf16 on GPU, `--spec auto`: what `model.spec=auto` resolves to,
+`torch` (SDPA) on a GPU without Transformer Engine; `--spec local,torch` for both) through the
+trainer's `Policy` (DDP + distributed optimizer, torch
 AdamW), takes one warm-up step (Adam allocates its state), then measures one training step of
 `--tokens` tokens per micro-batch (rows of `--row-len` tokens, 64 of prompt) with
 `torch.cuda.max_memory_allocated`, and prints per model and token budget
@@ -37,6 +38,8 @@ from rlrt_megatron.launch.plan import (  # noqa: E402
     Layout,
     ModelShape,
     Settings,
+    activation_bytes_per_token,
+    lm_head_bytes,
     predict,
     static_bytes,
 )
@@ -77,7 +80,9 @@ def train_step(policy, tokens: int, row_len: int, seed: int) -> dict:
     )
 
 
-def run(name: str, shape: ModelShape, budgets: list[int], row_len: int, device: str) -> None:
+def run(
+    name: str, shape: ModelShape, budgets: list[int], row_len: int, device: str, spec: str
+) -> None:
     from rlrt_megatron.config import OptimizerConfig
     from rlrt_megatron.megatron.train_step import Policy
 
@@ -86,7 +91,7 @@ def run(name: str, shape: ModelShape, budgets: list[int], row_len: int, device: 
     t0 = time.perf_counter()
     policy = Policy(
         hf_config(shape), tp=1, pp=1, optim=OptimizerConfig(lr=1e-6), total_steps=10,
-        use_distributed_optimizer=True, spec="local", params_dtype=dtype,
+        use_distributed_optimizer=True, spec=spec, params_dtype=dtype,
     )  # fmt: skip
     train_step(policy, budgets[0], row_len, seed=0)  # Adam state allocated from here on
     if cuda:
@@ -105,8 +110,7 @@ def run(name: str, shape: ModelShape, budgets: list[int], row_len: int, device: 
 
         policy.optimizer.step = step_with_peaks
         torch.cuda.synchronize()
-        st = static_bytes(shape, tp=1, pp=1, dp=1, stage=0, distributed=True, param_bytes=2,
-                          fp32_norms=True)  # fmt: skip
+        st = static_bytes(shape, tp=1, pp=1, dp=1, stage=0, distributed=True, param_bytes=2)
         print(
             f"# {name} static: allocated_gib={torch.cuda.memory_allocated() / GIB:.3f} "
             f"predicted_gib={(st.weights + st.grads + st.optimizer) / GIB:.3f}",
@@ -114,7 +118,7 @@ def run(name: str, shape: ModelShape, budgets: list[int], row_len: int, device: 
         )
     for tokens in budgets:
         settings = Settings(
-            spec="local",
+            spec=spec,
             params_dtype="bfloat16" if cuda else "float32",
             distributed_optimizer=True,
             tokens_per_microbatch=tokens,
@@ -127,12 +131,20 @@ def run(name: str, shape: ModelShape, budgets: list[int], row_len: int, device: 
             train_step(policy, tokens, row_len, seed=tokens)
             torch.cuda.synchronize()
             measured = max(peaks.values())
+            static_now = st.weights + st.grads + st.optimizer
+            head = lm_head_bytes(shape, tp=1, tokens=tokens, act_bytes=2)
+            per_layer = (peaks["fwd_bwd"] * GIB - static_now - head) / (tokens * shape.layers)
+            pred_layer = activation_bytes_per_token(
+                shape, tp=1, act_bytes=2, spec=spec, row_len=row_len
+            )
             print(f"# {name} tokens={tokens} measured peaks: "
-                  + " ".join(f"{k}={v:.3f}" for k, v in peaks.items()), flush=True)  # fmt: skip
+                  + " ".join(f"{k}={v:.3f}" for k, v in peaks.items())
+                  + f" -> {per_layer:.0f} B/token/layer (predicted "
+                  + f"{pred_layer:.0f})",
+                  flush=True)  # fmt: skip
             predicted = plan.peak_gib - RESERVE_GIB
         else:
-            st = static_bytes(shape, tp=1, pp=1, dp=1, stage=0, distributed=True,
-                              param_bytes=4, fp32_norms=True)  # fmt: skip
+            st = static_bytes(shape, tp=1, pp=1, dp=1, stage=0, distributed=True, param_bytes=4)
             predicted = (st.weights + st.grads + st.optimizer) / GIB
             opt = policy.optimizer.chained_optimizers[0]
             measured = sum(
@@ -168,35 +180,44 @@ def main() -> int:
     ap.add_argument("--models", default="qwen3-0.6b,qwen3-1.7b", help="built-in shapes (cuda)")
     ap.add_argument("--tokens", default="4096,8192", help="token budgets per micro-batch")
     ap.add_argument("--row-len", default="1024", help="tokens per sequence (comma list)")
+    ap.add_argument("--spec", default="auto", help="layer specs (comma list): auto|local|torch")
     args = ap.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         print("--device cuda: no GPU visible", file=sys.stderr)
         return 2
     models, row_lens = args.models.split(","), [int(r) for r in args.row_len.split(",")]
-    if args.device == "cuda" and len(models) * len(row_lens) > 1:
+    specs = args.spec.split(",")
+    if args.device == "cuda" and len(models) * len(row_lens) * len(specs) > 1:
         # one process per model: nothing of the previous model stays allocated
-        for m in models:
-            for r in row_lens:
-                cmd = [sys.executable, os.path.abspath(__file__), "--device", "cuda",
-                       "--models", m, "--tokens", args.tokens, "--row-len", str(r)]  # fmt: skip
-                if subprocess.run(cmd).returncode != 0:
-                    return 1
+        for sp in specs:
+            for m in models:
+                for r in row_lens:
+                    cmd = [sys.executable, os.path.abspath(__file__), "--device", "cuda",
+                           "--models", m, "--tokens", args.tokens, "--row-len", str(r),
+                           "--spec", sp]  # fmt: skip
+                    if subprocess.run(cmd).returncode != 0:
+                        return 1
         return 0
     from rlrt_megatron import platform
+    from rlrt_megatron.megatron.model import resolve_spec
 
     platform.init_distributed(1, 1, seed=0)
     budgets = [int(t) for t in args.tokens.split(",")]
+    spec = resolve_spec(specs[0])
     if args.device == "cpu":
         from rlrt_megatron.convert.tiny import TINY_SHAPE
 
         tiny = {**TINY_SHAPE, "vocab_size": 512, "tie_word_embeddings": True,
                 "model_type": "qwen3"}  # fmt: skip
-        run("tiny", ModelShape.from_hf(tiny, "tiny"), [256, 512], 64, "cpu")
+        run("tiny", ModelShape.from_hf(tiny, "tiny"), [256, 512], 64, "cpu", spec)
         return 0
     name = models[0].replace(".", "_").replace("-", "_")
+    if specs[0] != "auto":
+        name += f"_{spec}"
     if row_lens[0] != 1024:
         name += f"_row{row_lens[0]}"
-    run(name, BUILTIN_SHAPES[models[0]], budgets, row_lens[0], "cuda")
+    print(f"# spec={spec} (asked {specs[0]})", flush=True)
+    run(name, BUILTIN_SHAPES[models[0]], budgets, row_lens[0], "cuda", spec)
     return 0
 
 

@@ -14,17 +14,14 @@ or the LM head), in the order it appears:
   are bf16; the distributed optimizer holds only this rank's 1/DP slice of the buffer;
 * the teacher copy (RLSD snapshot, SDPO/SRPO EMA): one more `P x b_param`;
 * activations of one micro-batch of `train.max_tokens_per_microbatch` tokens kept for backward
-  (no activation recompute: the trainer has none), per token and layer, e = bytes of the
-  compute dtype (`activation_bytes_per_token`): with `te`, `e x (4h + (2 nq + 2 nkv) d / tp +
-  (nq + nkv) d / tp + 3 f / tp)` (two norms' inputs and outputs, q, k, v, attention output,
-  Qwen3's q/k-norm inputs, SwiGLU's gate, up and product); with `local`, torch's unfused norms,
-  the dense softmax (`nq / tp x row_len` scores per token) and the unfused SwiGLU cost more;
-  with PP > 1, 1F1B keeps PP - k micro-batches of L/PP layers in flight on stage k (the first
-  stage holds the same L layers' worth as PP = 1);
-* LM-head / log-prob buffers: the logits shard `[T, V/tp]` in the compute dtype (only response
-  positions are projected, bounded by T), its gradient written in place, the chunked fp32
-  temporaries (`megatron/logprobs.py`: 3 x 256 MiB on GPU) and the LM head's `[V/tp, h]` weight
-  gradient before it is added to the fp32 grad buffer;
+  (no activation recompute: the trainer has none), per token and layer
+  (`activation_bytes_per_token`): q, k, v, the attention output, the norms' saved tensors and
+  SwiGLU's, per layer spec (`te` fused norms and flash attention; `torch` torch norms and SDPA;
+  `local` torch norms and a dense softmax of `row_len` scores per head); with PP > 1, 1F1B keeps
+  PP - k micro-batches of L/PP layers in flight on stage k (the first stage holds L layers'
+  worth, as with PP = 1);
+* the fused LM head + log-probs (`lm_head_bytes`): no `[T, V]` logits; its input, an fp32
+  `[T, h]` gradient accumulator, the `[V/tp, h]` weight gradient and one block of logits;
 * the optimizer step's temporaries: torch Adam's `sqrt(v)` over the whole shard (4 bytes per
   element; TE FusedAdam needs none), which exists only when activations do not;
 * colocated SGLang: its share of the weights (`bytes / sglang_tp`, bf16) stays on the GPU while
@@ -35,7 +32,9 @@ peak = max(training: static + teacher + max(activations + LM head, optimizer ste
 weights, sampling: static + teacher + SGLang's whole share) + a fixed CUDA context/allocator
 reserve. The weight, gradient and optimizer byte counts are exact for megatron-core 0.16 (checked
 against the tensors it allocates, `tests/unit/test_plan_exact.py`); activations are checked on a
-GPU by `benchmarks/plan_vs_measured.py`.
+GPU by `benchmarks/plan_vs_measured.py` for the `local` and `torch` specs (the `te` terms are
+derived from what Transformer Engine saves, not measured here). `auto` specs and dtypes are
+planned as on a GPU cluster with the gpu extra: `te`, bfloat16.
 """
 
 from __future__ import annotations
@@ -63,9 +62,8 @@ GPU_MEMORY_GIB: dict[str, float] = {
 # Per-GPU memory the prediction cannot see: the CUDA context (~0.5 GiB), NCCL buffers and the
 # caching allocator's fragmentation. Reported as its own row.
 RESERVE_GIB = 2.0
-# `megatron/logprobs.py`: a chunk's fp32 temporary on GPU; a chunk needs about three of them.
-LOGPROB_CHUNK_BYTES = 256 * 2**20
-LOGPROB_CHUNK_TEMPS = 3
+# `megatron/lm_head.py`: one block of logits and its temporaries (~200 MiB measured at T=32k).
+LM_HEAD_BLOCK_BYTES = 256 * 2**20
 
 
 class PlanError(ValueError):
@@ -269,8 +267,9 @@ def static_bytes(
     shape: ModelShape, *, tp: int, pp: int, dp: int, stage: int, distributed: bool,
     param_bytes: int, dp_rank: int | None = None, fp32_norms: bool = False,
 ) -> StaticBytes:  # fmt: skip
-    """`fp32_norms`: the `local` spec's torch norms keep fp32 weights in a bf16 model (TE's are
-    bf16); megatron DDP then keeps them in a buffer of their own, without an fp32 main copy."""
+    """`fp32_norms`: norm weights kept in fp32 in a bf16 model (megatron's own torch norms are
+    created so; `build_model` casts them to the params dtype): megatron DDP then keeps them in
+    a buffer of their own, without an fp32 main copy."""
     params = stage_params(shape, tp, pp, stage)
     split = fp32_norms and param_bytes != 4
     groups = [
@@ -296,34 +295,53 @@ def static_bytes(
 # ---- activations ---------------------------------------------------------------------------
 
 
+# Bytes kept per normalised element by torch's RMSNorm (the `local` and `torch` specs) in a bf16
+# model, and per attention score by the `local` spec's dense softmax (fp32 output + its copy in
+# the compute dtype). Measured on an H200 by `benchmarks/plan_vs_measured.py`.
+TORCH_NORM_BYTES = 11.0
+DENSE_SCORE_BYTES = 6.0
+
+
 def activation_bytes_per_token(
     shape: ModelShape, *, tp: int, act_bytes: int, spec: str, row_len: int
 ) -> float:
     """Bytes one token keeps for backward in one transformer layer (module docstring).
 
-    `te`: fused norms keep their input and output in the compute dtype (e each), flash
-    attention keeps q, k, v, its output and a per-head fp32 statistic, the fused SwiGLU its
-    input (gate, up) and the next linear its product. `local` (megatron's pure-torch modules,
-    what a GPU without Transformer Engine runs): torch's RMSNorm keeps fp32 intermediates
-    (8 + 1.5 e bytes per normalised element: 11 in bf16), the dense attention keeps the fp32
-    softmax output and its copy in the compute dtype (4 + e per score), and the unfused SwiGLU
-    keeps silu's output too (4 f). The local-spec constants are megatron/torch's saved tensors
-    as read in their code, checked on an H200 by `benchmarks/plan_vs_measured.py` (within 3%).
+    Every spec keeps q, k, v and the attention output (linear_proj's input) in the compute
+    dtype (e bytes). `te`: fused norms keep their input and output (e each), flash attention a
+    per-head fp32 log-sum-exp, the fused SwiGLU its input (gate, up) and fc2 the product (3 f).
+    `torch` (SDPA, what a GPU without Transformer Engine runs) and `local` (megatron's pure
+    torch modules): torch's RMSNorm keeps `TORCH_NORM_BYTES` per normalised element (the two
+    hidden norms and Qwen3's q/k norms) and the unfused SwiGLU silu's output too (4 f); `torch`
+    attends with SDPA (flash: a log-sum-exp per head), `local` with a dense softmax that keeps
+    `DENSE_SCORE_BYTES` per score (`heads / tp x row_len` scores per token).
     """
     h, d, t, e = shape.hidden, shape.head_dim, tp, act_bytes
     q, kv = shape.heads * d // t, shape.kv_heads * d // t
     qk_norm_elems = (q + kv) if shape.qk_norm else 0
-    out = (q + 2 * kv + q) * e  # q, k, v and the attention output (linear_proj's input)
+    out = (q + 2 * kv + q) * e  # q, k, v and the attention output
     if spec == "te":
         out += 2 * (2 * h) * e  # input_layernorm / pre_mlp_layernorm: input and output
         out += qk_norm_elems * e  # q/k norm inputs
         out += 3 * shape.ffn // t * e  # fc1 output (gate, up) and the SwiGLU product
-        out += shape.heads // t * 4  # flash attention's log-sum-exp
     else:
-        out += (2 * h + qk_norm_elems) * (8 + 1.5 * e)
+        norm_bytes = TORCH_NORM_BYTES * e / 2
+        out += (2 * h + qk_norm_elems) * norm_bytes
         out += 4 * shape.ffn // t * e
-        out += shape.heads // t * row_len * (4 + e)
+    if spec == "local":
+        out += shape.heads // t * row_len * DENSE_SCORE_BYTES * e / 2
+    else:
+        out += shape.heads // t * 4  # flash attention's log-sum-exp
     return out
+
+
+def lm_head_bytes(shape: ModelShape, *, tp: int, tokens: int, act_bytes: int) -> int:
+    """The fused LM head + log-probs (`megatron/lm_head.py`): no `[T, V]` logits; it keeps its
+    input (the final norm's output) and, in backward, an fp32 `[T, h]` gradient accumulator and
+    the `[V/tp, h]` weight gradient, plus one block of logits and its temporaries."""
+    v_local = padded_vocab(shape.vocab, tp) // tp
+    return (tokens * shape.hidden * (act_bytes + 4) + v_local * shape.hidden * act_bytes
+            + LM_HEAD_BLOCK_BYTES)  # fmt: skip
 
 
 # ---- the plan ------------------------------------------------------------------------------
@@ -368,21 +386,24 @@ class Settings:
         from rlrt_megatron.algorithms import get_algorithm
 
         algo = get_algorithm(cfg.algorithm.name, cfg.algorithm)
+        # a plan is for GPUs: `auto` is what it resolves to on a cluster with the gpu extra
+        spec = "te" if cfg.model.spec == "auto" else cfg.model.spec
+        dtype = "bfloat16" if cfg.model.params_dtype == "auto" else cfg.model.params_dtype
         budget = cfg.train.max_tokens_per_microbatch
         longest = cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens
         return cls(
-            spec=cfg.model.spec,
-            params_dtype=cfg.model.params_dtype,
+            spec=spec,
+            params_dtype=dtype,
             distributed_optimizer=cfg.parallel.use_distributed_optimizer,
             tokens_per_microbatch=max(budget, longest),  # one longer sequence raises it
-            row_len=longest if cfg.model.spec != "te" else max(budget, longest),
+            row_len=longest if spec == "local" else max(budget, longest),
             longest=longest,
             teacher_copy=getattr(algo, "teacher_weights", None) in ("snapshot", "ema"),
             topk=int(getattr(getattr(cfg.algorithm, cfg.algorithm.name, None), "topk", 0) or 0),
             sglang=cfg.rollout.engine == "sglang" and cfg.rollout.sglang_colocated,
             sglang_tp=cfg.rollout.sglang_tp,
             sglang_mem_fraction=cfg.rollout.sglang_mem_fraction,
-            fused_adam=cfg.model.spec == "te",
+            fused_adam=spec == "te",
         )
 
 
@@ -435,19 +456,16 @@ def predict(
     best: dict[str, float] = {}
     for stage in stages:  # the first stage has the embedding, the last the LM head
         st = static_bytes(shape, tp=lay.tp, pp=lay.pp, dp=dp, stage=stage,
-                          distributed=s.distributed_optimizer, param_bytes=pbytes,
-                          fp32_norms=s.spec != "te")  # fmt: skip
+                          distributed=s.distributed_optimizer, param_bytes=pbytes)  # fmt: skip
         tokens = s.tokens_per_microbatch
         per_tok = activation_bytes_per_token(
             shape, tp=lay.tp, act_bytes=pbytes, spec=s.spec, row_len=min(s.row_len, tokens)
         )
         # 1F1B: stage k keeps pp - k micro-batches of L/pp layers
         acts = int(per_tok * tokens) * (shape.layers // lay.pp) * (lay.pp - stage)
-        v_local = padded_vocab(shape.vocab, lay.tp) // lay.tp
         head = 0
         if stage == lay.pp - 1:
-            head = tokens * v_local * pbytes + LOGPROB_CHUNK_TEMPS * LOGPROB_CHUNK_BYTES
-            head += v_local * shape.hidden * pbytes  # the LM head's weight grad before the add
+            head = lm_head_bytes(shape, tp=lay.tp, tokens=tokens, act_bytes=pbytes)
             head += tokens * (s.topk + 1) * 4 * 2 if s.topk else 0
         step_tmp = 0 if s.fused_adam else st.optimizer_elements * 4
         teacher = st.weights if s.teacher_copy else 0

@@ -69,7 +69,7 @@ def _worker(rank: int, world: int) -> list:
                         shape, tp=tp, pp=pp, dp=ps.get_data_parallel_world_size(),
                         stage=ps.get_pipeline_model_parallel_rank(), distributed=dist_opt,
                         param_bytes=2 if dtype == torch.bfloat16 else 4,
-                        dp_rank=ps.get_data_parallel_rank(), fp32_norms=True,
+                        dp_rank=ps.get_data_parallel_rank(),
                     )  # fmt: skip
                     predicted = {
                         "weights": pred.weights, "grads": pred.grads, "optimizer": pred.optimizer
