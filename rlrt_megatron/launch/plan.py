@@ -296,9 +296,13 @@ def static_bytes(
 
 
 # Bytes kept per normalised element by torch's RMSNorm (the `local` and `torch` specs) in a bf16
-# model, and per attention score by the `local` spec's dense softmax (fp32 output + its copy in
-# the compute dtype). Measured on an H200 by `benchmarks/plan_vs_measured.py`.
-TORCH_NORM_BYTES = 11.0
+# model, for the hidden norms (with the next linear's copy of the output) and for Qwen3's q/k
+# norms, and per attention score by the `local` spec's dense softmax (fp32 output + its copy in
+# the compute dtype). Fitted to H200 measurements (`benchmarks/plan_vs_measured.py`): the norm
+# constants on the torch spec (Qwen3-0.6B / 1.7B shapes), the score constant on the local spec
+# across rows of 512 to 2048 tokens.
+TORCH_HIDDEN_NORM_BYTES = 7.1
+TORCH_QK_NORM_BYTES = 4.4
 DENSE_SCORE_BYTES = 6.0
 
 
@@ -311,8 +315,8 @@ def activation_bytes_per_token(
     dtype (e bytes). `te`: fused norms keep their input and output (e each), flash attention a
     per-head fp32 log-sum-exp, the fused SwiGLU its input (gate, up) and fc2 the product (3 f).
     `torch` (SDPA, what a GPU without Transformer Engine runs) and `local` (megatron's pure
-    torch modules): torch's RMSNorm keeps `TORCH_NORM_BYTES` per normalised element (the two
-    hidden norms and Qwen3's q/k norms) and the unfused SwiGLU silu's output too (4 f); `torch`
+    torch modules): torch's RMSNorm keeps `TORCH_*_NORM_BYTES` per normalised element (the two
+    hidden norms, Qwen3's q/k norms) and the unfused SwiGLU silu's output too (4 f); `torch`
     attends with SDPA (flash: a log-sum-exp per head), `local` with a dense softmax that keeps
     `DENSE_SCORE_BYTES` per score (`heads / tp x row_len` scores per token).
     """
@@ -325,8 +329,7 @@ def activation_bytes_per_token(
         out += qk_norm_elems * e  # q/k norm inputs
         out += 3 * shape.ffn // t * e  # fc1 output (gate, up) and the SwiGLU product
     else:
-        norm_bytes = TORCH_NORM_BYTES * e / 2
-        out += (2 * h + qk_norm_elems) * norm_bytes
+        out += (2 * h * TORCH_HIDDEN_NORM_BYTES + qk_norm_elems * TORCH_QK_NORM_BYTES) * e / 2
         out += 4 * shape.ffn // t * e
     if spec == "local":
         out += shape.heads // t * row_len * DENSE_SCORE_BYTES * e / 2
