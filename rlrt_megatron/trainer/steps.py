@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from rlrt_megatron.config import TrainConfig, load_hf_config
-from rlrt_megatron.trainer.checkpoint import Checkpointer
+from rlrt_megatron.trainer.checkpoint import Checkpointer, layout_of
 from rlrt_megatron.trainer.metrics import MetricsLogger
 from rlrt_megatron.trainer.watchdog import Watchdog
 
@@ -225,7 +225,10 @@ def _build(cfg: TrainConfig, info: Any, hf_dir: str, ckpt: str, hf_config: dict,
     )
     resume = checkpointer.resolve(cfg.checkpoint.resume)
     if resume:
-        state = checkpointer.load(resume, policy.model, policy.optimizer, teacher=teacher)
+        state = checkpointer.load(
+            resume, policy.model, policy.optimizer, teacher=teacher,
+            layout=layout_of(cfg, info.world_size),
+        )  # fmt: skip
         run.step = int(state["step"])
         run.rollout_version = int(state.get("rollout_version", run.step))
         sampler.load_state_dict(state["sampler"])
@@ -692,6 +695,7 @@ def save_checkpoint(run: Run) -> str:
         json.loads(json.dumps(state, default=float)),
         teacher=run.teacher,
         config=run.cfg.to_dict(),
+        layout=layout_of(run.cfg, run.world_size),
     )
     return path
 
