@@ -295,10 +295,15 @@ class LocalEngine:
         eos = torch.tensor(self.eos_token_ids or [-1], dtype=torch.long, device=dev)
         host = _StopStrings(self.tokenizer, sp.stop, b) if sp.stop else None
         steps = 0
+        unif = None
+        if max_new > 0 and sp.temperature > 0:
+            # each row's uniforms for every step, drawn from its own generator in one call
+            rows = [torch.rand(max_new, generator=g, dtype=torch.float64) for g in gens]
+            unif = torch.stack(rows).to(dev, non_blocking=True)
         if max_new > 0:
             logits = self._forward(ids, mask[:, :width], pos, cache)
         for step in range(max_new):
-            nxt, lp = self._sample(logits, gens, sp)
+            nxt, lp = self._sample(logits, gens, sp, None if unif is None else unif[:, step])
             toks[:, step], lps[:, step] = nxt, lp
             steps = step + 1
             ended = torch.isin(nxt, eos)
@@ -328,9 +333,15 @@ class LocalEngine:
         return out
 
     def _sample(
-        self, logits: torch.Tensor, gens: list[torch.Generator], sp: SamplingParams
+        self,
+        logits: torch.Tensor,
+        gens: list[torch.Generator],
+        sp: SamplingParams,
+        uniforms: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        return sample_next(logits, gens, sp.temperature, sp.top_k, sp.top_p, self.vocab_size)
+        return sample_next(
+            logits, gens, sp.temperature, sp.top_k, sp.top_p, self.vocab_size, uniforms=uniforms
+        )
 
 
 # Decode steps between the host's checks of "has every row finished?" (each check syncs).
@@ -366,11 +377,15 @@ def sample_next(
     top_k: int = -1,
     top_p: float = 1.0,
     vocab_size: int | None = None,
+    *,
+    uniforms: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Next token per row of `logits` [B, V] and its behavior log-prob (SGLang's default:
     log_softmax(logits / temperature) before top-k/top-p; raw log_softmax when greedy).
 
-    Ids >= `vocab_size` are never drawn. Row r draws from `gens[r]` only.
+    Ids >= `vocab_size` are never drawn. Row r draws from `gens[r]` only, or uses `uniforms[r]`
+    (float64 in [0, 1), drawn from that generator beforehand: a decode loop draws every step's
+    uniforms of a row in one call instead of one call per row per step).
     """
     if vocab_size is not None and logits.shape[-1] > vocab_size:
         logits = logits.clone()
@@ -387,8 +402,10 @@ def sample_next(
     # (0, 1], so x = u * total lands on a token with positive probability: the first index whose
     # cumulative mass reaches x.
     cdf = torch.softmax(filtered.double(), dim=-1).cumsum(dim=-1)
-    u = 1.0 - torch.stack([torch.rand((), generator=g, dtype=torch.float64) for g in gens])
-    x = (u.to(cdf.device, non_blocking=True) * cdf[:, -1]).unsqueeze(1)
+    if uniforms is None:
+        uniforms = torch.stack([torch.rand((), generator=g, dtype=torch.float64) for g in gens])
+    u = 1.0 - uniforms.to(cdf.device, non_blocking=True)
+    x = (u * cdf[:, -1]).unsqueeze(1)
     nxt = torch.searchsorted(cdf, x).squeeze(1).clamp_(max=cdf.shape[1] - 1)
     return nxt, logp.gather(1, nxt[:, None]).squeeze(1)
 

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from rlrt_megatron.config import TrainConfig, load_hf_config
-from rlrt_megatron.trainer.checkpoint import Checkpointer
+from rlrt_megatron.trainer.checkpoint import Checkpointer, layout_of
 from rlrt_megatron.trainer.metrics import MetricsLogger
 from rlrt_megatron.trainer.watchdog import Watchdog
 
@@ -169,7 +169,6 @@ def _build(cfg: TrainConfig, info: Any, hf_dir: str, ckpt: str, hf_config: dict,
     from transformers import AutoTokenizer
 
     from rlrt_megatron.algorithms import get_algorithm
-    from rlrt_megatron.convert.load import load_checkpoint_into_model
     from rlrt_megatron.data import PromptSampler, PromptTemplate
     from rlrt_megatron.data.templates import filter_by_prompt_length
     from rlrt_megatron.megatron.train_step import Policy
@@ -193,7 +192,7 @@ def _build(cfg: TrainConfig, info: Any, hf_dir: str, ckpt: str, hf_config: dict,
         fp8=cfg.model.fp8.to_te(),
         logprobs_impl=cfg.model.logprobs_impl,
     )
-    load_checkpoint_into_model(policy.chunks, ckpt)
+    policy.load_weights(ckpt)
     teacher = policy.make_teacher_copy() if algo.teacher_weights in ("snapshot", "ema") else None
     template = PromptTemplate(instruction=cfg.data.instruction)
     dataset, n_too_long = filter_by_prompt_length(
@@ -225,7 +224,10 @@ def _build(cfg: TrainConfig, info: Any, hf_dir: str, ckpt: str, hf_config: dict,
     )
     resume = checkpointer.resolve(cfg.checkpoint.resume)
     if resume:
-        state = checkpointer.load(resume, policy.model, policy.optimizer, teacher=teacher)
+        state = checkpointer.load(
+            resume, policy.model, policy.optimizer, teacher=teacher,
+            layout=layout_of(cfg, info.world_size),
+        )  # fmt: skip
         run.step = int(state["step"])
         run.rollout_version = int(state.get("rollout_version", run.step))
         sampler.load_state_dict(state["sampler"])
@@ -692,6 +694,7 @@ def save_checkpoint(run: Run) -> str:
         json.loads(json.dumps(state, default=float)),
         teacher=run.teacher,
         config=run.cfg.to_dict(),
+        layout=layout_of(run.cfg, run.world_size),
     )
     return path
 

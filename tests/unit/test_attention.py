@@ -351,3 +351,31 @@ def test_policy_response_logprobs_torch_spec(megatron_1proc):
         assert torch.equal(got.mask, ref.mask)
         for name in ("logprobs", "entropy", "topk_logprobs"):
             torch.testing.assert_close(getattr(got, name), getattr(ref, name), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_policy_load_weights_then_step_keeps_loaded_weights(megatron_1proc, tmp_path, dtype):
+    """A bf16 policy's fp32 main params follow the loaded checkpoint: one small step moves the
+    weights a little from the LOADED ones (not back to the random init the optimizer was built
+    from, which collapsed every bf16 run after its first update)."""
+    from rlrt_megatron.convert.hf_to_megatron import hf_to_megatron
+    from rlrt_megatron.convert.tiny import make_tiny_model
+
+    hf_dir = make_tiny_model(tmp_path / "hf", seed=3, vocab_size=VOCAB)
+    ckpt = hf_to_megatron(hf_dir, tmp_path / "meg", spec="local", show_progress=False)
+    policy = _policy("local", dtype)
+    init = {n: p.detach().clone() for n, p in policy.chunks[0].named_parameters()}
+    policy.load_weights(str(ckpt))
+    loaded = {n: p.detach().clone() for n, p in policy.chunks[0].named_parameters()}
+    seqs, starts = _rollouts()
+    width = max(len(s) - r for s, r in zip(seqs, starts, strict=True))
+    policy.scheduler.step(0)
+    for g in policy.optimizer.param_groups:
+        g["lr"] = 1e-6
+    policy.train_minibatch(
+        seqs, starts, list(range(len(seqs))), width, 32, lambda lp, rows, tk: (-lp.mean(), {})
+    )
+    for n, p in policy.chunks[0].named_parameters():
+        to_loaded = (p.float() - loaded[n].float()).abs().max().item()
+        to_init = (p.float() - init[n].float()).abs().max().item()
+        assert to_loaded < 1e-2 and to_loaded < to_init, (n, to_loaded, to_init)
