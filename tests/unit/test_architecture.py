@@ -39,6 +39,13 @@ ALLOWED_LAZY_EDGES = {
     ("rlrt_megatron.megatron.logprobs", "rlrt_megatron.megatron.lm_head"),
 }
 
+# Function-level imports that climb a floor, each with its reason; to be removed, not added to.
+ALLOWED_CLIMBS = {
+    # Policy.load_weights loads a converted checkpoint, then refreshes the optimizer's fp32 main
+    # params; the trainer (which may import convert) should do the load and call the refresh
+    ("rlrt_megatron.megatron.train_step", "rlrt_megatron.convert.load"),
+}
+
 
 def _modules() -> dict[str, Path]:
     mods = {}
@@ -139,8 +146,11 @@ def test_no_import_climbs_a_floor() -> None:
         if _package(m) != _package(t)
         and "<root>" not in (_package(m), _package(t))
         and FLOORS[_package(t)] >= FLOORS[_package(m)]
+        and (m, t) not in ALLOWED_CLIMBS
     ]
     assert not climbs, "imports that climb a floor (or cross one sideways):\n" + "\n".join(climbs)
+    for src, dst in ALLOWED_CLIMBS:
+        assert g[src].get(dst) is not True, f"{src} -> {dst} must stay a function-level import"
     high = set(FLOORS) - set(GROUND)
     for m, ts in g.items():
         if _package(m) in GROUND:
