@@ -40,12 +40,8 @@ import torch
 import torch.distributed as dist
 
 from rlrt_megatron import platform
-from rlrt_megatron.megatron.lm_head import (
-    LogprobsImpl,
-    lm_head_logprobs,
-    lm_head_logprobs_at_ids,
-    lm_head_topk,
-)
+from rlrt_megatron.megatron.lm_head import LogprobsImpl, lm_head_logprobs
+from rlrt_megatron.megatron.lm_head_ids import lm_head_logprobs_at_ids, lm_head_topk
 from rlrt_megatron.megatron.logprobs import support_entropy
 from rlrt_megatron.megatron.model import true_vocab_size
 from rlrt_megatron.megatron.packing import PackedMicroBatch, block_causal_mask, pack_sequences

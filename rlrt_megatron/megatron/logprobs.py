@@ -39,11 +39,15 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
+from rlrt_megatron.megatron.lm_head import lm_head_logprobs
+from rlrt_megatron.megatron.lm_head_ids import lm_head_logprobs_at_ids, lm_head_topk
+from rlrt_megatron.megatron.tp_reduce import TINY, all_reduce, group_rank_size
+
 __all__ = [
     "TopKLogprobs",
-    "lm_head_logprobs",  # noqa: F822 - lazy re-exports (__getattr__ below)
-    "lm_head_logprobs_at_ids",  # noqa: F822
-    "lm_head_topk",  # noqa: F822
+    "lm_head_logprobs",  # re-exported: the LM head fused with the log-probs (lm_head.py)
+    "lm_head_logprobs_at_ids",
+    "lm_head_topk",
     "vocab_parallel_kl",
     "support_entropy",
     "vocab_parallel_logprobs",
@@ -52,17 +56,6 @@ __all__ = [
     "vocab_parallel_topk_logprobs",
 ]
 
-_LM_HEAD_API = ("lm_head_logprobs", "lm_head_logprobs_at_ids", "lm_head_topk")
-
-
-def __getattr__(name: str):
-    # Lazy re-export: lm_head imports helpers from this module, so a top-level import would cycle.
-    if name in _LM_HEAD_API:
-        from rlrt_megatron.megatron import lm_head
-
-        return getattr(lm_head, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
 
 # Bytes of one fp32 chunk temporary when `chunk_size` is not given. On CPU the chunk should stay in
 # a core's L2 (2 MiB here): measured at V = 151,936, 1-4 rows per chunk run 2x faster than 16+ rows
@@ -70,25 +63,11 @@ def __getattr__(name: str):
 # GPU a chunk must be large enough to saturate the device and amortise launches/collectives, while
 # staying small against the [T, V/tp] logits.
 _CHUNK_BYTES = {"cpu": 2 * 2**20, "cuda": 256 * 2**20}
-# Floor for a tail-bucket probability: the tail is exactly zero when k covers every token of
-# non-negligible mass; log(0) = -inf would turn 0 * log 0 terms of a divergence into NaN.
-_TINY = torch.finfo(torch.float32).tiny
 
 
 # ----------------------------------------------------------------------------------------------
 # Small helpers: group info, collectives that are no-ops on a single rank, vocab bookkeeping.
 # ----------------------------------------------------------------------------------------------
-def _group_rank_size(group: dist.ProcessGroup | None) -> tuple[int, int]:
-    """(rank in group, group size); (0, 1) when there is no group or no distributed init."""
-    if group is None or not dist.is_available() or not dist.is_initialized():
-        return 0, 1
-    return dist.get_rank(group), dist.get_world_size(group)
-
-
-def _all_reduce(t: torch.Tensor, op: dist.ReduceOp, group, size: int) -> torch.Tensor:
-    if size > 1:
-        dist.all_reduce(t, op=op, group=group)
-    return t
 
 
 class _Shard(NamedTuple):
@@ -104,7 +83,7 @@ def _shard(
     vocab_start: int | None,
     true_vocab_size: int | None,
 ) -> tuple[_Shard, int]:
-    rank, size = _group_rank_size(group)
+    rank, size = group_rank_size(group)
     start = rank * local_vocab if vocab_start is None else int(vocab_start)
     end = start + local_vocab
     if true_vocab_size is not None:
@@ -190,7 +169,7 @@ def _logprob_forward(
             z = None
             m = torch.full((c,), float("-inf"), dtype=torch.float32, device=dev)
         # Global max first so every shard exponentiates against the same shift: exp(z - m) <= 1.
-        _all_reduce(m, dist.ReduceOp.MAX, group, size)
+        all_reduce(m, dist.ReduceOp.MAX, group, size)
         stats = torch.zeros(3, c, dtype=torch.float32, device=dev)  # sum-exp, sum e*z', z_target
         if z is not None:
             zs = z - m[:, None]  # z' = z - m, one [c, V/tp] temporary
@@ -206,7 +185,7 @@ def _logprob_forward(
             idx, own = _local_target_index(target[a:b], shard)
             stats[2] = z.gather(1, idx[:, None]).squeeze(1) * own
         del z
-        _all_reduce(stats, dist.ReduceOp.SUM, group, size)
+        all_reduce(stats, dist.ReduceOp.SUM, group, size)
         log_s = stats[0].log()
         lse[a:b] = m + log_s
         logp[a:b] = stats[2] - lse[a:b]
@@ -407,7 +386,7 @@ def _at_ids_forward(
         else:
             z = None
             m = torch.full((c,), float("-inf"), dtype=torch.float32, device=dev)
-        _all_reduce(m, dist.ReduceOp.MAX, group, size)
+        all_reduce(m, dist.ReduceOp.MAX, group, size)
         # [sum-exp (1), logits at ids (k), sum-exp over the rest (1)] in one SUM all-reduce.
         stats = torch.zeros(c, k + 2, dtype=torch.float32, device=dev)
         if z is not None:
@@ -421,9 +400,9 @@ def _at_ids_forward(
             stats[:, k + 1] = e.sum(-1)
             del e
         del z
-        _all_reduce(stats, dist.ReduceOp.SUM, group, size)
+        all_reduce(stats, dist.ReduceOp.SUM, group, size)
         lse[a:b] = m + stats[:, 0].log()
-        lse_rest[a:b] = m + stats[:, k + 1].clamp_min(_TINY).log()
+        lse_rest[a:b] = m + stats[:, k + 1].clamp_min(TINY).log()
         out[a:b, :k] = stats[:, 1 : k + 1] - lse[a:b, None]
         out[a:b, k] = lse_rest[a:b] - lse[a:b]
     return out, lse, lse_rest
@@ -587,14 +566,14 @@ def vocab_parallel_kl(
             else:
                 zs = zt = None
                 m = torch.full((2, c), float("-inf"), dtype=torch.float32, device=dev)
-            _all_reduce(m, dist.ReduceOp.MAX, group, size)
+            all_reduce(m, dist.ReduceOp.MAX, group, size)
             stats = torch.zeros(3, c, dtype=torch.float32, device=dev)
             if zs is not None:
                 es = (zs - m[0][:, None]).exp_()
                 stats[0] = es.sum(-1)
                 stats[1] = (zt - m[1][:, None]).exp_().sum(-1)
                 stats[2] = torch.bmm(es.unsqueeze(1), (zs - zt).unsqueeze(2)).view(c)
-            _all_reduce(stats, dist.ReduceOp.SUM, group, size)
+            all_reduce(stats, dist.ReduceOp.SUM, group, size)
             lse_s = m[0] + stats[0].log()
             lse_t = m[1] + stats[1].log()
             out[a:b] = stats[2] / stats[0] - lse_s + lse_t

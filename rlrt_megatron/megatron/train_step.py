@@ -118,16 +118,11 @@ class Policy:
             self.model,
         )
 
-    def load_weights(self, ckpt_dir: str) -> None:
-        """Load a converted Megatron checkpoint's weights (any TP x PP) into the model chunks.
-
-        With bf16 params Megatron's optimizer keeps fp32 main params, copied from the model when
-        the optimizer was built (here: the random init); they are refreshed from the loaded
-        weights, or the first optimizer step would write the random init back into the model.
-        """
-        from rlrt_megatron.convert.load import load_checkpoint_into_model
-
-        load_checkpoint_into_model(self.chunks, ckpt_dir)
+    def sync_main_params(self) -> None:
+        """Call after writing into the model's weights from outside the optimizer (loading a
+        converted checkpoint): with bf16 params Megatron's optimizer keeps fp32 main params,
+        copied from the model when the optimizer was built (the random init); without the
+        refresh the first optimizer step writes that init back into the model."""
         self.optimizer.reload_model_params()
 
     # ---- model views ------------------------------------------------------------------------

@@ -169,6 +169,7 @@ def _build(cfg: TrainConfig, info: Any, hf_dir: str, ckpt: str, hf_config: dict,
     from transformers import AutoTokenizer
 
     from rlrt_megatron.algorithms import get_algorithm
+    from rlrt_megatron.convert.load import load_checkpoint_into_model
     from rlrt_megatron.data import PromptSampler, PromptTemplate
     from rlrt_megatron.data.templates import filter_by_prompt_length
     from rlrt_megatron.megatron.train_step import Policy
@@ -192,7 +193,8 @@ def _build(cfg: TrainConfig, info: Any, hf_dir: str, ckpt: str, hf_config: dict,
         fp8=cfg.model.fp8.to_te(),
         logprobs_impl=cfg.model.logprobs_impl,
     )
-    policy.load_weights(ckpt)
+    load_checkpoint_into_model(policy.chunks, ckpt)
+    policy.sync_main_params()  # bf16: the optimizer's fp32 main params follow the loaded weights
     teacher = policy.make_teacher_copy() if algo.teacher_weights in ("snapshot", "ema") else None
     template = PromptTemplate(instruction=cfg.data.instruction)
     dataset, n_too_long = filter_by_prompt_length(

@@ -46,11 +46,8 @@ def _naive(hidden, weight, tgt, v_true, ids):
 def _worker(rank: int, world_size: int) -> dict:
     import torch.distributed as dist
 
-    from rlrt_megatron.megatron.lm_head import (
-        lm_head_logprobs,
-        lm_head_logprobs_at_ids,
-        lm_head_topk,
-    )
+    from rlrt_megatron.megatron.lm_head import lm_head_logprobs
+    from rlrt_megatron.megatron.lm_head_ids import lm_head_logprobs_at_ids, lm_head_topk
 
     dist.init_process_group("gloo")
     groups = {}

@@ -19,12 +19,8 @@ if not torch.cuda.is_available():
     pytest.skip("needs CUDA", allow_module_level=True)
 pytest.importorskip("triton")
 
-from rlrt_megatron.megatron.lm_head import (  # noqa: E402
-    lm_head_logprobs,
-    lm_head_logprobs_at_ids,
-    lm_head_topk,
-    resolve_impl,
-)
+from rlrt_megatron.megatron.lm_head import lm_head_logprobs, resolve_impl  # noqa: E402
+from rlrt_megatron.megatron.lm_head_ids import lm_head_logprobs_at_ids, lm_head_topk  # noqa: E402
 
 DEV = torch.device("cuda")
 

@@ -33,18 +33,10 @@ FLOORS = {
 GROUND = ("algorithms", "data", "reward", "platform")
 
 # Function-level imports that close a circle on purpose, each with its reason. Keep this short.
-ALLOWED_LAZY_EDGES = {
-    # logprobs re-exports the fused LM head API through a module __getattr__; lm_head imports
-    # logprobs' helpers at the top
-    ("rlrt_megatron.megatron.logprobs", "rlrt_megatron.megatron.lm_head"),
-}
+ALLOWED_LAZY_EDGES: set[tuple[str, str]] = set()
 
 # Function-level imports that climb a floor, each with its reason; to be removed, not added to.
-ALLOWED_CLIMBS = {
-    # Policy.load_weights loads a converted checkpoint, then refreshes the optimizer's fp32 main
-    # params; the trainer (which may import convert) should do the load and call the refresh
-    ("rlrt_megatron.megatron.train_step", "rlrt_megatron.convert.load"),
-}
+ALLOWED_CLIMBS: set[tuple[str, str]] = set()
 
 
 def _modules() -> dict[str, Path]:

@@ -359,13 +359,15 @@ def test_policy_load_weights_then_step_keeps_loaded_weights(megatron_1proc, tmp_
     weights a little from the LOADED ones (not back to the random init the optimizer was built
     from, which collapsed every bf16 run after its first update)."""
     from rlrt_megatron.convert.hf_to_megatron import hf_to_megatron
+    from rlrt_megatron.convert.load import load_checkpoint_into_model
     from rlrt_megatron.convert.tiny import make_tiny_model
 
     hf_dir = make_tiny_model(tmp_path / "hf", seed=3, vocab_size=VOCAB)
     ckpt = hf_to_megatron(hf_dir, tmp_path / "meg", spec="local", show_progress=False)
     policy = _policy("local", dtype)
     init = {n: p.detach().clone() for n, p in policy.chunks[0].named_parameters()}
-    policy.load_weights(str(ckpt))
+    load_checkpoint_into_model(policy.chunks, str(ckpt))
+    policy.sync_main_params()
     loaded = {n: p.detach().clone() for n, p in policy.chunks[0].named_parameters()}
     seqs, starts = _rollouts()
     width = max(len(s) - r for s, r in zip(seqs, starts, strict=True))

@@ -16,11 +16,8 @@ import pytest
 import torch
 
 from rlrt_megatron.megatron import lm_head
-from rlrt_megatron.megatron.lm_head import (
-    lm_head_logprobs,
-    lm_head_logprobs_at_ids,
-    lm_head_topk,
-)
+from rlrt_megatron.megatron.lm_head import lm_head_logprobs
+from rlrt_megatron.megatron.lm_head_ids import lm_head_logprobs_at_ids, lm_head_topk
 from rlrt_megatron.megatron.logprobs import (
     vocab_parallel_logprobs_at_ids,
     vocab_parallel_topk_ids,
