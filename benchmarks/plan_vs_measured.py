@@ -32,7 +32,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from rlrt_megatron.launch.plan import (  # noqa: E402
-    BUILTIN_SHAPES,
     GIB,
     RESERVE_GIB,
     Layout,
@@ -43,6 +42,7 @@ from rlrt_megatron.launch.plan import (  # noqa: E402
     predict,
     static_bytes,
 )
+from rlrt_megatron.launch.plan_shapes import BUILTIN_SHAPES  # noqa: E402
 
 PROMPT = 64
 

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 from rlrt_megatron.launch.plan import (
-    BUILTIN_SHAPES,
     Layout,
     ModelShape,
     PlanError,
@@ -20,6 +19,7 @@ from rlrt_megatron.launch.plan import (
     predict,
     static_bytes,
 )
+from rlrt_megatron.launch.plan_shapes import BUILTIN_SHAPES
 
 REPO = Path(__file__).resolve().parents[2]
 
