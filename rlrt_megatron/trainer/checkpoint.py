@@ -261,8 +261,11 @@ class Checkpointer:
         *,
         teacher: Sequence[Any] | None = None,
         config: dict | None = None,
+        extra_files: dict[str, Any] | None = None,
     ) -> str:
-        """Write `iter_<step>` atomically and point `latest` at it; returns its path."""
+        """Write `iter_<step>` atomically and point `latest` at it; returns its path.
+        `extra_files` (rank 0): file name -> object, `torch.save`d into the checkpoint (the
+        asynchronous rollout queue)."""
         from megatron.core import dist_checkpointing
 
         final = os.path.join(self.root, iter_name(step))
@@ -287,6 +290,8 @@ class Checkpointer:
             if config is not None:
                 with open(os.path.join(tmp, "config.json"), "w") as f:
                     json.dump(config, f, indent=1)
+            for name, obj in (extra_files or {}).items():
+                torch.save(obj, os.path.join(tmp, name))
             if self.hf_dir:
                 copy_hf_metadata(self.hf_dir, os.path.join(tmp, "hf"))
             _fsync_tree(tmp)

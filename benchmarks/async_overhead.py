@@ -1,0 +1,80 @@
+"""Step time of asynchronous rollouts divided by synchronous ones, the engine in its own process.
+
+    python benchmarks/async_overhead.py [--steps 8] [--run-dir runs/bench_async] [dotted=value ...]
+
+Runs the tiny demo twice from the same warmed model and seed, both with the local engine in its
+own process (`rollout.local_process=true`): `rollout.async_steps=0` (every step waits for its
+rollouts) and `rollout.async_steps=1` (step k+1's batch is sampled while step k trains). The
+first two steps warm up; the median `time/step` of the rest is compared. With generation and
+training taking similar time the ideal ratio is ~0.5 (max instead of sum); the goal is <= 0.65.
+Needs two free CPU cores (one for the trainer, one for the engine process).
+Prints the per-phase medians and `ratio_async_over_sync=<float>` on its last line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+KEYS = ("time/rollout", "time/reward", "time/logprobs", "time/update", "time/sync")
+
+
+def run_mode(async_steps: int, args: argparse.Namespace) -> list[dict]:
+    from recipes import get_recipe
+    from rlrt_megatron.trainer.cli import _prepare_demo_model
+    from rlrt_megatron.trainer.train import train
+
+    model_dir = os.path.join(args.run_dir, "model")
+    cfg = get_recipe(
+        "tiny_demo",
+        [
+            f"logging.run_dir={os.path.join(args.run_dir, f'async{async_steps}')}",
+            f"model.hf_path={os.path.join(model_dir, 'hf')}",
+            f"model.megatron_ckpt={os.path.join(model_dir, 'megatron')}",
+            "checkpoint.resume=none",
+            "checkpoint.save_final=false",
+            "logging.console=none",
+            "logging.tensorboard=false",
+            "eval.every=0",
+            "rollout.local_process=true",
+            f"rollout.async_steps={async_steps}",
+            f"train.steps={args.steps}",
+            *args.overrides,
+        ],
+    )
+    _prepare_demo_model(cfg, model_dir)
+    return train(cfg)["metrics"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--warmup", type=int, default=2, help="steps left out of the medians")
+    p.add_argument("--run-dir", default="runs/bench_async")
+    p.add_argument("overrides", nargs="*")
+    args = p.parse_args(argv)
+    res = {mode: run_mode(mode, args)[args.warmup :] for mode in (0, 1)}
+    med = {
+        mode: {k: statistics.median(r.get(k, 0.0) for r in rows) for k in (*KEYS, "time/step")}
+        for mode, rows in res.items()
+    }
+    print(f"\nmedian seconds over steps {args.warmup + 1}..{args.steps} (engine in its own process)")
+    print(f"{'phase':<20}{'sync':>10}{'async':>10}")
+    for k in (*KEYS, "time/step"):
+        print(f"{k:<20}{med[0][k]:>10.3f}{med[1][k]:>10.3f}")
+    gen, step0 = med[0]["time/rollout"], med[0]["time/step"]
+    print(f"sync: generation {gen:.3f}s of a {step0:.3f}s step ({gen / step0:.0%})")
+    for mode in (0, 1):
+        rewards = [round(r["reward/mean"], 3) for r in res[mode]]
+        print(f"reward/mean async_steps={mode}: {rewards}")
+    print(f"ratio_async_over_sync={med[1]['time/step'] / step0:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
