@@ -6,7 +6,9 @@ Every rank runs the loop. The rollout engine and the reward workers live on rank
 and their results are broadcast; the algorithm (`rlrt_megatron.algorithms.get_algorithm`) is the
 only thing that knows what it computes, through its `needs_teacher` / `teacher_context` /
 `teacher_weights` / `needs_topk` attributes, so there is no per-algorithm branch here.
-Setup and the phase bodies live in `trainer/steps.py`.
+Setup and the phase bodies live in `trainer/steps.py`. With `rollout.async_steps=1` the same
+phases run, but `rollout` takes a batch the engine sampled during the previous step and `sync`
+queues the next one (`trainer/rollouts.py`); the logprobs phase runs the sync check either way.
 """
 
 from __future__ import annotations

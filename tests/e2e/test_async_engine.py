@@ -89,3 +89,31 @@ def test_errors_come_back_and_a_dead_child_is_reported(model_dir):
         eng.generate(_requests(LocalEngine(model_dir)), SamplingParams(max_new_tokens=2))
     assert not eng.health()
     eng.shutdown()
+
+
+def test_async_config_validation():
+    from rlrt_megatron.config import ConfigError, TrainConfig
+
+    def check(*ov):
+        return TrainConfig().override(["model.build_tiny=true", *ov]).validate()
+
+    assert check("rollout.async_steps=1").rollout.async_steps == 1
+    with pytest.raises(ConfigError, match="must be 0 or 1"):
+        check("rollout.async_steps=2")
+    with pytest.raises(ConfigError, match="colocated SGLang servers"):
+        check("rollout.async_steps=1", "rollout.engine=sglang")
+    check("rollout.async_steps=1", "rollout.engine=sglang", "rollout.sglang_colocated=false")
+
+
+def test_sync_tolerance_defaults_by_dtype():
+    from rlrt_megatron.config import TrainConfig
+    from rlrt_megatron.trainer.rollouts import SYNC_TOL_BF16, SYNC_TOL_FP32, sync_tol
+
+    cfg = TrainConfig().override(["model.params_dtype=float32", "rollout.local_dtype=float32"])
+    assert sync_tol(cfg) == SYNC_TOL_FP32
+    assert sync_tol(cfg.override(["rollout.local_dtype=bfloat16"])) == SYNC_TOL_BF16
+    assert sync_tol(cfg.override(["rollout.engine=sglang", "rollout.local_dtype=float32"])) == (
+        SYNC_TOL_BF16
+    )
+    assert sync_tol(cfg.override(["rollout.sync_check_tol=0.5"])) == 0.5
+    assert sync_tol(cfg.override(["rollout.sync_check_tol=-1"])) == -1
