@@ -159,10 +159,9 @@ class RolloutQueue:
         item = self.items.get(step)
         score = getattr(run.engine, "score", None) if self.rank0 else None
         self.probe_step = step
-        if not self.rank0 or item is None or score is None:
+        if not self.rank0 or item is None or item.payload is None or score is None:
             self.probe = None
             return
-        self.wait(step)
         prompts, responses = item.payload[0], item.payload[1]
         g = run.cfg.rollout.group_size
         n = min(PROBE_ROWS, len(responses))
@@ -193,13 +192,20 @@ class RolloutQueue:
         return meta, {s: it.payload for s, it in self.items.items() if it.payload is not None}
 
     def restore(self, run: Any, meta: dict, payloads: dict | None) -> None:
-        """Re-create the queue of a checkpoint: sampled batches as saved, others regenerated."""
+        """Re-create the queue of a checkpoint written at the end of step k: batch k+1 as saved
+        (`payloads`, rank 0), the engine's score of it with v_k, then batch k+2 regenerated, in
+        the order the uninterrupted run queued them."""
+        regenerate = []
         for b in meta.get("batches", []):
             step, idx = int(b["step"]), [int(i) for i in b["idx"]]
-            if payloads is not None and step in payloads:
-                self.items[step] = _Item(step, idx, payload=tuple(payloads[step]))
+            if step == run.step + 1:
+                payload = None if payloads is None else tuple(payloads[step])
+                self.items[step] = _Item(step, idx, payload=payload)
             else:
-                self.submit(run, step, idx)
+                regenerate.append((step, idx))
+        self.submit_probe(run, run.step + 1)
+        for step, idx in regenerate:
+            self.submit(run, step, idx)
 
     def close(self) -> None:
         if self.pool is not None:

@@ -87,8 +87,8 @@ class Batch:
     entropy: torch.Tensor | None = None
     behavior: torch.Tensor | None = None  # [B, T] the engine's log-probs, padded
     topk_ids: torch.Tensor | None = None  # [B, T, K] the pre-update student's top-k support
-    sync_metrics: dict = field(default_factory=dict)  # staleness and the sync check
     teacher_topk_logprobs: torch.Tensor | None = None  # [B, T, K+1] teacher on that support
+    sync_metrics: dict = field(default_factory=dict)  # staleness and the sync check
 
 
 # ---- setup --------------------------------------------------------------------------------
@@ -289,7 +289,6 @@ def _start_queue(run: Run, resume: str | None) -> None:
         path = os.path.join(resume, ROLLOUT_QUEUE_FILE)
         payloads = torch.load(path, weights_only=False) if os.path.isfile(path) else {}
     q.restore(run, meta, payloads)
-    q.submit_probe(run, run.step + 1)
 
 
 def load_dataset(cfg: TrainConfig) -> Any:
