@@ -105,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{k:<20}{med[0][k]:>10.3f}{med[1][k]:>10.3f}")
     gen, step0 = med[0]["time/rollout"], med[0]["time/step"]
     print(f"sync: generation {gen:.3f}s of a {step0:.3f}s step ({gen / step0:.0%})")
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"load average at the end: {load} on {os.cpu_count()} CPUs (timings need 2 free cores)")
     half = args.steps // 2
     for (mode, seed), rows in sorted(curves.items()):
         last = [r["reward/mean"] for r in rows[half:]]
