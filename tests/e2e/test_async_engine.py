@@ -33,7 +33,9 @@ def engines(model_dir):
 
 def _requests(engine) -> list[GenerateRequest]:
     tok = engine.tokenizer
-    return [GenerateRequest(tok.encode(t), request_id=str(i)) for i, t in enumerate(["1+2=", "7*3="])]
+    return [
+        GenerateRequest(tok.encode(t), request_id=str(i)) for i, t in enumerate(["1+2=", "7*3="])
+    ]
 
 
 def test_generate_and_update_match_the_in_process_engine(engines):

@@ -261,9 +261,7 @@ def test_tis_multiplies_each_ppo_token_term() -> None:
     prepared = algo.prepare(batch)
     lp = (batch.old_logprobs + 0.1).requires_grad_()
     loss, _ = algo.loss(lp, prepared)
-    tok, _ = ppo_token_losses(
-        lp, batch.old_logprobs, prepared.advantages, batch.mask, 0.2, 0.28
-    )
+    tok, _ = ppo_token_losses(lp, batch.old_logprobs, prepared.advantages, batch.mask, 0.2, 0.28)
     ref = (tok * prepared.correction_weights).sum() / batch.mask.sum()
     torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-7)
     loss.backward()
@@ -289,4 +287,3 @@ def test_no_rollout_logprobs_means_no_correction() -> None:
     prepared = algo.prepare(make_batch())
     assert prepared.correction_weights is None
     assert not any(k.startswith("mismatch/") for k in prepared.metrics)
-
