@@ -7,10 +7,10 @@ Asynchronous (`rollout.async_steps=1`, :class:`RolloutQueue`): one background th
 drives the engine (a `ProcessEngine` for the local engine, or SGLang servers on their own nodes),
 so generation overlaps training::
 
-    end of step k (sync phase):  wait for batch k+1 (sampled with v_{k-1})
-                                 push weights v_k
-                                 ask the engine to score a few rows of batch k+1 (sync check)
-                                 submit batch k+2 (sampled with v_k)   -> runs during step k+1
+    end of step k:  rollout phase: wait for batch k+1 (sampled with v_{k-1})
+                    sync phase:    push weights v_k
+                                   ask the engine to score a few rows of batch k+1 (sync check)
+                                   submit batch k+2 (sampled with v_k)   -> runs during step k+1
 
 Batch k+1 is trained in step k+1 by a trainer holding v_k: one version behind
 (`rollout/staleness` = 1; the first batch after a fresh start has 0). Prompts are rendered and
@@ -34,7 +34,6 @@ was missed.
 
 from __future__ import annotations
 
-import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -121,7 +120,6 @@ class RolloutQueue:
         self.items: dict[int, _Item] = {}
         self.probe: Future | None = None  # rank 0: (step, rows, engine log-probs)
         self.probe_step = -1
-        self.wait_s = 0.0
 
     # -- the loop's calls
     def submit(self, run: Any, step: int, idx: list[int] | None = None) -> None:
@@ -140,10 +138,8 @@ class RolloutQueue:
         item = self.items.get(step)
         if item is None or item.future is None:
             return
-        t = time.perf_counter()
         item.payload = item.future.result()
         item.future = None
-        self.wait_s += time.perf_counter() - t
 
     def take(self, step: int) -> tuple[list[int], tuple | None]:
         """(prompt indices, payload on rank 0 / None elsewhere) of batch `step`."""

@@ -591,10 +591,17 @@ def update(run: Run, batch: Batch, prepared: Any) -> dict[str, float]:
     return {k: v / max(count, 1) for k, v in sums.items()}
 
 
+def await_rollouts(run: Run, step: int) -> None:
+    """Asynchronous rollouts: wait for the batch sampled during step `step` (next step's batch),
+    so that the engine is idle for the weight sync. A no-op for synchronous rollouts."""
+    if run.rollouts is not None:
+        run.rollouts.wait(step + 1)
+
+
 def sync(run: Run, step: int) -> None:
     """Refresh the teacher copy (snapshot / EMA) and push the new weights to the engine; with
-    asynchronous rollouts, first wait for the batch sampled during this step, then queue the
-    engine's sync-check score and the next batch (see `trainer/rollouts.py`)."""
+    asynchronous rollouts, then queue the engine's sync-check score and the next batch (see
+    `trainer/rollouts.py`)."""
     algo = run.algo
     if run.teacher is not None and step > 0:
         if algo.teacher_weights == "ema":
@@ -603,7 +610,7 @@ def sync(run: Run, step: int) -> None:
             run.policy.copy_into(run.teacher)
     q = run.rollouts
     if q is not None:
-        q.wait(step + 1)  # the engine is idle from here on
+        q.wait(step + 1)  # done by `await_rollouts` in the loop: the engine is idle
     push_weights(run, step)
     if q is not None:
         q.submit_probe(run, step + 1)
@@ -676,8 +683,6 @@ def step_metrics(
         else:  # "loss" is the mini-batch loss, the rest the algorithm's loss metrics
             m["loss/value" if k == "loss" else f"loss/{k}"] = v
     m.update(times)
-    if run.rollouts is not None:  # time the loop waited for asynchronous rollouts this step
-        m["time/rollout_wait"], run.rollouts.wait_s = run.rollouts.wait_s, 0.0
     m["time/step"] = step_time
     m["throughput/tokens_per_s"] = total_tokens / max(step_time, 1e-9)
     if mask.is_cuda:  # peak since the last step (rollout engine, log-probs, update, sync)
@@ -771,6 +776,7 @@ __all__ = [
     "setup",
     "step_metrics",
     "sync",
+    "await_rollouts",
     "teardown",
     "update",
 ]
