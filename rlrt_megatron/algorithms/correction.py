@@ -16,6 +16,10 @@ algorithms (:mod:`.registry`) multiply into each token's policy-gradient (or dis
 - ``mis`` (masked importance sampling, "icepop"): ``w = 1`` where ``low <= r <= cap``, else 0
   (``low`` defaults to ``1 / cap``): tokens the two sides disagree on drop out of the loss.
 
+``old`` is the trainer's recompute (``train.recompute_old_logprobs=true``, the default). With
+the engine's log-probs as PPO's old log-probs instead, the PPO ratio already spans the mismatch
+and a correction would count it twice: keep mode ``none`` there.
+
 ``level="sequence"`` uses one ratio per row, ``exp(mean_t(old_it - rollout_it))`` over its
 tokens (the geometric mean of the token ratios), for every token of the row.
 
