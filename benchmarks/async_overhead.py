@@ -116,6 +116,12 @@ def main(argv: list[str] | None = None) -> int:
         )
     if args.plot:
         plot(curves, args.plot)
+    # the fastest step of each mode: the least disturbed by other jobs on a shared machine
+    fastest = {mode: min(r["time/step"] for r in rows) for mode, rows in timed.items()}
+    print(
+        f"fastest step: sync {fastest[0]:.3f}s, async {fastest[1]:.3f}s, "
+        f"ratio {fastest[1] / fastest[0]:.3f}"
+    )
     print(f"ratio_async_over_sync={med[1]['time/step'] / step0:.3f}")
     return 0
 
