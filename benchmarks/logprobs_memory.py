@@ -1,25 +1,36 @@
-"""Peak memory and time: chunked vocab-parallel log-probs vs naive `log_softmax(logits.float())`.
+"""Peak memory and time of per-token log-probs from hidden states: the LM head fused with the
+log-probs (`megatron/lm_head.py`) vs naive `log_softmax(hidden @ W.T)` and library kernels.
 
-    .venv/bin/python benchmarks/logprobs_memory.py [--tokens 1024 4096 8192] [--vocab 151936]
+GPU (H200; the issue's goals; ~10 s; `--device cuda` alone means the same):
 
-Every (T, implementation, mode) case runs in its own child process, so one case's allocator
-state cannot hide or inflate another's peak. Inputs: bf16 logits [T, V] (the LM head's output
-dtype) and int64 targets. Modes: `fwd` = no-grad forward (the `logprobs` phase: student and
-teacher log-probs), `fwd+bwd` = forward + backward to the logits (the `update` phase).
+    python benchmarks/logprobs_memory.py --device cuda --T 8192,32768 --H 4096 --V 151936 \\
+        --dtype bf16
 
-How memory is measured:
-* CPU: Linux peak resident set size. After the inputs exist (and are touched), the child resets
-  the kernel's high-water mark (`echo 5 > /proc/self/clear_refs`), runs the case once, and reads
-  `VmHWM` from /proc/self/status. Reported "peak" = VmHWM - VmRSS before the run, i.e. the
-  incremental memory above the input logits (and targets). Large tensors are mmap'ed by glibc
-  and returned on free, so the high-water mark tracks tensor lifetimes closely.
-* GPU (when present): `torch.cuda.max_memory_allocated()` - `memory_allocated()` before the run.
-Time: a separate child per (T, mode) runs the implementations interleaved, one warm-up round then
-`--repeats` rounds, and reports each one's best (single thread on CPU; interleaving spreads the
-load of other processes on a shared machine evenly; each run includes allocating temporaries).
+CPU (the memory acceptance check; a few minutes on one core):
 
-Naive cases whose estimated footprint does not fit in the machine's available memory (with
-a margin) are skipped and reported as such instead of swapping or being OOM-killed.
+    .venv/bin/python benchmarks/logprobs_memory.py --device cpu --T 8192 --H 1024 --V 151936 \\
+        --dtype fp32 --modes fwd
+
+Inputs: hidden `[T, H]`, the LM-head weight `[V, H]` (one TP rank holding the whole vocabulary),
+int64 targets, and for `fwd+bwd` per-token weights w: the loss is `(logp * w).sum()`, back-
+propagated to the hidden states and the weight (both gradients are included in the peak).
+Rows (each optional one only when importable / applicable):
+
+* `naive`   - `log_softmax((hidden @ W.T).float())` gathered at the targets (full fp32 logits);
+* `logits`  - the previous path: bf16 logits from the LM head matmul, then the chunked
+              `vocab_parallel_logprobs` (gradient written into the logits' storage);
+* `fused`   - `lm_head_logprobs(impl="fused")`: cuBLAS blocks + Triton kernels (CUDA);
+* `chunked` - `lm_head_logprobs(impl="chunked")`: the same blocks with torch ops (the CPU path);
+* `liger`   - Liger's fused linear cross entropy (`reduction="none"` forward; it takes no
+              per-token loss weights, so `fwd+bwd` backpropagates `reduction="sum"`: same work);
+* `cce`     - cut-cross-entropy's `linear_cross_entropy(reduction="none")`.
+
+Peak = memory above the inputs: on CUDA `max_memory_allocated()` minus the allocation before
+the run (one process, cache emptied between cases); on CPU the Linux peak RSS of a child
+process per case (`VmHWM` after resetting it through /proc/self/clear_refs, minus `VmRSS`
+before the run). Time: CUDA = best of `--repeats` after a warm-up; CPU = the single measured
+run (one thread). `err` = max |logp - fp32 reference| over the first 256 tokens (fwd rows).
+Naive cases that would not fit in the available memory are skipped (CPU) and say so.
 """
 
 from __future__ import annotations
@@ -33,158 +44,267 @@ import time
 
 import torch
 
-GiB = 2**30
+GiB, MiB = 2**30, 2**20
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 
 
-def _rss_kib(field: str) -> int:
+# ----------------------------------------------------------------------------------------------
+# Inputs and the implementations
+# ----------------------------------------------------------------------------------------------
+def make_inputs(t: int, h: int, v: int, dtype: torch.dtype, dev: torch.device):
+    g = torch.Generator(device=dev).manual_seed(0)
+    hidden = torch.randn(t, h, generator=g, device=dev, dtype=torch.float32).to(dtype)
+    weight = torch.empty(v, h, device=dev, dtype=dtype)
+    for a in range(0, v, 8192):  # in blocks: no [V, H] fp32 temporary inflating the baseline
+        b = min(v, a + 8192)
+        weight[a:b] = (torch.randn(b - a, h, generator=g, device=dev) * h**-0.5 * 2).to(dtype)
+    target = torch.randint(0, v, (t,), generator=g, device=dev)
+    w = torch.randn(t, generator=g, device=dev)
+    return hidden, weight, target, w
+
+
+def available_impls(dev: torch.device) -> list[str]:
+    impls = ["naive", "logits"]
+    if dev.type == "cuda":
+        from rlrt_megatron.megatron.lm_head import resolve_impl
+
+        if resolve_impl("fused", dev) == "fused":
+            impls.append("fused")
+    impls.append("chunked")
+    try:
+        import liger_kernel  # noqa: F401
+
+        if dev.type == "cuda":
+            impls.append("liger")
+    except ImportError:
+        pass
+    try:
+        import cut_cross_entropy  # noqa: F401
+
+        if dev.type == "cuda":
+            impls.append("cce")
+    except ImportError:
+        pass
+    return impls
+
+
+def run_case(impl: str, mode: str, hidden, weight, target, w) -> torch.Tensor:
+    """One forward (no grad) or forward + backward; returns the log-probs (detached)."""
+    from rlrt_megatron.megatron.lm_head import lm_head_logprobs
+    from rlrt_megatron.megatron.logprobs import vocab_parallel_logprobs
+
+    grad = mode == "fwd+bwd"
+    h = hidden.detach().requires_grad_(grad)
+    wt = weight.detach().requires_grad_(grad)
+    with torch.set_grad_enabled(grad):
+        if impl == "naive":
+            lp = torch.log_softmax((h @ wt.t()).float(), -1).gather(-1, target[:, None])[:, 0]
+        elif impl == "logits":
+            lp = vocab_parallel_logprobs(h @ wt.t(), target, inplace_backward=True)
+        elif impl in ("fused", "chunked"):
+            lp = lm_head_logprobs(h, wt, target, impl=impl)
+        elif impl == "liger":
+            from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+            if grad:
+                loss = liger_fused_linear_cross_entropy(h, wt, target, reduction="sum")
+                loss.backward()
+                return loss.detach()
+            lp = -liger_fused_linear_cross_entropy(h, wt, target, reduction="none")
+        elif impl == "cce":
+            from cut_cross_entropy import linear_cross_entropy
+
+            lp = -linear_cross_entropy(h, wt, target, reduction="none")
+        else:
+            raise ValueError(impl)
+        if grad:
+            (lp * w).sum().backward()
+    return lp.detach().float()
+
+
+def fp32_reference(hidden, weight, target, n: int = 256) -> torch.Tensor:
+    z = hidden[:n].float() @ weight.float().t()
+    return torch.log_softmax(z, -1).gather(-1, target[:n, None])[:, 0]
+
+
+def _sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+# ----------------------------------------------------------------------------------------------
+# CUDA: one process, every case in turn
+# ----------------------------------------------------------------------------------------------
+def bench_cuda(args, dev) -> list[dict]:
+    rows = []
+    dtype = DTYPES[args.dtype]
+    for t in args.T:
+        hidden, weight, target, w = make_inputs(t, args.H, args.V, dtype, dev)
+        ref = fp32_reference(hidden, weight, target)
+        for mode in args.modes:
+            for impl in args.impls:
+                row = dict(T=t, mode=mode, impl=impl)
+                try:
+                    torch.cuda.empty_cache()
+                    _sync(dev)
+                    base = torch.cuda.memory_allocated()
+                    torch.cuda.reset_peak_memory_stats()
+                    lp = run_case(impl, mode, hidden, weight, target, w)
+                    _sync(dev)
+                    row["peak"] = torch.cuda.max_memory_allocated() - base
+                    if mode == "fwd":
+                        row["err"] = float((lp[: ref.numel()] - ref).abs().max())
+                        row["max_logp"] = float(lp.max())
+                    del lp
+                    times = []
+                    for i in range(args.repeats + 1):
+                        _sync(dev)
+                        t0 = time.perf_counter()
+                        run_case(impl, mode, hidden, weight, target, w)
+                        _sync(dev)
+                        if i:
+                            times.append(time.perf_counter() - t0)
+                    row["time"] = min(times)
+                except Exception as e:  # noqa: BLE001 - one failing row must not end the table
+                    row["error"] = f"{type(e).__name__}: {str(e)[:120]}"
+                torch.cuda.empty_cache()
+                rows.append(row)
+                print_row(row, rows)
+        del hidden, weight, target, w
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# CPU: a child process per case (peak RSS needs a fresh process)
+# ----------------------------------------------------------------------------------------------
+def _rss(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(field)
 
 
-def _make_inputs(t: int, v: int, dev: torch.device):
-    logits = torch.empty(t, v, dtype=torch.bfloat16, device=dev)
-    g = torch.Generator(device=dev).manual_seed(0)
-    step = 256  # fill in row blocks so no [T, V] fp32 temporary inflates the baseline
-    for a in range(0, t, step):
-        logits[a : a + step] = (torch.randn(min(step, t - a), v, generator=g, device=dev) * 2).to(
-            torch.bfloat16
-        )
-    target = torch.randint(0, v, (t,), generator=g, device=dev)
-    return logits, target
+def cpu_child(args) -> None:
+    torch.set_num_threads(args.threads)
+    dev = torch.device("cpu")
+    hidden, weight, target, w = make_inputs(args.T[0], args.H, args.V, DTYPES[args.dtype], dev)
+    ref = fp32_reference(hidden, weight, target) if args.modes[0] == "fwd" else None
+    base = _rss("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current RSS
+    t0 = time.perf_counter()
+    lp = run_case(args.impls[0], args.modes[0], hidden, weight, target, w)
+    out = {"time": time.perf_counter() - t0, "peak": _rss("VmHWM") - base}
+    if ref is not None:
+        out["err"] = float((lp[: ref.numel()] - ref).abs().max())
+        out["max_logp"] = float(lp.max())
+    print(json.dumps(out))
 
 
-def _run_case(impl: str, mode: str, logits: torch.Tensor, target: torch.Tensor) -> None:
-    from rlrt_megatron.megatron.logprobs import vocab_parallel_logprobs
-
-    if mode == "fwd":
-        with torch.no_grad():
-            if impl == "naive":
-                torch.log_softmax(logits.float(), -1).gather(-1, target[:, None]).squeeze(-1)
-            else:
-                vocab_parallel_logprobs(logits, target)
-        return
-    x = logits.detach().requires_grad_()
-    if impl == "naive":
-        lp = torch.log_softmax(x.float(), -1).gather(-1, target[:, None]).squeeze(-1)
-    else:
-        # `ours`: gradient written into the logits' storage (how forward.py calls it);
-        # `ours-copy`: a fresh gradient buffer (the default).
-        lp = vocab_parallel_logprobs(x, target, inplace_backward=impl == "ours")
-    lp.sum().backward()
-
-
-def child(args: argparse.Namespace) -> None:
-    """`--impl X`: peak memory of one run of X. `--impl a,b,c`: interleaved timing of a, b, c."""
-    torch.set_num_threads(1)
-    dev = torch.device(args.device)
-    logits, target = _make_inputs(args.t, args.vocab, dev)
-    impls = args.impl.split(",")
-    if len(impls) == 1:
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-            base = torch.cuda.memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
-        else:
-            base = _rss_kib("VmRSS") * 1024
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # reset VmHWM to the current RSS
-        _run_case(impls[0], args.mode, logits, target)
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-            peak = torch.cuda.max_memory_allocated() - base
-        else:
-            peak = _rss_kib("VmHWM") * 1024 - base
-        print(json.dumps({"peak": peak}))
-        return
-    # Interleaved repeats so that load from other processes on a shared machine hits all
-    # implementations alike; the first round is a warm-up (imports, first-touch page faults).
-    times: dict[str, list[float]] = {i: [] for i in impls}
-    for _ in range(args.repeats + 1):
-        for impl in impls:
-            t0 = time.perf_counter()
-            _run_case(impl, args.mode, logits, target)
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            times[impl].append(time.perf_counter() - t0)
-    print(json.dumps({i: min(ts[1:]) for i, ts in times.items()}))
-
-
-def _naive_estimate(t: int, v: int, mode: str) -> float:
-    """Bytes the naive case needs (inputs included): fp32 copy + fp32 log-softmax output,
-    plus for backward an fp32 grad of the log-softmax, the fp32 input grad and the bf16 grad."""
+def naive_bytes(t: int, v: int, mode: str) -> int:
+    """What the naive case needs above the inputs: logits + fp32 copy/log-softmax (+ grads)."""
     f32 = t * v * 4
-    inputs = t * v * 2
-    return inputs + (2 * f32 if mode == "fwd" else 3 * f32 + inputs)
+    return 2 * f32 if mode == "fwd" else 4 * f32
+
+
+def bench_cpu(args) -> list[dict]:
+    import psutil
+
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    rows = []
+    for t in args.T:
+        for mode in args.modes:
+            for impl in args.impls:
+                row = dict(T=t, mode=mode, impl=impl)
+                need = naive_bytes(t, args.V, mode)
+                if impl == "naive" and need > 0.8 * psutil.virtual_memory().available:
+                    row["error"] = f"skipped: needs ~{need / GiB:.1f} GiB (estimate)"
+                    row["est_peak"] = need
+                else:
+                    cmd = [sys.executable, os.path.abspath(__file__), "--child", "--device", "cpu"]
+                    cmd += ["--T", str(t), "--H", str(args.H), "--V", str(args.V)]
+                    cmd += ["--dtype", args.dtype, "--modes", mode, "--impls", impl]
+                    cmd += ["--threads", str(args.threads)]
+                    res = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+                    if res.returncode:
+                        row["error"] = f"failed: {res.stderr.strip()[-200:]}"
+                    else:
+                        row.update(json.loads(res.stdout.strip().splitlines()[-1]))
+                rows.append(row)
+                print_row(row, rows)
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+def print_row(row: dict, rows: list[dict]) -> None:
+    line = f"{row['T']:>6} {row['mode']:>8} {row['impl']:>8}"
+    if "error" in row:
+        print(f"{line}   {row['error']}", flush=True)
+        return
+    naive = next(
+        (
+            r
+            for r in rows
+            if r["impl"] == "naive" and r["T"] == row["T"] and r["mode"] == row["mode"]
+        ),
+        None,
+    )
+    peak = row["peak"]
+    line += f" {peak / MiB:>10.1f} {row['time'] * 1e3:>9.1f}"
+    if naive is not None and row is not naive:
+        n_peak = naive.get("peak", naive.get("est_peak"))
+        est = "~" if "peak" not in naive else " "
+        line += f" {est}{n_peak / max(peak, 1):>9.1f}x"
+        line += f" {row['time'] / naive['time']:>9.2f}" if "time" in naive else f" {'-':>9}"
+    else:
+        line += f" {'':>11} {'':>9}"
+    if "err" in row:
+        line += f" {row['err']:>9.1e} {row['max_logp']:>8.1e}"
+    print(line, flush=True)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--tokens", type=int, nargs="+", default=[1024, 4096, 8192])
-    p.add_argument("--vocab", type=int, default=151_936)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--modes", nargs="+", default=["fwd", "fwd+bwd"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--T", default=None, help="token counts, comma-separated (default: CUDA "
+                   "8192,32768; CPU 1024,8192)")  # fmt: skip
+    p.add_argument("--H", type=int, default=None, help="hidden size (default: CUDA 4096; CPU 1024)")
+    p.add_argument("--V", type=int, default=151_936)
+    p.add_argument("--dtype", default=None, help="bf16 | fp32 (default: bf16 on CUDA, else fp32)")
+    p.add_argument("--modes", default="fwd,fwd+bwd")
+    p.add_argument("--impls", default="", help="subset of the rows (default: all available)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs after a warm-up (CUDA)")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--t", type=int, help=argparse.SUPPRESS)
-    p.add_argument("--impl", help=argparse.SUPPRESS)
-    p.add_argument("--mode", help=argparse.SUPPRESS)
     args = p.parse_args()
+    dev = torch.device(args.device)
+    cuda = dev.type == "cuda"
+    args.T = [int(x) for x in str(args.T or ("8192,32768" if cuda else "1024,8192")).split(",")]
+    args.H = args.H or (4096 if cuda else 1024)
+    args.modes = args.modes.split(",")
+    args.dtype = args.dtype or ("bf16" if dev.type == "cuda" else "fp32")
+    args.impls = args.impls.split(",") if args.impls else available_impls(dev)
     if args.child:
-        child(args)
+        cpu_child(args)
         return
-
-    import psutil
-
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     print(
-        f"device={args.device} V={args.vocab} bf16 logits; peak = memory above the inputs "
-        f"({'peak RSS via /proc VmHWM' if args.device == 'cpu' else 'max_memory_allocated'}); "
-        f"time = best of {args.repeats}, 1 thread"
+        f"device={dev} H={args.H} V={args.V} {args.dtype}; peak = memory above the inputs "
+        f"({'max_memory_allocated' if dev.type == 'cuda' else 'peak RSS, child per case'}); "
+        f"fwd+bwd = (logp * w).sum() backward to hidden and weight; ratios vs naive"
     )
-    header = f"{'T':>6} {'mode':>8} {'impl':>10} {'peak MiB':>10} {'time s':>8}"
-    header += f" {'mem naive/x':>12} {'time x/naive':>13}"
-    print(header)
-
-    def run_child(t: int, mode: str, impl: str) -> dict | str:
-        cmd = [sys.executable, os.path.abspath(__file__), "--child", "--t", str(t)]
-        cmd += ["--impl", impl, "--mode", mode, "--vocab", str(args.vocab)]
-        cmd += ["--repeats", str(args.repeats), "--device", args.device]
-        out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
-        if out.returncode != 0:
-            return f"failed: {out.stderr.strip()[-300:]}"
-        return json.loads(out.stdout.strip().splitlines()[-1])
-
-    for t in args.tokens:
-        for mode in args.modes:
-            impls = ["naive", "ours"] + (["ours-copy"] if mode == "fwd+bwd" else [])
-            need = _naive_estimate(t, args.vocab, mode)
-            avail = psutil.virtual_memory().available
-            if args.device == "cpu" and need > 0.8 * avail:
-                print(
-                    f"{t:>6} {mode:>8} {'naive':>10}   skipped: needs ~{need / GiB:.1f} GiB, "
-                    f"{avail / GiB:.1f} GiB available"
-                )
-                impls.remove("naive")
-            peaks = {i: run_child(t, mode, i) for i in impls}
-            times = run_child(t, mode, ",".join(impls))
-            for impl in impls:
-                peak = peaks[impl]
-                if isinstance(peak, str) or isinstance(times, str):
-                    print(
-                        f"{t:>6} {mode:>8} {impl:>10}   {peak if isinstance(peak, str) else times}"
-                    )
-                    continue
-                line = f"{t:>6} {mode:>8} {impl:>10} {peak['peak'] / 2**20:>10.1f}"
-                line += f" {times[impl]:>8.3f}"
-                if impl != "naive" and "naive" in impls and not isinstance(peaks["naive"], str):
-                    line += f" {peaks['naive']['peak'] / max(peak['peak'], 1):>12.1f}"
-                    line += f" {times[impl] / times['naive']:>13.2f}"
-                print(line, flush=True)
+    print(
+        f"{'T':>6} {'mode':>8} {'impl':>8} {'peak MiB':>10} {'time ms':>9} {'naive/x':>11} "
+        f"{'x/naive':>9} {'err':>9} {'max logp':>8}"
+    )
+    t0 = time.perf_counter()
+    if dev.type == "cuda":
+        bench_cuda(args, dev)
+    else:
+        bench_cpu(args)
+    print(f"total {time.perf_counter() - t0:.1f} s")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""`rlrt` command line: `demo | train | convert | eval | analyze | slurm`.
+"""`rlrt` command line: `demo | train | convert | eval | analyze | slurm | plan`.
 
 Each sub-command lives with its subpackage (`<module>.register(subparsers)`); importing this file
 imports none of them, so `rlrt --help` stays fast and a missing optional package only affects the
@@ -19,6 +19,7 @@ SUBCOMMANDS: dict[str, str] = {
     "eval": "rlrt_megatron.eval.cli",
     "analyze": "rlrt_megatron.eval.cli",
     "slurm": "rlrt_megatron.launch.cli",
+    "plan": "rlrt_megatron.launch.cli",
 }
 
 

@@ -100,8 +100,12 @@ class ModelConfig:
         "not all be zero). Cached under the run dir.",
     )
     sft_lr: float = _f(3e-3, "Learning rate of the SFT warm-up.")
-    spec: Literal["local", "te"] = _f(
-        "local", "Layer spec: `local` (pure PyTorch, CPU) or `te` (Transformer Engine, GPU)."
+    spec: Literal["auto", "local", "torch", "te"] = _f(
+        "auto",
+        "Layer spec: `local` (Megatron's pure PyTorch modules, dense attention; CPU), `torch` "
+        "(PyTorch SDPA flash attention, packed rows; GPUs without TE), `te` (Transformer "
+        "Engine, GPU; needed for FP8). `auto`: te with TE and a GPU, torch on a GPU without "
+        "TE, local on CPU (resolved where the model is built).",
     )
     params_dtype: Literal["auto", "float32", "bfloat16"] = _f(
         "float32",
@@ -109,6 +113,12 @@ class ModelConfig:
         "gradients in Megatron's optimizer/DDP. `auto` = bfloat16 on a GPU, float32 on CPU.",
     )
     fp8: FP8Settings = _sub(FP8Settings)
+    logprobs_impl: Literal["auto", "fused", "chunked", "naive"] = _f(
+        "auto",
+        "LM head + log-probs from hidden states (student, teacher, update; no [tokens, vocab] "
+        "logits): `fused` (Triton kernels, CUDA), `chunked` (torch, any device; the reference), "
+        "`naive` (full fp32 logits, for comparison only), `auto` (fused on CUDA, else chunked).",
+    )
 
 
 @dataclass
@@ -467,7 +477,16 @@ def validation_errors(
         "is empty; give a Hugging Face model directory or set model.build_tiny=true",
     )
     need(m.sft_warmup_steps >= 0, "model.sft_warmup_steps", "must be >= 0")
-    need(m.spec in ("local", "te"), "model.spec", "must be `local` or `te`")
+    need(
+        m.spec in ("auto", "local", "torch", "te"),
+        "model.spec",
+        f"is {m.spec!r}; must be `auto`, `local`, `torch` or `te`",
+    )
+    need(
+        m.logprobs_impl in ("auto", "fused", "chunked", "naive"),
+        "model.logprobs_impl",
+        f"must be `auto`, `fused`, `chunked` or `naive`, got {m.logprobs_impl!r}",
+    )
     need(
         not m.fp8.enabled or m.spec == "te",
         "model.fp8.enabled",

@@ -101,7 +101,7 @@ def add_convert_subcommands(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--dtype", default=None, help="bf16 | fp16 | fp32 (default: keep HF dtype)")
     a.add_argument(
         "--spec",
-        choices=("local", "te"),
+        choices=("auto", "local", "torch", "te"),
         default="local",
         help="parameter names to write (either loads into either spec)",
     )

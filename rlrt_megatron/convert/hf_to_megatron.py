@@ -108,8 +108,9 @@ def hf_to_megatron(
     """Convert an HF Qwen3 / Llama checkpoint into a Megatron dist checkpoint at `out_dir`.
 
     dtype: target dtype (`bf16`, `fp16`, `fp32`); None keeps the HF tensors' dtype.
-    spec: parameter names of the layer spec to write (`local` or `te`); either loads into either
-        spec through `load_checkpoint_into_model`, which renames keys when they differ.
+    spec: parameter names of the layer spec to write (`local`, `torch` = local names, `te`, or
+        `auto` = the spec `megatron.model.resolve_spec` picks here); any loads into any spec
+        through `load_checkpoint_into_model`, which renames keys when they differ.
     A single-process operation: it initialises a 1-rank gloo group if none exists; called from
     one rank of a multi-rank job (the others waiting), it runs in a child process.
     """
@@ -118,6 +119,10 @@ def hf_to_megatron(
     from rlrt_megatron import platform
 
     target = io.parse_dtype(dtype)
+    if spec == "auto":
+        from rlrt_megatron.megatron.model import resolve_spec
+
+        spec = resolve_spec(spec)
     if spec not in mapping.SPECS:
         raise ValueError(f"unknown layer spec {spec!r}; choose one of {mapping.SPECS}")
     hf_dir = Path(hf_dir)

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 SUPPORTED_MODEL_TYPES = ("qwen3", "llama")
-SPECS = ("local", "te")
+SPECS = ("local", "torch", "te")  # `torch` (SDPA attention) keeps the local names
 
 LAYER = "{i}"
 
@@ -36,7 +36,7 @@ class Rule:
     """One Megatron parameter and the HF tensor(s) it is made of.
 
     hf: HF names (with `{i}` for the layer index); several names are fused in this order.
-    local: Megatron name with the local (pure PyTorch) layer spec.
+    local: Megatron name with the local (pure PyTorch) and torch (SDPA) layer specs.
     te: Megatron name with the Transformer Engine spec (fused layernorm-linear), if different.
     fuse: "identity" | "qkv" (GQA grouping) | "gate_up" (SwiGLU fc1).
     tp_axis: tensor-parallel split axis of the Megatron tensor: 0 column / vocab, 1 row,

@@ -25,6 +25,29 @@ logger = logging.getLogger(__name__)
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
 
 
+def resolve_dist_checkpoint(path: str | Path) -> Path:
+    """The Megatron dist checkpoint directory (the one holding `metadata.json`) of `path`: that
+    directory itself, a trainer checkpoint `iter_N/` (its `dist/`), or a trainer checkpoint root
+    (the `iter_N/dist` its `latest` file names)."""
+    path = Path(path)
+    if (path / "metadata.json").is_file():
+        return path
+    if (path / "dist" / "metadata.json").is_file():
+        return path / "dist"
+    if (path / "latest").is_file():
+        name = (path / "latest").read_text().strip()
+        if (path / name / "dist" / "metadata.json").is_file():
+            return path / name / "dist"
+        raise FileNotFoundError(
+            f"{path}: `latest` names {name!r} but {path / name}/dist holds no checkpoint "
+            "(metadata.json); pass an iter_N directory explicitly"
+        )
+    raise FileNotFoundError(
+        f"{path} is not a Megatron dist checkpoint (no metadata.json), a trainer checkpoint "
+        "iter_N/ (with dist/) or a checkpoint root with a `latest` file"
+    )
+
+
 def find_hf_metadata_dir(ckpt_dir: Path, hf_config_dir: str | Path | None) -> Path:
     candidates = (
         [Path(hf_config_dir)]
@@ -104,9 +127,7 @@ def megatron_to_hf(
     from rlrt_megatron import platform
 
     target = io.parse_dtype(dtype)
-    ckpt = Path(ckpt_dir)
-    if not (ckpt / "metadata.json").is_file():
-        raise FileNotFoundError(f"{ckpt} is not a Megatron dist checkpoint (no metadata.json)")
+    ckpt = resolve_dist_checkpoint(ckpt_dir)
     meta_dir = find_hf_metadata_dir(ckpt, hf_config_dir)
     config = io.read_hf_config(meta_dir)
     shape = mapping.model_shape(config)

@@ -1,8 +1,12 @@
-"""`rlrt slurm submit | status`: multi-node jobs through nemo-run's SlurmExecutor.
+"""`rlrt slurm submit | status`: multi-node jobs through nemo-run's SlurmExecutor; `rlrt plan`:
+the per-GPU memory of a recipe at a layout (`launch/plan.py`).
 
     rlrt slurm submit --recipe qwen3_8b_rlrt --nodes 4 --gpus-per-node 8 --time 04:00:00 \
-        --partition batch [--rollout-nodes 1] [--ssh me@login] [--dry-run] [key=value ...]
+        --partition batch [--rollout-nodes 1] [--ssh me@login] [--dry-run] [--force] [key=value ...]
     rlrt slurm status [JOB_ID]
+    rlrt plan --recipe qwen3_8b_rlrt --nodes 4 --gpus-per-node 8 --gpu h100-80gb [key=value ...]
+
+Exit status of `rlrt plan`: 0 fits, 3 does not fit, 2 bad arguments (recipe, GPU kind).
 """
 
 from __future__ import annotations
@@ -57,6 +61,9 @@ def _submit(args: argparse.Namespace) -> int:
             identity=args.identity,
             dry_run=args.dry_run,
             mkdir=args.mkdir,
+            gpu=args.gpu,
+            gpu_mem_gib=args.gpu_mem_gib,
+            force=args.force,
             log=lambda m: print(m, file=sys.stderr if args.dry_run else sys.stdout),
         )
     except SlurmJobError as e:
@@ -71,6 +78,28 @@ def _submit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan(args: argparse.Namespace) -> int:
+    from rlrt_megatron.config import ConfigError
+    from rlrt_megatron.launch.plan import PlanError, gpu_limit, plan_config, render
+
+    try:
+        limit = gpu_limit(args.gpu, args.gpu_mem_gib)
+        if args.nodes < 1 or args.gpus_per_node < 1:
+            raise PlanError("--nodes and --gpus-per-node must be >= 1")
+        if not 0 <= args.rollout_nodes < args.nodes:
+            raise PlanError(f"--rollout-nodes {args.rollout_nodes}: must be in [0, --nodes)")
+        from recipes import get_recipe
+
+        cfg = get_recipe(args.recipe, list(args.overrides))
+        plan = plan_config(cfg, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+                           limit_gib=limit, rollout_nodes=args.rollout_nodes)  # fmt: skip
+    except (ConfigError, PlanError) as e:
+        print(f"rlrt plan: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
+    print(render(plan))
+    return 0 if plan.fits else 3
+
+
 def _status(args: argparse.Namespace) -> int:
     from rlrt_megatron.launch.submit import status
 
@@ -79,6 +108,21 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from rlrt_megatron.launch.plan import GPU_MEMORY_GIB
+
+    q = subparsers.add_parser(
+        "plan", help="predict per-GPU memory of a recipe at a layout (exit 0 fits, 3 not)"
+    )
+    q.add_argument("--recipe", required=True, help="recipe name (see `rlrt train --list`)")
+    q.add_argument("--nodes", type=int, default=1, help="total nodes (training + rollout)")
+    q.add_argument("--gpus-per-node", type=int, default=8)
+    q.add_argument("--rollout-nodes", type=int, default=0,
+                   help="nodes running SGLang apart (0 = colocated)")  # fmt: skip
+    q.add_argument("--gpu", help=f"GPU kind: {', '.join(GPU_MEMORY_GIB)}")
+    q.add_argument("--gpu-mem-gib", type=float, help="GPU memory in GiB (instead of --gpu)")
+    q.add_argument("overrides", nargs="*", metavar="key=value", help="dotted recipe overrides")
+    q.set_defaults(func=_plan)
+
     p = subparsers.add_parser("slurm", help="submit / inspect multi-node Slurm jobs (nemo-run)")
     sub = p.add_subparsers(dest="slurm_command", required=True)
 
@@ -109,6 +153,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument(
         "--dry-run", action="store_true", help="print the rendered script, submit nothing"
     )
+    s.add_argument("--gpu", default="h100-80gb",
+                   help=f"GPU kind for the memory check: {', '.join(GPU_MEMORY_GIB)}")  # fmt: skip
+    s.add_argument("--gpu-mem-gib", type=float, help="GPU memory in GiB (instead of --gpu)")
+    s.add_argument("--force", action="store_true",
+                   help="submit even if `rlrt plan` predicts it does not fit")  # fmt: skip
     s.add_argument("overrides", nargs="*", metavar="key=value", help="dotted recipe overrides")
     s.set_defaults(func=_submit)
 

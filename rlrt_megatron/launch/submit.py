@@ -10,6 +10,7 @@ the tunnel's job dir and `sbatch` runs on the far side of the tunnel.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shlex
 import tempfile
@@ -40,6 +41,49 @@ def path_exists(tunnel: Any, path: str) -> bool:
     return r.return_code == 0
 
 
+def _need_nemo_run(dry_run: bool) -> None:
+    if importlib.util.find_spec("nemo_run") is None:
+        what = "render the #SBATCH header of" if dry_run else "submit"
+        raise SlurmJobError(
+            f"the job is valid, but `rlrt slurm submit` needs nemo-run to {what} it: "
+            "pip install -e '.[slurm]'"
+        )
+
+
+def check_memory(
+    job: SlurmJob,
+    cfg: Any,
+    *,
+    gpu: str | None,
+    gpu_mem_gib: float | None,
+    force: bool,
+    log=print,  # noqa: ANN001
+) -> None:
+    """`rlrt plan` for the job's layout: SlurmJobError with the planner's table if the layout does
+    not fit (unless `force`, which logs it). CPU jobs (`--gpus-per-node 0`) are not checked."""
+    from rlrt_megatron.launch.plan import PlanError, gpu_limit, plan_config, render
+
+    if job.gpus_per_node <= 0:
+        return
+    try:
+        plan = plan_config(cfg, nodes=job.nodes, gpus_per_node=job.gpus_per_node,
+                           limit_gib=gpu_limit(gpu, gpu_mem_gib),
+                           rollout_nodes=job.rollout_nodes)  # fmt: skip
+    except PlanError as e:
+        raise SlurmJobError(f"memory check: {e}") from e
+    if plan.fits:
+        log(f"memory: {render(plan).splitlines()[-1]}")
+        return
+    table = render(plan)
+    if force:
+        log(f"--force: submitting a layout the planner says does not fit:\n{table}")
+        return
+    raise SlurmJobError(
+        "the layout does not fit in GPU memory (`rlrt plan`'s prediction below); change it as "
+        f"suggested, or pass --force to submit anyway:\n{table}"
+    )
+
+
 def submit(
     job: SlurmJob,
     *,
@@ -47,32 +91,54 @@ def submit(
     identity: str | None = None,
     dry_run: bool = False,
     mkdir: bool = False,
+    gpu: str | None = "h100-80gb",
+    gpu_mem_gib: float | None = None,
+    force: bool = False,
     log=print,  # noqa: ANN001 - where the layout line goes
 ) -> tuple[str | None, str]:
     """Validate, render and (unless `dry_run`) submit `job`; returns (job id, script).
 
     Validation checks the checkpoint dir on the cluster through the tunnel (also in dry-run when
-    the tunnel is local; a dry run never opens an SSH connection).
+    the tunnel is local; a dry run never opens an SSH connection; with `mkdir` it validates as if
+    the directory existed and says it would create it), and predicts the per-GPU memory
+    (`launch/plan.py`, GPUs of kind `gpu` or `gpu_mem_gib` GiB): a layout that does not fit is
+    refused unless `force`. Validation and the memory check need only the base install; rendering
+    and submitting need nemo-run (the `slurm` extra), named in one line when missing.
     """
     cfg = job.validate()  # everything but the storage check: no connection needed
     log(f"{job.recipe}: {job.describe(cfg)}")
-    job_dir = job.settings()["RLRT_LOG_DIR"] + "/submitted"
-    tunnel = make_tunnel(ssh, job_dir, identity)
+    check_memory(job, cfg, gpu=gpu, gpu_mem_gib=gpu_mem_gib, force=force, log=log)
+    ckpt = job.resolve(cfg.checkpoint_dir)
+    tunnel = None
     check = None
-    if not (dry_run and ssh):
+    if dry_run and not ssh:
+        check = os.path.isdir  # the local tunnel's storage is this machine's: no nemo-run needed
+    if not dry_run or ssh:
+        _need_nemo_run(dry_run)
+        tunnel = make_tunnel(ssh, job.settings()["RLRT_LOG_DIR"] + "/submitted", identity)
+    if not dry_run:
         tunnel.connect()
-        if mkdir and not dry_run:
-            tunnel.run(f"mkdir -p {shlex.quote(job.resolve(cfg.checkpoint_dir))}", hide=True)
+        if mkdir:
+            tunnel.run(f"mkdir -p {shlex.quote(ckpt)}", hide=True)
 
         def check(p: str) -> bool:
             return path_exists(tunnel, p)
 
+    if mkdir and dry_run:
+        log(f"--mkdir: would create checkpoint.dir={ckpt} (dry run: nothing created)")
+        inner = check
+
+        def check(p: str) -> bool:  # validate as if the directory had been created
+            return p == ckpt or inner is None or inner(p)
+
     cfg = job.validate(cfg, path_exists=check)
+    _need_nemo_run(dry_run)
     executor = job.executor(tunnel=tunnel)
     script = job.render(cfg, executor)
     if dry_run:
         return None, script
 
+    job_dir = job.settings()["RLRT_LOG_DIR"] + "/submitted"
     tunnel.run(f"mkdir -p {shlex.quote(job_dir)}", hide=True)
     remote = f"{job_dir}/{job.job_name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.sbatch"
     with tempfile.NamedTemporaryFile("w", suffix=".sbatch", delete=False) as f:

@@ -16,14 +16,17 @@ shifted by one), never on the prompt or the teacher context, so a long teacher c
 `[T, V]` logits. Megatron's `GPTModel` applies `output_layer` to every position and offers no
 position selection (its inference path can keep only the *last* token), so
 :func:`lm_head_only_at` intercepts the output layer's input with a forward pre-hook and hands it
-the selected hidden states `[N, 1, H]` instead of `[S, B, H]`; `GPTModel` then returns
-`[1, N, V/tp]` logits. The rest of the model (embedding, decoder, final norm, tied output weight,
-PP stage boundaries) runs unchanged. The log-probs are computed from the vocab-parallel logits by
-:mod:`rlrt_megatron.megatron.logprobs` in chunks, with the gradient written into the logits'
-storage when they have a single consumer.
+the selected hidden states `[N, 1, H]` instead of `[S, B, H]`, and (`hidden_only=True`, what the
+passes here use) skips the layer's matmul, so `GPTModel` returns those hidden states `[1, N, H]`.
+The rest of the model (embedding, decoder, final norm, PP stage boundaries) runs unchanged. The
+loss function then computes the log-probs straight from the hidden states and the LM-head weight
+(the tied embedding or the output layer's own) with :mod:`rlrt_megatron.megatron.lm_head`: the
+vocabulary in blocks, never `[N, V/tp]` logits, the weight's gradient through plain autograd (so
+Megatron DDP's hooks collect it). `logprobs_impl` picks the implementation (`auto` = fused
+Triton kernels on CUDA, chunked torch on CPU; `naive` = full logits, for comparison).
 
-Do not wrap the chunks in Megatron's `Float16Module` for these calls: it casts the last stage's
-output to fp32, i.e. materialises an fp32 copy of the `[N, V/tp]` logits.
+Megatron's `Float16Module` would cast the last stage's output (here the selected hidden states)
+to fp32; `_mb_outputs` casts them back to the LM-head weight's dtype, so it costs a copy only.
 """
 
 from __future__ import annotations
@@ -37,12 +40,13 @@ import torch
 import torch.distributed as dist
 
 from rlrt_megatron import platform
-from rlrt_megatron.megatron.logprobs import (
-    support_entropy,
-    vocab_parallel_logprobs,
-    vocab_parallel_logprobs_at_ids,
-    vocab_parallel_topk_ids,
+from rlrt_megatron.megatron.lm_head import (
+    LogprobsImpl,
+    lm_head_logprobs,
+    lm_head_logprobs_at_ids,
+    lm_head_topk,
 )
+from rlrt_megatron.megatron.logprobs import support_entropy
 from rlrt_megatron.megatron.model import true_vocab_size
 from rlrt_megatron.megatron.packing import PackedMicroBatch, block_causal_mask, pack_sequences
 from rlrt_megatron.megatron.parallel import unwrap_model
@@ -82,15 +86,20 @@ class ResponseLogprobs:
 # LM head on selected positions only
 # ----------------------------------------------------------------------------------------------
 @contextlib.contextmanager
-def lm_head_only_at(model: torch.nn.Module, select: torch.Tensor) -> Iterator[None]:
+def lm_head_only_at(
+    model: torch.nn.Module, select: torch.Tensor, hidden_only: bool = False
+) -> Iterator[None]:
     """While active, `model`'s output layer sees only hidden states at `select`.
 
     `select` indexes the s-major flattening of the decoder output `[S, B, H]` (index = s * B + b);
-    the model then returns logits `[1, N, V/tp]`. A no-op on pipeline stages without the head.
-    With sequence parallelism the decoder output is sequence-sharded: it is all-gathered first
-    (backward: split, no reduction) and the layer's `sequence_parallel` flag is lowered for this
-    call, so the replicated selection goes through a plain column-parallel matmul whose input
-    gradient Megatron all-reduces over TP - the same switch GPTModel's own inference path uses.
+    the model then returns logits `[1, N, V/tp]`, or with `hidden_only` the selected hidden
+    states `[1, N, H]` themselves (the output layer's matmul is skipped; the caller applies the
+    LM-head weight, :func:`lm_head_weight`, fused with the log-probs). A no-op on pipeline stages
+    without the head. With sequence parallelism the decoder output is sequence-sharded: it is
+    all-gathered first (backward: split, no reduction) and the layer's `sequence_parallel` flag
+    is lowered for this call, so the replicated selection goes through a plain column-parallel
+    matmul whose input gradient Megatron all-reduces over TP - the same switch GPTModel's own
+    inference path uses. (With `hidden_only`, `lm_head_logprobs` all-reduces that gradient.)
     """
     gpt = unwrap_model(model)
     if not getattr(gpt, "post_process", False):
@@ -120,21 +129,40 @@ def lm_head_only_at(model: torch.nn.Module, select: torch.Tensor) -> Iterator[No
         layer.register_forward_pre_hook(pre_hook, with_kwargs=True),
         layer.register_forward_hook(post_hook, with_kwargs=True),
     ]
+    if hidden_only:
+        # An instance attribute shadows ColumnParallelLinear.forward (hooks still run); GPTModel
+        # then returns the [N, 1, H] selection transposed to [1, N, H].
+        layer.forward = lambda input_, weight=None, runtime_gather_output=None: (input_, None)
     try:
         yield
     finally:
         for h in handles:
             h.remove()
+        if hidden_only:
+            del layer.forward
         layer.sequence_parallel = seq_parallel
 
 
+def lm_head_weight(model: torch.nn.Module) -> torch.Tensor:
+    """The local `[V/tp, H]` LM-head weight GPTModel applies: the shared embedding when tied
+    (on the last PP stage Megatron keeps a synced copy), else the output layer's own."""
+    gpt = unwrap_model(model)
+    if gpt.share_embeddings_and_output_weights:
+        return gpt.shared_embedding_or_output_weight()
+    return gpt.output_layer.weight
+
+
 def _attention_layout(model: torch.nn.Module, layout: AttentionLayout) -> str:
+    """`layout`, or for "auto" what the model's core attention takes: the local spec's
+    `DotProductAttention` rejects `PackedSeqParams` and needs a dense `[b, 1, s, s]` mask
+    ("mask"); Transformer Engine and the `torch` spec's `SDPAttention` attend within the
+    `cu_seqlens` segments of one long row ("thd", nothing quadratic in the row length; TE would
+    also ignore a mask under a causal mask type)."""
     if layout != "auto":
         return layout
     gpt = unwrap_model(model)
-    core = gpt.decoder.layers[0].self_attention.core_attention if len(gpt.decoder.layers) else None
-    # The local spec's DotProductAttention rejects PackedSeqParams but takes a [b, 1, s, s] mask;
-    # Transformer Engine takes cu_seqlens (thd) and would ignore the mask under a causal type.
+    layers = gpt.decoder.layers
+    core = layers[0].self_attention.core_attention if len(layers) else None
     return "mask" if core is None or type(core).__name__ == "DotProductAttention" else "thd"
 
 
@@ -158,30 +186,31 @@ def _to_block(x: torch.Tensor, mb: PackedMicroBatch, t_resp: int) -> torch.Tenso
 
 def _mb_outputs(
     mb: PackedMicroBatch,
-    logits: torch.Tensor,
+    hidden: torch.Tensor,
     model: torch.nn.Module,
     t_resp: int,
     with_entropy: bool,
     topk: int,
     topk_ids: torch.Tensor | None,
+    impl: LogprobsImpl = "auto",
 ) -> dict[str, torch.Tensor]:
-    """Log-probs (+ entropy, + top-k) of one micro-batch from `[1, N, V/tp]` logits."""
+    """Log-probs (+ entropy, + top-k) of one micro-batch from the selected `[1, N, H]` hidden
+    states, fused with the LM head (no `[N, V/tp]` logits; see `lm_head`)."""
     from megatron.core import parallel_state
 
-    logits = logits.reshape(-1, logits.shape[-1])  # [N, V/tp]
+    weight = lm_head_weight(model)
+    hidden = hidden.reshape(-1, hidden.shape[-1]).to(weight.dtype)  # [N, H]
     kw = dict(
         group=parallel_state.get_tensor_model_parallel_group(),
         true_vocab_size=true_vocab_size(model),
+        impl=impl,
     )
     ids = None
     if topk_ids is not None:  # a support fixed earlier (the student's, from the logprobs phase)
-        ids = topk_ids.to(logits.device)[mb.rollout_index[mb.dst_row], mb.dst_col]
+        ids = topk_ids.to(hidden.device)[mb.rollout_index[mb.dst_row], mb.dst_col]
     elif topk > 0:
-        ids = vocab_parallel_topk_ids(logits.detach(), topk, **kw)
-    # With a single consumer the logits' storage can take their gradient (no [N, V/tp] buffer).
-    lp = vocab_parallel_logprobs(
-        logits, mb.targets, with_entropy=with_entropy, inplace_backward=ids is None, **kw
-    )
+        ids = lm_head_topk(hidden.detach(), weight.detach(), topk, **kw)
+    lp = lm_head_logprobs(hidden, weight, mb.targets, with_entropy=with_entropy, **kw)
     out: dict[str, torch.Tensor] = {"rollout_index": mb.rollout_index}
     if with_entropy:
         lp, ent = lp
@@ -189,7 +218,7 @@ def _mb_outputs(
     out["logprobs"] = _to_block(lp, mb, t_resp)
     out["mask"] = _to_block(torch.ones_like(mb.targets, dtype=torch.bool), mb, t_resp)
     if ids is not None:
-        k_lp = vocab_parallel_logprobs_at_ids(logits, ids, **kw)
+        k_lp = lm_head_logprobs_at_ids(hidden, weight, ids, **kw)
         out["topk_ids"] = _to_block(ids, mb, t_resp)
         out["topk_logprobs"] = _to_block(k_lp, mb, t_resp)
     return out
@@ -216,6 +245,7 @@ def forward_backward_responses(
     topk_ids: torch.Tensor | None = None,
     response_len: int | None = None,
     attention: AttentionLayout = "auto",
+    logprobs_impl: LogprobsImpl = "auto",
 ) -> list[Any]:
     """Packed response forward (+ backward) through Megatron's `get_forward_backward_func`.
 
@@ -228,7 +258,8 @@ def forward_backward_responses(
     Megatron's schedule expects: `(loss, reduced)` or `(loss_sum, num_tokens, reduced)`
     (`reduced` must not alias `loss`: the schedule scales `loss` in place). Returns the list of
     `reduced`, one per micro-batch, on the last stage (empty elsewhere). With `forward_only` the
-    whole pass runs under `torch.no_grad()`.
+    whole pass runs under `torch.no_grad()` `logprobs_impl`: `model.logprobs_impl` (see
+    :func:`rlrt_megatron.megatron.lm_head.lm_head_logprobs`).
     """
     from megatron.core.packed_seq_params import PackedSeqParams
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -273,13 +304,15 @@ def forward_backward_responses(
         # stays exact anyway: RoPE scores depend only on q/k position differences, and the
         # block-diagonal mask keeps those within one sequence. position_ids (reset per sequence)
         # still matter for absolute position embeddings.
-        with lm_head_only_at(model, mb.select):
+        with lm_head_only_at(model, mb.select, hidden_only=True):
             output = model(
                 mb.input_ids, mb.position_ids, attention_mask=mb.attention_mask, **kwargs
             )
 
         def loss_func(output_tensor: torch.Tensor):
-            outs = _mb_outputs(mb, output_tensor, model, t_resp, with_entropy, topk, topk_ids)
+            outs = _mb_outputs(
+                mb, output_tensor, model, t_resp, with_entropy, topk, topk_ids, logprobs_impl
+            )
             return loss_fn(mb, outs)
 
         return output, loss_func
@@ -348,6 +381,7 @@ def compute_response_logprobs(
     topk_ids: torch.Tensor | None = None,
     response_len: int | None = None,
     attention: AttentionLayout = "auto",
+    logprobs_impl: LogprobsImpl = "auto",
 ) -> ResponseLogprobs:
     """No-grad response log-probs `[B, T_resp]` of `sequences`, on every pipeline rank.
 
@@ -370,6 +404,7 @@ def compute_response_logprobs(
         topk_ids=topk_ids,
         response_len=t_resp,
         attention=attention,
+        logprobs_impl=logprobs_impl,
     )
     dev = platform.device()
     k = topk_ids.shape[-1] if topk_ids is not None else topk
@@ -406,6 +441,7 @@ def student_teacher_logprobs(
     with_entropy: bool = True,
     topk: int = 0,
     attention: AttentionLayout = "auto",
+    logprobs_impl: LogprobsImpl = "auto",
 ) -> tuple[ResponseLogprobs, ResponseLogprobs]:
     """Student and teacher log-probs of every rollout's response tokens, aligned `[B, T_resp]`.
 
@@ -432,6 +468,7 @@ def student_teacher_logprobs(
         with_entropy=with_entropy,
         response_len=t_resp,
         attention=attention,
+        logprobs_impl=logprobs_impl,
     )
     student = compute_response_logprobs(
         model_chunks,

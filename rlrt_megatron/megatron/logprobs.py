@@ -24,6 +24,10 @@ fused cross entropy does), so fwd+bwd costs no extra `[T, V/tp]` buffer. Autogra
 counter makes any other user of the same logits tensor fail loudly instead of silently reading a
 gradient.
 
+From hidden states instead of logits (the LM head fused with all of the above, no `[T, V/tp]`
+logits at all): `lm_head_logprobs`, `lm_head_logprobs_at_ids`, `lm_head_topk`, defined in
+:mod:`rlrt_megatron.megatron.lm_head` and re-exported here.
+
 Padded vocabulary entries (Megatron pads V to a multiple of 128 * tp; ids >= `true_vocab_size`)
 are excluded everywhere: they never enter the max, the sum-exp, top-k, or the gradient.
 """
@@ -37,6 +41,9 @@ import torch.distributed as dist
 
 __all__ = [
     "TopKLogprobs",
+    "lm_head_logprobs",  # noqa: F822 - lazy re-exports (__getattr__ below)
+    "lm_head_logprobs_at_ids",  # noqa: F822
+    "lm_head_topk",  # noqa: F822
     "vocab_parallel_kl",
     "support_entropy",
     "vocab_parallel_logprobs",
@@ -44,6 +51,18 @@ __all__ = [
     "vocab_parallel_topk_ids",
     "vocab_parallel_topk_logprobs",
 ]
+
+_LM_HEAD_API = ("lm_head_logprobs", "lm_head_logprobs_at_ids", "lm_head_topk")
+
+
+def __getattr__(name: str):
+    # Lazy re-export: lm_head imports helpers from this module, so a top-level import would cycle.
+    if name in _LM_HEAD_API:
+        from rlrt_megatron.megatron import lm_head
+
+        return getattr(lm_head, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 # Bytes of one fp32 chunk temporary when `chunk_size` is not given. On CPU the chunk should stay in
 # a core's L2 (2 MiB here): measured at V = 151,936, 1-4 rows per chunk run 2x faster than 16+ rows

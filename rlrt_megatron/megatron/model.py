@@ -29,8 +29,13 @@ sampling code must mask them (``logits[..., true_vocab_size:] = -inf`` in the sh
 them). Use :func:`true_vocab_size` to read it from a model chunk.
 
 Parameter names are megatron's own (local spec: ``decoder.layers.0.self_attention.linear_qkv.
-weight``, ``...input_layernorm.weight``, ``decoder.final_layernorm.weight``, ...); the converter's
-mapping table relies on them.
+weight``, ``...input_layernorm.weight``, ``decoder.final_layernorm.weight``, ...; the ``torch``
+spec of ``megatron/attention.py`` has the same); the converter's mapping table relies on them.
+
+Layer specs (``model.spec``, :func:`resolve_spec`): ``local`` Megatron's pure-PyTorch modules
+(dense ``[s, s]`` attention; CPU tests), ``torch`` the same with PyTorch SDPA attention over packed
+sequences and params-dtype norms (GPUs without Transformer Engine), ``te`` Transformer Engine
+(clusters, FP8); ``auto`` picks te / torch / local by what this machine has.
 """
 
 from __future__ import annotations
@@ -47,14 +52,34 @@ from rlrt_megatron import platform
 __all__ = [
     "SUPPORTED_MODEL_TYPES",
     "build_model",
+    "SPECS",
     "get_layer_spec",
     "gpt_model_kwargs_from_hf",
     "padded_vocab_size",
+    "resolve_spec",
     "transformer_config_from_hf",
     "true_vocab_size",
 ]
 
 SUPPORTED_MODEL_TYPES = ("qwen3", "llama")
+
+SPECS = ("local", "torch", "te")
+Spec = Literal["auto", "local", "torch", "te"]
+
+
+def resolve_spec(spec: str) -> str:
+    """`auto` -> `te` with Transformer Engine on a GPU, `torch` on a GPU without it, `local` on
+    CPU; any other value is checked and returned."""
+    if spec == "auto":
+        if platform.is_cpu_mode():
+            return "local"
+        from rlrt_megatron.megatron.te import te_available
+
+        return "te" if te_available() else "torch"
+    if spec not in SPECS:
+        raise ValueError(f"model.spec must be one of auto, {', '.join(SPECS)}; got {spec!r}")
+    return spec
+
 
 # Megatron's RotaryEmbedding._apply_scaling hard-codes these llama3 rope-scaling constants.
 _MEGATRON_LLAMA3_ROPE = {
@@ -159,7 +184,7 @@ def transformer_config_from_hf(
     tp: int,
     pp: int,
     params_dtype: torch.dtype = torch.float32,
-    spec: Literal["local", "te"] = "local",
+    spec: Spec = "local",
     vpp: int | None = None,
     **overrides: Any,
 ):
@@ -197,9 +222,8 @@ def transformer_config_from_hf(
         raise ValueError("Qwen3 use_sliding_window=True is not supported")
     gpt_model_kwargs_from_hf(hf_config)  # validate rope settings early
 
+    spec = resolve_spec(spec)
     te = spec == "te"
-    if spec not in ("local", "te"):
-        raise ValueError(f"model.spec must be 'local' or 'te', got {spec!r}")
     kwargs: dict[str, Any] = dict(
         num_layers=n_layers,
         hidden_size=int(_get(hf_config, "hidden_size")),
@@ -245,34 +269,39 @@ def transformer_config_from_hf(
     kwargs.update(overrides)
     if kwargs.get("sequence_parallel") and not te:
         raise ValueError(
-            "sequence_parallel=True needs model.spec='te': the local spec's torch norms do not "
-            "support sequence parallelism (megatron WrappedTorchNorm)"
+            f"sequence_parallel=True needs model.spec='te': the {spec} spec's torch norms do not "
+            "support sequence parallelism"
         )
     return TransformerConfig(**kwargs)
 
 
-def get_layer_spec(config: Any, spec: Literal["local", "te"] = "local"):
-    """Megatron layer spec: ``local`` (pure PyTorch) or ``te`` (Transformer Engine, GPU)."""
+def get_layer_spec(config: Any, spec: Spec = "local", vp_stage: int | None = None):
+    """Megatron layer spec: ``local`` (pure PyTorch), ``torch`` (PyTorch SDPA attention and
+    params-dtype norms; a ``TransformerBlockSubmodules`` for ``vp_stage``, since it also sets
+    the final norm) or ``te`` (Transformer Engine, GPU). ``auto``: see :func:`resolve_spec`."""
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_layer_local_spec,
         get_gpt_layer_with_transformer_engine_spec,
     )
 
+    spec = resolve_spec(spec)
     if spec == "local":
         return get_gpt_layer_local_spec(
             qk_layernorm=config.qk_layernorm, normalization=config.normalization
         )
-    if spec == "te":
-        try:
-            import transformer_engine  # noqa: F401
-        except ImportError as e:
-            raise ImportError(
-                "model.spec='te' needs Transformer Engine, which is not importable here "
-                f"({e}); install the gpu extra: pip install 'rlrt-megatron[gpu]', or use "
-                "model.spec=local"
-            ) from e
-        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.qk_layernorm)
-    raise ValueError(f"model.spec must be 'local' or 'te', got {spec!r}")
+    if spec == "torch":
+        from rlrt_megatron.megatron.attention import torch_block_spec
+
+        return torch_block_spec(config, vp_stage=vp_stage)
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError as e:
+        raise ImportError(
+            "model.spec='te' needs Transformer Engine, which is not importable here "
+            f"({e}); install the gpu extra: pip install 'rlrt-megatron[gpu]', or use "
+            "model.spec=torch (GPU) / local (CPU)"
+        ) from e
+    return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.qk_layernorm)
 
 
 def build_model(
@@ -280,7 +309,7 @@ def build_model(
     *,
     tp: int = 1,
     pp: int = 1,
-    spec: Literal["local", "te"] = "local",
+    spec: Spec = "local",
     params_dtype: torch.dtype = torch.float32,
     vpp: int | None = None,
     **config_overrides: Any,
@@ -289,10 +318,10 @@ def build_model(
 
     Needs :func:`rlrt_megatron.platform.init_distributed` first with the same ``tp``/``pp``.
     Mirrors ``megatron.training.training.get_model``: pre/post process from ``parallel_state``,
-    TP attributes defaulted on every parameter, chunks moved to :func:`platform.device`. The
-    chunks are not wrapped: for bf16/fp16 wrap each in megatron's ``Float16Module`` (it casts the
-    torch-norm weights, created in fp32, and returns fp32 logits) before DDP, as
-    ``megatron.training.get_model`` does.
+    TP attributes defaulted on every parameter, chunks moved to :func:`platform.device` and
+    ``params_dtype`` (the local spec's torch norms are created in fp32; the torch spec creates
+    them in ``params_dtype``). The chunks are not wrapped in ``Float16Module`` (it would return
+    fp32 logits, see ``megatron/forward.py``).
     Each chunk gets ``true_vocab_size`` and ``padded_vocab_size`` attributes (module docstring).
     """
     from megatron.core import parallel_state, tensor_parallel
@@ -323,7 +352,7 @@ def build_model(
         hf_config, tp=tp, pp=pp, params_dtype=params_dtype, spec=spec, vpp=vpp,
         **config_overrides,
     )  # fmt: skip
-    layer_spec = get_layer_spec(config, spec)
+    spec = resolve_spec(spec)
     vocab = int(_get(hf_config, "vocab_size"))
     padded = padded_vocab_size(vocab, tp)
     model_kwargs = gpt_model_kwargs_from_hf(hf_config)
@@ -334,7 +363,7 @@ def build_model(
         ignore_virtual = vp_stage is None
         model = GPTModel(
             config=config,
-            transformer_layer_spec=layer_spec,
+            transformer_layer_spec=get_layer_spec(config, spec, vp_stage=vp_stage),
             vocab_size=padded,
             pre_process=parallel_state.is_pipeline_first_stage(
                 ignore_virtual=ignore_virtual, vp_stage=vp_stage

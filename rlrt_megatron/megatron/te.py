@@ -12,6 +12,17 @@ How the pieces plug into `megatron/model.py` (`build_model(..., spec="te")`):
     TransformerConfig(..., **tc_kwargs)
 and the optimizer: `OptimizerConfig(..., **precision_optimizer_kwargs("bf16", fp8))` and
 `DistributedDataParallelConfig(..., **precision_ddp_kwargs(fp8))`.
+
+What FP8 never touches (checked on the GPU by tests/gpu/test_te_spec.py):
+- The LM head. Megatron's TE spec swaps the decoder layers only; `GPTModel.output_layer` stays
+  a plain `tensor_parallel.ColumnParallelLinear` (a torch matmul, which TE's fp8_autocast does
+  not change), and `TransformerBlock` enters fp8_autocast around its layers only
+  (megatron.core.fp8_utils.get_fp8_context). So logits and log-probs come from bf16 hidden
+  states and a bf16 head; nothing here needs to exclude it.
+- The weights sent to the rollout engine. With `fp8_param=False` (default) the parameters are
+  bf16 tensors and `convert.load.iter_hf_weights` yields them as they are; with
+  `fp8_param=True` they would be Float8Tensors, so the sync must ask for
+  `iter_hf_weights(chunks, dtype=torch.bfloat16)` (which dequantizes).
 """
 
 from __future__ import annotations

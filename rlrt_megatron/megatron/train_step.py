@@ -35,6 +35,8 @@ class Policy:
             vocabulary) are excluded from log-probs and entropy like Megatron's vocab padding.
         fp8: `rlrt_megatron.megatron.te.FP8Config` (or None = off); its TransformerConfig
             fields (`te.fp8_transformer_kwargs`) go to `build_model` (policy and teacher).
+        logprobs_impl: `model.logprobs_impl`, the LM head + log-probs implementation of every
+            forward (`megatron/lm_head.py`).
     """
 
     def __init__(
@@ -50,6 +52,7 @@ class Policy:
         params_dtype: torch.dtype = torch.float32,
         sample_vocab_size: int | None = None,
         fp8: Any = None,
+        logprobs_impl: str = "auto",
     ) -> None:
         from megatron.core import parallel_state as ps
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
@@ -60,6 +63,7 @@ class Policy:
         self.hf_config = hf_config
         self.use_distributed_optimizer = use_distributed_optimizer
         self.tp, self.pp, self.spec, self.params_dtype = tp, pp, spec, params_dtype
+        self.logprobs_impl = logprobs_impl
         self.model_kwargs = fp8_transformer_kwargs(fp8, spec)
         chunks = build_model(
             hf_config, tp=tp, pp=pp, spec=spec, params_dtype=params_dtype, **self.model_kwargs
@@ -113,6 +117,18 @@ class Policy:
             ),
             self.model,
         )
+
+    def load_weights(self, ckpt_dir: str) -> None:
+        """Load a converted Megatron checkpoint's weights (any TP x PP) into the model chunks.
+
+        With bf16 params Megatron's optimizer keeps fp32 main params, copied from the model when
+        the optimizer was built (here: the random init); they are refreshed from the loaded
+        weights, or the first optimizer step would write the random init back into the model.
+        """
+        from rlrt_megatron.convert.load import load_checkpoint_into_model
+
+        load_checkpoint_into_model(self.chunks, ckpt_dir)
+        self.optimizer.reload_model_params()
 
     # ---- model views ------------------------------------------------------------------------
     @property
@@ -176,11 +192,15 @@ class Policy:
     def _layout(self, longest: int, token_budget: int) -> tuple[int, int]:
         """(tokens per packed row, rows per micro-batch) for `megatron/forward.py`.
 
-        Transformer Engine (`spec=te`) attends within packed sequences (thd): one long row of
-        up to `token_budget` tokens. The local spec uses a dense block-causal mask, quadratic in
-        the row length: rows as long as the longest sequence, `token_budget // longest` rows per
-        micro-batch (the unpacked cost, 20-30x faster on the tiny demo than 2k-token rows)."""
-        if self.spec == "te":
+        Transformer Engine (`spec=te`) and the SDPA spec (`spec=torch`) attend within packed
+        sequences (thd): one long row of up to `token_budget` tokens. The local spec uses a dense
+        block-causal mask, quadratic in the row length: rows as long as the longest sequence,
+        `token_budget // longest` rows per micro-batch (the unpacked cost, 20-30x faster on the
+        tiny demo than 2k-token rows). The layout is read from the model (`spec=auto` resolves
+        when the model is built)."""
+        from rlrt_megatron.megatron.forward import _attention_layout
+
+        if _attention_layout(self.model[0], "auto") == "thd":
             return max(token_budget, longest), 1
         return longest, max(1, token_budget // longest)
 
@@ -212,7 +232,7 @@ class Policy:
             row_tokens, rows_per_mb = self._layout(max(len(x) for x in seqs), token_budget)
             return compute_response_logprobs(
                 model, seqs, starts, token_budget=row_tokens, rows_per_microbatch=rows_per_mb,
-                with_entropy=True, response_len=t_resp, **kw,
+                with_entropy=True, response_len=t_resp, logprobs_impl=self.logprobs_impl, **kw,
             )  # fmt: skip
 
         try:
@@ -311,6 +331,7 @@ class Policy:
                 rows_per_microbatch=rows_per_mb,
                 response_len=width,
                 topk_ids=topk_ids,
+                logprobs_impl=self.logprobs_impl,
             )
         for o in outs:
             for k, v in o["metrics"].items():

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from rlrt_megatron.config import TrainConfig, load_hf_config
-from rlrt_megatron.trainer.checkpoint import Checkpointer
+from rlrt_megatron.trainer.checkpoint import Checkpointer, layout_of
 from rlrt_megatron.trainer.metrics import MetricsLogger
 from rlrt_megatron.trainer.watchdog import Watchdog
 
@@ -172,7 +172,6 @@ def _build(cfg: TrainConfig, info: Any, hf_dir: str, ckpt: str, hf_config: dict,
     from transformers import AutoTokenizer
 
     from rlrt_megatron.algorithms import get_algorithm
-    from rlrt_megatron.convert.load import load_checkpoint_into_model
     from rlrt_megatron.data import PromptSampler, PromptTemplate
     from rlrt_megatron.data.templates import filter_by_prompt_length
     from rlrt_megatron.megatron.train_step import Policy
@@ -194,8 +193,9 @@ def _build(cfg: TrainConfig, info: Any, hf_dir: str, ckpt: str, hf_config: dict,
         params_dtype=resolve_dtype(cfg.model.params_dtype),
         sample_vocab_size=len(tokenizer) if cfg.rollout.engine == "local" else None,
         fp8=cfg.model.fp8.to_te(),
+        logprobs_impl=cfg.model.logprobs_impl,
     )
-    load_checkpoint_into_model(policy.chunks, ckpt)
+    policy.load_weights(ckpt)
     teacher = policy.make_teacher_copy() if algo.teacher_weights in ("snapshot", "ema") else None
     template = PromptTemplate(instruction=cfg.data.instruction)
     dataset, n_too_long = filter_by_prompt_length(
@@ -227,7 +227,10 @@ def _build(cfg: TrainConfig, info: Any, hf_dir: str, ckpt: str, hf_config: dict,
     )
     resume = checkpointer.resolve(cfg.checkpoint.resume)
     if resume:
-        state = checkpointer.load(resume, policy.model, policy.optimizer, teacher=teacher)
+        state = checkpointer.load(
+            resume, policy.model, policy.optimizer, teacher=teacher,
+            layout=layout_of(cfg, info.world_size),
+        )  # fmt: skip
         run.step = int(state["step"])
         run.rollout_version = int(state.get("rollout_version", run.step))
         sampler.load_state_dict(state["sampler"])
@@ -622,7 +625,9 @@ def push_weights(run: Run, version: int) -> None:
     from rlrt_megatron.convert.load import iter_hf_weights
 
     # streamed: the engine takes the tensors as they are gathered (SGLang sends them in buckets)
-    weights = iter_hf_weights(run.policy.chunks)
+    # bf16 to the engine whenever the policy is not fp32 (FP8 parameters included)
+    fp32 = run.policy.params_dtype == torch.float32
+    weights = iter_hf_weights(run.policy.chunks, dtype=None if fp32 else torch.bfloat16)
     try:
         if run.rank == 0:
             run.engine.update_weights(weights, version=version)
@@ -756,6 +761,7 @@ def save_checkpoint(run: Run) -> str:
         json.loads(json.dumps(state, default=float)),
         teacher=run.teacher,
         config=run.cfg.to_dict(),
+        layout=layout_of(run.cfg, run.world_size),
         extra_files=extra,
     )
     return path

@@ -19,7 +19,6 @@ def main(hf_dir: str, ckpt: str, out: str, spec: str = "local") -> None:
         os.environ.setdefault(k, v)
     from rlrt_megatron import platform
     from rlrt_megatron.config import OptimizerConfig, load_hf_config
-    from rlrt_megatron.convert.load import load_checkpoint_into_model
     from rlrt_megatron.megatron.train_step import Policy
 
     platform.init_distributed(1, 1, seed=0)
@@ -27,7 +26,7 @@ def main(hf_dir: str, ckpt: str, out: str, spec: str = "local") -> None:
         load_hf_config(hf_dir), tp=1, pp=1, optim=OptimizerConfig(), total_steps=1,
         spec=spec, params_dtype=torch.float32,
     )  # fmt: skip
-    load_checkpoint_into_model(policy.chunks, ckpt)
+    policy.load_weights(ckpt)
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 500, (n,), generator=g).tolist() for n in (7, 12, 20, 5)]
     responses = [torch.randint(3, 500, (n,), generator=g).tolist() for n in (9, 3, 15, 30)]

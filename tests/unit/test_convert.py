@@ -274,3 +274,21 @@ def test_cli_reports_input_errors_in_one_line(tiny_dir, tmp_path, capsys) -> Non
     assert rc == 2 and "not a Megatron dist checkpoint" in capsys.readouterr().err
     rc = main(["convert", "hf-to-megatron", "--hf", str(tiny_dir), "--out", "x", "--dtype", "q4"])
     assert rc == 2 and "unsupported dtype 'q4'" in capsys.readouterr().err
+
+
+def test_resolve_dist_checkpoint_accepts_trainer_layouts(tmp_path):
+    """`rlrt convert megatron-to-hf --ckpt` takes the dist dir, a trainer iter_N/ or its root."""
+    from rlrt_megatron.convert.megatron_to_hf import resolve_dist_checkpoint
+
+    dist = tmp_path / "checkpoints" / "iter_0000004" / "dist"
+    dist.mkdir(parents=True)
+    (dist / "metadata.json").write_text("{}")
+    root = tmp_path / "checkpoints"
+    (root / "latest").write_text("iter_0000004\n")
+    for given in (dist, dist.parent, root):
+        assert resolve_dist_checkpoint(given) == dist
+    (root / "latest").write_text("iter_0000009")
+    with pytest.raises(FileNotFoundError, match="iter_0000009"):
+        resolve_dist_checkpoint(root)
+    with pytest.raises(FileNotFoundError, match="not a Megatron dist checkpoint"):
+        resolve_dist_checkpoint(tmp_path)

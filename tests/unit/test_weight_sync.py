@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -198,3 +202,42 @@ def test_logprob_agreement_check():
     junk[2, 3:] = 100.0  # masked positions are ignored
     assert check_logprob_agreement(train, junk, mask)["logprob_abs_diff_max"] == 0.0
     assert check_logprob_agreement(train, junk, torch.zeros_like(mask))["logprob_diff_mean"] == 0
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda g: torch.randn(64, 8, generator=g).to(torch.bfloat16),  # 8-byte words
+        lambda g: torch.randn(64, generator=g).to(torch.bfloat16)[
+            1:7
+        ],  # offset 2 bytes: words of 2
+        lambda g: torch.tensor([True, False, True]),  # 3 bytes: words of 1
+        lambda g: torch.zeros(0, 4),  # empty
+        lambda g: torch.tensor(2.5),  # 0-d
+    ],
+)
+def test_flatten_is_exact_for_every_word_size(make):
+    g = torch.Generator().manual_seed(0)
+    bucket = [("a", torch.randn(8, generator=g)), ("x", make(g)), ("b", torch.arange(6))]
+    flat, metas = flatten_bucket(bucket)
+    assert [m.offset for m in metas] == sorted(m.offset for m in metas)
+    assert all(m.offset % 16 == 0 for m in metas)
+    for (n1, a), (n2, b) in zip(bucket, unflatten_bucket(flat, metas), strict=True):
+        assert n1 == n2 and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+
+
+def test_weight_sync_benchmark_moves_the_bytes_it_reports(tmp_path):
+    """benchmarks/weight_sync.py on CPU, tiny: every row's output is byte-checked inside."""
+    repo = Path(__file__).resolve().parents[2]
+    out = tmp_path / "ws.json"
+    cmd = [sys.executable, str(repo / "benchmarks" / "weight_sync.py"), "--device", "cpu",
+           "--layers", "1", "--vocab", "512", "--repeats", "1", "--json", str(out)]  # fmt: skip
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": str(repo)})  # fmt: skip
+    assert p.returncode == 0, p.stderr[-2000:]
+    result = [line for line in p.stdout.splitlines() if line.startswith("RESULT ")]
+    assert len(result) == 1
+    fields = dict(kv.split("=", 1) for kv in result[0].split()[1:])
+    assert {"copy_gbps", "flatten_bucket_vs_copy", "flatten_load_vs_copy"} <= set(fields)
+    data = json.loads(out.read_text())
+    assert data["copies"]["flatten + load"] == 2 and data["bytes"] > 0
