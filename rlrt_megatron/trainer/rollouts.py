@@ -34,7 +34,9 @@ was missed.
 
 from __future__ import annotations
 
-from concurrent.futures import Future, ThreadPoolExecutor
+import queue
+import threading
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
@@ -103,6 +105,42 @@ def generate(engine: Any, prompts: list, reqs: list, sampling: Any) -> tuple:
     )
 
 
+class _Worker:
+    """One daemon thread running submitted calls in order (a daemon, unlike a
+    ThreadPoolExecutor's, so a preempted trainer exits without waiting for an HTTP generation
+    on remote SGLang servers to finish)."""
+
+    def __init__(self) -> None:
+        self.jobs: queue.Queue = queue.Queue()
+        threading.Thread(target=self._run, daemon=True, name="rollout").start()
+
+    def submit(self, fn: Any, *args: Any) -> Future:
+        fut: Future = Future()
+        self.jobs.put((fut, fn, args))
+        return fut
+
+    def _run(self) -> None:
+        while (job := self.jobs.get()) is not None:
+            fut, fn, args = job
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                fut.set_result(fn(*args))
+            except BaseException as e:  # noqa: BLE001 - handed to the waiting caller
+                fut.set_exception(e)
+
+    def shutdown(self) -> None:
+        """Cancel what has not started; the running call is abandoned."""
+        while True:
+            try:
+                job = self.jobs.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                job[0].cancel()
+        self.jobs.put(None)
+
+
 @dataclass
 class _Item:
     step: int
@@ -117,7 +155,7 @@ class RolloutQueue:
 
     def __init__(self, run: Any) -> None:
         self.rank0 = run.rank == 0
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="rollout") if self.rank0 else None
+        self.pool = _Worker() if self.rank0 else None
         self.items: dict[int, _Item] = {}
         self.probe: Future | None = None  # rank 0: (step, rows, engine log-probs)
         self.probe_step = -1
@@ -206,7 +244,7 @@ class RolloutQueue:
 
     def close(self) -> None:
         if self.pool is not None:
-            self.pool.shutdown(wait=False, cancel_futures=True)
+            self.pool.shutdown()
 
 
 def sync_check(run: Any, batch: Any, step: int, probe: tuple | None) -> dict[str, float]:
