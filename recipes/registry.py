@@ -62,6 +62,9 @@ PAPER = {
     "checkpoint.save_every": 20,
     "checkpoint.keep_last": 2,
     "eval.every": 50,
+    # bf16 SGLang rollouts vs the trainer: truncated importance sampling of the mismatch
+    "algorithm.rollout_correction.mode": "tis",
+    "algorithm.rollout_correction.cap": 2.0,
 }
 
 # PPO clip-higher, shared by every algorithm with a PPO term.

@@ -170,6 +170,22 @@ class RolloutConfig:
     sglang_restart_cache: bool = _f(True, "Flush the server's prefix cache after a weight sync.")
     sglang_master_address: str = _f("", "Rendezvous address for distributed weight sync.")
     sglang_extra_args: list[str] = _f([], "Extra `sglang.launch_server` arguments.")
+    async_steps: int = _f(
+        0,
+        "Asynchronous rollouts: 1 = the engine generates step k+1's batch (with the weights of "
+        "step k-1) while step k trains; 0 = every step waits for its own rollouts. Needs the "
+        "local engine (run in its own process) or SGLang on separate rollout nodes "
+        "(sglang_colocated=false).",
+    )
+    local_process: bool = _f(
+        False, "Run the local engine in its own process (always on with async_steps=1)."
+    )
+    sync_check_tol: float = _f(
+        0.0,
+        "Sync check: the step fails when the mean |engine - trainer| log-prob of the same tokens "
+        "under the same weights version exceeds this. 0 = per-dtype default: 1e-3 when engine "
+        "and trainer both run fp32, 0.1 when either runs bf16; < 0 = off.",
+    )
 
 
 @dataclass
@@ -388,6 +404,17 @@ def validation_errors(
     need(r.max_new_tokens >= 1, "rollout.max_new_tokens", f"must be >= 1 (got {r.max_new_tokens})")
     need(r.engine in ("local", "sglang"), "rollout.engine", "must be `local` or `sglang`")
     need(r.local_max_batch_rows >= 0, "rollout.local_max_batch_rows", "must be >= 0 (0 = auto)")
+    need(r.async_steps in (0, 1), "rollout.async_steps", f"must be 0 or 1 (got {r.async_steps})")
+    need(
+        not (r.async_steps and r.engine == "sglang" and r.sglang_colocated),
+        "rollout.async_steps",
+        "colocated SGLang servers share the trainer's GPUs and hand them back for every update, "
+        "so they cannot generate while it trains: use rollout.async_steps=0, or SGLang on "
+        "separate rollout nodes (rollout.sglang_colocated=false, rollout.sglang_urls=...)",
+    )
+    need(
+        r.sync_check_tol == r.sync_check_tol, "rollout.sync_check_tol", "must be a number, not NaN"
+    )
     for sub in dataclasses.fields(a):
         obj = getattr(a, sub.name)
         if dataclasses.is_dataclass(obj):

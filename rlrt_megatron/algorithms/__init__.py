@@ -3,7 +3,8 @@
 Functions (formulas in their docstrings): :mod:`.advantages` (group_advantages, rlrt_advantages,
 rlsd_advantages, lambda_schedule, dapo_keep_mask), :mod:`.losses` (policy_loss,
 self_distillation_loss, sampled_token_distillation_loss, generalized_jsd, append_tail_bucket),
-:mod:`.diagnostics` (asymmetry_stats, top_explore_tokens, position_kl).
+:mod:`.diagnostics` (asymmetry_stats, top_explore_tokens, position_kl), :mod:`.correction`
+(rollout_correction: TIS / MIS weights for the trainer/rollout-engine mismatch).
 
 The trainer uses the registry (:mod:`.registry`): ``algo = get_algorithm(name, cfg)``,
 ``prepared = algo.prepare(AlgoBatch(...))`` once per step, ``algo.loss(logprobs,
@@ -17,6 +18,12 @@ from .advantages import (
     lambda_schedule,
     rlrt_advantages,
     rlsd_advantages,
+)
+from .correction import (
+    CORRECTION_LEVELS,
+    CORRECTION_MODES,
+    RolloutCorrectionConfig,
+    rollout_correction,
 )
 from .diagnostics import asymmetry_stats, position_kl, top_explore_tokens
 from .losses import (
@@ -52,6 +59,8 @@ from .registry import (
 
 __all__ = [
     "ALGORITHMS",
+    "CORRECTION_LEVELS",
+    "CORRECTION_MODES",
     "DAPO",
     "GRPO",
     "RLRT",
@@ -67,6 +76,7 @@ __all__ = [
     "Prepared",
     "RLRTConfig",
     "RLSDConfig",
+    "RolloutCorrectionConfig",
     "SDPOConfig",
     "SRPOConfig",
     "TopK",
@@ -82,6 +92,7 @@ __all__ = [
     "position_kl",
     "rlrt_advantages",
     "rlsd_advantages",
+    "rollout_correction",
     "sampled_token_distillation_loss",
     "self_distillation_loss",
     "top_explore_tokens",

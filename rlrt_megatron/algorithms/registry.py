@@ -24,6 +24,13 @@ attributes tell it what to compute beforehand:
 - ``teacher_refresh_every`` (RLSD snapshot) and ``ema_rate`` (SDPO/SRPO EMA teacher): None when
   not applicable.
 
+Rollout correction (:mod:`.correction`): every algorithm takes ``correction`` (the
+``algorithm.rollout_correction`` settings); when ``AlgoBatch.rollout_logprobs`` (the engine's
+log-probs) is given, ``prepare`` computes ``rollout_correction(student_logprobs,
+rollout_logprobs, mask, ...)`` once per step and every ``loss`` multiplies each token's term (the
+PPO term; the distillation term of SDPO/SRPO) by its weight. Mode ``none`` measures the mismatch
+but leaves the loss bit-identical.
+
 Normalisation: ``loss`` returns ``sum(per-token loss over the micro-batch) / num_tokens`` (token
 mean) or ``sum(per-sequence loss) / num_seqs`` (seq-mean aggregations), so summing micro-batch
 losses gives the mini-batch loss. Pass ``num_tokens, num_seqs = prepared.select(minibatch_rows)
@@ -57,6 +64,7 @@ from .advantages import (
     rlrt_advantages,
     rlsd_advantages,
 )
+from .correction import RolloutCorrectionConfig, rollout_correction
 from .diagnostics import asymmetry_stats
 from .losses import (
     AGG_MODES,
@@ -239,6 +247,7 @@ class AlgorithmConfig:
     rlsd: RLSDConfig = field(default_factory=RLSDConfig)
     sdpo: SDPOConfig = field(default_factory=SDPOConfig)
     srpo: SRPOConfig = field(default_factory=SRPOConfig)
+    rollout_correction: RolloutCorrectionConfig = field(default_factory=RolloutCorrectionConfig)
 
     def __post_init__(self) -> None:
         if self.name not in ALGORITHMS:
@@ -269,6 +278,10 @@ class AlgoBatch:
         teacher_entropy: [B, T] optional teacher entropy (SRPO normalises its weights
             step-wide when given here, otherwise per micro-batch from ``TopK.teacher_entropy``).
         step: the training step (schedules).
+        rollout_logprobs: [B, T] the rollout engine's log-probs of the sampled tokens; with it
+            ``prepare`` computes the rollout-correction weights against the trainer's
+            ``student_logprobs`` (:func:`~.correction.rollout_correction`) and the
+            ``mismatch/*`` metrics. None = no correction, no mismatch metrics.
     """
 
     rewards: Tensor
@@ -280,6 +293,7 @@ class AlgoBatch:
     has_teacher: Tensor | None = None
     teacher_entropy: Tensor | None = None
     step: int = 0
+    rollout_logprobs: Tensor | None = None
 
 
 class TopK(NamedTuple):
@@ -302,6 +316,9 @@ class Prepared:
         distill: [B] bool, rows whose loss is the distillation term (SDPO, SRPO).
         teacher_logprobs: [B, T] fp32 or None (SDPO sampled-token variant).
         token_weights: [B, T] fp32 or None (SRPO entropy weights normalised step-wide).
+        correction_weights: [B, T] fp32 or None: the rollout-correction weight of each token,
+            multiplied into its loss term by every algorithm; None (mode "none") leaves the loss
+            untouched.
         metrics: step metrics (python floats), not sliced.
     """
 
@@ -312,6 +329,7 @@ class Prepared:
     distill: Tensor
     teacher_logprobs: Tensor | None = None
     token_weights: Tensor | None = None
+    correction_weights: Tensor | None = None
     metrics: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -398,7 +416,15 @@ class Algorithm:
     teacher_refresh_every: int | None = None
     ema_rate: float | None = None
 
-    def __init__(self, cfg: Any = None, **overrides: Any) -> None:
+    def __init__(
+        self,
+        cfg: Any = None,
+        correction: RolloutCorrectionConfig | dict | None = None,
+        **overrides: Any,
+    ) -> None:
+        if isinstance(correction, dict):
+            correction = RolloutCorrectionConfig(**correction)
+        self.correction = correction or RolloutCorrectionConfig()
         if cfg is None:
             cfg = self.config_cls(**overrides)
         elif isinstance(cfg, dict):
@@ -413,7 +439,19 @@ class Algorithm:
         self.cfg = cfg
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.cfg})"
+        return f"{type(self).__name__}({self.cfg}, correction={self.correction})"
+
+    def _correction(self, batch: AlgoBatch, valid: Tensor) -> tuple[Tensor | None, dict]:
+        """(rollout-correction weights or None, ``mismatch/*`` metrics) of a checked batch:
+        the trainer's pre-update log-probs against the engine's. Mode "none" still measures
+        the mismatch but returns no weights, so the loss stays bit-identical."""
+        if batch.rollout_logprobs is None:
+            return None, {}
+        c = self.correction
+        weights, metrics = rollout_correction(
+            _student(batch), batch.rollout_logprobs, valid, c.mode, c.cap, c.low, c.level
+        )
+        return (None if c.mode == "none" else weights), metrics
 
     def teacher_rows(self, rewards: Tensor, has_context: Tensor | None = None) -> Tensor:
         """[B] bool: the rows whose teacher log-probs this algorithm uses, given the rewards and
@@ -461,12 +499,15 @@ class GRPO(Algorithm):
         token_adv = self._token_advantages(batch, adv, valid)
         metrics = _step_metrics(batch, adv, token_adv, valid)
         metrics.update(self._extra_metrics(batch, valid))
+        correction, mismatch = self._correction(batch, valid)
+        metrics.update(mismatch)
         return Prepared(
             advantages=token_adv,
             mask=valid,
             old_logprobs=f32(batch.old_logprobs.detach()),
             loss_mask=valid,
             distill=torch.zeros(valid.shape[0], dtype=torch.bool, device=valid.device),
+            correction_weights=correction,
             metrics=metrics,
         )
 
@@ -482,7 +523,8 @@ class GRPO(Algorithm):
         *,
         num_seqs: float | Tensor | None = None,
     ) -> tuple[Tensor, dict[str, float]]:
-        """``policy_loss(logprobs, old_logprobs, advantages, mask)`` with this config."""
+        """``policy_loss(logprobs, old_logprobs, advantages, mask)`` with this config, each
+        token's term times its rollout-correction weight (when there is one)."""
         if num_tokens is None or num_seqs is None:
             nt, ns = prepared.normalizers()
             num_tokens = nt if num_tokens is None else num_tokens
@@ -496,6 +538,7 @@ class GRPO(Algorithm):
             self.cfg.eps_high,
             self.cfg.dual_clip,
         )
+        token_losses = _corrected(token_losses, prepared.correction_weights)
         loss = aggregate(token_losses, prepared.mask, self.cfg.agg, num_tokens, num_seqs)
         return loss, pg_metrics(info, prepared.mask)
 
@@ -509,6 +552,11 @@ class DAPO(GRPO):
     def __init__(self, cfg: Any = None, **overrides: Any) -> None:
         super().__init__(cfg, **overrides)
         self.dynamic_sampling = bool(self.cfg.dynamic_sampling)
+
+
+def _corrected(x: Tensor, weights: Tensor | None) -> Tensor:
+    """``x * weights`` (the rollout correction of a per-token term); ``x`` itself when None."""
+    return x if weights is None else x * weights
 
 
 def _student(batch: AlgoBatch) -> Tensor:
@@ -667,6 +715,8 @@ class SDPO(Algorithm):
             teacher = f32(_teacher_where(batch, distill).detach())
         metrics = _step_metrics(batch, adv, zeros, valid)
         metrics["frac_rows_distilled"] = float(distill.float().mean())
+        correction, mismatch = self._correction(batch, valid)
+        metrics.update(mismatch)
         return Prepared(
             advantages=zeros,
             mask=valid,
@@ -674,6 +724,7 @@ class SDPO(Algorithm):
             loss_mask=valid & distill[:, None],
             distill=distill,
             teacher_logprobs=teacher,
+            correction_weights=correction,
             metrics=metrics,
         )
 
@@ -689,6 +740,7 @@ class SDPO(Algorithm):
         if num_tokens is None:
             num_tokens = prepared.normalizers()[0]
         c = clipped_is_weights(logprobs, prepared.old_logprobs, prepared.mask, self.cfg.is_clip)
+        c = _corrected(c, prepared.correction_weights)
         if self.cfg.variant == "sampled":
             return sampled_token_distillation_loss(
                 logprobs, prepared.teacher_logprobs, prepared.loss_mask, c, num_tokens=num_tokens
@@ -751,6 +803,8 @@ class SRPO(Algorithm):
             )
         metrics = _step_metrics(batch, adv, token_adv, valid)
         metrics["frac_rows_distilled"] = float(distill.float().mean())
+        correction, mismatch = self._correction(batch, valid)
+        metrics.update(mismatch)
         return Prepared(
             advantages=token_adv,
             mask=valid,
@@ -758,6 +812,7 @@ class SRPO(Algorithm):
             loss_mask=valid,
             distill=distill,
             token_weights=weights,
+            correction_weights=correction,
             metrics=metrics,
         )
 
@@ -783,6 +838,7 @@ class SRPO(Algorithm):
             self.cfg.eps_high,
             self.cfg.dual_clip,
         )
+        pg_losses = _corrected(pg_losses, prepared.correction_weights)
         # Both terms are sums over their own tokens divided by the same N_tok.
         loss = aggregate(pg_losses, pg_mask, "token-mean", num_tokens)
         metrics = {f"pg_{k}": v for k, v in pg_metrics(info, pg_mask).items()}
@@ -798,6 +854,7 @@ class SRPO(Algorithm):
                     "AlgoBatch.teacher_entropy [B, T] or TopK.teacher_entropy [b, T]"
                 )
             c = clipped_is_weights(logprobs, prepared.old_logprobs, sd_mask, self.cfg.is_clip)
+            c = _corrected(c, prepared.correction_weights)
             sd_loss, sd_metrics = self_distillation_loss(
                 tk.student_topk_logprobs,
                 tk.teacher_topk_logprobs,
@@ -819,10 +876,13 @@ ALGORITHMS: dict[str, type[Algorithm]] = {
 
 def get_algorithm(name: str | None = None, cfg: Any = None, **overrides: Any) -> Algorithm:
     """Build an algorithm by name from ``cfg``: None (defaults), a dict of its config fields, its
-    config dataclass, or an :class:`AlgorithmConfig` (its ``name`` is used when ``name`` is None).
+    config dataclass, or an :class:`AlgorithmConfig` (its ``name`` is used when ``name`` is None,
+    its ``rollout_correction`` becomes the algorithm's ``correction``; or pass
+    ``correction=RolloutCorrectionConfig(...)``).
     """
     if isinstance(cfg, AlgorithmConfig):
         name = cfg.name if name is None else name
+        overrides.setdefault("correction", cfg.rollout_correction)
         cfg = getattr(cfg, name) if name in ALGORITHMS else None
     if name not in ALGORITHMS:
         raise ValueError(

@@ -367,11 +367,14 @@ class Checkpointer:
         teacher: Sequence[Any] | None = None,
         config: dict | None = None,
         layout: dict | None = None,
+        extra_files: dict[str, Any] | None = None,
     ) -> str:
         """Write `iter_<step>` atomically and point `latest` at it; returns its path.
 
         `layout` (`layout_of(cfg, world_size)`): the parallel layout and global batch, kept in
         the trainer state so a resume can tell a reshard (allowed) from a new batch (refused).
+        `extra_files` (rank 0): file name -> object, `torch.save`d into the checkpoint (the
+        asynchronous rollout queue).
         """
         from megatron.core import dist_checkpointing
 
@@ -403,6 +406,8 @@ class Checkpointer:
             if config is not None:
                 with open(os.path.join(tmp, "config.json"), "w") as f:
                     json.dump(config, f, indent=1)
+            for name, obj in (extra_files or {}).items():
+                torch.save(obj, os.path.join(tmp, name))
             if self.hf_dir:
                 copy_hf_metadata(self.hf_dir, os.path.join(tmp, "hf"))
             _fsync_tree(tmp)

@@ -57,6 +57,7 @@ class Run:
     teacher: list | None = None
     step: int = 0
     rollout_version: int = 0
+    rollouts: Any = None  # trainer.rollouts.RolloutQueue with rollout.async_steps=1
     extra: dict = field(default_factory=dict)
 
 
@@ -70,6 +71,7 @@ class Batch:
     texts: list[str]
     behavior_logprobs: list[list[float]]
     finish: list[str]
+    versions: list[int] = field(default_factory=list)  # the engine's weights version per rollout
     rewards: torch.Tensor | None = None
     reward_info: dict = field(default_factory=dict)
     row_prompts: list = field(default_factory=list)  # prompt ids per rollout
@@ -86,6 +88,7 @@ class Batch:
     behavior: torch.Tensor | None = None  # [B, T] the engine's log-probs, padded
     topk_ids: torch.Tensor | None = None  # [B, T, K] the pre-update student's top-k support
     teacher_topk_logprobs: torch.Tensor | None = None  # [B, T, K+1] teacher on that support
+    sync_metrics: dict = field(default_factory=dict)  # staleness and the sync check
 
 
 # ---- setup --------------------------------------------------------------------------------
@@ -234,6 +237,7 @@ def _build(cfg: TrainConfig, info: Any, hf_dir: str, ckpt: str, hf_config: dict,
         run.rollout_version = int(state.get("rollout_version", run.step))
         sampler.load_state_dict(state["sampler"])
         policy.scheduler.load_state_dict(state["scheduler"])
+        run.extra["resume_queue"] = state.get("rollout_queue")
     elif teacher is not None:
         policy.copy_into(teacher)
     if info.rank == 0:
@@ -260,8 +264,36 @@ def _build(cfg: TrainConfig, info: Any, hf_dir: str, ckpt: str, hf_config: dict,
             f"data: {n_too_long} prompts longer than data.max_prompt_tokens="
             f"{cfg.data.max_prompt_tokens} skipped, {len(dataset)} left"
         )
-    sync(run, run.step)  # the engine samples with the policy's weights from the first step on
+    # the engine samples with the policy's weights from the first step on (a resumed teacher
+    # is already the checkpointed one: push the weights only)
+    push_weights(run, run.step)
+    if cfg.rollout.async_steps:
+        _start_queue(run, resume)
     return run
+
+
+def _start_queue(run: Run, resume: str | None) -> None:
+    """Asynchronous rollouts: fresh, batches 1 and 2 both with the initial weights; resumed at
+    step k, the checkpoint's batch k+1 as sampled, batch k+2 regenerated with v_k (see
+    `trainer/rollouts.py`)."""
+    from rlrt_megatron.trainer.rollouts import RolloutQueue
+
+    run.rollouts = q = RolloutQueue(run)
+    meta = run.extra.pop("resume_queue", None)
+    if meta is None:
+        if resume:
+            raise RuntimeError(
+                f"{resume}: the checkpoint has no rollout queue (written with "
+                "rollout.async_steps=0); resume it with rollout.async_steps=0"
+            )
+        q.submit(run, run.step + 1)
+        q.submit(run, run.step + 2)
+        return
+    payloads = None
+    if run.rank == 0:
+        path = os.path.join(resume, ROLLOUT_QUEUE_FILE)
+        payloads = torch.load(path, weights_only=False) if os.path.isfile(path) else {}
+    q.restore(run, meta, payloads)
 
 
 def load_dataset(cfg: TrainConfig) -> Any:
@@ -292,16 +324,23 @@ def make_engine(cfg: TrainConfig, hf_dir: str) -> Any:
     # On a GPU the engine shares the trainer's device (weight sync is a device-to-device copy)
     # and decodes the whole batch at once; on CPU smaller chunks keep memory and latency low.
     rows = cfg.rollout.local_max_batch_rows or (64 if platform.is_cpu_mode() else 4096)
-    return LocalEngine(
-        hf_dir,
+    kwargs = dict(
         seed=cfg.rollout.seed,
         device=platform.device(),
         dtype=resolve_dtype(cfg.rollout.local_dtype),
         max_batch_rows=rows,
     )
+    if cfg.rollout.local_process or cfg.rollout.async_steps:
+        # its own process: generation runs while the trainer trains (asynchronous rollouts)
+        from rlrt_megatron.rollout.process import ProcessEngine
+
+        return ProcessEngine(model_dir_or_model=hf_dir, **kwargs)
+    return LocalEngine(hf_dir, **kwargs)
 
 
 def teardown(run: Run) -> None:
+    if run.rollouts is not None:
+        run.rollouts.close()
     if run.logger is not None:
         run.logger.close()
     if run.reward_fn is not None:
@@ -321,38 +360,20 @@ def _broadcast(obj: Any) -> Any:
 
 
 def rollout(run: Run, step: int) -> Batch:
-    """Sample G completions for the step's prompts on rank 0 (seed = rollout.seed + step)."""
-    from rlrt_megatron.data import render_prompt
-    from rlrt_megatron.rollout.base import GenerateRequest, SamplingParams
+    """Step `step`'s batch: G completions per prompt (seed = rollout.seed + step), sampled on
+    rank 0 now, or taken from the asynchronous queue (sampled during the previous step)."""
+    from rlrt_megatron.trainer import rollouts
 
-    cfg = run.cfg
-    idx = run.sampler.next_indices()  # every rank advances its sampler identically
+    if run.rollouts is not None:
+        idx, payload = run.rollouts.take(step)
+    else:
+        idx = run.sampler.next_indices()  # every rank advances its sampler identically
+        payload = None
+        if run.rank == 0:
+            payload = rollouts.generate(run.engine, *rollouts.make_requests(run, step, idx))
     rows = [run.dataset[i] for i in idx]
-    payload = None
-    if run.rank == 0:
-        prompts = [
-            render_prompt(run.tokenizer, r.problem, run.prompt_template).token_ids for r in rows
-        ]
-        sampling = SamplingParams(
-            n=cfg.rollout.group_size,
-            temperature=cfg.rollout.temperature,
-            top_p=cfg.rollout.top_p,
-            top_k=cfg.rollout.top_k,
-            max_new_tokens=cfg.rollout.max_new_tokens,
-            seed=cfg.rollout.seed + step,
-        )
-        reqs = [GenerateRequest(p, request_id=f"{step}-{g}") for g, p in enumerate(prompts)]
-        groups = run.engine.generate(reqs, sampling)
-        comps = [c for grp in groups for c in grp]
-        payload = (
-            prompts,
-            [list(c.token_ids) for c in comps],
-            [c.text for c in comps],
-            [list(c.logprobs) for c in comps],
-            [c.finish_reason for c in comps],
-        )
-    prompts, responses, texts, blp, finish = _broadcast(payload)
-    return Batch(rows, prompts, responses, texts, blp, finish)
+    prompts, responses, texts, blp, finish, versions = _broadcast(payload)
+    return Batch(rows, prompts, responses, texts, blp, finish, versions)
 
 
 def reward(run: Run, batch: Batch) -> None:
@@ -461,6 +482,7 @@ def logprobs(run: Run, batch: Batch) -> None:
     full = {k: _gather_rows(v, n, pol) for k, v in part.items() if v is not None}
     batch.student_logprobs, batch.entropy = full["logprobs"], full["entropy"]
     batch.behavior = _ragged_to_padded(batch.behavior_logprobs, w, batch.mask.device)
+    _check_sync(run, batch)
     if run.cfg.train.recompute_old_logprobs:
         batch.old_logprobs = batch.student_logprobs
     else:
@@ -472,6 +494,17 @@ def logprobs(run: Run, batch: Batch) -> None:
         batch.teacher_entropy = torch.where(has, full["teacher_entropy"], batch.entropy)
     batch.topk_ids = full.get("topk_ids")
     batch.teacher_topk_logprobs = full.get("teacher_topk_logprobs")
+
+
+def _check_sync(run: Run, batch: Batch) -> None:
+    """The sync check of `trainer/rollouts.py` (raises SyncCheckError on a stale engine)."""
+    from rlrt_megatron.trainer.rollouts import sync_check
+
+    step = run.step + 1
+    probe = None
+    if run.rollouts is not None:
+        probe = _broadcast(run.rollouts.take_probe(step) if run.rank == 0 else None)
+    batch.sync_metrics = sync_check(run, batch, step, probe)
 
 
 def _gather_rows(t: torch.Tensor, n: int, pol: Any) -> torch.Tensor:
@@ -512,6 +545,7 @@ def advantages(run: Run, batch: Batch, step: int) -> Any:
             has_teacher=batch.has_teacher,
             teacher_entropy=batch.teacher_entropy,
             step=step - 1,
+            rollout_logprobs=batch.behavior,
         )
     )
 
@@ -562,27 +596,47 @@ def update(run: Run, batch: Batch, prepared: Any) -> dict[str, float]:
     return {k: v / max(count, 1) for k, v in sums.items()}
 
 
-def sync(run: Run, step: int) -> None:
-    """Refresh the teacher copy (snapshot / EMA) and push the new weights to the engine."""
-    from rlrt_megatron.convert.load import iter_hf_weights
+def await_rollouts(run: Run, step: int) -> None:
+    """Asynchronous rollouts: wait for the batch sampled during step `step` (next step's batch),
+    so that the engine is idle for the weight sync. A no-op for synchronous rollouts."""
+    if run.rollouts is not None:
+        run.rollouts.wait(step + 1)
 
+
+def sync(run: Run, step: int) -> None:
+    """Refresh the teacher copy (snapshot / EMA) and push the new weights to the engine; with
+    asynchronous rollouts, then queue the engine's sync-check score and the next batch (see
+    `trainer/rollouts.py`)."""
     algo = run.algo
     if run.teacher is not None and step > 0:
         if algo.teacher_weights == "ema":
             run.policy.ema_into(run.teacher, float(algo.ema_rate))
         elif algo.teacher_weights == "snapshot" and step % int(algo.teacher_refresh_every) == 0:
             run.policy.copy_into(run.teacher)
+    q = run.rollouts
+    if q is not None:
+        q.wait(step + 1)  # done by `await_rollouts` in the loop: the engine is idle
+    push_weights(run, step)
+    if q is not None:
+        q.submit_probe(run, step + 1)
+        q.submit(run, step + 2)
+
+
+def push_weights(run: Run, version: int) -> None:
+    """Stream the policy's weights (Hugging Face names) into the engine as `version`."""
+    from rlrt_megatron.convert.load import iter_hf_weights
+
     # streamed: the engine takes the tensors as they are gathered (SGLang sends them in buckets)
     # bf16 to the engine whenever the policy is not fp32 (FP8 parameters included)
     fp32 = run.policy.params_dtype == torch.float32
     weights = iter_hf_weights(run.policy.chunks, dtype=None if fp32 else torch.bfloat16)
     try:
         if run.rank == 0:
-            run.engine.update_weights(weights, version=step)
+            run.engine.update_weights(weights, version=version)
     finally:
         for _ in weights:  # lockstep with rank 0's gathers, even if its engine stopped early
             pass
-    run.rollout_version = step
+    run.rollout_version = version
 
 
 def step_metrics(
@@ -611,6 +665,7 @@ def step_metrics(
     m["rollout/logprob_abs_diff"] = float(
         ((batch.behavior - batch.student_logprobs).abs() * mask).sum() / max(n_tok, 1.0)
     )
+    m.update(batch.sync_metrics)
     if batch.teacher_logprobs is not None:
         delta = (batch.teacher_logprobs - batch.student_logprobs) * mask
         rows = batch.has_teacher[:, None].float() * mask
@@ -624,7 +679,11 @@ def step_metrics(
                     "delta/std": float(d.std()) if d.numel() > 1 else 0.0,
                 }
             )
-    m.update({f"algo/{k}": float(v) for k, v in prepared.metrics.items()})
+    # the rollout correction's mismatch/* metrics keep their own name
+    m.update(
+        {k if k.startswith("mismatch/") else f"algo/{k}": float(v)
+         for k, v in prepared.metrics.items()}
+    )  # fmt: skip
     for k, v in upd.items():
         if k in ("grad_norm", "lr", "update_ok"):
             m[f"train/{k}"] = v
@@ -680,7 +739,11 @@ def checkpoint_due(cfg: TrainConfig, step: int) -> bool:
     )
 
 
+ROLLOUT_QUEUE_FILE = "rollout_queue.pt"
+
+
 def save_checkpoint(run: Run) -> str:
+    extra = None
     state = {
         "step": run.step,
         "rollout_version": run.rollout_version,
@@ -689,6 +752,10 @@ def save_checkpoint(run: Run) -> str:
         "algorithm": run.cfg.algorithm.name,
         "time": time.time(),
     }
+    if run.rollouts is not None:
+        state["rollout_queue"], payloads = run.rollouts.state()
+        if payloads is not None:
+            extra = {ROLLOUT_QUEUE_FILE: payloads}
     path = run.checkpointer.save(
         run.step,
         run.policy.model,
@@ -697,6 +764,7 @@ def save_checkpoint(run: Run) -> str:
         teacher=run.teacher,
         config=run.cfg.to_dict(),
         layout=layout_of(run.cfg, run.world_size),
+        extra_files=extra,
     )
     return path
 
@@ -716,6 +784,7 @@ __all__ = [
     "setup",
     "step_metrics",
     "sync",
+    "await_rollouts",
     "teardown",
     "update",
 ]

@@ -6,7 +6,10 @@ Every rank runs the loop. The rollout engine and the reward workers live on rank
 and their results are broadcast; the algorithm (`rlrt_megatron.algorithms.get_algorithm`) is the
 only thing that knows what it computes, through its `needs_teacher` / `teacher_context` /
 `teacher_weights` / `needs_topk` attributes, so there is no per-algorithm branch here.
-Setup and the phase bodies live in `trainer/steps.py`.
+Setup and the phase bodies live in `trainer/steps.py`. With `rollout.async_steps=1` the same
+phases run, but `rollout` takes a batch the engine sampled during the previous step, a second
+`rollout` phase after `update` waits for the batch sampled during this one, and `sync` queues the
+next (`trainer/rollouts.py`); the logprobs phase runs the sync check either way.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ from rlrt_megatron.trainer.checkpoint import SignalFlag
 
 
 class _Phases:
-    """`phase(name, fn, *args)`: run `fn` under the watchdog's `name` timeout and time it."""
+    """`phase(name, fn, *args)`: run `fn` under the watchdog's `name` timeout and time it (a
+    phase run twice in a step adds up)."""
 
     def __init__(self, wd: Any, times: dict[str, float]) -> None:
         self.wd, self.times = wd, times
@@ -30,7 +34,8 @@ class _Phases:
         t = time.perf_counter()
         with self.wd.phase(name):
             out = fn(*args)
-        self.times[f"time/{name}"] = time.perf_counter() - t
+        key = f"time/{name}"
+        self.times[key] = self.times.get(key, 0.0) + time.perf_counter() - t
         return out
 
 
@@ -51,6 +56,7 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None) -> dict[str, Any]:
             phase("logprobs", steps.logprobs, run, batch)
             prepared = phase("advantages", steps.advantages, run, batch, step)
             update = phase("update", steps.update, run, batch, prepared)
+            phase("rollout", steps.await_rollouts, run, step)  # async: the next batch
             phase("sync", steps.sync, run, step)
             metrics = steps.step_metrics(run, batch, prepared, update, times, t0)
             if steps.eval_due(cfg, step):

@@ -190,8 +190,9 @@ class WeightSync:
                     # not in every version)
                     raise WeightSyncError(
                         f"weight check: server {s.index} cannot report {name!r} "
-                        f"(answer {str(got)[:200]!r}); set rollout.sglang_verify_stride=0 and "
-                        "rely on weight_sync.check_logprob_agreement in the logprobs phase"
+                        f"(answer {str(got)[:200]!r}); set rollout.sglang_verify_stride=0: "
+                        "the trainer's sync check (rollout.sync_check_tol, logprobs phase) "
+                        "still compares the engine's log-probs with its own after every sync"
                     )
                 compare_probes(f"{name} on server {s.index}", probe.to(torch.float32), got)
         stats["seconds"] = time.perf_counter() - t0
