@@ -27,7 +27,7 @@ PHASES = ("rollout", "reward", "logprobs", "advantages", "update", "sync")
 
 def time_algorithm(algo: str, args: argparse.Namespace) -> dict[str, list[float]]:
     from recipes import get_recipe
-    from rlrt_megatron.trainer import steps
+    from rlrt_megatron.trainer import setup, steps
     from rlrt_megatron.trainer.cli import _prepare_demo_model
 
     model_dir = os.path.join(args.run_dir, "model")
@@ -45,7 +45,7 @@ def time_algorithm(algo: str, args: argparse.Namespace) -> dict[str, list[float]
         ],
     )
     _prepare_demo_model(cfg, model_dir)
-    run = steps.setup(cfg)
+    run = setup.setup(cfg)
     try:
         frozen = steps.rollout(run, 1)
         steps.reward(run, frozen)
@@ -80,7 +80,7 @@ def time_algorithm(algo: str, args: argparse.Namespace) -> dict[str, list[float]
                     times[k].append(v)
         times["tokens"] = [float(frozen.mask.sum()) if frozen.mask is not None else 0.0]
     finally:
-        steps.teardown(run)
+        setup.teardown(run)
     return times
 
 

@@ -88,7 +88,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"rlrt train: {e}", file=sys.stderr)
         return 2
     try:
-        from rlrt_megatron.trainer.steps import preflight
+        from rlrt_megatron.trainer.setup import preflight
 
         preflight(cfg)  # model shape and world size checks, before any work
     except ConfigError as e:

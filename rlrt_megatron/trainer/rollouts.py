@@ -58,7 +58,7 @@ class SyncCheckError(RuntimeError):
 
 def sync_tol(cfg: Any) -> float:
     """`rollout.sync_check_tol`, or its per-dtype default when 0 (< 0 = check off)."""
-    from rlrt_megatron.trainer.steps import resolve_dtype
+    from rlrt_megatron.platform import resolve_dtype
 
     r = cfg.rollout
     if r.sync_check_tol != 0:
@@ -277,10 +277,10 @@ def sync_check(run: Any, batch: Any, step: int, probe: tuple | None) -> dict[str
         engine_v, engine_lp, rows = trainer_v, batch.behavior, mask.shape[0]
     elif probe is not None:
         rows, lps = probe
-        from rlrt_megatron.trainer.steps import _ragged_to_padded
+        from rlrt_megatron.trainer.state import ragged_to_padded
 
         engine_v = trainer_v
-        engine_lp = _ragged_to_padded(lps, mask.shape[1], mask.device)
+        engine_lp = ragged_to_padded(lps, mask.shape[1], mask.device)
     else:
         return out
     m = mask[:rows]

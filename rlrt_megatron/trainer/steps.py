@@ -1,354 +1,31 @@
-"""Setup and the bodies of the loop's phases (`trainer/train.py` shows the order).
+"""The bodies of the loop's phases (`trainer/train.py` shows the order; `trainer/setup.py`
+builds the run).
 
-State that lives across steps is a `Run`; a step's data is a `Batch`. Rank 0 owns the rollout
-engine and the reward workers; what they produce is broadcast so every rank builds the same
-`Batch`. Log-prob forwards are split over data-parallel ranks and all-gathered; the update
-splits each PPO mini-batch over data-parallel ranks (DDP averages the gradients).
+State that lives across steps is a `Run`; a step's data is a `Batch` (`trainer/state.py`).
+Rank 0 owns the rollout engine and the reward workers; what they produce is broadcast so every
+rank builds the same `Batch`. Log-prob forwards are split over data-parallel ranks and
+all-gathered; the update splits each PPO mini-batch over data-parallel ranks (DDP averages the
+gradients).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import random
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from rlrt_megatron.config import TrainConfig, load_hf_config
-from rlrt_megatron.trainer.checkpoint import Checkpointer, layout_of
-from rlrt_megatron.trainer.metrics import MetricsLogger
-from rlrt_megatron.trainer.watchdog import Watchdog
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-def resolve_dtype(name: str) -> torch.dtype:
-    """A config dtype: `float32`, `bfloat16`, or `auto` = bfloat16 on a GPU, float32 on CPU."""
-    from rlrt_megatron import platform
-
-    if name == "auto":
-        return torch.float32 if platform.is_cpu_mode() else torch.bfloat16
-    return DTYPES[name]
-
-
-@dataclass
-class Run:
-    """Everything the loop carries from step to step."""
-
-    cfg: TrainConfig
-    rank: int
-    world_size: int
-    policy: Any
-    algo: Any
-    tokenizer: Any
-    dataset: Any
-    sampler: Any
-    prompt_template: Any
-    engine: Any
-    reward_fn: Any
-    checkpointer: Checkpointer
-    logger: MetricsLogger
-    watchdog: Watchdog
-    pad_id: int
-    teacher: list | None = None
-    step: int = 0
-    rollout_version: int = 0
-    rollouts: Any = None  # trainer.rollouts.RolloutQueue with rollout.async_steps=1
-    extra: dict = field(default_factory=dict)
-
-
-@dataclass
-class Batch:
-    """One step's rollouts, group-major: row `g * G + j` is the j-th rollout of prompt g."""
-
-    rows: list[Any]  # PromptRow per group
-    prompts: list[list[int]]  # prompt ids per group
-    responses: list[list[int]]  # per rollout
-    texts: list[str]
-    behavior_logprobs: list[list[float]]
-    finish: list[str]
-    versions: list[int] = field(default_factory=list)  # the engine's weights version per rollout
-    rewards: torch.Tensor | None = None
-    reward_info: dict = field(default_factory=dict)
-    row_prompts: list = field(default_factory=list)  # prompt ids per rollout
-    row_responses: list = field(default_factory=list)  # response ids per rollout (never empty)
-    teacher_prefixes: list = field(default_factory=list)  # teacher context + prompt, or None
-    has_teacher: torch.Tensor | None = None
-    width: int = 0
-    mask: torch.Tensor | None = None
-    old_logprobs: torch.Tensor | None = None
-    student_logprobs: torch.Tensor | None = None
-    teacher_logprobs: torch.Tensor | None = None
-    teacher_entropy: torch.Tensor | None = None
-    entropy: torch.Tensor | None = None
-    behavior: torch.Tensor | None = None  # [B, T] the engine's log-probs, padded
-    topk_ids: torch.Tensor | None = None  # [B, T, K] the pre-update student's top-k support
-    teacher_topk_logprobs: torch.Tensor | None = None  # [B, T, K+1] teacher on that support
-    sync_metrics: dict = field(default_factory=dict)  # staleness and the sync check
-
-
-# ---- setup --------------------------------------------------------------------------------
-
-
-def _is_rank0() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def prepare_model_files(cfg: TrainConfig, log: Any = print) -> tuple[str, str]:
-    """(hf_dir, megatron_ckpt) for the run; builds the tiny model, SFT-warms and converts it on
-    rank 0 when the config asks (cached under `<run_dir>/model/`).
-
-    Every rank derives the same paths from the config. Rank 0 alone does the work while the
-    others wait: the conversion's checkpoint save is collective, so inside a multi-rank job
-    `hf_to_megatron` runs in a 1-rank child process. A failure on rank 0 is sent to the other
-    ranks, which raise too instead of waiting forever.
-    """
-    model_dir = os.path.join(cfg.run_dir, "model")
-    hf_dir = cfg.model.hf_path
-    if cfg.model.build_tiny and not hf_dir:
-        hf_dir = os.path.join(model_dir, "hf")
-    ckpt = cfg.model.megatron_ckpt or os.path.join(model_dir, "megatron")
-    failure: BaseException | None = None
-    if _is_rank0():
-        try:
-            if cfg.model.build_tiny and not cfg.model.hf_path:
-                from rlrt_megatron.trainer.warmup import build_warm_tiny_model
-
-                build_warm_tiny_model(hf_dir, cfg, log=log)
-            if not cfg.model.megatron_ckpt and not os.path.isdir(ckpt):
-                from rlrt_megatron.convert.hf_to_megatron import hf_to_megatron
-
-                hf_to_megatron(hf_dir, ckpt, spec=cfg.model.spec, show_progress=False)
-        except BaseException as ex:
-            failure = ex
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        box = [None if failure is None else f"{type(failure).__name__}: {failure}"]
-        dist.broadcast_object_list(box, src=0)  # also the barrier after rank 0's work
-        if failure is None and box[0] is not None:
-            raise RuntimeError(f"rank 0 failed to prepare the model files: {box[0]}")
-    if failure is not None:
-        raise failure
-    return hf_dir, ckpt
-
-
-def preflight(cfg: TrainConfig) -> None:
-    """Every config check that needs no work: values, the model's heads/layers (config.json, or
-    the tiny model's known shape) and the world size from the launcher's environment."""
-    hf_config = load_hf_config(cfg.model.hf_path)
-    if hf_config is None and cfg.model.build_tiny:
-        from rlrt_megatron.convert.tiny import TINY_SHAPE
-
-        hf_config = dict(TINY_SHAPE)
-    world = os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or "1"
-    cfg.validate(hf_config=hf_config, world_size=int(world))
-
-
-def setup(cfg: TrainConfig) -> Run:
-    from rlrt_megatron import platform
-
-    preflight(cfg)
-    if cfg.train.deterministic:
-        platform.set_deterministic()
-    info = platform.init_distributed(cfg.parallel.tp, cfg.parallel.pp, seed=cfg.train.seed)
-    random.seed(cfg.train.seed)
-    run_dir = cfg.run_dir
-    if info.rank == 0:
-        os.makedirs(run_dir, exist_ok=True)
-        cfg.to_json(os.path.join(run_dir, "config.json"))
-    wd = Watchdog(cfg.timeouts, rank=info.rank, log_dir=os.path.join(run_dir, "logs"))
-    with wd.phase("init"):
-        hf_dir, ckpt = prepare_model_files(cfg)
-        hf_config = load_hf_config(hf_dir)
-        cfg.validate(hf_config=hf_config, world_size=info.world_size)
-        run = _build(cfg, info, hf_dir, ckpt, hf_config, wd)
-    return run
-
-
-def _build(cfg: TrainConfig, info: Any, hf_dir: str, ckpt: str, hf_config: dict, wd: Watchdog):
-    from transformers import AutoTokenizer
-
-    from rlrt_megatron.algorithms import get_algorithm
-    from rlrt_megatron.convert.load import load_checkpoint_into_model
-    from rlrt_megatron.data import PromptSampler, PromptTemplate
-    from rlrt_megatron.data.templates import filter_by_prompt_length
-    from rlrt_megatron.megatron.train_step import Policy
-
-    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    algo = get_algorithm(cfg.algorithm.name, cfg.algorithm)
-    updates_per_step = cfg.train.ppo_epochs * (
-        cfg.train.prompts_per_step // cfg.train.mini_batch_prompts
-    )
-    policy = Policy(
-        hf_config,
-        tp=cfg.parallel.tp,
-        pp=cfg.parallel.pp,
-        optim=cfg.optimizer,
-        total_steps=cfg.train.steps * updates_per_step,
-        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
-        spec=cfg.model.spec,
-        params_dtype=resolve_dtype(cfg.model.params_dtype),
-        sample_vocab_size=len(tokenizer) if cfg.rollout.engine == "local" else None,
-        fp8=cfg.model.fp8.to_te(),
-        logprobs_impl=cfg.model.logprobs_impl,
-    )
-    load_checkpoint_into_model(policy.chunks, ckpt)
-    policy.sync_main_params()  # bf16: the optimizer's fp32 main params follow the loaded weights
-    teacher = policy.make_teacher_copy() if algo.teacher_weights in ("snapshot", "ema") else None
-    template = PromptTemplate(instruction=cfg.data.instruction)
-    dataset, n_too_long = filter_by_prompt_length(
-        load_dataset(cfg), tokenizer, cfg.data.max_prompt_tokens, template
-    )
-    sampler = PromptSampler(
-        dataset, cfg.train.prompts_per_step, seed=cfg.train.seed, shuffle=cfg.data.shuffle
-    )
-    checkpointer = Checkpointer(
-        cfg.checkpoint_dir, keep_last=cfg.checkpoint.keep_last, hf_dir=hf_dir
-    )
-    run = Run(
-        cfg=cfg,
-        rank=info.rank,
-        world_size=info.world_size,
-        policy=policy,
-        algo=algo,
-        tokenizer=tokenizer,
-        dataset=dataset,
-        sampler=sampler,
-        prompt_template=template,
-        engine=None,
-        reward_fn=None,
-        checkpointer=checkpointer,
-        logger=None,  # type: ignore[arg-type]
-        watchdog=wd,
-        pad_id=pad_id,
-        teacher=teacher,
-    )
-    resume = checkpointer.resolve(cfg.checkpoint.resume)
-    if resume:
-        state = checkpointer.load(
-            resume, policy.model, policy.optimizer, teacher=teacher,
-            layout=layout_of(cfg, info.world_size),
-        )  # fmt: skip
-        run.step = int(state["step"])
-        run.rollout_version = int(state.get("rollout_version", run.step))
-        sampler.load_state_dict(state["sampler"])
-        policy.scheduler.load_state_dict(state["scheduler"])
-        run.extra["resume_queue"] = state.get("rollout_queue")
-    elif teacher is not None:
-        policy.copy_into(teacher)
-    if info.rank == 0:
-        run.engine = make_engine(cfg, hf_dir)
-        from rlrt_megatron.reward.math import MathReward
-
-        run.reward_fn = MathReward(timeout_s=cfg.timeouts.reward_per_sample, num_workers=1)
-    run.logger = MetricsLogger(
-        cfg.run_dir,
-        total_steps=cfg.train.steps,
-        enabled=info.rank == 0,
-        jsonl=cfg.logging.jsonl,
-        tensorboard=cfg.logging.tensorboard,
-        wandb_project=cfg.logging.wandb_project,
-        console=cfg.logging.console,
-        start_step=run.step,
-        config=cfg.to_dict(),
-        name=cfg.name,
-    )
-    if resume:
-        run.logger.message(f"resumed from {resume} at step {run.step}")
-    if n_too_long:
-        run.logger.message(
-            f"data: {n_too_long} prompts longer than data.max_prompt_tokens="
-            f"{cfg.data.max_prompt_tokens} skipped, {len(dataset)} left"
-        )
-    # the engine samples with the policy's weights from the first step on (a resumed teacher
-    # is already the checkpointed one: push the weights only)
-    push_weights(run, run.step)
-    if cfg.rollout.async_steps:
-        _start_queue(run, resume)
-    return run
-
-
-def _start_queue(run: Run, resume: str | None) -> None:
-    """Asynchronous rollouts: fresh, batches 1 and 2 both with the initial weights; resumed at
-    step k, the checkpoint's batch k+1 as sampled, batch k+2 regenerated with v_k (see
-    `trainer/rollouts.py`)."""
-    from rlrt_megatron.trainer.rollouts import RolloutQueue
-
-    run.rollouts = q = RolloutQueue(run)
-    meta = run.extra.pop("resume_queue", None)
-    if meta is None:
-        if resume:
-            raise RuntimeError(
-                f"{resume}: the checkpoint has no rollout queue (written with "
-                "rollout.async_steps=0); resume it with rollout.async_steps=0"
-            )
-        q.submit(run, run.step + 1)
-        q.submit(run, run.step + 2)
-        return
-    payloads = None
-    if run.rank == 0:
-        path = os.path.join(resume, ROLLOUT_QUEUE_FILE)
-        payloads = torch.load(path, weights_only=False) if os.path.isfile(path) else {}
-    q.restore(run, meta, payloads)
-
-
-def load_dataset(cfg: TrainConfig) -> Any:
-    from rlrt_megatron.data import load_prompt_dataset, rows_to_dataset
-
-    d = cfg.data
-    if d.path == "synthetic":
-        from rlrt_megatron.data.synthetic import arithmetic_dataset
-
-        rows = arithmetic_dataset(
-            d.synthetic_size, seed=cfg.train.seed, max_operand=d.synthetic_max_operand
-        )
-        return rows_to_dataset(rows, name="synthetic")
-    fmap = {"problem": d.prompt_key, "answer": d.answer_key, "solution": d.solution_key or None}
-    return load_prompt_dataset(d.path, field_map=fmap, on_bad_row=d.on_bad_row)
-
-
-def make_engine(cfg: TrainConfig, hf_dir: str) -> Any:
-    """The rollout engine on rank 0: `local` (transformers) or `sglang`."""
-    if cfg.rollout.engine == "sglang":
-        from rlrt_megatron.rollout.sglang import SGLangEngine
-
-        key = cfg.rollout.sglang_api_key or os.environ.get("RLRT_ROLLOUT_API_KEY", "")
-        return SGLangEngine.from_config(cfg, hf_dir, **({"api_key": key} if key else {}))
-    from rlrt_megatron import platform
-    from rlrt_megatron.rollout.local import LocalEngine
-
-    # On a GPU the engine shares the trainer's device (weight sync is a device-to-device copy)
-    # and decodes the whole batch at once; on CPU smaller chunks keep memory and latency low.
-    rows = cfg.rollout.local_max_batch_rows or (64 if platform.is_cpu_mode() else 4096)
-    kwargs = dict(
-        seed=cfg.rollout.seed,
-        device=platform.device(),
-        dtype=resolve_dtype(cfg.rollout.local_dtype),
-        max_batch_rows=rows,
-    )
-    if cfg.rollout.local_process or cfg.rollout.async_steps:
-        # its own process: generation runs while the trainer trains (asynchronous rollouts)
-        from rlrt_megatron.rollout.process import ProcessEngine
-
-        return ProcessEngine(model_dir_or_model=hf_dir, **kwargs)
-    return LocalEngine(hf_dir, **kwargs)
-
-
-def teardown(run: Run) -> None:
-    if run.rollouts is not None:
-        run.rollouts.close()
-    if run.logger is not None:
-        run.logger.close()
-    if run.reward_fn is not None:
-        run.reward_fn.close()
-    if run.engine is not None:
-        run.engine.shutdown()
-    run.watchdog.close()
-
+from rlrt_megatron.config import TrainConfig
+from rlrt_megatron.trainer.checkpoint import layout_of
+from rlrt_megatron.trainer.state import (
+    ROLLOUT_QUEUE_FILE,
+    Batch,
+    Run,
+    ragged_to_padded,
+    step_device,
+)
 
 # ---- phases -------------------------------------------------------------------------------
 
@@ -385,7 +62,7 @@ def reward(run: Run, batch: Batch) -> None:
         res = run.reward_fn(batch.texts, refs)
         payload = (list(res.scores), res.metrics())
     scores, info = _broadcast(payload)
-    batch.rewards = torch.tensor(scores, dtype=torch.float32).to(_device(), non_blocking=True)
+    batch.rewards = torch.tensor(scores, dtype=torch.float32).to(step_device(), non_blocking=True)
     batch.reward_info = info
 
 
@@ -419,27 +96,9 @@ def _build_views(run: Run, batch: Batch, step: int) -> None:
             if c is not None:
                 batch.teacher_prefixes[i] = list(c.token_ids)
                 has_teacher[i] = True
-    dev = _device()
+    dev = step_device()
     batch.has_teacher = torch.tensor(has_teacher, dtype=torch.bool).to(dev, non_blocking=True)
-    batch.mask = _ragged_to_padded([[1.0] * len(r) for r in batch.responses], batch.width, dev)
-
-
-def _device() -> torch.device:
-    """Where every step tensor lives (the policy's device): built there once, never moved."""
-    from rlrt_megatron import platform
-
-    return platform.device()
-
-
-def _ragged_to_padded(rows: list[list[float]], width: int, dev: torch.device) -> torch.Tensor:
-    """`[n, width]` fp32 on `dev` from ragged rows (zeros on the right): one host-to-device
-    copy of the whole batch, not one per row."""
-    out = torch.zeros(len(rows), width, dtype=torch.float32)
-    for i, r in enumerate(rows):
-        if r:
-            k = min(len(r), width)
-            out[i, :k] = torch.tensor(r[:k], dtype=torch.float32)
-    return out.to(dev, non_blocking=True)
+    batch.mask = ragged_to_padded([[1.0] * len(r) for r in batch.responses], batch.width, dev)
 
 
 def _pad(t: torch.Tensor | None, width: int) -> torch.Tensor | None:
@@ -481,7 +140,7 @@ def logprobs(run: Run, batch: Batch) -> None:
     }
     full = {k: _gather_rows(v, n, pol) for k, v in part.items() if v is not None}
     batch.student_logprobs, batch.entropy = full["logprobs"], full["entropy"]
-    batch.behavior = _ragged_to_padded(batch.behavior_logprobs, w, batch.mask.device)
+    batch.behavior = ragged_to_padded(batch.behavior_logprobs, w, batch.mask.device)
     _check_sync(run, batch)
     if run.cfg.train.recompute_old_logprobs:
         batch.old_logprobs = batch.student_logprobs
@@ -739,9 +398,6 @@ def checkpoint_due(cfg: TrainConfig, step: int) -> bool:
     )
 
 
-ROLLOUT_QUEUE_FILE = "rollout_queue.pt"
-
-
 def save_checkpoint(run: Run) -> str:
     extra = None
     state = {
@@ -777,14 +433,11 @@ __all__ = [
     "eval_due",
     "evaluate",
     "logprobs",
-    "preflight",
     "reward",
     "rollout",
     "save_checkpoint",
-    "setup",
     "step_metrics",
     "sync",
     "await_rollouts",
-    "teardown",
     "update",
 ]

@@ -21,6 +21,7 @@ from typing import Any
 from rlrt_megatron.config import TrainConfig
 from rlrt_megatron.trainer import steps
 from rlrt_megatron.trainer.checkpoint import SignalFlag
+from rlrt_megatron.trainer.setup import setup, teardown
 
 
 class _Phases:
@@ -43,7 +44,7 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None) -> dict[str, Any]:
     """Run `cfg` (all ranks call it). Returns `{"step", "status", "metrics": [...]}` where status
     is "done", "preempted" (SIGTERM/SIGUSR1: checkpoint written) or "stopped" (`stop_after`)."""
     signals = SignalFlag().install()
-    run = steps.setup(cfg)  # dist init, model, optimizer, engine, data, resume (phase "init")
+    run = setup(cfg)  # dist init, model, optimizer, engine, data, resume (phase "init")
     wd, history = run.watchdog, []
     status = "done"
     try:
@@ -76,5 +77,5 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None) -> dict[str, Any]:
                 break
     finally:
         signals.uninstall()
-        steps.teardown(run)
+        teardown(run)
     return {"step": run.step, "status": status, "metrics": history}

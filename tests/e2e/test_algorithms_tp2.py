@@ -24,7 +24,7 @@ def _all_algorithms(rank: int, world: int, model: dict, root: str) -> dict:
 
     from recipes import get_recipe
     from rlrt_megatron.megatron.parallel import gather_full_params
-    from rlrt_megatron.trainer import steps
+    from rlrt_megatron.trainer import setup, steps
     from rlrt_megatron.trainer.train import train
 
     base = [*FAST, *model_overrides(model), "parallel.tp=2", "train.steps=3"]
@@ -32,7 +32,7 @@ def _all_algorithms(rank: int, world: int, model: dict, root: str) -> dict:
 
     # one step by hand: every trainable parameter moves when the advantages are nonzero
     cfg = get_recipe("tiny_demo", [*base, f"logging.run_dir={root}/params"])
-    run = steps.setup(cfg)
+    run = setup.setup(cfg)
     before = gather_full_params(run.policy.model)
     for step in range(1, 11):  # the first batch whose groups do not all tie
         batch = steps.rollout(run, step)
@@ -45,7 +45,7 @@ def _all_algorithms(rank: int, world: int, model: dict, root: str) -> dict:
     after = gather_full_params(run.policy.model)
     out["adv_abs_sum"] = float(prepared.advantages.abs().sum())
     out["changed"] = {n: not torch.equal(before[n], after[n]) for n in before}
-    steps.teardown(run)
+    setup.teardown(run)
 
     for algo in ALGOS:
         cfg = get_recipe(_recipe(algo), [*base, f"logging.run_dir={root}/{algo}"])
@@ -96,18 +96,18 @@ def test_rlrt_alpha0_equals_grpo_bit_for_bit(results):
 def _prepare_build_tiny(rank: int, world: int, root: str) -> dict:
     from recipes import get_recipe
     from rlrt_megatron import platform
-    from rlrt_megatron.trainer import steps
+    from rlrt_megatron.trainer import setup
 
     cfg = get_recipe("tiny_demo", ["model.sft_warmup_steps=0", f"logging.run_dir={root}/run"])
     platform.init_distributed(tp=2, pp=1)
     try:
-        hf_dir, ckpt = steps.prepare_model_files(cfg, log=lambda _: None)
+        hf_dir, ckpt = setup.prepare_model_files(cfg, log=lambda _: None)
         bad = get_recipe(
             "tiny_demo",
             ["model.build_tiny=false", f"model.hf_path={root}/none", f"logging.run_dir={root}/bad"],
         )
         try:
-            steps.prepare_model_files(bad, log=lambda _: None)
+            setup.prepare_model_files(bad, log=lambda _: None)
             error = ""
         except Exception as ex:  # noqa: BLE001 - every rank must raise, none may hang
             error = type(ex).__name__

@@ -158,5 +158,5 @@ def test_the_architecture_doc_names_every_package() -> None:
     for dotted in subpackages:
         path = "/".join(dotted.split(".")[1:]) + "/"
         assert path == "/" or path in doc, f"docs/ARCHITECTURE.md never names {path}"
-    for module in ("config.py", "platform.py", "cli.py"):
-        assert module in doc
+    for module in PKG.glob("*.py"):  # top-level modules
+        assert module.name == "__init__.py" or module.name in doc, module.name
