@@ -145,9 +145,9 @@ def _ensure_optimizer_state(optimizer: Any) -> None:
             opt._init_optimizer_states_with_dummy_values()
 
 
-# megatron-core 0.16 with torch's Adam (no TE/Apex): "fully_reshardable" fails to load (its
-# loader skips the per-parameter "step" it then copies), "fully_sharded_model_space" cannot be
-# built (flattened_range); "dp_reshardable" works: resume at the same data-parallel size.
+# Optimizer formats (megatron/compat.py): "dp_reshardable" (default; resume at the same data-
+# parallel size) or "fully_reshardable" (any DP/TP/PP size; gathered on DP rank 0 at save);
+# a load reads the format the checkpoint was written in.
 def _inner_states(optimizer: Any) -> list[dict]:
     out = []
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
@@ -177,7 +177,11 @@ OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
 
 
 def _sharded_state(
-    model: Sequence[Any], optimizer: Any, teacher: Sequence[Any] | None, is_loading: bool
+    model: Sequence[Any],
+    optimizer: Any,
+    teacher: Sequence[Any] | None,
+    is_loading: bool,
+    metadata: dict | None = None,
 ) -> dict:
     state = model_sharded_state_dict(model)
     if teacher is not None:
@@ -185,7 +189,7 @@ def _sharded_state(
     if optimizer is not None:
         model_only = model_sharded_state_dict(model)
         state["optimizer"] = optimizer.sharded_state_dict(
-            model_only, is_loading=is_loading, metadata=OPTIMIZER_METADATA
+            model_only, is_loading=is_loading, metadata=metadata or OPTIMIZER_METADATA
         )
     return state
 
@@ -208,6 +212,7 @@ class Checkpointer:
         self.root = root
         self.keep_last = keep_last
         self.hf_dir = hf_dir
+        self.optimizer_format = "dp_reshardable"  # or "fully_reshardable" (compat.py)
         # test hook: called after the shards are written, before the rename (kill -9 tests)
         self.before_commit: Callable[[str], None] | None = None
 
@@ -263,7 +268,7 @@ class Checkpointer:
         config: dict | None = None,
     ) -> str:
         """Write `iter_<step>` atomically and point `latest` at it; returns its path."""
-        from megatron.core import dist_checkpointing
+        from rlrt_megatron.megatron import compat
 
         final = os.path.join(self.root, iter_name(step))
         tmp = final + ".tmp"
@@ -277,8 +282,9 @@ class Checkpointer:
                     shutil.rmtree(os.path.join(self.root, name), ignore_errors=True)
             os.makedirs(os.path.join(tmp, "dist"))
         _barrier()
-        state = _sharded_state(model, optimizer, teacher, is_loading=False)
-        dist_checkpointing.save(state, os.path.join(tmp, "dist"))
+        meta = compat.optimizer_metadata(self.optimizer_format)
+        state = _sharded_state(model, optimizer, teacher, is_loading=False, metadata=meta)
+        compat.dist_save(state, os.path.join(tmp, "dist"))  # + who wrote it
         torch.save(rng_state(), os.path.join(tmp, f"rng_rank{rank}.pt"))
         _barrier()
         if _is_rank0():
@@ -318,18 +324,18 @@ class Checkpointer:
         restore_rng: bool = True,
     ) -> dict[str, Any]:
         """Load model (+ teacher) and optimizer in place; return the trainer state."""
-        from megatron.core import dist_checkpointing
+        from rlrt_megatron.megatron import compat
 
         if optimizer is not None:
             _ensure_optimizer_state(optimizer)
-        state = _sharded_state(model, optimizer, teacher, is_loading=True)
-        loaded = dist_checkpointing.load(state, os.path.join(path, "dist"))
+        meta = compat.optimizer_load_metadata(os.path.join(path, "dist"))
+        state = _sharded_state(model, optimizer, teacher, is_loading=True, metadata=meta)
+        loaded = compat.dist_load(state, os.path.join(path, "dist"))  # any supported version
         _load_model_state(model, loaded)
         if teacher is not None:
             _load_model_state(teacher, loaded, prefix="teacher.")
         if optimizer is not None:
-            with torch.no_grad():  # megatron copies into parameter views in place
-                optimizer.load_state_dict(loaded["optimizer"])
+            compat.load_optimizer_state(optimizer, loaded["optimizer"])  # both formats
             with open(os.path.join(path, "trainer_state.json")) as f:
                 step = json.load(f).get("optimizer_adam_step")
             if step is not None:
