@@ -25,8 +25,8 @@ dist checkpoint common state    0.16 writes non-tensor state to ``common.pt``; 0
                                 version when a load fails anyway.
 distributed-optimizer formats   ``fully_reshardable`` (resume at another DP/TP/PP size) fails to
                                 load with torch's Adam on both (the loader skips the per-parameter
-                                ``step`` and then copies it): :func:`load_optimizer_state` takes
-                                ``step`` out during the load (the trainer state restores it).
+                                ``step`` and then copies it): :func:`load_optimizer_state` hands
+                                it the current ``step`` (the trainer state restores the value).
                                 ``fully_sharded_model_space`` (0.19's default) needs flattened
                                 ranges that dist_checkpointing rejects: never used.
 llama3 RoPE scaling             both hard-code low/high freq factors 1/4 and an original context of
@@ -259,21 +259,34 @@ def optimizer_load_metadata(checkpoint_dir: str | os.PathLike) -> dict[str, str]
 def load_optimizer_state(optimizer: Any, state_dict: dict) -> None:
     """``optimizer.load_state_dict`` that also loads ``fully_reshardable`` state with torch's Adam.
 
-    Both versions' ``_set_main_param_and_optimizer_states`` copy every tensor of the Adam state,
-    ``step`` included, from a dict their fully-reshardable loader built without ``step``
-    (KeyError). ``step`` is taken out for the load and put back; the caller restores its value
-    (the trainer state records it: ``checkpoint.set_adam_step``).
+    Both versions' fully-reshardable loader builds each parameter's tensors without Adam's
+    ``step`` and ``_set_main_param_and_optimizer_states`` then copies every state tensor,
+    ``step`` included (KeyError). For the load, that method gets the parameter's current ``step``
+    (a copy onto itself); the caller restores its value from the trainer state
+    (``checkpoint.set_adam_step``).
     """
-    inner = []
+    patched = []
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner.extend(getattr(getattr(opt, "optimizer", None), "state", {}).values())
-    steps = [(st, st.pop("step")) for st in inner if "step" in st]
+        setter = getattr(opt, "_set_main_param_and_optimizer_states", None)
+        if setter is None or not hasattr(opt, "model_param_group_index_map"):
+            continue
+
+        def with_step(model_param: Any, tensors: dict, _opt: Any = opt, _set: Any = setter) -> Any:
+            group_index, group_order = _opt.model_param_group_index_map[model_param]
+            main_param = _opt.optimizer.param_groups[group_index]["params"][group_order]
+            state = _opt.optimizer.state.get(main_param, {})
+            if "step" in state and "step" not in tensors:
+                tensors = {**tensors, "step": state["step"]}
+            return _set(model_param, tensors)
+
+        opt._set_main_param_and_optimizer_states = with_step
+        patched.append(opt)
     try:
         with torch.no_grad():  # megatron copies into parameter views in place
             optimizer.load_state_dict(state_dict)
     finally:
-        for st, step in steps:
-            st.setdefault("step", step)
+        for opt in patched:
+            del opt._set_main_param_and_optimizer_states  # the class's method again
 
 
 # ---- RoPE ---------------------------------------------------------------------------------
