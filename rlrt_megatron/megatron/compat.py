@@ -33,6 +33,9 @@ llama3 RoPE scaling             both hard-code low/high freq factors 1/4 and an 
                                 8192 in ``RotaryEmbedding.__init__``, but their ``_apply_scaling``
                                 takes all three: :func:`apply_llama3_rope` recomputes ``inv_freq``
                                 with the HF config's values (any Llama 3.x variant).
+log chatter                     0.19 logs deprecation notices on every run that users cannot act
+                                on (its own sync save path, GPTModel -> HybridModel, DDP layout):
+                                filtered from its loggers (:func:`quiet_megatron_logs`).
 fused cross-entropy             ``cross_entropy_loss_fusion`` / ``cross_entropy_fusion_impl`` apply
                                 to GPTModel's own loss; we compute log-probs from hidden states
                                 (logprobs.py), so neither is used on any version.
@@ -43,6 +46,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import platform as _py_platform
 from collections.abc import Iterator
@@ -103,6 +107,43 @@ def versions() -> dict[str, str]:
         "torch": torch.__version__.split("+")[0],
         "python": _py_platform.python_version(),
     }
+
+
+# ---- log chatter --------------------------------------------------------------------------
+
+# megatron-core 0.19 notices, logged on every run, that a user of this project cannot act on
+# (logger -> message prefix). Shown again with PYTHONWARNINGS set (as trainer/cli.py does for
+# warnings).
+_QUIET_LOGS = {
+    # its synchronous dist-checkpoint save runs through the deprecated async path
+    "megatron.core.dist_checkpointing.strategies.torch": "MCore's async save is deprecated",
+    # GPTModel is frozen in favour of HybridModel; 0.19 is the newest release we allow (<0.20)
+    "megatron.core.models.gpt.gpt_model": "GPTModel IS DEPRECATED",
+    # DDP computes the distributed-optimizer layout itself when not handed one
+    "megatron.core.distributed.distributed_data_parallel": "DistributedDataParallel: full_param",
+}
+
+
+class _DropPrefix(logging.Filter):
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)
+
+
+def quiet_megatron_logs() -> None:
+    """Filter :data:`_QUIET_LOGS` from megatron's loggers (idempotent; installed on import)."""
+    if os.environ.get("PYTHONWARNINGS"):
+        return
+    for name, prefix in _QUIET_LOGS.items():
+        log = logging.getLogger(name)
+        if not any(isinstance(f, _DropPrefix) and f.prefix == prefix for f in log.filters):
+            log.addFilter(_DropPrefix(prefix))
+
+
+quiet_megatron_logs()
 
 
 # ---- dist checkpoints ---------------------------------------------------------------------
