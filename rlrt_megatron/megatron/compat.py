@@ -27,7 +27,7 @@ distributed-optimizer formats   ``fully_reshardable`` (resume at another DP/TP/P
                                 load with torch's Adam on both (the loader skips the per-parameter
                                 ``step`` and then copies it): :func:`load_optimizer_state` hands
                                 it the current ``step`` (the trainer state restores the value).
-                                ``fully_sharded_model_space`` (0.19's default) needs flattened
+                                ``fully_sharded_model_space`` (megatron's default) needs flattened
                                 ranges that dist_checkpointing rejects: never used.
 llama3 RoPE scaling             both hard-code low/high freq factors 1/4 and an original context of
                                 8192 in ``RotaryEmbedding.__init__``, but their ``_apply_scaling``
@@ -55,17 +55,24 @@ from typing import Any
 import torch
 
 __all__ = [
+    "LLAMA3_ROPE_DEFAULTS",
     "MCORE_VERSION",
+    "OPTIMIZER_FORMATS",
     "SUPPORTED",
+    "VERSIONS_FILE",
     "apply_llama3_rope",
     "checkpoint_load_errors",
+    "checkpoint_writer",
     "dist_load",
     "dist_save",
+    "load_common_state",
     "load_common_strategy",
     "load_optimizer_state",
+    "mcore_version",
+    "optimizer_format_of",
     "optimizer_load_metadata",
     "optimizer_metadata",
-    "mcore_version",
+    "quiet_megatron_logs",
     "versions",
 ]
 
