@@ -5,7 +5,19 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slurm test-slow lint venv clean
+.PHONY: demo test test-slurm test-slow test-mcore019 test-all lint venv venv-mcore019 clean
+
+# megatron-core 0.19 needs Python >= 3.12: a second venv outside the checkout (torch==2.13.0 on
+# 3.12 is PyPI's CUDA build, ~3 GB downloaded once), reused by every checkout and CI run.
+PY312 ?= $(shell for p in python3.12 $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12); do \
+	"$$p" -c "" 2>/dev/null && { echo "$$p"; break; }; done)
+VENV019 ?= /opt/venv-mcore019
+BIN019 := $(VENV019)/bin
+STAMP019 := $(VENV019)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
+# The cross-version checkpoint test (tests/unit/test_mcore_versions.py) runs one interpreter
+# per version; each tier tells it where the other one is.
+VERSION_ENV := RLRT_MCORE016_PYTHON=$(CURDIR)/$(BIN)/python RLRT_MCORE019_PYTHON=$(BIN019)/python
+TIER := -m "not slurm and not gpu and not slow" --timeout 900
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -20,8 +32,29 @@ demo: $(STAMP)
 	$(BIN)/rlrt demo
 
 # Default tier: unit + distributed (gloo) + e2e on CPU. Slurm, GPU and slow tiers have their own targets.
+# `make test`: the local interpreter's combination (Python 3.11 -> megatron-core 0.16,
+# Python 3.12 -> 0.19); `make test-all`: 0.16 then 0.19.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slurm and not gpu and not slow" --timeout 900
+	$(VERSION_ENV) $(BIN)/python -m pytest -q $(TIER)
+
+$(STAMP019): pyproject.toml
+	@test -n "$(PY312)" || { echo "megatron-core 0.19 needs python3.12 (pyenv install 3.12, or \
+	make PY312=/path/to/python3.12 ...)"; exit 1; }
+	test -x $(BIN019)/python || $(PY312) -m venv $(VENV019)
+	$(BIN019)/python -m pip install -q --upgrade pip
+	$(BIN019)/python -c "import torch" 2>/dev/null || $(BIN019)/python -m pip install -q torch==2.13.0
+	$(BIN019)/python -m pip install -q -e ".[dev]" "megatron-core>=0.19,<0.20"
+	rm -f $(VENV019)/.installed-*
+	touch $@
+
+venv-mcore019: $(STAMP019)
+
+# Default tier on Python 3.12 + megatron-core 0.19, with this checkout's code (PYTHONPATH: the
+# venv's editable install may point at another checkout).
+test-mcore019: $(STAMP019)
+	$(VERSION_ENV) PYTHONPATH=$(CURDIR) $(BIN019)/python -m pytest -q $(TIER)
+
+test-all: test test-mcore019
 
 # The Slurm tier also needs the `slurm` extra (nemo-run).
 SLURM_STAMP := $(VENV)/.installed-slurm

@@ -122,9 +122,8 @@ def hf_to_megatron(
     A single-process operation: it initialises a 1-rank gloo group if none exists; called from
     one rank of a multi-rank job (the others waiting), it runs in a child process.
     """
-    from megatron.core import dist_checkpointing
-
     from rlrt_megatron import platform
+    from rlrt_megatron.megatron import compat
 
     target = io.parse_dtype(dtype)
     if spec == "auto":
@@ -152,7 +151,7 @@ def hf_to_megatron(
         )
         n_params = sum(t.data.numel() for t in sharded.values())
         with io.atomic_dir(out_dir, overwrite=overwrite) as tmp:
-            dist_checkpointing.save(sharded, str(tmp))
+            compat.dist_save(sharded, tmp)  # + who wrote it (load errors name it)
             del sharded
             io.copy_hf_metadata(hf_dir, tmp / io.HF_SUBDIR)
             meta = {

@@ -73,8 +73,9 @@ def load_checkpoint_into_model(model_chunks: Sequence[Any], ckpt_dir: str | Path
     checkpoint has it and left at its initial value otherwise.
     Raises KeyError naming the parameters the checkpoint lacks.
     """
-    from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.mapping import ShardedBase, ShardedTensorFactory
+
+    from rlrt_megatron.megatron import compat
 
     ckpt_keys = _checkpoint_keys(ckpt_dir)
     sharded = model_sharded_state_dict(model_chunks)
@@ -102,7 +103,7 @@ def load_checkpoint_into_model(model_chunks: Sequence[Any], ckpt_dir: str | Path
             f"{missing[:10]} (it has e.g. {sorted(ckpt_keys)[:5]}). Is it a "
             "checkpoint of this architecture (same num_layers / qk-norm / tied embeddings)?"
         )
-    loaded = dist_checkpointing.load(sharded, str(ckpt_dir))
+    loaded = compat.dist_load(sharded, ckpt_dir)  # any supported megatron-core's layout
     chunks = [unwrap(c) for c in model_chunks]
     names = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
     for name, chunk in zip(names, chunks, strict=True):

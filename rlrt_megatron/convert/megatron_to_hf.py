@@ -125,6 +125,7 @@ def megatron_to_hf(
     from megatron.core.dist_checkpointing import ShardedTensor
 
     from rlrt_megatron import platform
+    from rlrt_megatron.megatron import compat
 
     target = io.parse_dtype(dtype)
     ckpt = resolve_dist_checkpoint(ckpt_dir)
@@ -183,7 +184,7 @@ def megatron_to_hf(
                         key, local, *offsets, replica_id=0
                     )
                 # partial reads (one layer of a stacked tensor) by design: skip the coverage check
-                loaded = dist_checkpointing.load(
+                loaded = compat.dist_load(  # reads every supported megatron-core's layout
                     request, str(ckpt), validate_access_integrity=False
                 )
                 for e in group:

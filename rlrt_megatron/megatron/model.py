@@ -16,8 +16,8 @@ hidden_act="silu"           gated_linear_unit + activation silu
 (qwen3)                     qk_layernorm=True                     RMSNorm over head_dim, pre-RoPE
 attention_bias              add_qkv_bias                          o_proj has no bias in either
 rope theta                  GPTModel(rotary_base=...)             rope_parameters / rope_theta
-rope_scaling llama3         GPTModel(rope_scaling, factor)        Megatron fixes low=1, high=4,
-                                                                  original_max=8192
+rope_scaling llama3         GPTModel(rope_scaling, factor)        + low/high freq factors and
+                                                                  original_max: compat.py
 tie_word_embeddings         share_embeddings_and_output_weights
 vocab_size                  padded to a multiple of 128 * tp      see ``padded_vocab_size``
 =========================== ===================================== ===============================
@@ -81,14 +81,6 @@ def resolve_spec(spec: str) -> str:
     return spec
 
 
-# Megatron's RotaryEmbedding._apply_scaling hard-codes these llama3 rope-scaling constants.
-_MEGATRON_LLAMA3_ROPE = {
-    "low_freq_factor": 1.0,
-    "high_freq_factor": 4.0,
-    "original_max_position_embeddings": 8192,
-}
-
-
 def padded_vocab_size(vocab_size: int, tp: int, multiple: int = 128) -> int:
     """Vocab size padded the Megatron way: ``ceil(V / (multiple * tp)) * multiple * tp``.
 
@@ -147,8 +139,9 @@ def gpt_model_kwargs_from_hf(hf_config: Any) -> dict[str, Any]:
 
     RoPE: theta -> ``rotary_base``; ``rope_type="llama3"`` -> ``rope_scaling=True`` with
     ``rope_scaling_factor=factor`` (megatron's ``_apply_scaling`` reproduces transformers'
-    ``_compute_llama3_parameters`` for low/high freq factors 1/4 and original context 8192,
-    the values of every Llama 3.1/3.2/3.3 release; other values raise).
+    ``_compute_llama3_parameters``; it fixes low/high freq factors 1/4 and original context 8192,
+    the values of every Llama 3.1/3.2/3.3 release, and ``build_model`` applies other values with
+    ``compat.apply_llama3_rope``).
     """
     _model_type(hf_config)
     rope = _rope_parameters(hf_config)
@@ -162,12 +155,6 @@ def gpt_model_kwargs_from_hf(hf_config: Any) -> dict[str, Any]:
         "rope_scaling": False,
     }
     if rope_type == "llama3":
-        for key, expected in _MEGATRON_LLAMA3_ROPE.items():
-            if key in rope and float(rope[key]) != float(expected):
-                raise ValueError(
-                    f"rope_scaling.{key}={rope[key]} is not supported: megatron-core's llama3 "
-                    f"RoPE scaling fixes {key}={expected}"
-                )
         kwargs["rope_scaling"] = True
         kwargs["rope_scaling_factor"] = float(rope["factor"])
     elif rope_type != "default":
@@ -327,6 +314,8 @@ def build_model(
     from megatron.core import parallel_state, tensor_parallel
     from megatron.core.models.gpt import GPTModel
 
+    from rlrt_megatron.megatron import compat
+
     if not parallel_state.model_parallel_is_initialized():
         raise RuntimeError(
             "megatron parallel_state is not initialised: call "
@@ -375,6 +364,8 @@ def build_model(
             vp_stage=vp_stage,
             **model_kwargs,
         )
+        if model_kwargs["rope_scaling"]:  # llama3 factors other than megatron's fixed ones
+            compat.apply_llama3_rope(model, _rope_parameters(hf_config))
         for param in model.parameters():
             tensor_parallel.set_defaults_if_not_set_tensor_model_parallel_attributes(param)
         # Megatron creates the torch norms' weights in fp32 whatever params_dtype says (its

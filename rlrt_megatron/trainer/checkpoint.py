@@ -374,9 +374,10 @@ class Checkpointer:
         `layout` (`layout_of(cfg, world_size)`): the parallel layout and global batch, kept in
         the trainer state so a resume can tell a reshard (allowed) from a new batch (refused).
         `extra_files` (rank 0): file name -> object, `torch.save`d into the checkpoint (the
-        asynchronous rollout queue).
+        asynchronous rollout queue). The dist checkpoint records the megatron-core version that
+        wrote it (`megatron/compat.py`).
         """
-        from megatron.core import dist_checkpointing
+        from rlrt_megatron.megatron import compat
 
         final = os.path.join(self.root, iter_name(step))
         tmp = final + ".tmp"
@@ -397,7 +398,7 @@ class Checkpointer:
             os.makedirs(os.path.join(tmp, "dist"))
         _barrier()
         state = _sharded_state(model, optimizer, teacher, is_loading=False)
-        dist_checkpointing.save(state, os.path.join(tmp, "dist"))
+        compat.dist_save(state, os.path.join(tmp, "dist"))  # + who wrote it
         torch.save(rng_state(), os.path.join(tmp, f"rng_rank{rank}.pt"))
         _barrier()
         if _is_rank0():
@@ -446,9 +447,10 @@ class Checkpointer:
         optimizer on or off as when saved): weights and optimizer state are resharded on load. With
         `layout` (this run's `layout_of`), a different global batch raises `ResumeError` before
         anything is loaded, and a layout change is reported through `log` (rank 0; default
-        stderr).
+        stderr). Checkpoints of megatron-core 0.16 and 0.19 load under either
+        (`compat.dist_load`; a failure names the version that wrote it).
         """
-        from megatron.core import dist_checkpointing
+        from rlrt_megatron.megatron import compat
 
         with open(os.path.join(path, "trainer_state.json")) as f:
             trainer_state = json.load(f)
@@ -460,7 +462,7 @@ class Checkpointer:
         # checkpoints from before the reshardable format: loadable at their own DP size only
         fmt = trainer_state.get("optimizer_format", "dp_reshardable")
         state = _sharded_state(model, optimizer, teacher, is_loading=True, optimizer_format=fmt)
-        loaded = dist_checkpointing.load(state, os.path.join(path, "dist"))
+        loaded = compat.dist_load(state, os.path.join(path, "dist"))  # any supported version
         _load_model_state(model, loaded)
         if teacher is not None:
             _load_model_state(teacher, loaded, prefix="teacher.")
