@@ -221,28 +221,31 @@ def test_inspect_hf_dir_errors(tiny_dir, tmp_path) -> None:
         inspect_hf_dir(tmp_path / "nowhere")
 
 
-def test_llama3_rope_megatron_cannot_express_is_refused_at_conversion(tmp_path) -> None:
-    """megatron-core 0.16 fixes llama3 RoPE's original context at 8192: a checkpoint with another
-    value is refused by the converter with the loader's own message, before any work."""
+def test_rope_the_loader_refuses_is_refused_at_conversion(tmp_path) -> None:
+    """A RoPE setting the model loader cannot build (here yarn) is refused by the converter with
+    the loader's own message, before any work; llama3 scaling with any original context (4096
+    here; megatron-core fixes 8192, `megatron/compat.py` rebuilds the frequencies) converts."""
     from rlrt_megatron.convert.hf_to_megatron import hf_to_megatron
     from rlrt_megatron.convert.tiny import make_tiny_model
     from rlrt_megatron.megatron.model import gpt_model_kwargs_from_hf
 
     llama = make_tiny_model(tmp_path / "llama", arch="llama", tied=False, seed=3)
-    shape, _ = inspect_hf_dir(llama)  # 8192: accepted
-    assert shape.model_type == "llama"
     cfg = json.loads((llama / "config.json").read_text())
     key = "rope_parameters" if "rope_parameters" in cfg else "rope_scaling"
     cfg[key] = {**cfg[key], "original_max_position_embeddings": 4096}
     (llama / "config.json").write_text(json.dumps(cfg))
+    shape, _ = inspect_hf_dir(llama)  # accepted
+    assert shape.model_type == "llama"
+    cfg[key] = {**cfg[key], "rope_type": "yarn", "type": "yarn"}
+    (llama / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError) as loader:
         gpt_model_kwargs_from_hf(cfg)
-    assert "original_max_position_embeddings=4096 is not supported" in str(loader.value)
+    assert "'yarn'" in str(loader.value)
     with pytest.raises(ValueError) as converter:
         inspect_hf_dir(llama)
     assert str(converter.value) == f"{llama / 'config.json'}: {loader.value}"
     out = tmp_path / "megatron"
-    with pytest.raises(ValueError, match="original_max_position_embeddings=4096"):
+    with pytest.raises(ValueError, match="yarn"):
         hf_to_megatron(llama, out, show_progress=False)
     assert not out.exists()
 
