@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
+import sys
+
 # Small and fast: every e2e run adds these to a tiny_demo* recipe.
 FAST = [
     "rollout.group_size=4",
@@ -28,3 +32,30 @@ def model_overrides(tiny_model: dict[str, str]) -> list[str]:
 def computed(row: dict) -> dict:
     """A metrics row without its timing entries."""
     return {k: v for k, v in row.items() if not k.startswith(TIMING_PREFIXES)}
+
+
+def train_cmd(tiny_model: dict[str, str], run_dir: str, *extra: str) -> list[str]:
+    """`rlrt train --recipe tiny_demo` for 4 steps with FAST (checkpointing left to `extra`)."""
+    ov = [o for o in FAST if not o.startswith(("checkpoint.save_final", "checkpoint.resume"))]
+    return [
+        sys.executable, "-m", "rlrt_megatron.cli", "train", "--recipe", "tiny_demo",
+        *ov, *model_overrides(tiny_model), "train.steps=4", f"logging.run_dir={run_dir}",
+        *extra,
+    ]  # fmt: skip
+
+
+def clean_env() -> dict[str, str]:
+    """The environment of a trainer subprocess: one thread, no inherited rank variables."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    return env
+
+
+def metrics_rows(run_dir: str) -> list[dict]:
+    """The rows of `<run_dir>/metrics.jsonl` written so far ([] before the first step)."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return [json.loads(ln) for ln in f if ln.strip()]

@@ -8,12 +8,11 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 from dist_utils import run_distributed
-from e2e_helpers import FAST, computed, model_overrides
+from e2e_helpers import FAST, clean_env, computed, metrics_rows, model_overrides, train_cmd
 
 pytestmark = pytest.mark.e2e
 
@@ -21,27 +20,7 @@ ASYNC = ["rollout.async_steps=1"]
 
 
 def _cmd(tiny_model: dict, run_dir: str, *extra: str) -> list[str]:
-    ov = [o for o in FAST if not o.startswith(("checkpoint.save_final", "checkpoint.resume"))]
-    return [
-        sys.executable, "-m", "rlrt_megatron.cli", "train", "--recipe", "tiny_demo",
-        *ov, *model_overrides(tiny_model), "train.steps=4", f"logging.run_dir={run_dir}",
-        *ASYNC, *extra,
-    ]  # fmt: skip
-
-
-def _env() -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    return env
-
-
-def _rows(run_dir: str) -> list[dict]:
-    path = os.path.join(run_dir, "metrics.jsonl")
-    if not os.path.isfile(path):
-        return []
-    with open(path) as f:
-        return [json.loads(ln) for ln in f if ln.strip()]
+    return train_cmd(tiny_model, run_dir, *ASYNC, *extra)
 
 
 @pytest.fixture(scope="module")
@@ -49,10 +28,10 @@ def reference(tiny_model, tmp_path_factory):
     ref_dir = str(tmp_path_factory.mktemp("async_ref"))
     ref = subprocess.run(
         _cmd(tiny_model, ref_dir, "--resume", "none"),
-        capture_output=True, text=True, timeout=600, env=_env(),
+        capture_output=True, text=True, timeout=600, env=clean_env(),
     )  # fmt: skip
     assert ref.returncode == 0, ref.stderr[-3000:]
-    return {r["step"]: r for r in _rows(ref_dir)}
+    return {r["step"]: r for r in metrics_rows(ref_dir)}
 
 
 def test_async_run_is_one_version_behind(reference):
@@ -70,11 +49,11 @@ def test_async_run_is_one_version_behind(reference):
 def test_preempted_async_run_resumes_with_identical_metrics(tiny_model, tmp_path, reference):
     run_dir = str(tmp_path / "run")
     proc = subprocess.Popen(
-        _cmd(tiny_model, run_dir, "--resume", "none"), env=_env(),
+        _cmd(tiny_model, run_dir, "--resume", "none"), env=clean_env(),
         stdout=subprocess.DEVNULL, stderr=open(tmp_path / "first.err", "w"),  # noqa: SIM115
     )  # fmt: skip
     deadline = time.monotonic() + 300
-    while not _rows(run_dir) and proc.poll() is None and time.monotonic() < deadline:
+    while not metrics_rows(run_dir) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)  # during step 2 at the latest, batch 3 in flight
     assert proc.wait(timeout=300) == 0, (tmp_path / "first.err").read_text()[-3000:]
@@ -92,10 +71,10 @@ def test_preempted_async_run_resumes_with_identical_metrics(tiny_model, tmp_path
 
     resumed = subprocess.run(
         _cmd(tiny_model, run_dir, "--resume", "auto"),
-        capture_output=True, text=True, timeout=600, env=_env(),
+        capture_output=True, text=True, timeout=600, env=clean_env(),
     )  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    rows = {r["step"]: computed(r) for r in _rows(run_dir)}
+    rows = {r["step"]: computed(r) for r in metrics_rows(run_dir)}
     assert sorted(rows) == [1, 2, 3, 4]
     for step in range(1, 5):
         assert rows[step] == computed(reference[step]), f"step {step} differs after resume"
@@ -105,12 +84,12 @@ def test_a_sync_checkpoint_cannot_resume_async(tiny_model, tmp_path):
     run_dir = str(tmp_path / "mixed")
     first = subprocess.run(
         _cmd(tiny_model, run_dir, "rollout.async_steps=0", "train.steps=1", "--resume", "none"),
-        capture_output=True, text=True, timeout=600, env=_env(),
+        capture_output=True, text=True, timeout=600, env=clean_env(),
     )  # fmt: skip
     assert first.returncode == 0, first.stderr[-3000:]
     again = subprocess.run(
         _cmd(tiny_model, run_dir, "--resume", "auto"),
-        capture_output=True, text=True, timeout=600, env=_env(),
+        capture_output=True, text=True, timeout=600, env=clean_env(),
     )  # fmt: skip
     assert again.returncode != 0 and "rollout.async_steps=0" in again.stderr
 
