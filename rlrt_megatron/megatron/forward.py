@@ -285,10 +285,12 @@ def forward_backward_responses(
     dev = platform.device()
 
     def forward_step(data_iterator: Iterator, model: torch.nn.Module):
-        mb: PackedMicroBatch = next(data_iterator).to(dev)
+        host: PackedMicroBatch = next(data_iterator)
+        mb = host.to(dev)
         kwargs: dict[str, Any] = {}
         if layout == "thd":
-            max_len = int((mb.cu_seqlens[1:] - mb.cu_seqlens[:-1]).max())
+            # from the host copy: read on the device it would be a sync per micro-batch
+            max_len = int((host.cu_seqlens[1:] - host.cu_seqlens[:-1]).max())
             kwargs["packed_seq_params"] = PackedSeqParams(
                 qkv_format="thd",
                 cu_seqlens_q=mb.cu_seqlens,
