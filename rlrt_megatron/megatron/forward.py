@@ -252,10 +252,11 @@ def forward_backward_responses(
     "entropy" / "topk_ids" + "topk_logprobs" when asked (`topk` > 0 picks each position's top-k
     from this model; `topk_ids` `[B, T_resp, K]` fixes the support instead). It returns what
     Megatron's schedule expects: `(loss, reduced)` or `(loss_sum, num_tokens, reduced)`
-    (`reduced` must not alias `loss`: the schedule scales `loss` in place). Returns the list of
-    `reduced`, one per micro-batch, on the last stage (empty elsewhere). With `forward_only` the
-    whole pass runs under `torch.no_grad()` `logprobs_impl`: `model.logprobs_impl` (see
-    :func:`rlrt_megatron.megatron.lm_head.lm_head_logprobs`).
+    (`reduced` must not alias `loss`: the schedule scales `loss` in place; `outputs` also holds
+    "num_microbatches", the count the schedule divides each loss by, padding included). Returns
+    the list of `reduced`, one per micro-batch, on the last stage (empty elsewhere). With
+    `forward_only` the whole pass runs under `torch.no_grad()`. `logprobs_impl`:
+    `model.logprobs_impl` (see :func:`rlrt_megatron.megatron.lm_head.lm_head_logprobs`).
     """
     from megatron.core.packed_seq_params import PackedSeqParams
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -311,6 +312,7 @@ def forward_backward_responses(
             outs = _mb_outputs(
                 mb, output_tensor, model, t_resp, with_entropy, topk, topk_ids, logprobs_impl
             )
+            outs["num_microbatches"] = len(mbs)
             return loss_fn(mb, outs)
 
         return output, loss_func
@@ -351,7 +353,7 @@ def _padding_microbatch(like: PackedMicroBatch) -> PackedMicroBatch:
 
 def _collect(mb: PackedMicroBatch, outs: dict[str, torch.Tensor]):
     zero = torch.zeros((), device=outs["logprobs"].device)
-    return zero, {k: v.detach() for k, v in outs.items()}
+    return zero, {k: v.detach() for k, v in outs.items() if torch.is_tensor(v)}
 
 
 def _broadcast_from_last_stage(t: torch.Tensor) -> torch.Tensor:

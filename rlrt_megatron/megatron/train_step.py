@@ -287,7 +287,6 @@ class Policy:
         `(student_topk_logprobs, teacher_topk_logprobs, teacher_entropy)`.
         """
         from rlrt_megatron.megatron.forward import forward_backward_responses
-        from rlrt_megatron.megatron.packing import pack_sequences
 
         if not rows:
             raise ValueError("every data-parallel rank needs at least one row per mini-batch")
@@ -295,9 +294,6 @@ class Policy:
             m.zero_grad_buffer()
         self.optimizer.zero_grad()
         row_tokens, rows_per_mb = self._layout(max(len(s) for s in sequences), token_budget)
-        n_mb = len(pack_sequences(sequences, response_starts, row_tokens, rows_per_mb))
-        if len(self.model) > 1:  # interleaved schedule: padded to a multiple of pp
-            n_mb += -n_mb % self.pp
         metric_sums: dict[str, float] = {}
         loss_sum = torch.zeros((), dtype=torch.float64, device=platform.device())
 
@@ -313,7 +309,9 @@ class Policy:
                 )
             loss, metrics = loss_of(outs["logprobs"], [rows[i] for i in idx.tolist()], tk)
             # the schedule divides by the number of micro-batches; the algorithm's loss is
-            # already normalised over the whole mini-batch
+            # already normalised over the whole mini-batch (each mini-batch is packed once, in
+            # forward_backward_responses, which reports the count)
+            n_mb = outs["num_microbatches"]
             return loss * n_mb, {"metrics": metrics, "loss": loss.detach().clone()}
 
         with self._sampling_vocab(self.model):
