@@ -192,7 +192,9 @@ def test_rlrt_slurm_submit_renders_and_submits_through_nemo_run(cluster, job_dir
 STEPS = 10
 TINY = ["--recipe", "tiny_demo", "parallel.tp=2", f"train.steps={STEPS}",
         "train.prompts_per_step=4", "train.mini_batch_prompts=4", "rollout.group_size=4",
-        "logging.tensorboard=false", "checkpoint.save_every=0"]  # fmt: skip
+        "logging.tensorboard=false", "checkpoint.save_every=0",
+        # e.g. RLRT_SLURM_TINY_EXTRA="rollout.async_steps=1": the same jobs with other settings
+        *os.environ.get("RLRT_SLURM_TINY_EXTRA", "").split()]  # fmt: skip
 NONDETERMINISTIC = ("time/", "throughput/")
 
 
