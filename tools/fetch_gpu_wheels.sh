@@ -18,8 +18,12 @@
 set -euo pipefail
 
 TE_VERSION=2.20.2
+# The GPU machine runs Python 3.12: megatron-core 0.19 (what current GPU containers ship; the
+# code supports 0.16 through 0.19, rlrt_megatron/megatron/compat.py). MCORE_VERSION=0.16.1 for
+# the older one; gpu_check's `env` stage prints which one each figure was measured with.
+MCORE_VERSION=${MCORE_VERSION:-0.19.2}
 BASE=(
-  "megatron-core==0.16.1"
+  "megatron-core==$MCORE_VERSION"
   "math-verify==0.9.0"
   "latex2sympy2_extended==1.11.0"
   "antlr4-python3-runtime==4.13.2"
