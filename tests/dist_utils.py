@@ -8,12 +8,13 @@ with that rank's traceback.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import socket
 import tempfile
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch.multiprocessing as mp
@@ -92,3 +93,25 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 
         if errors:
             raise AssertionError("\n".join(errors))
         return results
+
+
+@contextlib.contextmanager
+def single_process_megatron(seed: int = 1234) -> Iterator[None]:
+    """This process as a 1-rank job (torchrun-style variables on a free port) with megatron's
+    parallel state initialised at TP = PP = 1; everything restored afterwards."""
+    from rlrt_megatron import platform
+
+    env = dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))  # fmt: skip
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        platform.init_distributed(tp=1, pp=1, seed=seed)
+        yield
+    finally:
+        platform.destroy_distributed()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

@@ -11,9 +11,6 @@ similarity >= 0.999 (the bar of tests/gpu/test_te_spec.py).
 
 from __future__ import annotations
 
-import os
-import socket
-
 import pytest
 import torch
 
@@ -26,23 +23,10 @@ VOCAB = 512
 def megatron_1gpu():
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    from rlrt_megatron import platform
+    from dist_utils import single_process_megatron
 
-    platform.init_distributed(tp=1, pp=1, seed=3)
-    yield
-    platform.destroy_distributed()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with single_process_megatron(seed=3):
+        yield
 
 
 def _fast_sdpa_only():

@@ -10,34 +10,21 @@ and compared with transformers' own forward) and `model.spec=auto` resolution.
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
 
 from rlrt_megatron.convert.tiny import tiny_config
 
-_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 VOCAB = 512
 
 
 @pytest.fixture(scope="module")
 def megatron_1proc():
-    from dist_utils import free_port
+    from dist_utils import single_process_megatron
 
-    from rlrt_megatron import platform
-
-    saved = {k: os.environ.get(k) for k in _ENV}
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))  # fmt: skip
-    platform.init_distributed(tp=1, pp=1, seed=7)
-    yield
-    platform.destroy_distributed()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with single_process_megatron(seed=7):
+        yield
 
 
 def _pair(arch: str = "qwen3", dtype: torch.dtype = torch.float32):
