@@ -171,7 +171,9 @@ def _build(cfg: TrainConfig, info: Any, hf_dir: str, ckpt: str, hf_config: dict,
         run.engine = make_engine(cfg, hf_dir)
         from rlrt_megatron.reward.math import MathReward
 
-        run.reward_fn = MathReward(timeout_s=cfg.timeouts.reward_per_sample, num_workers=1)
+        # the trainer only waits while rewards are scored: one worker per core, at most 8
+        workers = max(2, min(8, os.cpu_count() or 2))
+        run.reward_fn = MathReward(timeout_s=cfg.timeouts.reward_per_sample, num_workers=workers)
     run.logger = MetricsLogger(
         cfg.run_dir,
         total_steps=cfg.train.steps,
