@@ -138,7 +138,7 @@ class RolloutConfig:
         "auto", "Local engine dtype; `auto` = bfloat16 on a GPU, float32 on CPU."
     )
     local_max_batch_rows: int = _f(
-        0, "Local engine: rows decoded together (0 = auto: all on a GPU, 64 on CPU)."
+        0, "Local engine: rows decoded together (0 = auto: 512 on a GPU, 64 on CPU)."
     )
     group_size: int = _f(8, "Rollouts per prompt (G).")
     temperature: float = _f(1.0, "Sampling temperature.")

@@ -30,6 +30,15 @@ from rlrt_megatron.megatron.tp_reduce import TINY, all_reduce
 __all__ = ["lm_head_logprobs_at_ids", "lm_head_topk"]
 
 
+def _hits(here: torch.Tensor, jc: torch.Tensor, width: int) -> torch.Tensor:
+    """`[rows, width]` bool, True at `jc[r, i]` where `here[r, i]`: scattered, so no boolean-mask
+    indexing (a `nonzero`, i.e. a host sync per vocab block on a GPU). Ids outside the block all
+    land in one extra column (dropped), each written with the same value: deterministic."""
+    hit = torch.zeros(jc.shape[0], width + 1, dtype=torch.bool, device=jc.device)
+    hit.scatter_(1, torch.where(here, jc, width), True)
+    return hit[:, :width]
+
+
 def _at_ids_forward(hidden, weight, ids, shard, group, size, chunk):
     n, k = ids.shape
     dev = hidden.device
@@ -52,9 +61,8 @@ def _at_ids_forward(hidden, weight, ids, shard, group, size, chunk):
             j = loc[t0:t1] - v0
             here = (j >= 0) & (j < zf.shape[1])
             jc = j.clamp(0, zf.shape[1] - 1)
-            rows = torch.arange(t1 - t0, device=dev)[:, None].expand_as(jc)
             # tail summed directly (not 1 - sum top-k): full relative precision
-            e[rows[here], jc[here]] = 0.0
+            e.masked_fill_(_hits(here, jc, zf.shape[1]), 0.0)
             sr.mul_(torch.where(sr > 0, (mm - new_m).exp(), torch.zeros_like(sr))).add_(e.sum(-1))
             mm.copy_(new_m)
             z_ids[t0:t1] = torch.where(here, zf.gather(1, jc), z_ids[t0:t1])
@@ -106,9 +114,8 @@ class _LMHeadAtIds(torch.autograd.Function):
                 j = loc[t0:t1] - v0
                 here = (j >= 0) & (j < zf.shape[1])
                 jc = j.clamp(0, zf.shape[1] - 1)
-                rows = torch.arange(t1 - t0, device=dev)[:, None].expand_as(jc)
                 tail = (zf - lse_rest[t0:t1, None]).exp().mul_(g[t0:t1, k : k + 1])
-                tail[rows[here], jc[here]] = 0.0  # j in K gets no tail-bucket term
+                tail.masked_fill_(_hits(here, jc, zf.shape[1]), 0.0)  # j in K: no tail term
                 tail.sub_((zf - lse[t0:t1, None]).exp_().mul_(g_sum[t0:t1]))
                 tail.scatter_add_(1, jc, g[t0:t1, :k] * here)
                 gz = tail.to(hidden.dtype)

@@ -41,6 +41,7 @@ from rlrt_megatron.platform.env import (
     resolve_dist_env,
     resolve_dtype,
     set_deterministic,
+    strict_determinism,
 )
 
 __all__ = [
@@ -55,6 +56,7 @@ __all__ = [
     "resolve_dist_env",
     "resolve_dtype",
     "set_deterministic",
+    "strict_determinism",
 ]
 
 # re-exported from env.py / cpu_shims.py for callers and tests

@@ -5,9 +5,11 @@ properties."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import socket
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -43,14 +45,36 @@ def set_deterministic() -> None:
     """Deterministic kernels on GPUs (bit-identical reruns and resumes; slower).
 
     cuBLAS needs ``CUBLAS_WORKSPACE_CONFIG`` before its first handle is created, so call this
-    before any matrix product runs. Ops without a deterministic CUDA kernel warn instead of
-    failing. A no-op on CPU, whose kernels are deterministic already.
+    before any matrix product runs (and before the process group: ``NCCL_ALGO=Ring``, since
+    NVLS / CollNet reductions are not bit-reproducible). Transformer Engine's attention backward
+    is deterministic with ``NVTE_ALLOW_NONDETERMINISTIC_ALGO=0``. Globally, ops without a
+    deterministic CUDA kernel only warn (the sampler's float ``cumsum`` on CUDA has none); the
+    training forward/backward runs under :func:`strict_determinism`, where PyTorch picks the
+    deterministic SDPA flash / memory-efficient backward (it does not while ``warn_only``) and an
+    op without one raises. A no-op on CPU, whose kernels are deterministic already.
     """
     if is_cpu_mode():
         return
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    os.environ.setdefault("NVTE_ALLOW_NONDETERMINISTIC_ALGO", "0")
+    os.environ.setdefault("NCCL_ALGO", "Ring")
     torch.use_deterministic_algorithms(True, warn_only=True)
     torch.backends.cudnn.benchmark = False
+
+
+@contextlib.contextmanager
+def strict_determinism() -> Iterator[None]:
+    """While active, deterministic mode (when :func:`set_deterministic` turned it on) is strict
+    instead of warn-only: the backward of the ops run inside picks deterministic kernels."""
+    if not torch.are_deterministic_algorithms_enabled():
+        yield
+        return
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=False)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(True, warn_only=warn_only)
 
 
 def backend() -> str:

@@ -159,7 +159,8 @@ def set_adam_step(optimizer: Any, step: float) -> None:
     Each parameter gets its own tensor here, whatever the optimizer restored."""
     for st in _inner_states(optimizer):
         if "step" in st:
-            st["step"] = torch.tensor(float(step), dtype=st["step"].dtype)
+            old = st["step"]  # fused / capturable Adam keep it on the parameter's device
+            st["step"] = torch.tensor(float(step), dtype=old.dtype, device=old.device)
     for g in _inner_param_groups(optimizer):
         if "step" not in g:
             continue

@@ -125,7 +125,9 @@ def _build(cfg: TrainConfig, info: Any, hf_dir: str, ckpt: str, hf_config: dict,
     )
     load_checkpoint_into_model(policy.chunks, ckpt)
     policy.sync_main_params()  # bf16: the optimizer's fp32 main params follow the loaded weights
-    teacher = policy.make_teacher_copy() if algo.teacher_weights in ("snapshot", "ema") else None
+    teacher = None
+    if algo.teacher_weights in ("snapshot", "ema"):  # the EMA accumulates in fp32
+        teacher = policy.make_teacher_copy(torch.float32 if algo.teacher_weights == "ema" else None)
     template = PromptTemplate(instruction=cfg.data.instruction)
     dataset, n_too_long = filter_by_prompt_length(
         load_dataset(cfg), tokenizer, cfg.data.max_prompt_tokens, template
@@ -252,7 +254,7 @@ def make_engine(cfg: TrainConfig, hf_dir: str) -> Any:
 
     # On a GPU the engine shares the trainer's device (weight sync is a device-to-device copy)
     # and decodes the whole batch at once; on CPU smaller chunks keep memory and latency low.
-    rows = cfg.rollout.local_max_batch_rows or (64 if platform.is_cpu_mode() else 4096)
+    rows = cfg.rollout.local_max_batch_rows or (64 if platform.is_cpu_mode() else 512)
     kwargs = dict(
         seed=cfg.rollout.seed,
         device=platform.device(),

@@ -368,3 +368,22 @@ def test_policy_load_weights_then_step_keeps_loaded_weights(megatron_1proc, tmp_
         to_loaded = (p.float() - loaded[n].float()).abs().max().item()
         to_init = (p.float() - init[n].float()).abs().max().item()
         assert to_loaded < 1e-2 and to_loaded < to_init, (n, to_loaded, to_init)
+
+
+def test_ema_teacher_of_a_bf16_policy_accumulates_in_fp32(megatron_1proc):
+    """One EMA step of rate 0.05 towards a student one bf16 ulp away moves an fp32 teacher; a
+    bf16 teacher rounds such updates away."""
+    policy = _policy("local", torch.bfloat16)
+    teachers = {"fp32": policy.make_teacher_copy(torch.float32), "bf16": policy.make_teacher_copy()}
+    assert {p.dtype for p in teachers["fp32"][0].parameters()} == {torch.float32}
+    before = {k: [p.detach().clone() for p in t[0].parameters()] for k, t in teachers.items()}
+    with torch.no_grad():
+        for p in policy.chunks[0].parameters():
+            p.add_(torch.finfo(torch.bfloat16).eps * p.abs().clamp_min(1e-3))
+    moved = {}
+    for k, t in teachers.items():
+        policy.ema_into(t, 0.05)
+        pairs = list(zip(before[k], t[0].parameters(), strict=True))
+        changed = sum(int((a != b).sum()) for a, b in pairs)
+        moved[k] = changed / sum(a.numel() for a, _ in pairs)  # share of weights that moved
+    assert moved["fp32"] > 0.99 and moved["bf16"] < 0.1, moved

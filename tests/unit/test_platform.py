@@ -179,3 +179,18 @@ def test_one_gpu_per_rank(monkeypatch, gpus, env, local_rank, expect):
         with pytest.raises(RuntimeError, match=expect) as err:
             platform._cuda_ordinal(local_rank, env)
         assert "RLRT_DEVICE=cpu" in str(err.value)
+
+
+def test_strict_determinism_only_tightens_an_enabled_mode():
+    was = (torch.are_deterministic_algorithms_enabled(),
+           torch.is_deterministic_algorithms_warn_only_enabled())  # fmt: skip
+    try:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        with platform.strict_determinism():
+            assert not torch.is_deterministic_algorithms_warn_only_enabled()
+        assert torch.is_deterministic_algorithms_warn_only_enabled()
+        torch.use_deterministic_algorithms(False)
+        with platform.strict_determinism():
+            assert not torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(was[0], warn_only=was[1])
