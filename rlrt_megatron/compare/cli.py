@@ -153,7 +153,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
                 cfg = get_recipe(recipes[algo], ov)
             except ConfigError as e:
                 return fail(f"{algo}: {e}")
-            pairs.append(Pair(algo, seed, recipes[algo], pdir, ov, cfg.train.steps))
+            config = {k: v for k, v in cfg.to_dict().items() if k != "logging"}
+            pairs.append(Pair(algo, seed, recipes[algo], pdir, ov, cfg.train.steps, config))
 
     gpus = gpu_slots()
     try:
@@ -229,7 +230,7 @@ def _header(args, base, pairs, done, runs, parallel, where, wall, seeds) -> list
     timing = ""
     if secs:
         timing = (
-            f" The {len(secs)} runs took {sum(secs) / 60:.1f} min of run time together "
+            f" The runs took {sum(secs) / 60:.1f} min together "
             f"({min(secs) / 60:.1f} to {max(secs) / 60:.1f} min each)."
         )
     algos = ", ".join(dict.fromkeys(p.algorithm for p in done))

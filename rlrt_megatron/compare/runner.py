@@ -18,8 +18,8 @@ Failure modes and what the caller sees:
 - `rlrt compare` itself killed (-9, OOM): each trainer was started with a parent-death signal
   (SIGTERM, Linux), so it checkpoints and exits as above rather than running on unsupervised.
   A pair's `.lock` is held by its trainer: a rerun waits for such a leftover trainer to exit;
-- a finished pair whose launch settings differ from the requested ones (other steps, overrides):
-  its directory is deleted and it is run again (printed).
+- a pair whose resolved config (logging aside) differs from the requested one (other steps,
+  overrides): its directory is deleted and it is run from scratch (printed).
 Two `rlrt compare` in the same `run_dir` at once: the second stops with a message (`.compare.lock`).
 """
 
@@ -60,13 +60,15 @@ class Pair:
     run_dir: str
     overrides: list[str]  # everything after `--recipe NAME`
     steps: int
+    config: dict  # the resolved config, `logging.*` aside: what makes two runs the same run
 
     @property
     def name(self) -> str:
         return f"{self.algorithm} seed {self.seed}"
 
     def spec(self) -> dict[str, Any]:
-        return {"recipe": self.recipe, "overrides": self.overrides}
+        # as it reads back from json (tuples -> lists), so a stored spec compares equal
+        return json.loads(json.dumps({"recipe": self.recipe, "config": self.config}))
 
     def argv(self) -> list[str]:
         return [sys.executable, "-m", "rlrt_megatron.cli", "train", "--recipe", self.recipe,
@@ -298,11 +300,13 @@ class Runner:
         state_path = os.path.join(pair.run_dir, PAIR_FILE)
         try:
             with open(state_path) as f:
-                previous = json.load(f).get("spec")
+                state = json.load(f)
         except (OSError, json.JSONDecodeError):
-            previous = None
-        if previous is not None and previous != pair.spec():
-            self.log(f"{pair.name}: launch settings changed since its last run: starting over")
+            state = {}
+        earlier = float(state.get("seconds", 0.0))
+        if state and state.get("spec") != pair.spec():
+            earlier = 0.0
+            self.log(f"{pair.name}: its config changed since its last run: starting over")
             for name in os.listdir(pair.run_dir):
                 if name != ".lock":
                     path = os.path.join(pair.run_dir, name)
@@ -329,24 +333,23 @@ class Runner:
             start_new_session=True,  # a terminal's Ctrl-C reaches `rlrt compare` only
             preexec_fn=_parent_death_signal,  # noqa: PLW1509 - no threads started here
         )
-        with open(state_path + ".tmp", "w") as f:
-            json.dump({"spec": pair.spec(), "pid": proc.pid, "started": time.time()}, f)
-        os.replace(state_path + ".tmp", state_path)
+        _write_json(state_path, {"spec": pair.spec(), "pid": proc.pid, "seconds": earlier})
         where = f"GPU {slot_gpu}" if slot_gpu is not None else "CPU"
         again = f", continuing after step {resumed}" if resumed else ""
         self.log(f"{pair.name}: started ({where}, pid {proc.pid}{again}); log {log.name}")
-        return _Running(pair, proc, lock, log, time.monotonic(), slot_gpu)
+        return _Running(pair, proc, lock, log, time.monotonic() - earlier, slot_gpu)
 
     def _finish(self, r: _Running, out: Outcome) -> bool:
         rc = r.proc.returncode
         r.log.close()
         r.lock.close()
-        secs = time.monotonic() - r.start
+        secs = time.monotonic() - r.start  # this pair's run time, earlier segments included
         out.seconds[r.pair.name] = secs
         last = r.pair.last_step()
+        state = {"spec": r.pair.spec(), "pid": r.proc.pid, "seconds": secs}
+        _write_json(os.path.join(r.pair.run_dir, PAIR_FILE), state)
         if rc == 0 and last >= r.pair.steps:
-            with open(os.path.join(r.pair.run_dir, DONE_FILE), "w") as f:
-                json.dump({"spec": r.pair.spec(), "seconds": secs, "finished": time.time()}, f)
+            _write_json(os.path.join(r.pair.run_dir, DONE_FILE), {**state, "finished": time.time()})
             out.done.append(r.pair)
             self.log(f"{r.pair.name}: finished {last} steps in {secs:.0f} s")
             return True
@@ -359,6 +362,12 @@ class Runner:
         self.log(f"{r.pair.name}: FAILED (exit {rc}) after step {last}; last lines of "
                  f"{r.pair.run_dir}/{LOG_FILE}:\n{tail}")  # fmt: skip
         return False
+
+
+def _write_json(path: str, data: dict) -> None:
+    with open(path + ".tmp", "w") as f:
+        json.dump(data, f)
+    os.replace(path + ".tmp", path)
 
 
 def _minutes(seconds: float) -> str:
