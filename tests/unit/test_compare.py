@@ -69,3 +69,45 @@ def test_run_numbers() -> None:
     n = run_numbers(rows, "eval/average/avg@8")
     assert n["final_avg"] == 0.6 and n["reward_auc"] == pytest.approx(0.55)
     assert n["reward_first5"] == pytest.approx(0.3) and n["reward_last5"] == pytest.approx(0.8)
+
+
+def _runs(shift: dict[str, float], teacher: tuple[str, ...] = ()) -> list:
+    from rlrt_megatron.compare.report import RunRows
+
+    out = []
+    for algo, d in shift.items():
+        for seed in range(3):
+            rows = []
+            for step in range(1, 7):
+                row = {"step": step, "reward/mean": 0.1 * step + d + 0.01 * seed}
+                if step % 3 == 0:
+                    row["eval/average/avg@4"] = 0.5 + d + 0.02 * seed * (step == 6)
+                if algo in teacher:
+                    row.update({"teacher/frac_rows": 0.5, "delta/mean": -1.0 + 0.1 * seed})
+                    row.update({"delta/abs_mean": 1.0, "delta/std": 2.0})
+                rows.append(row)
+            out.append(RunRows(algo, seed, rows))
+    return out
+
+
+def test_summary_reference_verdicts_and_teacher_table(tmp_path) -> None:
+    from rlrt_megatron.compare.report import summarize, summary_markdown, write_csv
+
+    runs = _runs({"grpo": 0.0, "rlrt": 0.05, "sdpo": -0.1}, teacher=("rlrt", "sdpo"))
+    s = summarize(runs, ["grpo", "rlrt", "sdpo"])
+    assert s.reference == "rlrt" and s.eval_key == "eval/average/avg@4"
+    assert s.per_algorithm["rlrt"]["final_avg"]["values"] == pytest.approx([0.55, 0.57, 0.59])
+    assert s.per_algorithm["grpo"]["reward_auc"]["mean"] == pytest.approx(0.36)
+    v = s.versus["grpo"]["reward_auc"]  # rlrt - grpo = 0.05 on every seed
+    assert v["mean_diff"] == pytest.approx(0.05) and v["a_wins"] == 3 and v["p"] < 1e-6
+    md = summary_markdown(s, header=["# title", ""])
+    assert md.startswith("# title") and "rlrt > grpo on 3/3 seeds" in md
+    assert "rlrt > sdpo on 3/3 seeds" in md and "| rlrt | 3 | 0.570 ± 0.012 |" in md
+    teacher = md.split("Teacher-side")[1]
+    assert "| rlrt | 0.500 ± 0.000 | -0.900 ± 0.058 |" in teacher and "| grpo |" not in teacher
+    # without rlrt the first algorithm is the reference
+    assert summarize(runs, ["grpo", "sdpo"]).reference == "grpo"
+    cols = write_csv(runs, str(tmp_path / "c.csv"))
+    assert cols[:2] == ["reward/mean", "eval/average/avg@4"]
+    lines = (tmp_path / "c.csv").read_text().splitlines()
+    assert len(lines) == 1 + 9 * 6 and lines[1].startswith("grpo,0,1,")
