@@ -1,4 +1,4 @@
-"""`rlrt` command line: `demo | train | convert | eval | analyze | slurm | plan`.
+"""`rlrt` command line: `demo | train | compare | convert | eval | analyze | slurm | plan`.
 
 Each sub-command lives with its subpackage (`<module>.register(subparsers)`); importing this file
 imports none of them, so `rlrt --help` stays fast and a missing optional package only affects the
@@ -15,6 +15,7 @@ import sys
 SUBCOMMANDS: dict[str, str] = {
     "demo": "rlrt_megatron.trainer.cli",
     "train": "rlrt_megatron.trainer.cli",
+    "compare": "rlrt_megatron.compare.cli",
     "convert": "rlrt_megatron.convert.cli",
     "eval": "rlrt_megatron.eval.cli",
     "analyze": "rlrt_megatron.eval.cli",
