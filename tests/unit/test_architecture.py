@@ -28,7 +28,8 @@ FLOORS = {
     "eval": 3,
     "trainer": 4,
     "launch": 4,
-    "cli": 5,
+    "compare": 5,
+    "cli": 6,
 }
 GROUND = ("algorithms", "data", "reward", "platform")
 
