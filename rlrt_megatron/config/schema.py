@@ -1,15 +1,6 @@
-"""Typed training configuration: the dataclasses, their validation and json dump.
-
-Every field carries its default and meaning in `metadata["help"]` (TRL style); `describe()` prints
-them all. Recipes (`recipes/`) are Python functions returning a validated `TrainConfig`; the command
-line changes single fields with dotted overrides: `rlrt train --recipe tiny_demo train.steps=5
-algorithm.rlrt.alpha=0.5`. `validate()` runs before any work and names the dotted key and the fix.
-
-The `algorithm` section is `rlrt_megatron.algorithms.AlgorithmConfig` (one sub-config per
-algorithm: `algorithm.rlrt.alpha`, `algorithm.rlsd.teacher_refresh_every`, ...), so the algorithms
-and the trainer share one name per setting. Importing this module needs torch (through
-`rlrt_megatron.algorithms`), not megatron.
-"""
+"""The schema of `TrainConfig`: one dataclass per section, each field with its default and
+meaning (`metadata["help"]`), `validation_errors` (every problem, each naming its dotted key and
+the fix) and the json dump. The package docstring (`config/__init__.py`) says how it is used."""
 
 from __future__ import annotations
 
