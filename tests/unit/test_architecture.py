@@ -21,6 +21,7 @@ FLOORS = {
     "data": 0,
     "reward": 0,
     "platform": 0,
+    "topology": -1,  # below the ground floor: platform reads it
     "megatron": 1,
     "convert": 2,
     "rollout": 2,
@@ -31,7 +32,7 @@ FLOORS = {
     "compare": 5,
     "cli": 6,
 }
-GROUND = ("algorithms", "data", "reward", "platform")
+GROUND = ("algorithms", "data", "reward", "platform", "topology")
 
 # Function-level imports that close a circle on purpose, each with its reason. Keep this short.
 ALLOWED_LAZY_EDGES: set[tuple[str, str]] = set()
