@@ -359,11 +359,3 @@ def broadcast_object(obj: Any, src: int = 0, group: Any = None) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=src, group=group)
     return box[0]
-
-
-def all_gather_objects(obj: Any, group: Any = None) -> list[Any]:
-    if not dist.is_initialized():
-        return [obj]
-    out: list[Any] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(out, obj, group=group)
-    return out

@@ -1,6 +1,6 @@
 """What the loop's phases share: `Run` (the state kept from step to step) and `Batch` (one step's
-rollouts and everything computed on them), plus the two helpers that put step tensors on the
-policy's device (built there once, never moved per micro-batch)."""
+rollouts and everything computed on them), plus the helper that puts ragged per-rollout lists on
+the policy's device (built there once, never moved per micro-batch)."""
 
 from __future__ import annotations
 
@@ -72,13 +72,6 @@ class Batch:
     topk_ids: torch.Tensor | None = None  # [B, T, K] the pre-update student's top-k support
     teacher_topk_logprobs: torch.Tensor | None = None  # [B, T, K+1] teacher on that support
     sync_metrics: dict = field(default_factory=dict)  # staleness and the sync check
-
-
-def step_device() -> torch.device:
-    """Where every step tensor lives (the policy's device): built there once, never moved."""
-    from rlrt_megatron import platform
-
-    return platform.device()
 
 
 def ragged_to_padded(rows: list[list[float]], width: int, dev: torch.device) -> torch.Tensor:

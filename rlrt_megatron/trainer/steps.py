@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from rlrt_megatron import platform
 from rlrt_megatron.config import TrainConfig
 from rlrt_megatron.trainer.checkpoint import layout_of
 from rlrt_megatron.trainer.state import (
@@ -24,7 +25,6 @@ from rlrt_megatron.trainer.state import (
     Batch,
     Run,
     ragged_to_padded,
-    step_device,
 )
 
 # ---- phases -------------------------------------------------------------------------------
@@ -62,7 +62,9 @@ def reward(run: Run, batch: Batch) -> None:
         res = run.reward_fn(batch.texts, refs)
         payload = (list(res.scores), res.metrics())
     scores, info = _broadcast(payload)
-    batch.rewards = torch.tensor(scores, dtype=torch.float32).to(step_device(), non_blocking=True)
+    batch.rewards = torch.tensor(scores, dtype=torch.float32).to(
+        platform.device(), non_blocking=True
+    )
     batch.reward_info = info
 
 
@@ -96,7 +98,7 @@ def _build_views(run: Run, batch: Batch, step: int) -> None:
             if c is not None:
                 batch.teacher_prefixes[i] = list(c.token_ids)
                 has_teacher[i] = True
-    dev = step_device()
+    dev = platform.device()
     batch.has_teacher = torch.tensor(has_teacher, dtype=torch.bool).to(dev, non_blocking=True)
     batch.mask = ragged_to_padded([[1.0] * len(r) for r in batch.responses], batch.width, dev)
 

@@ -59,3 +59,20 @@ def metrics_rows(run_dir: str) -> list[dict]:
         return []
     with open(path) as f:
         return [json.loads(ln) for ln in f if ln.strip()]
+
+
+def sigterm_after_first_step(cmd: list[str], run_dir: str, err_path) -> None:
+    """Start `cmd`, SIGTERM it once its first step's metrics are written (step 2 is running at
+    the latest), and require the preemption exit: checkpoint written, status 0."""
+    import signal
+    import subprocess
+    import time
+
+    with open(err_path, "w") as err:
+        proc = subprocess.Popen(cmd, env=clean_env(), stdout=subprocess.DEVNULL, stderr=err)
+        deadline = time.monotonic() + 300
+        while not metrics_rows(run_dir) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=300)
+    assert rc == 0, open(err_path).read()[-3000:]

@@ -6,13 +6,19 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
-import time
 
 import pytest
 from dist_utils import run_distributed
-from e2e_helpers import FAST, clean_env, computed, metrics_rows, model_overrides, train_cmd
+from e2e_helpers import (
+    FAST,
+    clean_env,
+    computed,
+    metrics_rows,
+    model_overrides,
+    sigterm_after_first_step,
+    train_cmd,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -48,15 +54,8 @@ def test_async_run_is_one_version_behind(reference):
 
 def test_preempted_async_run_resumes_with_identical_metrics(tiny_model, tmp_path, reference):
     run_dir = str(tmp_path / "run")
-    proc = subprocess.Popen(
-        _cmd(tiny_model, run_dir, "--resume", "none"), env=clean_env(),
-        stdout=subprocess.DEVNULL, stderr=open(tmp_path / "first.err", "w"),  # noqa: SIM115
-    )  # fmt: skip
-    deadline = time.monotonic() + 300
-    while not metrics_rows(run_dir) and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)  # during step 2 at the latest, batch 3 in flight
-    assert proc.wait(timeout=300) == 0, (tmp_path / "first.err").read_text()[-3000:]
+    cmd = _cmd(tiny_model, run_dir, "--resume", "none")
+    sigterm_after_first_step(cmd, run_dir, tmp_path / "first.err")  # batch 3 in flight
     with open(os.path.join(run_dir, "checkpoints", "latest")) as f:
         name = f.read().strip()
     stopped = int(name.split("_")[1])

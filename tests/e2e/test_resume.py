@@ -4,12 +4,10 @@ resume -> the resumed steps' metrics equal the uninterrupted run's."""
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
-import time
 
 import pytest
-from e2e_helpers import clean_env, computed, metrics_rows, train_cmd
+from e2e_helpers import clean_env, computed, metrics_rows, sigterm_after_first_step, train_cmd
 
 pytestmark = pytest.mark.e2e
 
@@ -28,15 +26,8 @@ def test_sigterm_then_resume_reproduces_metrics(tiny_model, tmp_path):
     reference = {r["step"]: computed(r) for r in metrics_rows(ref_dir)}
     assert sorted(reference) == [1, 2, 3, 4]
 
-    proc = subprocess.Popen(
-        _cmd(tiny_model, run_dir, "--resume", "none"), env=clean_env(),
-        stdout=subprocess.DEVNULL, stderr=open(tmp_path / "first.err", "w"),  # noqa: SIM115
-    )  # fmt: skip
-    deadline = time.monotonic() + 300
-    while not metrics_rows(run_dir) and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)  # during step 2 at the latest: checkpoint, exit 0
-    assert proc.wait(timeout=300) == 0, (tmp_path / "first.err").read_text()[-3000:]
+    cmd = _cmd(tiny_model, run_dir, "--resume", "none")
+    sigterm_after_first_step(cmd, run_dir, tmp_path / "first.err")
     with open(os.path.join(run_dir, "checkpoints", "latest")) as f:
         stopped = int(f.read().strip().split("_")[1])
     assert 1 <= stopped < 4, "the signal should stop the run before its last step"
