@@ -6,7 +6,9 @@ the per-GPU memory of a recipe at a layout (`launch/plan.py`).
     rlrt slurm status [JOB_ID]
     rlrt plan --recipe qwen3_8b_rlrt --nodes 4 --gpus-per-node 8 --gpu h100-80gb [key=value ...]
 
-Exit status of `rlrt plan`: 0 fits, 3 does not fit, 2 bad arguments (recipe, GPU kind).
+Exit status of `rlrt plan`: 0 fits, 3 does not fit (memory, or a layout the trainer refuses at
+its world size: the nearest valid layouts are suggested), 2 bad arguments (recipe, override, GPU
+kind or memory).
 """
 
 from __future__ import annotations
@@ -94,7 +96,7 @@ def _plan(args: argparse.Namespace) -> int:
         plan = plan_config(cfg, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
                            limit_gib=limit, rollout_nodes=args.rollout_nodes)  # fmt: skip
     except (ConfigError, PlanError) as e:
-        print(f"rlrt plan: {str(e).splitlines()[0]}", file=sys.stderr)
+        print(f"rlrt plan: {e}", file=sys.stderr)  # every line: a config error lists each key
         return 2
     print(render(plan))
     return 0 if plan.fits else 3
@@ -118,7 +120,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     q.add_argument("--gpus-per-node", type=int, default=8)
     q.add_argument("--rollout-nodes", type=int, default=0,
                    help="nodes running SGLang apart (0 = colocated)")  # fmt: skip
-    q.add_argument("--gpu", help=f"GPU kind: {', '.join(GPU_MEMORY_GIB)}")
+    q.add_argument("--gpu", default="h100-80gb",
+                   help=f"GPU kind (default h100-80gb): {', '.join(GPU_MEMORY_GIB)}")  # fmt: skip
     q.add_argument("--gpu-mem-gib", type=float, help="GPU memory in GiB (instead of --gpu)")
     q.add_argument("overrides", nargs="*", metavar="key=value", help="dotted recipe overrides")
     q.set_defaults(func=_plan)

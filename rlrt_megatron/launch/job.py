@@ -169,11 +169,40 @@ class SlurmJob:
         return lines
 
     # ---- validation --------------------------------------------------------------------------
-    def validate(self, cfg: Any | None = None, path_exists=None) -> Any:  # noqa: ANN001
+    def _trainer_errors(self, cfg: Any, limit_gib: float | None) -> list[str]:
+        """`TrainConfig.validate(world_size=...)` at this job's world size (`launch/layout.py`),
+        with the nearest layouts it accepts (that fit in `limit_gib` GiB per GPU, if given)."""
+        from rlrt_megatron.launch.layout import check_world
+
+        fits = None
+        if limit_gib is not None and self.gpus_per_node > 0:
+            from rlrt_megatron.launch.plan import plan_config
+
+            def fits(c: Any, n: int, k: int) -> bool:
+                g = self.gpus_per_node
+                plan = plan_config(c, nodes=n, gpus_per_node=g, limit_gib=limit_gib,
+                                   rollout_nodes=k, check=False)  # fmt: skip
+                return plan.fits
+
+        errs, near = check_world(cfg, nodes=self.nodes, gpus_per_node=self.gpus_per_node,
+                                 rollout_nodes=self.rollout_nodes, fits=fits)  # fmt: skip
+        if not errs:
+            return []
+        hint = ("valid layouts near it: " + "; ".join(near)) if near else "change the layout"
+        return [f"the trainer refuses {self.world_size} ranks: {e}" for e in errs] + [hint]
+
+    def validate(
+        self,
+        cfg: Any | None = None,
+        path_exists=None,  # noqa: ANN001
+        limit_gib: float | None = None,
+    ) -> Any:
         """Check the job against its recipe; raise `SlurmJobError` listing every problem.
 
-        `path_exists(path) -> bool` checks a path on the cluster (through the tunnel); None
-        skips the storage check. Returns the recipe's TrainConfig.
+        The trainer's own config validation runs at the job's world size (suggesting valid
+        layouts, fitting `limit_gib` GiB per GPU when given). `path_exists(path) -> bool` checks
+        a path on the cluster (through the tunnel); None skips the storage check. Returns the
+        recipe's TrainConfig.
         """
         errors: list[str] = []
         if self.nodes < 1:
@@ -236,6 +265,8 @@ class SlurmJob:
                     f"--gpus-per-node {g}: not a multiple of rollout.sglang_tp="
                     f"{cfg.rollout.sglang_tp} (GPUs of one SGLang server)"
                 )
+        if not errors:  # the trainer's own validation at this world size, as it will run it
+            errors += self._trainer_errors(cfg, limit_gib)
         ckpt = self.resolve(cfg.checkpoint_dir)
         if self.nodes > 1 and ckpt.startswith(NODE_LOCAL_PREFIXES):
             errors.append(

@@ -12,7 +12,9 @@ or the LM head), in the order it appears:
 * gradients: DDP's fp32 grad buffer `P_buf x 4` (`grad_reduce_in_fp32`);
 * optimizer: Adam moments `2 x 4` bytes per element plus an fp32 main copy `4` when the params
   are bf16; the distributed optimizer holds only this rank's 1/DP slice of the buffer;
-* the teacher copy (RLSD snapshot, SDPO/SRPO EMA): one more `P x b_param`;
+* the teacher copy (RLSD snapshot, SDPO/SRPO EMA): one more copy of this rank's parameters,
+  outside DDP's buffer (no padding): `P x b_param` for the snapshot, `P x 4` for the EMA, which
+  accumulates in fp32 under a bf16 policy (`make_teacher_copy`);
 * activations of one micro-batch of `train.max_tokens_per_microbatch` tokens kept for backward
   (no activation recompute: the trainer has none), per token and layer
   (`activation_bytes_per_token`): q, k, v, the attention output, the norms' saved tensors and
@@ -44,6 +46,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from rlrt_megatron.launch.layout import check_world
 from rlrt_megatron.launch.plan_shapes import (
     ModelShape,
     PlanError,
@@ -256,6 +259,7 @@ class Settings:
     row_len: int = 2048  # tokens per packed row (local spec: the longest sequence)
     longest: int = 0  # the longest sequence (prompt + response): a micro-batch holds at least it
     teacher_copy: bool = False  # RLSD snapshot / SDPO-SRPO EMA
+    teacher_fp32: bool = False  # the EMA teacher is built in fp32 whatever the policy's dtype
     topk: int = 0  # SDPO/SRPO top-k support
     sglang: bool = False  # colocated SGLang engine
     sglang_tp: int = 1
@@ -280,6 +284,7 @@ class Settings:
             row_len=longest if spec == "local" else max(budget, longest),
             longest=longest,
             teacher_copy=getattr(algo, "teacher_weights", None) in ("snapshot", "ema"),
+            teacher_fp32=getattr(algo, "teacher_weights", None) == "ema",
             topk=int(getattr(getattr(cfg.algorithm, cfg.algorithm.name, None), "topk", 0) or 0),
             sglang=cfg.rollout.engine == "sglang" and cfg.rollout.sglang_colocated,
             sglang_tp=cfg.rollout.sglang_tp,
@@ -349,7 +354,7 @@ def predict(
             head = lm_head_bytes(shape, tp=lay.tp, tokens=tokens, act_bytes=pbytes)
             head += tokens * (s.topk + 1) * 4 * 2 if s.topk else 0
         step_tmp = 0 if s.fused_adam else st.optimizer_elements * 4
-        teacher = st.weights if s.teacher_copy else 0
+        teacher = st.params * (4 if s.teacher_fp32 else pbytes) if s.teacher_copy else 0
         sglang_w = sglang_all = 0.0
         if s.sglang:
             total_params = sum(p[0] for p in stage_params(shape, 1, 1, 0))
@@ -363,7 +368,7 @@ def predict(
             "weights": st.weights,
             "gradients (fp32)": st.grads,
             opt_row: st.optimizer,
-            "teacher copy": teacher,
+            "teacher copy" + (" (fp32 EMA)" if s.teacher_fp32 else ""): teacher,
             f"activations ({tokens} tokens/micro-batch)": acts,
             "LM head / log-prob buffers": head,
             "optimizer step temporaries": step_tmp,
@@ -486,8 +491,8 @@ def suggest(plan: Plan) -> str:
 
 def gpu_limit(kind: str | None, mem_gib: float | None) -> float:
     if mem_gib is not None:
-        if mem_gib <= 0:
-            raise PlanError(f"--gpu-mem-gib {mem_gib}: must be > 0")
+        if not math.isfinite(mem_gib) or mem_gib <= 0:
+            raise PlanError(f"--gpu-mem-gib {mem_gib}: must be a finite number of GiB > 0")
         return float(mem_gib)
     if not kind:
         raise PlanError("give --gpu KIND or --gpu-mem-gib X")
@@ -501,16 +506,30 @@ def gpu_limit(kind: str | None, mem_gib: float | None) -> float:
 
 
 def plan_config(
-    cfg: Any, *, nodes: int, gpus_per_node: int, limit_gib: float, rollout_nodes: int = 0
-) -> Plan:
+    cfg: Any, *, nodes: int, gpus_per_node: int, limit_gib: float, rollout_nodes: int = 0,
+    check: bool = True,
+) -> Plan:  # fmt: skip
     """The plan of a validated TrainConfig at a cluster layout, with a suggestion if it does
-    not fit."""
+    not fit. The trainer's own validation at the layout's world size is one of its problems
+    (suggesting the nearest layouts it accepts that fit; `check=False` skips it)."""
     shape, source = model_shape(cfg.model.hf_path, cfg.model.build_tiny)
     lay = Layout(nodes, gpus_per_node, cfg.parallel.tp, cfg.parallel.pp, rollout_nodes)
     settings = Settings.from_config(cfg)
     if rollout_nodes:
         settings = dataclasses.replace(settings, sglang=False)  # servers on their own nodes
     plan = predict(shape, lay, settings, limit_gib, source)
+    if check and not plan.problems:  # the trainer's check at this world size (`layout.py`)
+
+        def fits(c: Any, n: int, k: int) -> bool:
+            return plan_config(c, nodes=n, gpus_per_node=gpus_per_node, limit_gib=limit_gib,
+                               rollout_nodes=k, check=False).fits  # fmt: skip
+
+        errs, near = check_world(cfg, nodes=nodes, gpus_per_node=gpus_per_node,
+                                 rollout_nodes=rollout_nodes, fits=fits)  # fmt: skip
+        plan.problems += [f"the trainer refuses this world size: {e}" for e in errs]
+        if errs:
+            plan.suggestion = "; ".join(near) or "no layout nearby passes; change the recipe"
+            return plan
     if not plan.fits:
         plan.suggestion = suggest(plan)
     return plan

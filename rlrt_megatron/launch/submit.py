@@ -105,7 +105,13 @@ def submit(
     refused unless `force`. Validation and the memory check need only the base install; rendering
     and submitting need nemo-run (the `slurm` extra), named in one line when missing.
     """
-    cfg = job.validate()  # everything but the storage check: no connection needed
+    from rlrt_megatron.launch.plan import gpu_limit
+
+    try:
+        limit = gpu_limit(gpu, gpu_mem_gib) if job.gpus_per_node > 0 else None
+    except ValueError as e:
+        raise SlurmJobError(str(e)) from e
+    cfg = job.validate(limit_gib=limit)  # everything but the storage check: no connection
     log(f"{job.recipe}: {job.describe(cfg)}")
     check_memory(job, cfg, gpu=gpu, gpu_mem_gib=gpu_mem_gib, force=force, log=log)
     ckpt = job.resolve(cfg.checkpoint_dir)

@@ -57,6 +57,40 @@ def test_bad_recipe_or_gpu_exit_2_with_one_line():
         assert len(p.stderr.strip().splitlines()) == 1 and p.stderr.startswith("rlrt plan: ")
 
 
+def test_config_error_spanning_lines_is_printed_whole():
+    # a validation error is "invalid config:" then one line per key (issue 24 item 5)
+    p = rlrt("plan", "--recipe", "qwen3_8b_rlrt", "parallel.tp=0", "optimizer.lr=0")
+    assert p.returncode == 2, (p.stdout, p.stderr)
+    lines = p.stderr.strip().splitlines()
+    assert lines[0] == "rlrt plan: invalid config:"
+    assert any(ln.strip().startswith("parallel.tp: must be >= 1 (got 0)") for ln in lines)
+    assert any(ln.strip().startswith("optimizer.lr: must be > 0") for ln in lines)
+
+
+@pytest.mark.parametrize("mem", ["nan", "inf", "-inf", "0", "-3"])
+def test_non_finite_or_non_positive_gpu_memory_refused(mem):
+    with pytest.raises(PlanError, match="finite number of GiB > 0"):
+        gpu_limit(None, float(mem))
+    p = rlrt("plan", "--recipe", "qwen3_8b_rlrt", f"--gpu-mem-gib={mem}")
+    assert p.returncode == 2 and "--gpu-mem-gib" in p.stderr and p.stdout == "", p.stderr
+
+
+def test_ema_teacher_counted_in_fp32():
+    from recipes import get_recipe
+    from rlrt_megatron.launch.plan import GIB, plan_config
+
+    def teacher_gib(recipe: str) -> float:
+        plan = plan_config(get_recipe(recipe), nodes=4, gpus_per_node=8, limit_gib=139.8)
+        return sum(v for k, v in plan.rows.items() if k.startswith("teacher copy"))
+
+    s8 = BUILTIN_SHAPES["qwen3-8b"]
+    params = static_bytes(s8, tp=4, pp=1, dp=8, stage=0, distributed=True, param_bytes=2).params
+    assert teacher_gib("qwen3_8b_sdpo") == pytest.approx(params * 4 / GIB)  # fp32 EMA
+    assert teacher_gib("qwen3_8b_sdpo") == pytest.approx(7.63, abs=0.01)
+    assert teacher_gib("qwen3_8b_rlsd") == pytest.approx(params * 2 / GIB)  # bf16 snapshot
+    assert teacher_gib("qwen3_8b_rlrt") == 0
+
+
 def test_shape_from_config_json_and_builtin_table(tmp_path):
     cfg = {"model_type": "qwen3", "hidden_size": 1024, "intermediate_size": 3072,
            "num_hidden_layers": 28, "num_attention_heads": 16, "num_key_value_heads": 8,
