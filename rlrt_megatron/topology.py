@@ -11,7 +11,14 @@ import re
 import socket
 from dataclasses import dataclass
 
-__all__ = ["first_slurm_host", "local_world_size", "one_gpu_per_task", "resolve_dist_env"]
+__all__ = [
+    "first_slurm_host",
+    "interface_address",
+    "local_world_size",
+    "one_gpu_per_task",
+    "resolve_dist_env",
+    "sync_address",
+]
 
 
 @dataclass(frozen=True)
@@ -118,3 +125,37 @@ def one_gpu_per_task(env: dict[str, str] | None = None) -> bool:
     visible = env.get("CUDA_VISIBLE_DEVICES", "")
     bound = bool(env.get("SLURM_STEP_GPUS") or env.get("SLURM_JOB_GPUS"))
     return bound and bool(visible) and "," not in visible
+
+
+def interface_address(name: str) -> str:
+    """The IPv4 address of network interface `name` (e.g. ``ib0``, ``eth0``; Linux)."""
+    import fcntl
+    import struct
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            packed = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", name[:15].encode()))
+        except OSError as e:  # SIOCGIFADDR: no such interface, or no IPv4 address on it
+            raise ValueError(
+                f"network interface {name!r}: no IPv4 address here ({e.strerror}); list them "
+                "with `ip -4 addr` and set RLRT_NET_IF / rollout.sglang_master_address"
+            ) from e
+    return socket.inet_ntoa(packed[20:24])
+
+
+def sync_address(value: str | None = None, env: dict[str, str] | None = None) -> str:
+    """The address remote SGLang servers reach this trainer at (the weight-sync NCCL group).
+
+    `value` (``rollout.sglang_master_address``): an address or host name, or ``iface:NAME`` for
+    the IPv4 address of interface NAME. Empty: the interface named in ``RLRT_SYNC_IFNAME`` (set
+    by slurm/launch.sh from ``RLRT_NET_IF``, e.g. the InfiniBand/IPoIB one), else the address
+    this host's name resolves to (which may be a management network's).
+    """
+    env = dict(os.environ if env is None else env)
+    if value and value.startswith("iface:"):
+        return interface_address(value.removeprefix("iface:"))
+    if value:
+        return value
+    if env.get("RLRT_SYNC_IFNAME"):
+        return interface_address(env["RLRT_SYNC_IFNAME"])
+    return socket.gethostbyname(socket.gethostname())

@@ -13,6 +13,21 @@ export LOCAL_RANK=${SLURM_LOCALID:-0}
 export LOCAL_WORLD_SIZE=${SLURM_NTASKS_PER_NODE%%(*}
 export NODE_RANK=${SLURM_NODEID:-0}
 export PYTHONUNBUFFERED=1
+# Cluster environment: defaults only, each overridable from the job's environment (`rlrt slurm
+# submit --env KEY=VALUE`, or exported before sbatch). docs/CLUSTER.md lists them.
+export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}              # nodes without internet: local files only
+export TRANSFORMERS_OFFLINE=${TRANSFORMERS_OFFLINE:-1}
+export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
+export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
+if [[ -n ${RLRT_NET_IF:-} ]]; then  # the fast network's interface (e.g. ib0): NCCL, gloo, sync
+  export NCCL_SOCKET_IFNAME=${NCCL_SOCKET_IFNAME:-$RLRT_NET_IF}
+  export GLOO_SOCKET_IFNAME=${GLOO_SOCKET_IFNAME:-$RLRT_NET_IF}
+  export RLRT_SYNC_IFNAME=${RLRT_SYNC_IFNAME:-$RLRT_NET_IF}  # weight-sync address (topology.py)
+fi
+if [[ $role == train ]] && ((${RLRT_GPUS_PER_NODE:-0} > 0)); then
+  # Megatron's TP / sequence-parallel communication relies on one hardware queue per device
+  export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}
+fi
 node=${SLURMD_NODENAME:-$(hostname -s)}
 restart=${SLURM_RESTART_COUNT:-0}
 

@@ -21,10 +21,12 @@ SBATCH = REPO / "slurm" / "rlrt.sbatch"
 ALLREDUCE = 'python tests/slurm/allreduce_job.py "$@"'
 
 
-def sbatch(cluster, job_dir: Path, *args: str, env: dict[str, str] | None = None) -> str:
+def sbatch(
+    cluster, job_dir: Path, *args: str, env: dict[str, str] | None = None, tasks_per_node: int = 1
+) -> str:
     e = dict(cluster.env, RLRT_HOME=str(REPO), RLRT_LOG_DIR=str(job_dir), **(env or {}))
     p = subprocess.run(
-        ["sbatch", "--parsable", "-N", "2", "--ntasks-per-node=1",
+        ["sbatch", "--parsable", "-N", "2", f"--ntasks-per-node={tasks_per_node}",
          f"--output={job_dir}/batch-%j.out", str(SBATCH), *args],
         env=e, capture_output=True, text=True, timeout=60, cwd=REPO,
     )  # fmt: skip
@@ -52,6 +54,21 @@ def test_two_node_gloo_job_runs_one_rank_per_node(cluster, job_dir):
     assert "allreduce rank 1/2 node node2 sum 1" in logs["node2.r0.train.rank1.log"]
     assert "train rank 0/2 local_rank 0 on node node1" in out
     assert "train rank 1/2 local_rank 0 on node node2" in out
+
+
+def test_a_job_asking_n_tasks_per_node_gets_n_ranks_per_node(cluster, job_dir):
+    # `sbatch -N 2 --ntasks-per-node=2 slurm/rlrt.sbatch` with no RLRT_* setting: 4 ranks
+    job = sbatch(cluster, job_dir, env={"RLRT_TRAIN_CMD": ALLREDUCE}, tasks_per_node=2)
+    info = cluster.wait_job(job, 240)
+    out = batch_log(job_dir, job)
+    assert info["JobState"] == "COMPLETED", out
+    assert "2 training node(s) [node1,node2] x 2 rank(s)" in out
+    logs = node_logs(job_dir, job)
+    for rank, node, local in ((0, "node1", 0), (1, "node1", 1), (2, "node2", 0), (3, "node2", 1)):
+        assert (
+            f"allreduce rank {rank}/4 node {node} sum 6" in logs[f"{node}.r0.train.rank{rank}.log"]
+        ), logs
+        assert f"train rank {rank}/4 local_rank {local} on node {node}" in out
 
 
 def test_a_dead_task_fails_the_whole_job_fast_naming_node_and_code(cluster, job_dir):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import socket
 import threading
 import urllib.parse
 from collections.abc import Callable, Sequence
@@ -39,6 +38,7 @@ from rlrt_megatron.rollout.sglang.server import (
 )
 from rlrt_megatron.rollout.sglang.transport import WeightSync, serialize_for_sglang
 from rlrt_megatron.rollout.weight_sync import NamedTensor, WeightSyncError, check_weight_version
+from rlrt_megatron.topology import sync_address
 
 __all__ = ["SGLangEngine"]
 
@@ -119,9 +119,10 @@ class SGLangEngine(WeightSync):
         if master_address is None:
             hosts = {urllib.parse.urlparse(u).hostname for u in (_urls or [])} | {host}
             local = hosts <= {"127.0.0.1", "localhost"}
-            # remote servers must reach the trainer's TCPStore for the NCCL group
-            master_address = host if local else socket.gethostbyname(socket.gethostname())
-        self.master_address = master_address
+            # remote servers must reach the trainer's TCPStore for the NCCL group: the address
+            # of RLRT_SYNC_IFNAME's interface (slurm/launch.sh: RLRT_NET_IF), else the host's
+            master_address = host if local else sync_address()
+        self.master_address = sync_address(master_address)  # `iface:NAME` -> its address
         self._version = 0
         self._synced = False
         self.restart_cache = restart_cache
