@@ -9,11 +9,14 @@ later submits it through its tunnel), the body is `slurm/rlrt.sbatch` below its 
 with the job's `RLRT_*` settings exported in between. The file you can `sbatch` by hand and the
 one `rlrt slurm submit` sends are therefore the same job.
 
-This module imports nemo_run only inside `executor()`, so `--help` works without the extra.
+This module imports nemo_run only inside `executor()`, so `--help` works without the extra, and
+`render()` writes the same header from the job's own fields when nemo-run is not installed (a
+`--dry-run` only writes text).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,14 +93,27 @@ class SlurmJob:
         }
         if self.container_image:
             s["RLRT_CONTAINER_IMAGE"] = self.container_image
-        if self.container_mounts:
-            s["RLRT_CONTAINER_MOUNTS"] = ",".join(self.container_mounts)
+        mounts = list(self.container_mounts)
+        if self.container_image and cfg is not None:
+            mounts += self.auto_mounts(cfg, s["RLRT_LOG_DIR"])
+        if mounts:
+            s["RLRT_CONTAINER_MOUNTS"] = ",".join(mounts)
         if cfg is not None and self.rollout_nodes > 0:
             s["RLRT_ROLLOUT_MODEL"] = self.resolve(cfg.model.hf_path)
             per_node = max(1, self.gpus_per_node // max(1, cfg.rollout.sglang_tp))
             s["RLRT_ROLLOUT_SERVERS_PER_NODE"] = str(per_node)
         s.update(self.env)
         return s
+
+    def auto_mounts(self, cfg: Any, log_dir: str) -> list[str]:
+        """Container mounts for every path the config names outside the checkout, the log dir
+        and the user's mounts (`launch/paths.py`): without them a model, data set or checkpoint
+        there would be invisible inside the container."""
+        from rlrt_megatron.launch.paths import container_mounts, named_paths
+
+        covered = [self.home, log_dir] + [m.split(":")[1] if ":" in m else m
+                                          for m in self.container_mounts]  # fmt: skip
+        return container_mounts(named_paths(cfg, self.resolve), covered)
 
     def describe(self, cfg: Any) -> str:
         """One line: nodes, ranks and the parallel layout (printed by `rlrt slurm submit`)."""
@@ -148,19 +164,40 @@ class SlurmJob:
             ex.time = None  # no limit asked: the partition's default applies
         return ex
 
-    def sbatch_header(self, executor: Any) -> list[str]:
-        """`#SBATCH` lines from the executor's fields, as nemo-run's own template writes them."""
-        from nemo_run.core.execution.slurm import SlurmExecutor
-
+    def resources(self) -> dict[str, Any]:
+        """The `#SBATCH` resource flags of this job (the fields `executor()` gives nemo-run)."""
         params = {
-            k: getattr(executor, k)
-            for k in SlurmExecutor.SBATCH_FLAGS
-            if hasattr(executor, k) and getattr(executor, k) not in (None, "", False)
+            "account": self.account,
+            "partition": self.partition,
+            "nodes": self.nodes,
+            "ntasks_per_node": self.tasks_per_node,
+            "gpus_per_node": self.gpus_per_node or None,
+            "signal": f"B:USR1@{self.preempt_signal_s}",
+            "exclusive": True if self.exclusive else None,
+            "time": self.time,
         }
+        return {k: v for k, v in params.items() if v not in (None, "", False)}
+
+    def sbatch_header(self, executor: Any | None = None) -> list[str]:
+        """`#SBATCH` lines from the executor's fields, as nemo-run's own template writes them;
+        without an executor (nemo-run not installed: `--dry-run` only writes text) from the
+        job's own `resources()`, the same lines (`tests/slurm`: both renderings are equal)."""
+        if executor is not None:
+            from nemo_run.core.execution.slurm import SlurmExecutor
+
+            params = {
+                k: getattr(executor, k)
+                for k in SlurmExecutor.SBATCH_FLAGS
+                if hasattr(executor, k) and getattr(executor, k) not in (None, "", False)
+            }
+            extra = dict(executor.additional_parameters or {})
+        else:
+            params = self.resources()
+            extra = {"requeue": True, "open_mode": "append", **self.sbatch_args}
         params["job_name"] = self.job_name
         log_dir = self.settings()["RLRT_LOG_DIR"]
         params["output"] = f"{log_dir}/{self.job_name}-%j.out"
-        params.update(executor.additional_parameters or {})
+        params.update(extra)
         lines = []
         for k in sorted(params):
             v = params[k]
@@ -280,6 +317,10 @@ class SlurmJob:
                 f"exist before submitting: mkdir -p {ckpt} there (or pass --mkdir), or set "
                 "checkpoint.dir=<path on shared storage>"
             )
+        if path_exists is not None:  # data, model, eval sets: they must be there already
+            from rlrt_megatron.launch.paths import missing_inputs, named_paths
+
+            errors += missing_inputs(named_paths(cfg, self.resolve), path_exists)
         if errors:
             raise SlurmJobError("invalid Slurm job:\n  " + "\n  ".join(errors))
         return cfg
@@ -292,7 +333,8 @@ class SlurmJob:
         if not sep:
             raise SlurmJobError(f"{SBATCH_TEMPLATE}: header marker {HEADER_END!r} not found")
         body = body.split("\n", 1)[1]
-        executor = executor if executor is not None else self.executor()
+        if executor is None and importlib.util.find_spec("nemo_run") is not None:
+            executor = self.executor()
         args = ["--recipe", self.recipe, *self.overrides]
         lines = [
             "#!/bin/bash",

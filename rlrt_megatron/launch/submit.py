@@ -37,13 +37,13 @@ def make_tunnel(ssh: str | None, job_dir: str, identity: str | None = None) -> A
 
 
 def path_exists(tunnel: Any, path: str) -> bool:
-    r = tunnel.run(f"test -d {shlex.quote(path)}", hide=True, warn=True)
+    r = tunnel.run(f"test -e {shlex.quote(path)}", hide=True, warn=True)
     return r.return_code == 0
 
 
 def _need_nemo_run(dry_run: bool) -> None:
     if importlib.util.find_spec("nemo_run") is None:
-        what = "render the #SBATCH header of" if dry_run else "submit"
+        what = "check the cluster's storage (--ssh) for" if dry_run else "submit"
         raise SlurmJobError(
             f"the job is valid, but `rlrt slurm submit` needs nemo-run to {what} it: "
             "pip install -e '.[slurm]'"
@@ -102,8 +102,11 @@ def submit(
     the tunnel is local; a dry run never opens an SSH connection; with `mkdir` it validates as if
     the directory existed and says it would create it), and predicts the per-GPU memory
     (`launch/plan.py`, GPUs of kind `gpu` or `gpu_mem_gib` GiB): a layout that does not fit is
-    refused unless `force`. Validation and the memory check need only the base install; rendering
-    and submitting need nemo-run (the `slurm` extra), named in one line when missing.
+    refused unless `force`; the inputs the config names (model, data, eval sets) must exist. It
+    logs which Megatron checkpoint the job starts from and the container mounts it adds.
+    Validation, the memory check and a local `--dry-run` need only the base install (without
+    nemo-run the header is written from the job's own fields); submitting and `--ssh` need
+    nemo-run (the `slurm` extra), named in one line when missing.
     """
     from rlrt_megatron.launch.plan import gpu_limit
 
@@ -118,7 +121,7 @@ def submit(
     tunnel = None
     check = None
     if dry_run and not ssh:
-        check = os.path.isdir  # the local tunnel's storage is this machine's: no nemo-run needed
+        check = os.path.exists  # the local tunnel's storage is this machine's: no nemo-run
     if not dry_run or ssh:
         _need_nemo_run(dry_run)
         tunnel = make_tunnel(ssh, job.settings()["RLRT_LOG_DIR"] + "/submitted", identity)
@@ -138,6 +141,14 @@ def submit(
             return p == ckpt or inner is None or inner(p)
 
     cfg = job.validate(cfg, path_exists=check)
+    from rlrt_megatron.launch.paths import checkpoint_source
+
+    log(checkpoint_source(cfg, job.resolve))
+    mounts = job.auto_mounts(cfg, job.settings()["RLRT_LOG_DIR"]) if job.container_image else []
+    if mounts:
+        log(f"container mounts for the config's paths: {','.join(mounts)}")
+    if dry_run and importlib.util.find_spec("nemo_run") is None:
+        return None, job.render(cfg)  # the header from the job's own fields (same lines)
     _need_nemo_run(dry_run)
     executor = job.executor(tunnel=tunnel)
     script = job.render(cfg, executor)

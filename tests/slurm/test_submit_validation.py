@@ -67,15 +67,16 @@ def test_the_8b_layout_from_the_readme_is_valid():
         "4 node(s): 4 training x 8 rank(s) = 32 ranks (tp 4 x pp 1 x dp 8), "
         "rollouts colocated (sglang)"
     )
-    # 3 training nodes (24 ranks, dp=6) + 1 node of 4 SGLang servers (tp 2)
-    job = SlurmJob("qwen3_8b_rlrt", nodes=4, gpus_per_node=8, rollout_nodes=1, home=home)
+    # 4 training nodes (32 ranks, dp=8) + 1 node of 4 SGLang servers (tp 2); 4 nodes of which
+    # 1 serves (24 ranks, dp=6) is refused by the trainer (tests/unit/test_launch_layout.py)
+    job = SlurmJob("qwen3_8b_rlrt", nodes=5, gpus_per_node=8, rollout_nodes=1, home=home)
     if not hasattr(cfg.rollout, "sglang_urls"):
         with pytest.raises(SlurmJobError, match=r"no rollout.sglang_urls"):
             job.validate()
         return
     cfg = job.validate()
     assert job.describe(cfg) == (
-        "4 node(s): 3 training x 8 rank(s) = 24 ranks (tp 4 x pp 1 x dp 6), "
+        "5 node(s): 4 training x 8 rank(s) = 32 ranks (tp 4 x pp 1 x dp 8), "
         "1 rollout node(s) x 4 SGLang server(s) (tp 2)"
     )
 
@@ -102,9 +103,7 @@ def shared_dir():
     shutil.rmtree(d, ignore_errors=True)
 
 
-@pytest.mark.slurm  # needs nemo-run (the slurm extra, installed by `make test-slurm`)
-def test_cli_missing_checkpoint_dir_fails_at_submit(shared_dir):
-    pytest.importorskip("nemo_run")
+def test_cli_missing_checkpoint_dir_fails_at_submit(shared_dir):  # a dry run needs no nemo-run
     p = rlrt_slurm("submit", "--recipe", "tiny_demo", "--nodes", "2", "--gpus-per-node", "0",
                    "--dry-run", f"checkpoint.dir={shared_dir}/missing")  # fmt: skip
     assert p.returncode == 2
@@ -112,16 +111,18 @@ def test_cli_missing_checkpoint_dir_fails_at_submit(shared_dir):
     assert "mkdir -p" in p.stderr
 
 
-@pytest.mark.slurm
 def test_dry_run_renders_the_sbatch_template_with_the_jobs_settings(shared_dir):
-    pytest.importorskip("nemo_run")
-    p = rlrt_slurm("submit", "--recipe", "qwen3_8b_rlrt", "--nodes", "4", "--gpus-per-node", "8",
+    (shared_dir / "Qwen3-8B").mkdir()
+    (shared_dir / "d.parquet").write_bytes(b"")
+    p = rlrt_slurm("submit", "--recipe", "qwen3_8b_rlrt", "--nodes", "5", "--gpus-per-node", "8",
                    "--rollout-nodes", "1", "--time", "04:00:00", "--partition", "batch",
                    "--container-image", "nvcr.io/nvidia/pytorch:25.01-py3", "--dry-run",
-                   f"checkpoint.dir={shared_dir}", "train.steps=10")  # fmt: skip
+                   f"checkpoint.dir={shared_dir}", "train.steps=10",
+                   f"model.hf_path={shared_dir}/Qwen3-8B",
+                   f"data.path={shared_dir}/d.parquet")  # fmt: skip
     assert p.returncode == 0, p.stderr
     s = p.stdout
-    for line in ["#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
+    for line in ["#SBATCH --nodes=5", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
                  "#SBATCH --time=04:00:00", "#SBATCH --partition=batch", "#SBATCH --requeue",
                  "#SBATCH --signal=B:USR1@120", "export RLRT_ROLLOUT_NODES=1",
                  "export RLRT_CONTAINER_IMAGE=nvcr.io/nvidia/pytorch:25.01-py3",

@@ -158,9 +158,5 @@ def test_dry_run_mkdir_validates_as_if_created(tmp_path):
     assert "would create checkpoint.dir=" in p.stderr
     assert "does not exist" not in p.stderr and "Traceback" not in p.stderr
     assert not missing.exists()
-    try:
-        import nemo_run  # noqa: F401
-    except ImportError:  # a dry run without the slurm extra: one line naming it
-        assert p.returncode == 2 and "pip install -e '.[slurm]'" in p.stderr
-    else:
-        assert p.returncode == 0, p.stderr
+    assert p.returncode == 0, p.stderr  # with or without nemo-run: a dry run only writes text
+    assert "#SBATCH --ntasks-per-node=1" in p.stdout and "set -- --recipe tiny_demo" in p.stdout
