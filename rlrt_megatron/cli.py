@@ -1,4 +1,4 @@
-"""`rlrt` command line: `demo | train | compare | convert | eval | analyze | slurm | plan`.
+"""`rlrt` command line: `demo | train | compare | convert | eval | analyze | slurm | plan | data`.
 
 Each sub-command lives with its subpackage (`<module>.register(subparsers)`); importing this file
 imports none of them, so `rlrt --help` stays fast and a missing optional package only affects the
@@ -21,6 +21,7 @@ SUBCOMMANDS: dict[str, str] = {
     "analyze": "rlrt_megatron.eval.cli",
     "slurm": "rlrt_megatron.launch.cli",
     "plan": "rlrt_megatron.launch.cli",
+    "data": "rlrt_megatron.data.cli",
 }
 
 

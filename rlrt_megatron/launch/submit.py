@@ -141,9 +141,12 @@ def submit(
             return p == ckpt or inner is None or inner(p)
 
     cfg = job.validate(cfg, path_exists=check)
+    from rlrt_megatron.config.warnings import config_warnings
     from rlrt_megatron.launch.paths import checkpoint_source
 
     log(checkpoint_source(cfg, job.resolve))
+    for w in config_warnings(cfg):
+        log(f"warning: {w}")
     mounts = job.auto_mounts(cfg, job.settings()["RLRT_LOG_DIR"]) if job.container_image else []
     if mounts:
         log(f"container mounts for the config's paths: {','.join(mounts)}")

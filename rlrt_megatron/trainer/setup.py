@@ -92,6 +92,10 @@ def setup(cfg: TrainConfig) -> Run:
         hf_config = load_hf_config(hf_dir)
         cfg.validate(hf_config=hf_config, world_size=info.world_size)
         run = _build(cfg, info, hf_dir, ckpt, hf_config, wd)
+    from rlrt_megatron.config.warnings import config_warnings
+
+    for w in config_warnings(cfg):  # once per run, on the rank that logs
+        run.logger.message(f"warning: {w}")
     return run
 
 

@@ -75,3 +75,28 @@ def test_submit_says_which_checkpoint_the_job_starts_from():
     assert checkpoint_source(cfg, str) == (
         "initial weights: model.megatron_ckpt=/c/q8 (converted once; no conversion in the job)"
     )
+
+
+def test_submit_logs_the_checkpoint_mounts_and_the_empty_eval_warning(tmp_path):
+    from rlrt_megatron.config.warnings import config_warnings
+    from rlrt_megatron.launch.submit import submit
+
+    for d in ("ckpt", "Qwen3-8B"):
+        (tmp_path / d).mkdir()
+    (tmp_path / "d.parquet").write_bytes(b"")
+    ov = [f"checkpoint.dir={tmp_path}/ckpt", f"logging.run_dir={tmp_path}/r",
+          f"model.hf_path={tmp_path}/Qwen3-8B", f"data.path={tmp_path}/d.parquet"]  # fmt: skip
+    j = SlurmJob("qwen3_8b_rlrt", ov,
+                 nodes=1, gpus_per_node=8, home="/shared/rlrt",
+                 container_image="nvcr.io/nvidia/pytorch:25.01-py3")  # fmt: skip
+    logged: list[str] = []
+    _, script = submit(j, dry_run=True, gpu="h200-141gb", log=logged.append)
+    text = "\n".join(logged)
+    assert "rank 0 converts model.hf_path=" in text
+    assert f"container mounts for the config's paths: {tmp_path}:{tmp_path}" in text
+    warn = [
+        ln for ln in logged if ln.startswith("warning: eval.every=50 but eval.datasets is empty")
+    ]
+    assert len(warn) == 1
+    assert f"export RLRT_CONTAINER_MOUNTS={tmp_path}:{tmp_path}" in script
+    assert config_warnings(SlurmJob("tiny_demo").config()) == []  # it has eval sets

@@ -1,0 +1,42 @@
+"""SGLang rollout engine: launches (or connects to) SGLang HTTP servers and drives them.
+
+Modules: client.py (errors, HTTP client, /generate mapping), server.py (launch, stop, health),
+transport.py (weight serialization and the tensor | distributed | disk sync modes), engine.py
+(SGLangEngine: the RolloutEngine protocol and the restart policy).
+
+What we call (SGLang's native HTTP API, python/sglang/srt/entrypoints/http_server.py):
+  GET  /health                        200 once the server can generate
+  GET  /get_weight_version            {"weight_version": str}   (also in /get_model_info)
+  POST /generate                      {input_ids: [[int]], sampling_params: {...}, rid: [str],
+                                       return_logprob: true} -> [{text, output_ids, meta_info:
+                                       {finish_reason: {type}, weight_version,
+                                       output_token_logprobs: [[logprob, token_id, text]]}}]
+  POST /update_weights_from_tensor    {serialized_named_tensors: [str per TP rank],
+                                       load_format, flush_cache, weight_version}
+  POST /init_weights_update_group     {master_address, master_port, rank_offset, world_size,
+                                       group_name, backend}
+  POST /update_weights_from_distributed {names, dtypes, shapes, group_name, flush_cache,
+                                       weight_version} (+ an NCCL broadcast per tensor, src 0)
+  POST /destroy_weights_update_group  {group_name}
+  POST /update_weights_from_disk      {model_path, weight_version}
+  POST /release_memory_occupation, /resume_memory_occupation  {tags}
+  POST /flush_cache, POST /get_weights_by_name {name, truncate_size}
+All requests carry `Authorization: Bearer <api_key>` when the server was given `--api-key`.
+Update endpoints answer {"success": bool, "message": str}.
+
+Weight sync modes (`sync_mode`):
+  "tensor"       colocated: CUDA IPC handles of each bucket (no copy), SGLang's own serializer
+  "distributed"  separate GPUs/nodes: one NCCL group trainer(rank 0) + every server TP rank,
+                 one broadcast per tensor; the HTTP call and the broadcast run concurrently
+  "disk"         fallback: sharded safetensors in `sync_dir`, then update_weights_from_disk
+Only the process that iterates the weights (the trainer's rank 0 of the sync) calls this.
+"""
+
+# every public name of the four modules (each lists them in its __all__)
+from rlrt_megatron.rollout.sglang import client, engine, server, transport
+from rlrt_megatron.rollout.sglang.client import *  # noqa: F403
+from rlrt_megatron.rollout.sglang.engine import *  # noqa: F403
+from rlrt_megatron.rollout.sglang.server import *  # noqa: F403
+from rlrt_megatron.rollout.sglang.transport import *  # noqa: F403
+
+__all__ = [*client.__all__, *server.__all__, *transport.__all__, *engine.__all__]

@@ -1,0 +1,152 @@
+"""Launching SGLang server processes and waiting for them to be healthy.
+
+Each server is `python -m sglang.launch_server ...` started in its own session (process group),
+so stopping it signals that group only: its scheduler/detokenizer children go with it and no
+other process is touched. A server that exits or stays unhealthy past the startup timeout
+raises SGLangError with the tail of its log.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from rlrt_megatron.rollout.sglang.client import INITIAL_WEIGHT_VERSION, SGLangClient, SGLangError
+
+__all__ = [
+    "build_launch_command",
+    "free_port",
+    "Server",
+    "start_server",
+    "stop_server",
+    "wait_until_healthy",
+]
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def build_launch_command(
+    model_path: str,
+    *,
+    port: int,
+    host: str = "127.0.0.1",
+    tp: int = 1,
+    base_gpu_id: int = 0,
+    api_key: str | None = None,
+    mem_fraction: float | None = 0.5,
+    colocated: bool = True,
+    dtype: str = "bfloat16",
+    seed: int | None = None,
+    extra_args: Sequence[str] = (),
+    python: str = sys.executable,
+) -> list[str]:
+    """The `python -m sglang.launch_server ...` command for one server."""
+    flags = {
+        "--model-path": model_path,
+        "--host": host,
+        "--port": port,
+        "--tp-size": tp,
+        "--base-gpu-id": base_gpu_id,
+        "--dtype": dtype,
+        # a name no sync uses: a restarted server can never pass for a synced one
+        "--weight-version": INITIAL_WEIGHT_VERSION,
+        "--mem-fraction-static": mem_fraction,
+        "--api-key": api_key or None,
+        "--random-seed": seed,
+    }
+    cmd = [python, "-m", "sglang.launch_server", "--trust-remote-code"]
+    for flag, value in flags.items():
+        if value is not None:
+            cmd += [flag, str(value)]
+    if colocated:  # lets release/resume_memory_occupation hand the GPU to the trainer
+        cmd.append("--enable-memory-saver")
+    return cmd + list(extra_args)
+
+
+@dataclass
+class Server:
+    index: int
+    url: str
+    cmd: list[str] | None  # None in connect mode (we did not start it)
+    tp: int
+    proc: subprocess.Popen | None = None
+    log_path: str | None = None
+    released: set[str] = field(default_factory=set)  # memory tags currently released
+    client: SGLangClient = field(init=False)
+
+    def alive(self) -> bool:
+        return self.proc is None or self.proc.poll() is None
+
+    def log_tail(self, n: int = 30) -> str:
+        if not self.log_path or not os.path.exists(self.log_path):
+            return "(no log)"
+        with open(self.log_path, errors="replace") as f:
+            return "".join(f.readlines()[-n:])
+
+
+def start_server(s: Server, log_dir: str) -> None:
+    """Launch `s.cmd`, appending its output to `<log_dir>/server<i>.log`."""
+    os.makedirs(log_dir, exist_ok=True)
+    s.log_path = os.path.join(log_dir, f"server{s.index}.log")
+    log = open(s.log_path, "a")
+    try:
+        # start_new_session: the server and its scheduler children form one process group
+        # that stop_server signals as a whole, never touching anyone else's processes.
+        s.proc = subprocess.Popen(
+            s.cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    finally:
+        log.close()
+
+
+def stop_server(s: Server, grace_s: float = 15.0) -> None:
+    """SIGTERM the server's process group, SIGKILL after `grace_s` (no-op in connect mode)."""
+    proc = s.proc
+    if proc is None:
+        return
+    if proc.poll() is not None:
+        # the launcher died; its scheduler/detokenizer children (our process group) may
+        # live on holding GPU memory
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(grace_s)
+    except ProcessLookupError:
+        pass
+
+
+def wait_until_healthy(servers: Sequence[Server], timeout_s: float) -> None:
+    """Poll /health until every server answers; SGLangError (with its log tail) if one exits
+    first or all are not healthy within `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    for s in servers:
+        while not s.client.health(timeout=5.0):
+            if not s.alive():
+                raise SGLangError(
+                    f"SGLang server {s.index} ({s.url}) exited with code "
+                    f"{s.proc.returncode} before becoming healthy; log {s.log_path}:\n"
+                    f"{s.log_tail()}"
+                )
+            if time.monotonic() > deadline:
+                raise SGLangError(
+                    f"SGLang server {s.index} ({s.url}) not healthy after "
+                    f"{timeout_s:.0f}s; log {s.log_path}:\n{s.log_tail()}"
+                )
+            time.sleep(0.2)

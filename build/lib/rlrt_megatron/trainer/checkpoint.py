@@ -1,0 +1,522 @@
+"""Atomic, resumable checkpoints: Megatron dist_checkpointing + a small trainer state.
+
+Layout of `<checkpoint_dir>`::
+
+    iter_0000012/
+        dist/                    model (+ teacher copy) and optimizer, Megatron dist checkpoint
+        trainer_state.json       step, data cursor, schedules, rollout version, Adam step,
+                                 layout and global batch (rank 0)
+        rng_rank<R>.pt           python / numpy / torch / megatron tracker RNG states (per rank)
+        config.json              the run's TrainConfig
+        hf/                      the HF config / tokenizer files (for `megatron-to-hf`)
+    latest                       text file: "iter_0000012"
+
+Atomicity: every rank writes into `iter_N.tmp/`; after a barrier rank 0 fsyncs the files, renames
+the directory to `iter_N/` and only then replaces `latest` (tmp file + `os.replace`). A crash (even
+`kill -9`) at any point leaves `latest` naming a complete checkpoint; a stale `*.tmp` directory is
+ignored and removed by the next save. `keep_last` prunes older complete checkpoints.
+
+Resharding: every tensor is stored per parameter with the parameter's own sharding (the model's
+sharded state dict; megatron's `fully_reshardable` optimizer format, for the plain and the
+distributed optimizer alike), so a checkpoint loads at any TP / PP / DP layout. What megatron's
+format leaves out, the Adam step, lives in `trainer_state.json` and is set into whichever Adam
+runs (`set_adam_step`). `load(..., layout=)` refuses another global batch (`ResumeError`) and
+logs a layout change. Checkpoints saved before (`dp_reshardable`) load at their own DP size.
+Cost: saving gathers each model-parallel rank's optimizer state into CPU memory on every
+data-parallel rank (12 bytes per parameter of the TP x PP shard), and loading reads it whole.
+
+Preemption: `SignalFlag` turns SIGTERM / SIGUSR1 into a flag the loop checks at its safe point
+(end of a step); all ranks agree through an all-reduce, save, and exit 0 (Slurm requeues).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from rlrt_megatron.config import ConfigError
+from rlrt_megatron.convert.io import copy_hf_metadata
+from rlrt_megatron.convert.load import model_sharded_state_dict, unwrap
+from rlrt_megatron.megatron.rng import rng_state, set_rng_state
+
+ITER_RE = re.compile(r"^iter_(\d{7})$")
+LATEST = "latest"
+
+
+def iter_name(step: int) -> str:
+    return f"iter_{step:07d}"
+
+
+def _is_rank0() -> bool:
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
+def _barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def _fsync_path(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: str) -> None:
+    for d, _, files in os.walk(root):
+        for f in files:
+            _fsync_path(os.path.join(d, f))
+        _fsync_path(d)
+
+
+def write_atomic(path: str, text: str) -> None:
+    """Write `text` to `path` via a fsynced tmp file and `os.replace`."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_path(os.path.dirname(os.path.abspath(path)))
+
+
+# ---- RNG ----------------------------------------------------------------------------------
+
+
+# ---- sharded state ------------------------------------------------------------------------
+
+
+def _load_model_state(chunks: Sequence[Any], state: dict, prefix: str = "") -> None:
+    # `sharded_state_dict(prefix=...)` prefixes the dict keys too: strip it, or the teacher's
+    # `load_state_dict(strict=False)` would match nothing and silently keep its weights
+    names = (
+        [f"{prefix}model"]
+        if len(chunks) == 1
+        else [f"{prefix}model{i}" for i in range(len(chunks))]
+    )
+    for c, name in zip(chunks, names, strict=True):
+        sd = {k.removeprefix(prefix): v for k, v in state[name].items()}
+        unwrap(c).load_state_dict(sd, strict=False)
+
+
+def _ensure_optimizer_state(optimizer: Any) -> None:
+    """A fresh DistributedOptimizer has no Adam state, and its `state_dict()` (called while
+    building the sharded state to load into) asserts on it: give it placeholder state first, as
+    megatron does for other sharding types (`_init_optimizer_states_with_dummy_values`; the
+    placeholders and the parameters are overwritten by the load)."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if inner is None or len(inner.state) > 0:
+            continue
+        if hasattr(opt, "_init_optimizer_states_with_dummy_values"):
+            opt._init_optimizer_states_with_dummy_values()
+
+
+def _inner_states(optimizer: Any) -> list[dict]:
+    out = []
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        out.extend(getattr(inner, "state", {}).values())
+    return out
+
+
+def _inner_param_groups(optimizer: Any) -> list[dict]:
+    out = []
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        out.extend(getattr(inner, "param_groups", []))
+    return out
+
+
+def adam_step(optimizer: Any) -> float | None:
+    """The Adam step count (bias correction) of the optimizer, whichever Adam it is: torch's
+    keeps a per-parameter `state[p]["step"]` tensor, TE / Apex FusedAdam one `step` per param
+    group (and no per-parameter one)."""
+    steps = {float(st["step"]) for st in _inner_states(optimizer) if "step" in st}
+    steps |= {
+        float(g["step"]) for g in _inner_param_groups(optimizer) if g.get("params") and "step" in g
+    }
+    return max(steps) if steps else None
+
+
+def set_adam_step(optimizer: Any, step: float) -> None:
+    """Set the Adam step count of every parameter (torch Adam) and param group (FusedAdam).
+
+    The step is kept in the trainer state, apart from the sharded optimizer state: megatron-core
+    0.16's DistributedOptimizer.load_state_dict (torch Adam, no TE/Apex) gives every parameter one
+    shared `step` tensor (which Adam would then increment once per parameter), and its
+    fully-reshardable loader skips `step` altogether; TE's FusedAdam has no per-parameter step.
+    Each parameter gets its own tensor here, whatever the optimizer restored."""
+    for st in _inner_states(optimizer):
+        if "step" in st:
+            old = st["step"]  # fused / capturable Adam keep it on the parameter's device
+            st["step"] = torch.tensor(float(step), dtype=old.dtype, device=old.device)
+    for g in _inner_param_groups(optimizer):
+        if "step" not in g:
+            continue
+        old = g["step"]
+        if torch.is_tensor(old):
+            g["step"] = torch.full_like(old, float(step))
+        else:
+            g["step"] = type(old)(step)
+
+
+# Megatron's layout-independent optimizer format: the DistributedOptimizer's flat buffers are
+# gathered per data-parallel group on save and stored per model parameter, sharded like the
+# parameter itself (TP / PP / VPP / DP all reshardable, with or without the distributed
+# optimizer, since the plain optimizer stores its state the same way: one tensor per parameter
+# with the parameter's sharding). Loading reads the parameter's whole tensor and slices this
+# rank's range. The Adam step is not part of it (see `set_adam_step`).
+OPTIMIZER_FORMAT = "fully_reshardable"
+OPTIMIZER_METADATA = {
+    "distrib_optim_sharding_type": OPTIMIZER_FORMAT,
+    "chained_optim_avoid_prefix": True,
+}
+
+
+PARAM_STATE_KIND = "param_state_sharding_type"
+
+
+def _load_optimizer_state(optimizer: Any, state: Any) -> None:
+    """`optimizer.load_state_dict(state)`, with megatron's fully-reshardable parameter state
+    loaded by its own `load_parameter_state_from_fully_reshardable` while torch Adam's
+    per-parameter `step` is set aside: that loader copies every state entry of a parameter from
+    the checkpoint, which has no `step` (KeyError in megatron-core 0.16). The step comes back
+    from the trainer state (`set_adam_step`)."""
+    opts = list(getattr(optimizer, "chained_optimizers", [optimizer]))
+    if len(opts) == 1:
+        states = [state]
+    else:
+        states = [v for _, v in sorted(state.items())] if isinstance(state, dict) else list(state)
+    for opt, sd in zip(opts, states, strict=True):
+        kind = sd.get(PARAM_STATE_KIND) if isinstance(sd, dict) else None
+        if kind != "fully_reshardable":
+            opt.load_state_dict(sd)
+            continue
+        common = {k: v for k, v in sd.items() if k not in ("param_state", PARAM_STATE_KIND)}
+        opt.load_state_dict(common)  # param groups, the step, grad scaler
+        inner = opt.optimizer.state
+        steps = {p: st.pop("step") for p, st in inner.items() if "step" in st}
+        opt.load_parameter_state_from_fully_reshardable(sd["param_state"])
+        for p, step in steps.items():
+            inner[p]["step"] = step
+
+
+class ResumeError(ConfigError):
+    """A checkpoint cannot be resumed with this run's settings (the message says why; `rlrt
+    train` exits 2 with it)."""
+
+
+# Settings that change what one step computes: they must match on resume. The layout (TP, PP,
+# DP, VPP, distributed optimizer) may change.
+GLOBAL_BATCH_KEYS = ("global_batch", "prompts_per_step", "group_size", "mini_batch_prompts",
+                     "ppo_epochs")  # fmt: skip
+LAYOUT_KEYS = ("tp", "pp", "dp", "vpp", "distributed_optimizer")
+
+
+def layout_of(cfg: Any, world_size: int, vpp: int | None = None) -> dict[str, Any]:
+    """The run's parallel layout and global batch, as `save` / `load` compare them."""
+    t = cfg.train
+    tp, pp = cfg.parallel.tp, cfg.parallel.pp
+    return {
+        "tp": tp,
+        "pp": pp,
+        "dp": world_size // (tp * pp),
+        "vpp": vpp,
+        "distributed_optimizer": cfg.parallel.use_distributed_optimizer,
+        "prompts_per_step": t.prompts_per_step,
+        "group_size": cfg.rollout.group_size,
+        "mini_batch_prompts": t.mini_batch_prompts,
+        "ppo_epochs": t.ppo_epochs,
+    }
+
+
+def check_layout(saved: dict | None, current: dict | None, path: str) -> str | None:
+    """Refuse a different global batch (ResumeError); return a line describing a layout change
+    (None when the layout is the same or unknown)."""
+    if not saved or not current:
+        return None
+    diff = [
+        f"{k} {saved[k]} -> {current[k]}"
+        for k in GLOBAL_BATCH_KEYS
+        if k in saved and k in current and saved[k] != current[k]
+    ]
+    if diff:
+        raise ResumeError(
+            f"checkpoint {path} was written with another global batch ({', '.join(diff)}): "
+            "resuming would change what every later step computes (batch statistics, number of "
+            "optimizer steps per RL step). Resume with the saved batch settings, or start a new "
+            "run (checkpoint.resume=none) initialised from this checkpoint's weights"
+        )
+    a, b = saved.get("distributed_optimizer"), current.get("distributed_optimizer")
+    if a is not None and b is not None and a != b:
+        raise ResumeError(
+            f"checkpoint {path} was written with parallel.use_distributed_optimizer={a}, this run "
+            f"has {b}: the optimizer state formats differ (fp32 main params are kept only by the "
+            f"distributed optimizer); resume with parallel.use_distributed_optimizer={a} (any "
+            "TP / PP / DP layout works)"
+        )
+    changed = [
+        f"{k} {saved.get(k)} -> {current.get(k)}"
+        for k in LAYOUT_KEYS
+        if k in current and saved.get(k) != current.get(k)
+    ]
+    if not changed:
+        return None
+    return f"resharding {path} to a new layout: {', '.join(changed)} (same global batch)"
+
+
+def _sharded_state(
+    model: Sequence[Any],
+    optimizer: Any,
+    teacher: Sequence[Any] | None,
+    is_loading: bool,
+    optimizer_format: str = OPTIMIZER_FORMAT,
+) -> dict:
+    state = model_sharded_state_dict(model)
+    if teacher is not None:
+        state.update(model_sharded_state_dict(teacher, prefix="teacher."))
+    if optimizer is not None:
+        model_only = model_sharded_state_dict(model)
+        state["optimizer"] = optimizer.sharded_state_dict(
+            model_only,
+            is_loading=is_loading,
+            metadata={**OPTIMIZER_METADATA, "distrib_optim_sharding_type": optimizer_format},
+        )
+    return state
+
+
+# ---- the checkpointer ---------------------------------------------------------------------
+
+
+class Checkpointer:
+    """Save / find / load checkpoints under `root` (collective: every rank calls save/load).
+
+    Args:
+        root: the checkpoint directory.
+        keep_last: newest complete checkpoints to keep (0 = all).
+        hf_dir: the run's Hugging Face model directory; its config / tokenizer files are copied
+            to `iter_N/hf/` so `rlrt convert megatron-to-hf --ckpt iter_N/dist` needs no
+            `--hf-config`.
+    """
+
+    def __init__(self, root: str, keep_last: int = 2, hf_dir: str | None = None) -> None:
+        self.root = root
+        self.keep_last = keep_last
+        self.hf_dir = hf_dir
+        # test hook: called after the shards are written, before the rename (kill -9 tests)
+        self.before_commit: Callable[[str], None] | None = None
+
+    # -- discovery ----------------------------------------------------------------------------
+    def complete(self) -> list[str]:
+        """Complete checkpoint directories, oldest first."""
+        if not os.path.isdir(self.root):
+            return []
+        names = sorted(n for n in os.listdir(self.root) if ITER_RE.match(n))
+        return [
+            os.path.join(self.root, n)
+            for n in names
+            if os.path.isfile(os.path.join(self.root, n, "trainer_state.json"))
+        ]
+
+    def latest(self) -> str | None:
+        """The checkpoint `latest` names (falling back to the newest complete one)."""
+        ptr = os.path.join(self.root, LATEST)
+        if os.path.isfile(ptr):
+            with open(ptr) as f:
+                name = f.read().strip()
+            path = os.path.join(self.root, name)
+            if os.path.isfile(os.path.join(path, "trainer_state.json")):
+                return path
+        done = self.complete()
+        return done[-1] if done else None
+
+    def resolve(self, resume: str) -> str | None:
+        """`--resume auto|none|PATH` -> a checkpoint directory or None."""
+        if resume in ("none", "", None):
+            return None
+        if resume == "auto":
+            return self.latest()
+        path = resume
+        if os.path.isfile(os.path.join(path, LATEST)):
+            path = Checkpointer(path).latest() or path
+        if not os.path.isfile(os.path.join(path, "trainer_state.json")):
+            raise FileNotFoundError(
+                f"checkpoint.resume={resume}: not a complete checkpoint (no trainer_state.json); "
+                "pass an iter_N directory, a checkpoint root with a `latest` file, auto or none"
+            )
+        return path
+
+    # -- save ---------------------------------------------------------------------------------
+    def save(
+        self,
+        step: int,
+        model: Sequence[Any],
+        optimizer: Any,
+        trainer_state: dict[str, Any],
+        *,
+        teacher: Sequence[Any] | None = None,
+        config: dict | None = None,
+        layout: dict | None = None,
+        extra_files: dict[str, Any] | None = None,
+    ) -> str:
+        """Write `iter_<step>` atomically and point `latest` at it; returns its path.
+
+        `layout` (`layout_of(cfg, world_size)`): the parallel layout and global batch, kept in
+        the trainer state so a resume can tell a reshard (allowed) from a new batch (refused).
+        `extra_files` (rank 0): file name -> object, `torch.save`d into the checkpoint (the
+        asynchronous rollout queue). The dist checkpoint records the megatron-core version that
+        wrote it (`megatron/compat.py`).
+        """
+        from rlrt_megatron.megatron import compat
+
+        final = os.path.join(self.root, iter_name(step))
+        tmp = final + ".tmp"
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        if optimizer is not None:
+            trainer_state = {
+                **trainer_state,
+                "optimizer_adam_step": adam_step(optimizer),
+                "optimizer_format": OPTIMIZER_FORMAT,
+            }
+        if layout is not None:
+            trainer_state = {**trainer_state, "layout": dict(layout)}
+        if _is_rank0():
+            os.makedirs(self.root, exist_ok=True)
+            for name in os.listdir(self.root):  # stale tmp dirs of crashed saves
+                if name.endswith(".tmp") and os.path.isdir(os.path.join(self.root, name)):
+                    shutil.rmtree(os.path.join(self.root, name), ignore_errors=True)
+            os.makedirs(os.path.join(tmp, "dist"))
+        _barrier()
+        state = _sharded_state(model, optimizer, teacher, is_loading=False)
+        compat.dist_save(state, os.path.join(tmp, "dist"))  # + who wrote it
+        torch.save(rng_state(), os.path.join(tmp, f"rng_rank{rank}.pt"))
+        _barrier()
+        if _is_rank0():
+            with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
+                json.dump({**trainer_state, "step": step}, f, indent=1)
+            if config is not None:
+                with open(os.path.join(tmp, "config.json"), "w") as f:
+                    json.dump(config, f, indent=1)
+            for name, obj in (extra_files or {}).items():
+                torch.save(obj, os.path.join(tmp, name))
+            if self.hf_dir:
+                copy_hf_metadata(self.hf_dir, os.path.join(tmp, "hf"))
+            _fsync_tree(tmp)
+            if self.before_commit is not None:
+                self.before_commit(tmp)
+            if os.path.exists(final):
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            _fsync_path(self.root)
+            write_atomic(os.path.join(self.root, LATEST), iter_name(step) + "\n")
+            self._prune()
+        _barrier()
+        return final
+
+    def _prune(self) -> None:
+        if self.keep_last <= 0:
+            return
+        for path in self.complete()[: -self.keep_last]:
+            shutil.rmtree(path, ignore_errors=True)
+
+    # -- load ---------------------------------------------------------------------------------
+    def load(
+        self,
+        path: str,
+        model: Sequence[Any],
+        optimizer: Any,
+        *,
+        teacher: Sequence[Any] | None = None,
+        restore_rng: bool = True,
+        layout: dict | None = None,
+        log: Callable[[str], None] | None = None,
+    ) -> dict[str, Any]:
+        """Load model (+ teacher) and optimizer in place; return the trainer state.
+
+        The checkpoint may have been written at another layout (TP, PP, VPP, DP; the distributed
+        optimizer on or off as when saved): weights and optimizer state are resharded on load. With
+        `layout` (this run's `layout_of`), a different global batch raises `ResumeError` before
+        anything is loaded, and a layout change is reported through `log` (rank 0; default
+        stderr). Checkpoints of megatron-core 0.16 and 0.19 load under either
+        (`compat.dist_load`; a failure names the version that wrote it).
+        """
+        from rlrt_megatron.megatron import compat
+
+        with open(os.path.join(path, "trainer_state.json")) as f:
+            trainer_state = json.load(f)
+        change = check_layout(trainer_state.get("layout"), layout, path)
+        if change and _is_rank0():
+            (log or (lambda m: print(f"[rlrt] {m}", file=sys.stderr, flush=True)))(change)
+        if optimizer is not None:
+            _ensure_optimizer_state(optimizer)
+        # checkpoints from before the reshardable format: loadable at their own DP size only
+        fmt = trainer_state.get("optimizer_format", "dp_reshardable")
+        state = _sharded_state(model, optimizer, teacher, is_loading=True, optimizer_format=fmt)
+        loaded = compat.dist_load(state, os.path.join(path, "dist"))  # any supported version
+        _load_model_state(model, loaded)
+        if teacher is not None:
+            _load_model_state(teacher, loaded, prefix="teacher.")
+        if optimizer is not None:
+            with torch.no_grad():  # megatron copies into parameter views in place
+                _load_optimizer_state(optimizer, loaded["optimizer"])
+            step = trainer_state.get("optimizer_adam_step")
+            if step is not None:
+                set_adam_step(optimizer, step)
+        if restore_rng:
+            rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+            rng_file = os.path.join(path, f"rng_rank{rank}.pt")
+            if os.path.isfile(rng_file):  # absent when resuming at another world size
+                rng = torch.load(rng_file, weights_only=False)
+                if change:
+                    # the tracker's streams are per TP rank: at another layout this rank's file
+                    # belongs to another position; keep the streams seeded for this one
+                    rng.pop("megatron_tracker", None)
+                set_rng_state(rng)
+        return trainer_state
+
+
+class SignalFlag:
+    """SIGTERM / SIGUSR1 -> a flag checked at the loop's safe point (checkpoint, exit 0)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> SignalFlag:
+        for sig in self.SIGNALS:
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received = signum
+
+    def uninstall(self) -> None:
+        for sig, prev in self._previous.items():
+            signal.signal(sig, prev)
+        self._previous.clear()
+
+    def agreed(self) -> bool:
+        """True on every rank if any rank got a signal (one all-reduce)."""
+        flag = torch.tensor([1.0 if self.received is not None else 0.0])
+        if torch.distributed.is_initialized():
+            from rlrt_megatron import platform
+
+            flag = flag.to(platform.device())
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item() > 0)
