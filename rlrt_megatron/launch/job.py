@@ -105,6 +105,17 @@ class SlurmJob:
         s.update(self.env)
         return s
 
+    def warnings(self) -> list[str]:
+        """Settings that may work on a test setup but rarely on a real cluster (logged)."""
+        out = []
+        for flag, path in (("--home", self.home), ("--log-dir", self.settings()["RLRT_LOG_DIR"])):
+            if self.nodes > 1 and f"{path.rstrip('/')}/".startswith(NODE_LOCAL_PREFIXES):
+                out.append(
+                    f"{flag} {path} is under node-local storage: every node must see the same "
+                    "checkout and logs; use a path on the cluster's shared file system"
+                )
+        return out
+
     def auto_mounts(self, cfg: Any, log_dir: str) -> list[str]:
         """Container mounts for every path the config names outside the checkout, the log dir
         and the user's mounts (`launch/paths.py`): without them a model, data set or checkpoint

@@ -145,7 +145,7 @@ def submit(
     from rlrt_megatron.launch.paths import checkpoint_source
 
     log(checkpoint_source(cfg, job.resolve))
-    for w in config_warnings(cfg):
+    for w in job.warnings() + config_warnings(cfg):
         log(f"warning: {w}")
     mounts = job.auto_mounts(cfg, job.settings()["RLRT_LOG_DIR"]) if job.container_image else []
     if mounts:

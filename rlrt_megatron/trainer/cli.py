@@ -26,7 +26,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--resume", default=None, help="auto | none | PATH (checkpoint.resume)")
     p.add_argument("--list", action="store_true", help="list recipes and exit")
     p.add_argument("--help-config", action="store_true", help="document every config key")
-    p.add_argument("--print-config", action="store_true", help="print the resolved config")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config (no world-size check)")  # fmt: skip
     p.set_defaults(func=cmd_train)
 
     d = subparsers.add_parser(
@@ -87,6 +88,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"rlrt train: {e}", file=sys.stderr)
         return 2
+    if args.print_config:  # printing needs no cluster: no world-size check (a login node)
+        print(cfg.to_json())
+        return 0
     try:
         from rlrt_megatron.trainer.setup import preflight
 
@@ -94,9 +98,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"rlrt train: {e}", file=sys.stderr)
         return 2
-    if args.print_config:
-        print(cfg.to_json())
-        return 0
     from rlrt_megatron.trainer.train import train
 
     try:

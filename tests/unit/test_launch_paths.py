@@ -100,3 +100,24 @@ def test_submit_logs_the_checkpoint_mounts_and_the_empty_eval_warning(tmp_path):
     assert len(warn) == 1
     assert f"export RLRT_CONTAINER_MOUNTS={tmp_path}:{tmp_path}" in script
     assert config_warnings(SlurmJob("tiny_demo").config()) == []  # it has eval sets
+    assert SlurmJob("tiny_demo", home="/shared/rlrt").warnings() == []
+    w = SlurmJob("tiny_demo", nodes=2, home="/tmp/rlrt").warnings()
+    assert len(w) == 2 and w[0].startswith("--home /tmp/rlrt is under node-local storage")
+    assert w[1].startswith("--log-dir /tmp/rlrt/runs/slurm-logs is under node-local")
+
+
+def test_print_config_works_on_a_login_node():
+    # a login node is world size 1; qwen3_8b_rlrt's tp=4 cannot run there but prints (item 9)
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "SLURM_NTASKS")}
+    p = subprocess.run([sys.executable, "-m", "rlrt_megatron.cli", "train", "--recipe",
+                        "qwen3_8b_rlrt", "--print-config", "train.steps=7"], env=env,
+                       capture_output=True, text=True, timeout=300,
+                       cwd=Path(__file__).resolve().parents[2])  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    cfg = json.loads(p.stdout)
+    assert cfg["train"]["steps"] == 7 and cfg["parallel"]["tp"] == 4
