@@ -62,8 +62,23 @@ $(SLURM_STAMP): $(STAMP)
 	$(BIN)/python -m pip install -q -e ".[dev,slurm]"
 	touch $(SLURM_STAMP)
 
-test-slurm: $(SLURM_STAMP)
-	$(BIN)/python -m pytest -q -m slurm tests/slurm --timeout 1800
+# A venv with nothing but torch and `.[slurm]` (tests/slurm/test_extra.py: the extra alone runs
+# `rlrt slurm submit`), outside the checkout, rebuilt only when pyproject.toml changes.
+SLURM_EXTRA_VENV ?= /opt/venv-rlrt-slurm
+SLURM_EXTRA_STAMP := $(SLURM_EXTRA_VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
+$(SLURM_EXTRA_STAMP): pyproject.toml
+	rm -rf $(SLURM_EXTRA_VENV)
+	$(PY) -m venv $(SLURM_EXTRA_VENV)
+	$(SLURM_EXTRA_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(SLURM_EXTRA_VENV)/bin/python -m pip install -q ".[slurm]"
+	touch $@
+
+.PHONY: venv-slurm-extra
+venv-slurm-extra: $(SLURM_EXTRA_STAMP)
+
+test-slurm: $(SLURM_STAMP) $(SLURM_EXTRA_STAMP)
+	RLRT_SLURM_EXTRA_VENV=$(SLURM_EXTRA_VENV) $(BIN)/python -m pytest -q -m slurm tests/slurm \
+		--timeout 1800
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m "slow and not slurm and not gpu" --timeout 1800
