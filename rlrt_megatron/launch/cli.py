@@ -98,7 +98,11 @@ def _plan(args: argparse.Namespace) -> int:
     except (ConfigError, PlanError) as e:
         print(f"rlrt plan: {e}", file=sys.stderr)  # every line: a config error lists each key
         return 2
-    print(render(plan))
+    from rlrt_megatron.launch.plan_notes import notes
+
+    table = render(plan).splitlines()  # the summary line stays last
+    print("\n".join(table[:-1] + notes(cfg, plan, None if args.gpu_mem_gib else args.gpu)))
+    print(table[-1])
     return 0 if plan.fits else 3
 
 

@@ -72,7 +72,11 @@ def check_memory(
     except PlanError as e:
         raise SlurmJobError(f"memory check: {e}") from e
     if plan.fits:
+        from rlrt_megatron.launch.plan_notes import notes
+
         log(f"memory: {render(plan).splitlines()[-1]}")
+        for line in notes(cfg, plan, None if gpu_mem_gib else gpu):
+            log(line)
         return
     table = render(plan)
     if force:

@@ -160,3 +160,30 @@ def test_dry_run_mkdir_validates_as_if_created(tmp_path):
     assert not missing.exists()
     assert p.returncode == 0, p.stderr  # with or without nemo-run: a dry run only writes text
     assert "#SBATCH --ntasks-per-node=1" in p.stdout and "set -- --recipe tiny_demo" in p.stdout
+
+
+def test_plan_notes_rollouts_peak_margin_and_step_time():
+    from recipes import get_recipe
+    from rlrt_megatron.launch.plan import plan_config
+    from rlrt_megatron.launch.plan_notes import MARGIN_GIB, notes
+
+    cfg = get_recipe("qwen3_8b_rlrt")
+    plan = plan_config(cfg, nodes=4, gpus_per_node=8, limit_gib=79.6)
+    lines = notes(cfg, plan, "h100-80gb")
+    assert lines[0] == ("rollouts: 16 SGLang server(s) of tp 2 colocated on the training GPUs "
+                        "(KV cache released after sampling); weight sync tensor")  # fmt: skip
+    assert lines[1].startswith("SGLang weights + KV cache (sampling) is not in the peak")
+    assert lines[-1].startswith("step time (rough): ~") and "500 steps" in lines[-1]
+    assert not any(ln.startswith("warning:") for ln in lines)  # 6 GiB of margin
+    tight = plan_config(cfg, nodes=4, gpus_per_node=8, limit_gib=plan.peak_gib + 1)
+    assert tight.fits and tight.limit_gib - tight.peak_gib < MARGIN_GIB
+    assert any(ln.startswith("warning: the peak is within") for ln in notes(cfg, tight, None))
+    sep = plan_config(cfg, nodes=5, gpus_per_node=8, limit_gib=79.6, rollout_nodes=1)
+    assert notes(cfg, sep, None)[0] == (
+        "rollouts: 4 SGLang server(s) of tp 2 on 1 rollout node(s); weight sync distributed"
+    )
+    # the same FLOPs over 2x the GPUs: the training part halves
+    big = plan_config(cfg, nodes=8, gpus_per_node=8, limit_gib=79.6)
+    t4 = float(lines[-1].split("training ")[1].split(" ")[0])
+    t8 = float(notes(cfg, big, "h100-80gb")[-1].split("training ")[1].split(" ")[0])
+    assert t8 == pytest.approx(t4 / 2, abs=0.06)
