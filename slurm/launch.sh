@@ -1,10 +1,11 @@
 #!/bin/bash
-# Per-task launcher: `srun` runs one per training rank (`launch.sh train CMD...`) or one per
-# rollout node (`launch.sh rollout`). Sets the torch.distributed env from Slurm's, activates the
+# Per-task launcher: `srun` runs one per training rank (`launch.sh train CMD...`), one per
+# rollout node (`launch.sh rollout`) or one for `rlrt eval` (`launch.sh eval CMD...`,
+# slurm/eval.sbatch). Sets the torch.distributed env from Slurm's, activates the
 # venv (outside a container), logs where it runs, forwards USR1/TERM to its child and records the
 # child's exit code in $RLRT_JOB_LOG_DIR/exit.r<restart>.<role>.<rank> for the batch script.
 set -uo pipefail
-role=${1:?usage: launch.sh train CMD... | launch.sh rollout}
+role=${1:?usage: launch.sh train CMD... | launch.sh rollout | launch.sh eval CMD...}
 shift
 
 export RANK=${SLURM_PROCID:?launch.sh runs under srun}
@@ -41,7 +42,7 @@ fi
 cd "${RLRT_HOME:?}" || exit 2
 
 case $role in
-  train) cmd=("$@") ;;
+  train | eval) cmd=("$@") ;;
   rollout)
     # SGLANG_PORT: this node's first port; servers s = 0..n-1 listen on port + s.
     port0=${RLRT_ROLLOUT_PORT:-30000}

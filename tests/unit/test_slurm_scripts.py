@@ -122,3 +122,32 @@ def test_sync_address_from_an_interface():
     assert sync_address("", env={"RLRT_SYNC_IFNAME": "lo"}) == "127.0.0.1"
     with pytest.raises(ValueError, match="'nope0': no IPv4 address here"):
         sync_address("iface:nope0")
+
+
+def test_eval_sbatch_runs_rlrt_eval_through_the_launcher(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(SRUN)
+    (bin_dir / "srun").chmod(0o755)
+    log = tmp_path / "srun.log"
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", STUB_LOG=str(log),
+               SLURM_JOB_ID="9", RLRT_HOME=str(REPO),
+               RLRT_CONTAINER_IMAGE="nvcr.io/nvidia/pytorch:25.04-py3",
+               RLRT_CONTAINER_MOUNTS="/ck:/ck")  # fmt: skip
+    script = str(REPO / "slurm" / "eval.sbatch")
+    p = subprocess.run(["bash", script, "--ckpt", "/ck/run", "--k", "4"], env=env,
+                       capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    line = log.read_text().strip()
+    assert f"--container-mounts={REPO}:{REPO},/ck:/ck" in line
+    assert line.endswith(f"bash {REPO}/slurm/launch.sh eval python -m rlrt_megatron.cli eval "
+                         "--ckpt /ck/run --k 4")  # fmt: skip
+    p = subprocess.run(["bash", script, "--k", "4"], env=env, capture_output=True, text=True,
+                       timeout=60)  # fmt: skip
+    assert p.returncode == 2 and "pass rlrt eval arguments (--ckpt" in p.stderr
+    # the launcher's eval role runs the command with the cluster environment
+    r = subprocess.run(["bash", str(REPO / "slurm" / "launch.sh"), "eval", "printenv",
+                        "HF_HUB_OFFLINE"], env=dict(os.environ, SLURM_PROCID="0", SLURM_NTASKS="1",
+                        SLURM_NTASKS_PER_NODE="1", RLRT_HOME=str(REPO)),
+                       capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert r.returncode == 0 and r.stdout.strip().splitlines()[-2] == "1", r.stderr
