@@ -147,8 +147,10 @@ def test_slurm_submit_refuses_a_layout_that_does_not_fit():
     logged: list[str] = []
     check_memory(job, cfg, gpu="h100-80gb", gpu_mem_gib=None, force=True, log=logged.append)
     assert "--force" in logged[0]
+    n = len(logged)
     check_memory(job, cfg, gpu="h200-141gb", gpu_mem_gib=None, force=False, log=logged.append)
-    assert logged[-1].startswith("memory: fits=yes")
+    assert logged[n].startswith("memory: fits=yes")
+    assert logged[-1].startswith("step time (rough): ~")  # then the plan's notes
 
 
 def test_dry_run_mkdir_validates_as_if_created(tmp_path):
