@@ -41,12 +41,14 @@ planned as on a GPU cluster with the gpu extra: `te`, bfloat16.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from rlrt_megatron.launch.layout import check_world
+from rlrt_megatron.launch.layout import check_world, trainer_errors
 from rlrt_megatron.launch.plan_shapes import (
     ModelShape,
     PlanError,
@@ -424,15 +426,17 @@ def _divisors(n: int) -> list[int]:
     return [k for k in range(1, n + 1) if n % k == 0]
 
 
-def suggest(plan: Plan) -> str:
+def suggest(plan: Plan, valid: Callable[[Layout], bool] | None = None) -> str:
     """The smallest change that fits: one setting changed (layout, tokens per micro-batch,
-    distributed optimizer, SGLang's memory fraction), else more nodes; '' if none found."""
+    distributed optimizer, SGLang's memory fraction), else more nodes; '' if none found.
+    `valid(layout)`: whether the trainer accepts a layout (its world-size checks)."""
     shape, lay, s, lim = plan.shape, plan.layout, plan.settings, plan.limit_gib
     cands: list[tuple[float, str, Plan]] = []
+    ok = valid or (lambda _lay: True)
 
     def trial(cost: float, text: str, lay2: Layout, s2: Settings) -> None:
         p = predict(shape, lay2, s2, lim)
-        if p.fits:
+        if p.fits and ok(lay2):
             cands.append((cost, text, p))
 
     if not s.distributed_optimizer:
@@ -478,7 +482,7 @@ def suggest(plan: Plan) -> str:
         gpn = max(lay.gpus_per_node, 8 if lay.gpus_per_node < 8 else lay.gpus_per_node)
         lay2 = dataclasses.replace(lay, nodes=nodes + lay.rollout_nodes, gpus_per_node=gpn)
         p = predict(shape, lay2, s, lim)
-        if p.fits:
+        if p.fits and ok(lay2):
             return (
                 f"--nodes {nodes + lay.rollout_nodes} --gpus-per-node {gpn} "
                 f"(peak {p.peak_gib:.1f} GiB)"
@@ -503,6 +507,14 @@ def gpu_limit(kind: str | None, mem_gib: float | None) -> float:
             "(or pass --gpu-mem-gib X)"
         )
     return GPU_MEMORY_GIB[key]
+
+
+def _trainer_accepts(cfg: Any, lay: Layout) -> bool:
+    c = copy.deepcopy(cfg)
+    c.parallel.tp, c.parallel.pp = lay.tp, lay.pp
+    c.parallel.sequence_parallel = c.parallel.sequence_parallel and lay.tp > 1
+    return not trainer_errors(c, nodes=lay.nodes, gpus_per_node=lay.gpus_per_node,
+                              rollout_nodes=lay.rollout_nodes)  # fmt: skip
 
 
 def plan_config(
@@ -531,5 +543,5 @@ def plan_config(
             plan.suggestion = "; ".join(near) or "no layout nearby passes; change the recipe"
             return plan
     if not plan.fits:
-        plan.suggestion = suggest(plan)
+        plan.suggestion = suggest(plan, lambda lay2: _trainer_accepts(cfg, lay2))
     return plan

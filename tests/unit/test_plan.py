@@ -134,6 +134,11 @@ def test_more_tokens_more_memory_and_suggestions():
 
     text = suggest(big)
     assert text and ("parallel.tp=" in text or "max_tokens_per_microbatch" in text)
+    # only layouts the trainer accepts at their world size are suggested (plan_config passes
+    # the trainer's check as `valid`)
+    assert suggest(big, valid=lambda lay: False) == ""
+    only_tp4 = suggest(big, valid=lambda lay: lay.tp == 4)
+    assert only_tp4.startswith("parallel.tp=4") and only_tp4 != text
 
 
 def test_slurm_submit_refuses_a_layout_that_does_not_fit():
