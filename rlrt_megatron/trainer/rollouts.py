@@ -241,6 +241,10 @@ class RolloutQueue:
         self.submit_probe(run, run.step + 1)
         for step, idx in regenerate:
             self.submit(run, step, idx)
+        # a checkpoint at the run's last step holds no batch past it: a resume with a larger
+        # train.steps samples the missing ones now, with the checkpointed weights
+        for step in range(run.step + 1, run.step + 3):
+            self.submit(run, step)
 
     def close(self) -> None:
         if self.pool is not None:
