@@ -213,6 +213,12 @@ class TrainLoopConfig:
         16384, "Token budget of one micro-batch (prompt + response tokens, packed greedily)."
     )
     seed: int = _f(1234, "Seed of data order, model init and dropout.")
+    balance_dp: bool = _f(
+        True,
+        "Split each mini-batch over data-parallel ranks by tokens (greedy largest-first) so no "
+        "rank waits for the one holding the long rollouts; false = by position. Same loss and "
+        "gradients either way (the token-mean is over the whole mini-batch); no-op at DP=1.",
+    )
     recompute_old_logprobs: bool = _f(
         True, "Old log-probs from the Megatron policy (True) or the engine's behavior log-probs."
     )

@@ -219,12 +219,12 @@ def update(run: Run, batch: Batch, prepared: Any) -> dict[str, float]:
     n = len(batch.responses)
     sums: dict[str, float] = {}
     count = 0
+    dp_tokens = [0] * pol.dp_size
     for _epoch in range(cfg.train.ppo_epochs):
         for lo in range(0, n, mb_rows):
             rows = list(range(lo, min(lo + mb_rows, n)))
             num_tokens, num_seqs = prepared.select(rows).normalizers()
-            per = len(rows) // pol.dp_size
-            mine = rows[pol.dp_rank * per : (pol.dp_rank + 1) * per]
+            mine = _dp_rows(run, batch, rows, dp_tokens)
 
             def loss_of(
                 lp: torch.Tensor, sub: list[int], tk: Any, nt: float = num_tokens,
@@ -254,7 +254,32 @@ def update(run: Run, batch: Batch, prepared: Any) -> dict[str, float]:
             for k, v in m.items():
                 sums[k] = sums.get(k, 0.0) + v
             count += 1
-    return {k: v / max(count, 1) for k, v in sums.items()}
+    out = {k: v / max(count, 1) for k, v in sums.items()}
+    if pol.dp_size > 1:
+        out["dp_tokens_max_over_mean"] = max(dp_tokens) * pol.dp_size / max(sum(dp_tokens), 1)
+        out.update({f"dp_tokens_rank{r}": float(t) for r, t in enumerate(dp_tokens)})
+    return out
+
+
+def _dp_rows(run: Run, batch: Batch, rows: list[int], dp_tokens: list[int]) -> list[int]:
+    """This data-parallel rank's rows of a mini-batch, adding every rank's token count to
+    `dp_tokens`. `train.balance_dp`: split by tokens (prompt + response; greedy largest-first,
+    `megatron/packing.py`), else by position. The loss normalisers are the whole mini-batch's
+    (token-mean over all its rows) and DDP sums the ranks' gradients, so the split changes the
+    summation order only. GRPO advantages are computed before the split: rows move freely."""
+    from rlrt_megatron.megatron.packing import balance_by_tokens
+
+    pol = run.policy
+    tokens = [len(batch.row_prompts[i]) + len(batch.row_responses[i]) for i in rows]
+    if run.cfg.train.balance_dp and pol.dp_size > 1:
+        parts = [[rows[j] for j in p] for p in balance_by_tokens(tokens, pol.dp_size)]
+    else:
+        per = len(rows) // pol.dp_size
+        parts = [rows[r * per : (r + 1) * per] for r in range(pol.dp_size)]
+    length = dict(zip(rows, tokens, strict=True))
+    for r, part in enumerate(parts):
+        dp_tokens[r] += sum(length[i] for i in part)
+    return parts[pol.dp_rank]
 
 
 def await_rollouts(run: Run, step: int) -> None:
@@ -346,7 +371,7 @@ def step_metrics(
          for k, v in prepared.metrics.items()}
     )  # fmt: skip
     for k, v in upd.items():
-        if k in ("grad_norm", "lr", "update_ok"):
+        if k in ("grad_norm", "lr", "update_ok") or k.startswith("dp_tokens"):
             m[f"train/{k}"] = v
         else:  # "loss" is the mini-batch loss, the rest the algorithm's loss metrics
             m["loss/value" if k == "loss" else f"loss/{k}"] = v
