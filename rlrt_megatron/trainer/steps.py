@@ -49,8 +49,13 @@ def rollout(run: Run, step: int) -> Batch:
         if run.rank == 0:
             payload = rollouts.generate(run.engine, *rollouts.make_requests(run, step, idx))
     rows = [run.dataset[i] for i in idx]
-    prompts, responses, texts, blp, finish, versions = _broadcast(payload)
-    return Batch(rows, prompts, responses, texts, blp, finish, versions)
+    prompts, responses, texts, blp, finish, versions, *partial = _broadcast(payload)
+    batch = Batch(rows, prompts, responses, texts, blp, finish, versions)
+    # the weights version of every token: the rollout's, unless resumed across a weight push
+    batch.token_versions = (
+        partial[0] if partial else [[v] * len(r) for v, r in zip(versions, responses, strict=True)]
+    )
+    return batch
 
 
 def reward(run: Run, batch: Batch) -> None:
@@ -285,8 +290,9 @@ def _dp_rows(run: Run, batch: Batch, rows: list[int], dp_tokens: list[int]) -> l
 def await_rollouts(run: Run, step: int) -> None:
     """Asynchronous rollouts: wait for the batch sampled during step `step` (next step's batch),
     so that the engine is idle for the weight sync. A no-op for synchronous rollouts."""
-    if run.rollouts is not None:
-        run.rollouts.wait(step + 1)
+    q = run.rollouts
+    if q is not None and not q.deferred:
+        q.wait_all()
 
 
 def sync(run: Run, step: int) -> None:
@@ -300,16 +306,18 @@ def sync(run: Run, step: int) -> None:
         elif algo.teacher_weights == "snapshot" and step % int(algo.teacher_refresh_every) == 0:
             run.policy.copy_into(run.teacher)
     q = run.rollouts
-    if q is not None:
-        q.wait(step + 1)  # done by `await_rollouts` in the loop: the engine is idle
+    if q is not None and not q.deferred:
+        q.wait_all()  # done by `await_rollouts` in the loop: the engine is idle
     push_weights(run, step)
     if q is not None:
         q.submit_probe(run, step + 1)
-        q.submit(run, step + 2)
+        q.submit(run, step + q.depth + 1)
 
 
 def push_weights(run: Run, version: int) -> None:
-    """Stream the policy's weights (Hugging Face names) into the engine as `version`."""
+    """Stream the policy's weights (Hugging Face names) into the engine as `version`; with
+    asynchronous rollouts on the local engine, copied now and loaded once the generations
+    queued before have finished (`RolloutQueue.push_later`)."""
     from rlrt_megatron.convert.load import iter_hf_weights
 
     # streamed: the engine takes the tensors as they are gathered (SGLang sends them in buckets)
@@ -317,7 +325,12 @@ def push_weights(run: Run, version: int) -> None:
     fp32 = run.policy.params_dtype == torch.float32
     weights = iter_hf_weights(run.policy.chunks, dtype=None if fp32 else torch.bfloat16)
     try:
-        if run.rank == 0:
+        q = run.rollouts
+        if run.rank == 0 and q is not None and q.deferred:
+            q.push_later(
+                run.engine, [(n, t.detach().to("cpu", copy=True)) for n, t in weights], version
+            )
+        elif run.rank == 0:
             run.engine.update_weights(weights, version=version)
     finally:
         for _ in weights:  # lockstep with rank 0's gathers, even if its engine stopped early
@@ -436,7 +449,7 @@ def save_checkpoint(run: Run) -> str:
         "time": time.time(),
     }
     if run.rollouts is not None:
-        state["rollout_queue"], payloads = run.rollouts.state()
+        state["rollout_queue"], payloads = run.rollouts.state(run)
         if payloads is not None:
             extra = {ROLLOUT_QUEUE_FILE: payloads}
     path = run.checkpointer.save(
