@@ -171,8 +171,12 @@ class RolloutQueue:
     def __init__(self, run: Any) -> None:
         self.rank0 = run.rank == 0
         self.pool = _Worker() if self.rank0 else None
-        self.depth = run.cfg.rollout.staleness
+        self.bound = run.cfg.rollout.staleness
+        self.partial = bool(run.cfg.rollout.partial)
+        # batches in flight: K, or one round for partial rollouts (their older tokens make K)
+        self.depth = 1 if self.partial else self.bound
         self.deferred = run.cfg.rollout.engine == "local"
+        self.last_pool: list = []  # rank 0, partial: the pool after the last batch taken
         self.items: dict[int, _Item] = {}
         self.pushes: list[Future] = []  # rank 0: queued weight pushes (errors surface in take)
         self.probe: Future | None = None  # rank 0: (step, rows, engine log-probs)
@@ -188,12 +192,44 @@ class RolloutQueue:
         """Queue batch `step` (advancing the sampler unless `idx` is given)."""
         if step > run.cfg.train.steps or step in self.items:
             return
-        idx = run.sampler.next_indices() if idx is None else list(idx)
-        item = _Item(step, idx)
+        if idx is None:
+            idx = run.sampler.next_indices()
+            if self.partial and step == 1:  # the pool holds two batches of prompts
+                idx += run.sampler.next_indices()
+        item = _Item(step, list(idx))
         if self.rank0:
-            prompts, reqs, sampling = make_requests(run, step, idx)
-            item.future = self.pool.submit(generate, run.engine, prompts, reqs, sampling)
+            prompts, reqs, sampling = make_requests(run, step, item.idx)
+            if self.partial:
+                item.future = self.pool.submit(self._round(run, step, prompts, sampling, item.idx))
+            else:
+                item.future = self.pool.submit(generate, run.engine, prompts, reqs, sampling)
         self.items[step] = item
+
+    def _round(self, run: Any, step: int, prompts: list, sampling: Any, idx: list[int]) -> Any:
+        """The job of a partial-rollout round making batch `step` (`rollout/partial.py`): the
+        pool left by the round before, plus these prompts' groups."""
+        from rlrt_megatron.rollout.partial import batch_payload, new_group, run_round
+
+        g = run.cfg.rollout.group_size
+        pairs = enumerate(zip(idx, prompts, strict=True))
+        new = [new_group(i, p, sampling.seed, r, g) for r, (i, p) in pairs]
+        prev = self.items.get(step - 1)
+        src = None if prev is None else (prev.future, prev.payload)
+        last, engine = self.last_pool, run.engine
+        batch_groups, oldest = run.cfg.train.prompts_per_step, step - 1 - self.bound
+
+        def job() -> tuple:
+            # runs after the round before (same thread, submitted before)
+            if src is None:
+                pool = last
+            else:
+                pool = (src[0].result() if src[0] is not None else src[1])[1]
+            done, left, info = run_round(
+                engine, pool + new, sampling, batch_groups=batch_groups, oldest_allowed=oldest
+            )
+            return batch_payload(done, info), left
+
+        return job
 
     def push_later(self, engine: Any, tensors: list, version: int) -> None:
         """Queue a weight push behind the generations submitted so far (rank 0, local engine)."""
@@ -221,6 +257,9 @@ class RolloutQueue:
             self.pushes.remove(fut)
             fut.result()  # a failed weight push raises here
         item = self.items.pop(step)
+        if self.partial and item.payload is not None:  # rank 0: (batch, pool left)
+            self.last_pool = item.payload[1]
+            return item.idx, item.payload[0]
         return item.idx, item.payload
 
     def submit_probe(self, run: Any, step: int) -> None:
@@ -236,10 +275,12 @@ class RolloutQueue:
         src, payload = item.future, item.payload
         g = run.cfg.rollout.group_size
         temperature = run.cfg.rollout.temperature
+        partial = self.partial
 
         def job() -> tuple:
             # runs after the batch's generation (same thread, submitted before)
-            prompts, responses = (payload if src is None else src.result())[:2]
+            got = payload if src is None else src.result()
+            prompts, responses = (got[0] if partial else got)[:2]
             n = min(PROBE_ROWS, len(responses))
             rows = [prompts[i // g] for i in range(n)]
             return step, n, score(rows, responses[:n], temperature)
@@ -266,12 +307,16 @@ class RolloutQueue:
             if step <= run.step + self.depth:
                 self.wait(step)
         meta = {
-            "max_staleness": self.depth,
+            "max_staleness": self.bound,
+            "partial": self.partial,
             "batches": [{"step": s, "idx": it.idx} for s, it in sorted(self.items.items())],
         }
         if not self.rank0:
             return meta, None
-        return meta, {s: it.payload for s, it in self.items.items() if it.payload is not None}
+        saved: dict = {s: it.payload for s, it in self.items.items() if it.payload is not None}
+        if self.partial:
+            saved["pool"] = self.last_pool
+        return meta, saved
 
     def restore(self, run: Any, meta: dict, payloads: dict | None) -> None:
         """Re-create the queue of a checkpoint written at the end of step k: batches k+1..k+K as
@@ -279,13 +324,15 @@ class RolloutQueue:
         regenerated with v_k, in the order the uninterrupted run queued them. A checkpoint at
         the run's last step holds no batch past it: a resume with a larger train.steps samples
         the missing ones now, with the checkpointed weights."""
-        saved_k = int(meta.get("max_staleness", 1))
-        if saved_k != self.depth:
+        saved = (int(meta.get("max_staleness", 1)), bool(meta.get("partial", False)))
+        if saved != (self.bound, self.partial):
             raise RuntimeError(
                 f"the checkpoint at step {run.step} was written with rollout.max_staleness="
-                f"{saved_k}; resume it with rollout.max_staleness={saved_k} (its queued batches "
-                f"were sampled for that bound, not for {self.depth})"
+                f"{saved[0]} rollout.partial={saved[1]}; resume it with these (its queued "
+                "batches were sampled for them)"
             )
+        if self.partial and payloads is not None:
+            self.last_pool = list(payloads.get("pool", []))
         regenerate = []
         for b in meta.get("batches", []):
             step, idx = int(b["step"]), [int(i) for i in b["idx"]]

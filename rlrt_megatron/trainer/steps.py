@@ -50,11 +50,14 @@ def rollout(run: Run, step: int) -> Batch:
             payload = rollouts.generate(run.engine, *rollouts.make_requests(run, step, idx))
     rows = [run.dataset[i] for i in idx]
     prompts, responses, texts, blp, finish, versions, *partial = _broadcast(payload)
-    batch = Batch(rows, prompts, responses, texts, blp, finish, versions)
-    # the weights version of every token: the rollout's, unless resumed across a weight push
-    batch.token_versions = (
-        partial[0] if partial else [[v] * len(r) for v, r in zip(versions, responses, strict=True)]
-    )
+    if partial:  # partial rollouts: the finished groups, from any step's prompts
+        token_versions, idx, info = partial
+        rows = [run.dataset[i] for i in idx]
+    else:  # every token has its rollout's version
+        token_versions = [[v] * len(r) for v, r in zip(versions, responses, strict=True)]
+        info = {}
+    batch = Batch(rows, prompts, responses, texts, blp, finish, versions, token_versions)
+    batch.sync_metrics = dict(info)
     return batch
 
 
@@ -170,7 +173,7 @@ def _check_sync(run: Run, batch: Batch) -> None:
     probe = None
     if run.rollouts is not None:
         probe = _broadcast(run.rollouts.take_probe(step) if run.rank == 0 else None)
-    batch.sync_metrics = sync_check(run, batch, step, probe)
+    batch.sync_metrics.update(sync_check(run, batch, step, probe))
 
 
 def _gather_rows(t: torch.Tensor, n: int, pol: Any) -> torch.Tensor:
