@@ -176,6 +176,11 @@ class RolloutConfig:
         "that sampled it); a group whose oldest token is more than max_staleness versions "
         "behind the trainer is regenerated from scratch (counted in rollout/partial_restarted).",
     )
+    local_length_tail: bool = _f(
+        False,
+        "Benchmark workload (local engine): each rollout also stops at a heavy-tailed length "
+        "drawn from its seed (80% within max_new_tokens/8, 15% within /2, 5% at the limit).",
+    )
     local_process: bool = _f(
         False, "Run the local engine in its own process (always on with max_staleness >= 1)."
     )

@@ -58,6 +58,9 @@ class LocalEngine:
         stop_token_ids: extra ids that end a completion (besides the eos ids).
         vocab_size: ids at or above this are never sampled (default: `len(tokenizer)`).
         attn_implementation: transformers attention backend when loading from a directory.
+        length_tail: benchmark workload (`benchmarks/long_tail.py`): each rollout stops at a
+            heavy-tailed length drawn from its seed (`length_cap`) or at max_new_tokens,
+            whichever comes first (finish reason "length"), instead of only at eos.
     """
 
     def __init__(
@@ -72,6 +75,7 @@ class LocalEngine:
         stop_token_ids: Sequence[int] = (),
         vocab_size: int | None = None,
         attn_implementation: str = "sdpa",
+        length_tail: bool = False,
     ) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -98,6 +102,7 @@ class LocalEngine:
         self.tokenizer = tokenizer
         self.seed = int(seed)
         self.max_batch_rows = int(max_batch_rows)
+        self.length_tail = bool(length_tail)
         self.model_vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
         self.vocab_size = min(int(vocab_size or len(tokenizer)), self.model_vocab_size)
         eos = set(_as_id_list(getattr(tokenizer, "eos_token_id", None)))
@@ -164,7 +169,10 @@ class LocalEngine:
         for lo in range(0, len(rows), self.max_batch_rows):
             chunk = rows[lo : lo + self.max_batch_rows]
             gens = [_row_generator(call_seed, i, j) for i, j, _ in chunk]
-            outs = self._decode([ids for _, _, ids in chunk], gens, sampling)
+            caps = None
+            if self.length_tail:
+                caps = [length_cap(call_seed, i, j, sampling.max_new_tokens) for i, j, _ in chunk]
+            outs = self._decode([ids for _, _, ids in chunk], gens, sampling, caps)
             for (i, _j, ids), (toks, lps, reason, text) in zip(chunk, outs, strict=True):
                 results[i].append(
                     Completion(
@@ -277,7 +285,11 @@ class LocalEngine:
         return out.logits[:, -1, :].float()
 
     def _decode(
-        self, prompts: list[list[int]], gens: list[torch.Generator], sp: SamplingParams
+        self,
+        prompts: list[list[int]],
+        gens: list[torch.Generator],
+        sp: SamplingParams,
+        caps: list[int] | None = None,
     ) -> list[tuple[list[int], list[float], str, str]]:
         """Decode a batch of rows; tokens, log-probs and stop flags stay on the model's device.
 
@@ -303,6 +315,8 @@ class LocalEngine:
         lps = torch.zeros((b, max(max_new, 1)), dtype=torch.float32, device=dev)
         length = torch.full((b,), max_new, dtype=torch.long, device=dev)  # incl. the stop token
         done = torch.zeros(b, dtype=torch.bool, device=dev)
+        capped = torch.zeros(b, dtype=torch.bool, device=dev)
+        cap = None if caps is None else torch.tensor(caps, dtype=torch.long, device=dev)
         eos = torch.tensor(self.eos_token_ids or [-1], dtype=torch.long, device=dev)
         host = _StopStrings(self.tokenizer, sp.stop, b) if sp.stop else None
         steps = 0
@@ -321,6 +335,10 @@ class LocalEngine:
             if host is not None:
                 ended = ended | host.update(nxt.tolist(), done.tolist()).to(dev)
             ended &= ~done
+            if cap is not None:  # the length_tail workload: a per-row length limit
+                cut = (cap <= step + 1) & ~done & ~ended
+                capped |= cut
+                ended |= cut
             length = torch.where(ended, step + 1, length)
             done |= ended
             check = host is not None or step % _SYNC_EVERY == _SYNC_EVERY - 1
@@ -330,7 +348,7 @@ class LocalEngine:
             pos = pos[:, -1:] + 1
             logits = self._forward(nxt[:, None], mask[:, : width + step + 1], pos, cache)
         n_tok = length.clamp(max=steps).tolist()
-        reasons = done.tolist()
+        reasons = (done & ~capped).tolist()
         toks_h, lps_h = toks[:, :steps].tolist(), lps[:, :steps].tolist()
         out = []
         for r in range(b):
@@ -436,6 +454,18 @@ def _top_k_top_p(scaled: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor
         drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
         out = out.masked_fill(drop, float("-inf"))
     return out
+
+
+def length_cap(call_seed: int, request: int, sample: int, max_new: int) -> int:
+    """The `length_tail` workload's length limit of one rollout: 80% stop within max_new / 8
+    tokens, 15% within max_new / 2, 5% run to max_new (a heavy tail, as reasoning RL sees)."""
+    rng = random.Random(f"length:{call_seed}:{request}:{sample}")
+    u = rng.random()
+    if u < 0.80:
+        return max(1, int(max_new * rng.uniform(1 / 32, 1 / 8)))
+    if u < 0.95:
+        return max(1, int(max_new * rng.uniform(1 / 8, 1 / 2)))
+    return max_new
 
 
 def _row_generator(call_seed: int, request: int, sample: int) -> torch.Generator:

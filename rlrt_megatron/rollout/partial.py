@@ -22,8 +22,9 @@ run is reproducible and a resume from a checkpoint holding the pool continues it
 
 Sampling: row (request i, sample j) of the prompts drawn at step s uses the uniforms of
 `_row_generator(rollout.seed + s, i, j)` in order, whatever the number of interruptions: the t-th
-token of a rollout always consumes its t-th uniform. Stop strings are not supported here (the
-trainer sends none).
+token of a rollout always consumes its t-th uniform, and the `length_tail` workload's limits
+apply as in `LocalEngine.generate`. Stop strings are not supported here (the trainer sends
+none).
 """
 
 from __future__ import annotations
@@ -83,11 +84,15 @@ def continue_rows(
     once finished). One left-padded batch; the host checks the group count after every token."""
     from transformers import DynamicCache
 
-    from rlrt_megatron.rollout.local import _row_generator
+    from rlrt_megatron.rollout.local import _row_generator, length_cap
 
     dev, max_new = engine.device, sampling.max_new_tokens
     seqs = [list(p) + list(t) for _, p, t, *_ in items]
-    left = torch.tensor([max_new - len(t) for _, _, t, *_ in items], dtype=torch.long)
+    caps = [
+        length_cap(seed, req, smp, max_new) if engine.length_tail else max_new
+        for _, _, _, seed, req, smp in items
+    ]
+    left = torch.tensor([c - len(t) for c, (_, _, t, *_) in zip(caps, items, strict=True)])
     b, width = len(seqs), max(len(s) for s in seqs)
     steps = int(left.max())
     ids = torch.full((b, width), engine.pad_token_id, dtype=torch.long)

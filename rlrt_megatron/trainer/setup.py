@@ -259,6 +259,7 @@ def make_engine(cfg: TrainConfig, hf_dir: str) -> Any:
         device=platform.device(),
         dtype=resolve_dtype(cfg.rollout.local_dtype),
         max_batch_rows=rows,
+        length_tail=cfg.rollout.local_length_tail,
     )
     if cfg.rollout.local_process or cfg.rollout.staleness:
         # its own process: generation runs while the trainer trains (asynchronous rollouts)

@@ -11,8 +11,8 @@ import torch
 from rlrt_megatron.algorithms.correction import rollout_correction
 from rlrt_megatron.convert.tiny import build_tokenizer, randomize_weights, tiny_config
 from rlrt_megatron.data.templates import render_prompt
-from rlrt_megatron.rollout.base import SamplingParams
-from rlrt_megatron.rollout.local import LocalEngine
+from rlrt_megatron.rollout.base import GenerateRequest, SamplingParams
+from rlrt_megatron.rollout.local import LocalEngine, length_cap
 from rlrt_megatron.rollout.partial import batch_payload, new_group, run_round
 from rlrt_megatron.rollout.process import score_tokens
 
@@ -94,3 +94,21 @@ def test_group_older_than_the_bound_is_regenerated(setup):
     fresh = run_round(engine, [new_group(1, pa, SP.seed, 0, 2)], SP, batch_groups=1,
                       oldest_allowed=7)[0]  # fmt: skip
     assert [r.tokens for r in done[0].rows] == [r.tokens for r in fresh[0].rows]
+
+
+def test_length_tail_workload_caps_both_decoders(setup):
+    engine, (pa, pb) = setup
+    engine.length_tail = True
+    try:
+        sp = SamplingParams(n=8, temperature=1.0, max_new_tokens=64, seed=3)
+        comps = engine.generate([GenerateRequest(pa), GenerateRequest(pb)], sp)
+        lengths = [len(c.token_ids) for grp in comps for c in grp]
+        assert lengths == [length_cap(3, i, j, 64) for i in range(2) for j in range(8)]
+        assert all(c.finish_reason == "length" for grp in comps for c in grp)
+        # the partial decoder stops at the same lengths, with the same tokens
+        done, _, _ = run_round(
+            engine, [new_group(0, pa, 3, 0, 8)], sp, batch_groups=1, oldest_allowed=0
+        )
+        assert [r.tokens for r in done[0].rows] == [c.token_ids for c in comps[0]]
+    finally:
+        engine.length_tail = False
