@@ -188,17 +188,6 @@ class LocalEngine:
                 )
         return results
 
-    def continue_rows(
-        self, items: list[tuple], sampling: SamplingParams, need: int
-    ) -> list[tuple[list[int], list[float], str | None, str]]:
-        """Partial rollouts: continue rollouts from their partial tokens until `need` of their
-        groups have finished (`rollout/partial.py`)."""
-        from rlrt_megatron.rollout.partial import continue_rows
-
-        self._check_alive()
-        _validate_sampling(sampling)
-        return continue_rows(self, items, sampling, need)
-
     @torch.no_grad()
     def update_weights(
         self,

@@ -78,13 +78,16 @@ def continue_rows(
     engine: Any, items: list[tuple], sampling: SamplingParams, need: int
 ) -> list[tuple[list[int], list[float], str | None, str]]:
     """Continue rollouts on a `LocalEngine` until `need` of their groups have finished.
+    The engine's sampling settings are checked as by its `generate`.
 
     `items[i]` = (group id, prompt ids, tokens so far, seed, request, sample). Returns per item
     (new tokens, their log-probs, finish reason or None if interrupted, text of the whole response
     once finished). One left-padded batch; the host checks the group count after every token."""
     from transformers import DynamicCache
 
-    from rlrt_megatron.rollout.local import _row_generator, length_cap
+    from rlrt_megatron.rollout.local import _row_generator, _validate_sampling, length_cap
+
+    _validate_sampling(sampling)
 
     dev, max_new = engine.device, sampling.max_new_tokens
     seqs = [list(p) + list(t) for _, p, t, *_ in items]
@@ -174,7 +177,10 @@ def run_round(
                 items.append((gi, g.prompt, r.tokens, r.seed, r.request, r.sample))
                 where.append((gi, ri))
     if have < batch_groups and items:
-        outs = engine.continue_rows(items, sampling, batch_groups - have)
+        # a `ProcessEngine` continues in its process, a `LocalEngine` here
+        cont = getattr(engine, "continue_rows", None)
+        need = batch_groups - have
+        outs = cont(items, sampling, need) if cont else continue_rows(engine, items, sampling, need)
         for (gi, ri), (toks, lps, reason, text) in zip(where, outs, strict=True):
             r = pool[gi].rows[ri]
             r.tokens += toks

@@ -110,7 +110,7 @@ class ProcessEngine:
         return self._call("score", prompts, responses, float(temperature))
 
     def continue_rows(self, items: list[tuple], sampling: SamplingParams, need: int) -> list:
-        """`LocalEngine.continue_rows` in the rollout process (partial rollouts)."""
+        """`rollout/partial.continue_rows` in the rollout process (partial rollouts)."""
         return self._call("continue_rows", items, sampling, int(need))
 
     def state_dict(self) -> dict:
@@ -231,7 +231,9 @@ def _serve(conn: Any, engine_kwargs: dict, threads: int) -> None:
                 del tensors
                 value = None
             elif op == "continue_rows":
-                value = engine.continue_rows(*args)
+                from rlrt_megatron.rollout.partial import continue_rows
+
+                value = continue_rows(engine, *args)
             elif op == "score":
                 value = score_tokens(engine, *args)
             elif op == "state_dict":
