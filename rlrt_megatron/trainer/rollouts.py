@@ -243,6 +243,12 @@ class RolloutQueue:
         item.payload = item.future.result()
         item.future = None
 
+    def wait_pushes(self) -> None:
+        """Block until the engine has loaded every queued weight push (rank 0)."""
+        for fut in self.pushes:
+            fut.result()
+        self.pushes.clear()
+
     def wait_all(self) -> None:
         """Block until every submitted batch is sampled (the engine is then idle)."""
         for step in sorted(self.items):

@@ -410,6 +410,8 @@ def evaluate(run: Run, step: int) -> dict[str, float]:
     """avg@k / pass@k of the engine's current weights (rank 0; fixed seed across steps)."""
     if run.rank != 0:
         return {}
+    if run.rollouts is not None:  # the engine evaluates the weights just pushed
+        run.rollouts.wait_pushes()
     from rlrt_megatron.eval.benchmarks import load_benchmarks, parse_benchmark_files
     from rlrt_megatron.eval.runner import run_eval
 
