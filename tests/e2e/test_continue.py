@@ -15,7 +15,7 @@ pytestmark = pytest.mark.e2e
 @pytest.mark.parametrize("mode", [[], ["rollout.async_steps=1"]], ids=["sync", "async"])
 def test_finished_run_continues_with_more_steps(tiny_model, tmp_path, mode):
     run_dir = str(tmp_path / "run")
-    for steps, resume in ((2, "none"), (3, "auto")):
+    for steps, resume in ((1, "none"), (2, "auto")):
         out = subprocess.run(
             train_cmd(tiny_model, run_dir, *mode, f"train.steps={steps}",
                       "checkpoint.save_final=true", "--resume", resume),
@@ -23,7 +23,7 @@ def test_finished_run_continues_with_more_steps(tiny_model, tmp_path, mode):
         )  # fmt: skip
         assert out.returncode == 0, out.stderr[-3000:]
     rows = metrics_rows(run_dir)
-    assert [r["step"] for r in rows] == [1, 2, 3]
-    # step 3's batch is sampled after the resume, with the checkpoint's weights (version 2)
-    assert rows[2]["rollout/version"] == 3
-    assert rows[2]["rollout/staleness"] == 0.0
+    assert [r["step"] for r in rows] == [1, 2]
+    # step 2's batch is sampled after the resume, with the checkpoint's weights (version 1)
+    assert rows[1]["rollout/version"] == 2
+    assert rows[1]["rollout/staleness"] == 0.0
