@@ -178,8 +178,9 @@ class RolloutConfig:
     )
     local_length_tail: bool = _f(
         False,
-        "Benchmark workload (local engine): each rollout also stops at a heavy-tailed length "
-        "drawn from its seed (80% within max_new_tokens/8, 15% within /2, 5% at the limit).",
+        "Benchmark workload (local engine): each rollout is exactly as long as a heavy-tailed "
+        "length drawn from its seed (80% up to max_new_tokens/8, 15% up to /2, 5% at the "
+        "limit): eos is not drawn before it, and it stops there.",
     )
     local_process: bool = _f(
         False, "Run the local engine in its own process (always on with max_staleness >= 1)."

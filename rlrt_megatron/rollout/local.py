@@ -58,9 +58,10 @@ class LocalEngine:
         stop_token_ids: extra ids that end a completion (besides the eos ids).
         vocab_size: ids at or above this are never sampled (default: `len(tokenizer)`).
         attn_implementation: transformers attention backend when loading from a directory.
-        length_tail: benchmark workload (`benchmarks/long_tail.py`): each rollout stops at a
-            heavy-tailed length drawn from its seed (`length_cap`) or at max_new_tokens,
-            whichever comes first (finish reason "length"), instead of only at eos.
+        length_tail: benchmark workload (`benchmarks/long_tail.py`): each rollout is exactly as
+            long as a heavy-tailed length drawn from its seed (`length_cap`, at most
+            max_new_tokens): eos cannot be drawn before it (like a top-k truncation: the
+            reported log-probs stay the model's), and the rollout stops there ("length").
     """
 
     def __init__(
@@ -317,7 +318,10 @@ class LocalEngine:
         if max_new > 0:
             logits = self._forward(ids, mask[:, :width], pos, cache)
         for step in range(max_new):
-            nxt, lp = self._sample(logits, gens, sp, None if unif is None else unif[:, step])
+            no_eos = None if cap is None else cap > step + 1
+            nxt, lp = self._sample(
+                logits, gens, sp, None if unif is None else unif[:, step], no_eos
+            )
             toks[:, step], lps[:, step] = nxt, lp
             steps = step + 1
             ended = torch.isin(nxt, eos)
@@ -356,10 +360,16 @@ class LocalEngine:
         gens: list[torch.Generator],
         sp: SamplingParams,
         uniforms: torch.Tensor | None = None,
+        no_eos: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`sample_next`; rows where `no_eos` is True cannot draw an eos id (`length_tail`)."""
+        ban = None
+        if no_eos is not None and self.eos_token_ids:
+            ban = (no_eos, torch.tensor(self.eos_token_ids, device=logits.device))
         return sample_next(
-            logits, gens, sp.temperature, sp.top_k, sp.top_p, self.vocab_size, uniforms=uniforms
-        )
+            logits, gens, sp.temperature, sp.top_k, sp.top_p, self.vocab_size, uniforms=uniforms,
+            ban=ban,
+        )  # fmt: skip
 
 
 # Decode steps between the host's checks of "has every row finished?" (each check syncs).
@@ -397,9 +407,12 @@ def sample_next(
     vocab_size: int | None = None,
     *,
     uniforms: torch.Tensor | None = None,
+    ban: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Next token per row of `logits` [B, V] and its behavior log-prob (SGLang's default:
     log_softmax(logits / temperature) before top-k/top-p; raw log_softmax when greedy).
+    `ban` = (rows [B] bool, ids): those ids are never drawn in those rows, a truncation like
+    top-k (the reported log-prob is still the untruncated one).
 
     Ids >= `vocab_size` are never drawn. Row r draws from `gens[r]` only, or uses `uniforms[r]`
     (float64 in [0, 1), drawn from that generator beforehand: a decode loop draws every step's
@@ -415,6 +428,11 @@ def sample_next(
     scaled = logits / temperature
     logp = torch.log_softmax(scaled, dim=-1)
     filtered = _top_k_top_p(scaled, top_k, top_p)
+    if ban is not None:
+        rows, ids = ban
+        hit = torch.zeros_like(filtered, dtype=torch.bool)
+        hit[:, ids] = True
+        filtered = filtered.masked_fill(hit & rows[:, None], float("-inf"))
     # Inverse-CDF sampling with one uniform per row from the row's own (CPU) generator: the
     # uniforms cross to the device as one small tensor, the distribution never leaves it. u is in
     # (0, 1], so x = u * total lands on a token with positive probability: the first index whose

@@ -122,7 +122,11 @@ def continue_rows(
     cache = DynamicCache(config=engine.model.config)
     logits = engine._forward(ids, mask[:, :width], pos, cache) if steps > 0 else None
     for step in range(steps):
-        nxt, lp = engine._sample(logits, [], sampling, None if unif is None else unif[:, step])
+        no_eos = left > step + 1 if engine.length_tail else None
+        u = None if unif is None else unif[:, step]
+        nxt, lp = engine._sample(
+            logits, [], sampling, u, None if no_eos is None else no_eos.to(dev)
+        )
         nxt_h, lp_h = nxt.tolist(), lp.tolist()
         for r in range(b):
             if reason[r] is not None:

@@ -99,16 +99,18 @@ def test_group_older_than_the_bound_is_regenerated(setup):
 def test_length_tail_workload_caps_both_decoders(setup):
     engine, (pa, pb) = setup
     engine.length_tail = True
+    engine.eos_token_ids = list(range(0, 512, 2))  # half the vocabulary ends a rollout...
     try:
         sp = SamplingParams(n=8, temperature=1.0, max_new_tokens=64, seed=3)
         comps = engine.generate([GenerateRequest(pa), GenerateRequest(pb)], sp)
         lengths = [len(c.token_ids) for grp in comps for c in grp]
+        # ...but not before the rollout's drawn length
         assert lengths == [length_cap(3, i, j, 64) for i in range(2) for j in range(8)]
-        assert all(c.finish_reason == "length" for grp in comps for c in grp)
+        assert all(t % 2 for grp in comps for c in grp for t in c.token_ids[:-1])
         # the partial decoder stops at the same lengths, with the same tokens
         done, _, _ = run_round(
             engine, [new_group(0, pa, 3, 0, 8)], sp, batch_groups=1, oldest_allowed=0
         )
         assert [r.tokens for r in done[0].rows] == [c.token_ids for c in comps[0]]
     finally:
-        engine.length_tail = False
+        engine.length_tail, engine.eos_token_ids = False, []
