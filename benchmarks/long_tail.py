@@ -112,13 +112,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dp", type=int, default=2, help="data-parallel ranks")
     p.add_argument("--modes", default="sync,k1,partial2")
     p.add_argument("--balance", default="true,false", help="train.balance_dp values to run")
+    p.add_argument(
+        "--model-seed",
+        type=int,
+        default=None,
+        help="warm one model with this seed for every run (default: one per seed)",
+    )
     p.add_argument("--run-dir", default="runs/bench_long_tail")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",") if s]
     modes = [m for m in args.modes.split(",") if m]
     balances = [b.strip().lower() == "true" for b in args.balance.split(",") if b]
-    models = {s: prepare_model(s, args.run_dir) for s in seeds}
+    if args.model_seed is not None:
+        shared = prepare_model(args.model_seed, args.run_dir)
+        models = dict.fromkeys(seeds, shared)
+    else:
+        models = {s: prepare_model(s, args.run_dir) for s in seeds}
     res: dict[tuple[str, bool], dict] = {}
     rewards: dict[tuple[str, bool], list[float]] = {}
     for mode in modes:
