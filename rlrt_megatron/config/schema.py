@@ -155,15 +155,35 @@ class RolloutConfig:
     sglang_restart_cache: bool = _f(True, "Flush the server's prefix cache after a weight sync.")
     sglang_master_address: str = _f("", "Rendezvous address for distributed weight sync.")
     sglang_extra_args: list[str] = _f([], "Extra `sglang.launch_server` arguments.")
+    max_staleness: int = _f(
+        0,
+        "Bounded staleness K: the engine may run up to K weight versions ahead of the batch the "
+        "trainer trains on (batch k is sampled with the weights of step k-K-1 while steps k-K.. "
+        "k-1 train). 0 = every step waits for its own rollouts (on-policy up to the engine's "
+        "numerics). K >= 1 needs the local engine (run in its own process) or SGLang on "
+        "separate rollout nodes (sglang_colocated=false).",
+    )
     async_steps: int = _f(
         0,
-        "Asynchronous rollouts: 1 = the engine generates step k+1's batch (with the weights of "
-        "step k-1) while step k trains; 0 = every step waits for its own rollouts. Needs the "
-        "local engine (run in its own process) or SGLang on separate rollout nodes "
-        "(sglang_colocated=false).",
+        "Alias of max_staleness kept for old configs: async_steps=1 is max_staleness=1 (set one "
+        "of the two).",
+    )
+    partial: bool = _f(
+        False,
+        "Partial rollouts (needs max_staleness >= 1, local engine): a step trains on the first "
+        "groups to finish; unfinished generations are interrupted at each weight push and "
+        "resumed under the new weights from their partial tokens (every token keeps the version "
+        "that sampled it); a group whose oldest token is more than max_staleness versions "
+        "behind the trainer is regenerated from scratch (counted in rollout/partial_restarted).",
+    )
+    local_length_tail: bool = _f(
+        False,
+        "Benchmark workload (local engine): each rollout is exactly as long as a heavy-tailed "
+        "length drawn from its seed (80% up to max_new_tokens/8, 15% up to /2, 5% at the "
+        "limit): eos is not drawn before it, and it stops there.",
     )
     local_process: bool = _f(
-        False, "Run the local engine in its own process (always on with async_steps=1)."
+        False, "Run the local engine in its own process (always on with max_staleness >= 1)."
     )
     sync_check_tol: float = _f(
         0.0,
@@ -171,6 +191,11 @@ class RolloutConfig:
         "under the same weights version exceeds this. 0 = per-dtype default: 1e-3 when engine "
         "and trainer both run fp32, 0.1 when either runs bf16; < 0 = off.",
     )
+
+    @property
+    def staleness(self) -> int:
+        """The staleness bound K in force: max_staleness, or its alias async_steps."""
+        return int(self.max_staleness or self.async_steps)
 
 
 @dataclass
@@ -213,6 +238,12 @@ class TrainLoopConfig:
         16384, "Token budget of one micro-batch (prompt + response tokens, packed greedily)."
     )
     seed: int = _f(1234, "Seed of data order, model init and dropout.")
+    balance_dp: bool = _f(
+        True,
+        "Split each mini-batch over data-parallel ranks by tokens (greedy largest-first) so no "
+        "rank waits for the one holding the long rollouts; false = by position. Same loss and "
+        "gradients either way (the token-mean is over the whole mini-batch); no-op at DP=1.",
+    )
     recompute_old_logprobs: bool = _f(
         True, "Old log-probs from the Megatron policy (True) or the engine's behavior log-probs."
     )
@@ -390,12 +421,25 @@ def validation_errors(
     need(r.engine in ("local", "sglang"), "rollout.engine", "must be `local` or `sglang`")
     need(r.local_max_batch_rows >= 0, "rollout.local_max_batch_rows", "must be >= 0 (0 = auto)")
     need(r.async_steps in (0, 1), "rollout.async_steps", f"must be 0 or 1 (got {r.async_steps})")
+    need(r.max_staleness >= 0, "rollout.max_staleness", f"must be >= 0 (got {r.max_staleness})")
     need(
-        not (r.async_steps and r.engine == "sglang" and r.sglang_colocated),
+        not (r.async_steps and r.max_staleness not in (0, r.async_steps)),
         "rollout.async_steps",
+        f"is an alias of rollout.max_staleness (async_steps=1 is max_staleness=1) and disagrees "
+        f"with max_staleness={r.max_staleness}: drop rollout.async_steps",
+    )
+    need(
+        not (r.staleness and r.engine == "sglang" and r.sglang_colocated),
+        "rollout.max_staleness",
         "colocated SGLang servers share the trainer's GPUs and hand them back for every update, "
-        "so they cannot generate while it trains: use rollout.async_steps=0, or SGLang on "
+        "so they cannot generate while it trains: use rollout.max_staleness=0, or SGLang on "
         "separate rollout nodes (rollout.sglang_colocated=false, rollout.sglang_urls=...)",
+    )
+    need(
+        not r.partial or (r.staleness >= 1 and r.engine == "local"),
+        "rollout.partial",
+        "needs rollout.max_staleness >= 1 (interrupted generations resume under newer weights) "
+        "and rollout.engine=local (SGLang abort/continue is not wired yet)",
     )
     need(
         r.sync_check_tol == r.sync_check_tol, "rollout.sync_check_tol", "must be a number, not NaN"

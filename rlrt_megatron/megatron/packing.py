@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["PackedMicroBatch", "block_causal_mask", "pack_sequences"]
+__all__ = ["PackedMicroBatch", "balance_by_tokens", "block_causal_mask", "pack_sequences"]
 
 
 @dataclass
@@ -189,3 +189,21 @@ def pack_sequences(
             )
         )
     return out
+
+
+def balance_by_tokens(lengths: Sequence[int], parts: int) -> list[list[int]]:
+    """Indices of `lengths` split into `parts` lists of about equal token sums (greedy
+    largest-first, "LPT": each item, longest first, goes to the part with the fewest tokens so
+    far; ties by the lower index). The largest part is at most 4/3 of the optimum; every part gets
+    an item when there are at least `parts` items. Each part's indices come back in ascending
+    order, and the result depends only on `lengths` (every rank computes the same split)."""
+    if parts < 1:
+        raise ValueError(f"balance_by_tokens: parts={parts} must be >= 1")
+    order = sorted(range(len(lengths)), key=lambda i: (-int(lengths[i]), i))
+    loads = [0] * parts
+    out: list[list[int]] = [[] for _ in range(parts)]
+    for i in order:
+        p = min(range(parts), key=lambda q: (loads[q], q))
+        loads[p] += int(lengths[i])
+        out[p].append(i)
+    return [sorted(o) for o in out]

@@ -58,6 +58,10 @@ class LocalEngine:
         stop_token_ids: extra ids that end a completion (besides the eos ids).
         vocab_size: ids at or above this are never sampled (default: `len(tokenizer)`).
         attn_implementation: transformers attention backend when loading from a directory.
+        length_tail: benchmark workload (`benchmarks/long_tail.py`): each rollout is exactly as
+            long as a heavy-tailed length drawn from its seed (`length_cap`, at most
+            max_new_tokens): eos cannot be drawn before it (like a top-k truncation: the
+            reported log-probs stay the model's), and the rollout stops there ("length").
     """
 
     def __init__(
@@ -72,6 +76,7 @@ class LocalEngine:
         stop_token_ids: Sequence[int] = (),
         vocab_size: int | None = None,
         attn_implementation: str = "sdpa",
+        length_tail: bool = False,
     ) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -98,6 +103,7 @@ class LocalEngine:
         self.tokenizer = tokenizer
         self.seed = int(seed)
         self.max_batch_rows = int(max_batch_rows)
+        self.length_tail = bool(length_tail)
         self.model_vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
         self.vocab_size = min(int(vocab_size or len(tokenizer)), self.model_vocab_size)
         eos = set(_as_id_list(getattr(tokenizer, "eos_token_id", None)))
@@ -164,7 +170,10 @@ class LocalEngine:
         for lo in range(0, len(rows), self.max_batch_rows):
             chunk = rows[lo : lo + self.max_batch_rows]
             gens = [_row_generator(call_seed, i, j) for i, j, _ in chunk]
-            outs = self._decode([ids for _, _, ids in chunk], gens, sampling)
+            caps = None
+            if self.length_tail:
+                caps = [length_cap(call_seed, i, j, sampling.max_new_tokens) for i, j, _ in chunk]
+            outs = self._decode([ids for _, _, ids in chunk], gens, sampling, caps)
             for (i, _j, ids), (toks, lps, reason, text) in zip(chunk, outs, strict=True):
                 results[i].append(
                     Completion(
@@ -266,7 +275,11 @@ class LocalEngine:
         return out.logits[:, -1, :].float()
 
     def _decode(
-        self, prompts: list[list[int]], gens: list[torch.Generator], sp: SamplingParams
+        self,
+        prompts: list[list[int]],
+        gens: list[torch.Generator],
+        sp: SamplingParams,
+        caps: list[int] | None = None,
     ) -> list[tuple[list[int], list[float], str, str]]:
         """Decode a batch of rows; tokens, log-probs and stop flags stay on the model's device.
 
@@ -292,6 +305,8 @@ class LocalEngine:
         lps = torch.zeros((b, max(max_new, 1)), dtype=torch.float32, device=dev)
         length = torch.full((b,), max_new, dtype=torch.long, device=dev)  # incl. the stop token
         done = torch.zeros(b, dtype=torch.bool, device=dev)
+        capped = torch.zeros(b, dtype=torch.bool, device=dev)
+        cap = None if caps is None else torch.tensor(caps, dtype=torch.long, device=dev)
         eos = torch.tensor(self.eos_token_ids or [-1], dtype=torch.long, device=dev)
         host = _StopStrings(self.tokenizer, sp.stop, b) if sp.stop else None
         steps = 0
@@ -303,13 +318,20 @@ class LocalEngine:
         if max_new > 0:
             logits = self._forward(ids, mask[:, :width], pos, cache)
         for step in range(max_new):
-            nxt, lp = self._sample(logits, gens, sp, None if unif is None else unif[:, step])
+            no_eos = None if cap is None else cap > step + 1
+            nxt, lp = self._sample(
+                logits, gens, sp, None if unif is None else unif[:, step], no_eos
+            )
             toks[:, step], lps[:, step] = nxt, lp
             steps = step + 1
             ended = torch.isin(nxt, eos)
             if host is not None:
                 ended = ended | host.update(nxt.tolist(), done.tolist()).to(dev)
             ended &= ~done
+            if cap is not None:  # the length_tail workload: a per-row length limit
+                cut = (cap <= step + 1) & ~done & ~ended
+                capped |= cut
+                ended |= cut
             length = torch.where(ended, step + 1, length)
             done |= ended
             check = host is not None or step % _SYNC_EVERY == _SYNC_EVERY - 1
@@ -319,7 +341,7 @@ class LocalEngine:
             pos = pos[:, -1:] + 1
             logits = self._forward(nxt[:, None], mask[:, : width + step + 1], pos, cache)
         n_tok = length.clamp(max=steps).tolist()
-        reasons = done.tolist()
+        reasons = (done & ~capped).tolist()
         toks_h, lps_h = toks[:, :steps].tolist(), lps[:, :steps].tolist()
         out = []
         for r in range(b):
@@ -338,10 +360,16 @@ class LocalEngine:
         gens: list[torch.Generator],
         sp: SamplingParams,
         uniforms: torch.Tensor | None = None,
+        no_eos: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`sample_next`; rows where `no_eos` is True cannot draw an eos id (`length_tail`)."""
+        ban = None
+        if no_eos is not None and self.eos_token_ids:
+            ban = (no_eos, torch.tensor(self.eos_token_ids, device=logits.device))
         return sample_next(
-            logits, gens, sp.temperature, sp.top_k, sp.top_p, self.vocab_size, uniforms=uniforms
-        )
+            logits, gens, sp.temperature, sp.top_k, sp.top_p, self.vocab_size, uniforms=uniforms,
+            ban=ban,
+        )  # fmt: skip
 
 
 # Decode steps between the host's checks of "has every row finished?" (each check syncs).
@@ -379,9 +407,12 @@ def sample_next(
     vocab_size: int | None = None,
     *,
     uniforms: torch.Tensor | None = None,
+    ban: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Next token per row of `logits` [B, V] and its behavior log-prob (SGLang's default:
     log_softmax(logits / temperature) before top-k/top-p; raw log_softmax when greedy).
+    `ban` = (rows [B] bool, ids): those ids are never drawn in those rows, a truncation like
+    top-k (the reported log-prob is still the untruncated one).
 
     Ids >= `vocab_size` are never drawn. Row r draws from `gens[r]` only, or uses `uniforms[r]`
     (float64 in [0, 1), drawn from that generator beforehand: a decode loop draws every step's
@@ -397,6 +428,11 @@ def sample_next(
     scaled = logits / temperature
     logp = torch.log_softmax(scaled, dim=-1)
     filtered = _top_k_top_p(scaled, top_k, top_p)
+    if ban is not None:
+        rows, ids = ban
+        hit = torch.zeros_like(filtered, dtype=torch.bool)
+        hit[:, ids] = True
+        filtered = filtered.masked_fill(hit & rows[:, None], float("-inf"))
     # Inverse-CDF sampling with one uniform per row from the row's own (CPU) generator: the
     # uniforms cross to the device as one small tensor, the distribution never leaves it. u is in
     # (0, 1], so x = u * total lands on a token with positive probability: the first index whose
@@ -425,6 +461,18 @@ def _top_k_top_p(scaled: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor
         drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
         out = out.masked_fill(drop, float("-inf"))
     return out
+
+
+def length_cap(call_seed: int, request: int, sample: int, max_new: int) -> int:
+    """The `length_tail` workload's length limit of one rollout: 80% stop within max_new / 8
+    tokens, 15% within max_new / 2, 5% run to max_new (a heavy tail, as reasoning RL sees)."""
+    rng = random.Random(f"length:{call_seed}:{request}:{sample}")
+    u = rng.random()
+    if u < 0.80:
+        return max(1, int(max_new * rng.uniform(1 / 32, 1 / 8)))
+    if u < 0.95:
+        return max(1, int(max_new * rng.uniform(1 / 8, 1 / 2)))
+    return max_new
 
 
 def _row_generator(call_seed: int, request: int, sample: int) -> torch.Generator:

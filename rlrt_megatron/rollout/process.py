@@ -2,7 +2,7 @@
 
 `ProcessEngine` is a `RolloutEngine` whose `LocalEngine` lives in a child process (spawn start
 method: no fork of a process holding CUDA, gloo or Megatron state). The trainer's
-asynchronous rollouts (`rollout.async_steps=1`) use it because the local engine in the
+asynchronous rollouts (`rollout.max_staleness >= 1`) use it because the local engine in the
 trainer's process would hold the GIL and the same CPU threads as the trainer; on a GPU the child
 gets its own CUDA context on the same device.
 
@@ -108,6 +108,10 @@ class ProcessEngine:
         same convention as its sampling: log_softmax(logits / temperature) over the true
         vocabulary."""
         return self._call("score", prompts, responses, float(temperature))
+
+    def continue_rows(self, items: list[tuple], sampling: SamplingParams, need: int) -> list:
+        """`rollout/partial.continue_rows` in the rollout process (partial rollouts)."""
+        return self._call("continue_rows", items, sampling, int(need))
 
     def state_dict(self) -> dict:
         return self._call("state_dict")
@@ -226,6 +230,10 @@ def _serve(conn: Any, engine_kwargs: dict, threads: int) -> None:
                 engine.update_weights(tensors, version)
                 del tensors
                 value = None
+            elif op == "continue_rows":
+                from rlrt_megatron.rollout.partial import continue_rows
+
+                value = continue_rows(engine, *args)
             elif op == "score":
                 value = score_tokens(engine, *args)
             elif op == "state_dict":

@@ -1,34 +1,45 @@
-"""Rollout batches for the loop: synchronous or one step off-policy, and the sync check.
+"""Rollout batches for the loop: synchronous or off-policy by a bounded number of versions, and
+the sync check.
 
-Synchronous (`rollout.async_steps=0`): step k samples its batch with the weights of step k-1 and
-waits for it.
+Synchronous (`rollout.max_staleness=0`): step k samples its batch with the weights of step k-1
+(v_{k-1}, the trainer's) and waits for it: on-policy up to the engine's numerics.
 
-Asynchronous (`rollout.async_steps=1`, :class:`RolloutQueue`): one background thread on rank 0
-drives the engine (a `ProcessEngine` for the local engine, or SGLang servers on their own nodes),
-so generation overlaps training::
+Bounded staleness (`rollout.max_staleness=K >= 1`, :class:`RolloutQueue`; `rollout.async_steps=1`
+is its old name for K=1): one background thread on rank 0 drives the engine (a `ProcessEngine`
+for the local engine, or SGLang servers on their own nodes), so generation overlaps training.
+The engine works through one queue in a fixed order::
 
-    end of step k:  rollout phase: wait for batch k+1 (sampled with v_{k-1})
-                    sync phase:    push weights v_k
-                                   ask the engine to score a few rows of batch k+1 (sync check)
-                                   submit batch k+2 (sampled with v_k)   -> runs during step k+1
+    end of step k:  sync phase: push weights v_k         (local engine: a job of the queue)
+                                score a few rows of batch k+1 with v_k (the sync check)
+                                submit batch k+K+1       (sampled with v_k)
+    step k+1:       rollout phase: wait for batch k+1    (sampled with v_{k-K})
 
-Batch k+1 is trained in step k+1 by a trainer holding v_k: one version behind
-(`rollout/staleness` = 1; the first batch after a fresh start has 0). Prompts are rendered and
-the sampler advanced on the main thread at submit time; the thread only calls `generate` and
-`score`, so the tokenizer and the collectives never run concurrently with the trainer's.
+Batch k is trained in step k by a trainer holding v_{k-1} and was sampled with v_{k-K-1}: K
+versions behind (`rollout/staleness` = K; the first K batches of a fresh start use the initial
+weights and are less behind). With the local engine the push waits in the queue behind the
+batches already submitted, so the trainer waits for generation only when the engine is more than
+K batches late; SGLang pushes wait until the engine is idle. Prompts are rendered and the sampler
+advanced on the main thread at submit time; the thread only calls `generate`, `update_weights`
+and `score`, so the tokenizer and the collectives never run concurrently with the trainer's.
+Every token carries the version that sampled it (`Batch.token_versions`; one per rollout unless
+partial rollouts resumed it across a push): `rollout/staleness_mean` and
+`rollout/tokens_stale_<d>` count tokens.
 
-Checkpoints (exact resume): a checkpoint written at the end of step k holds batch k+1 as sampled
-(the weights v_{k-1} that made it are gone) and the prompt indices of batch k+2, whose
-generation is abandoned. On resume the engine receives v_k from the checkpoint, scores batch k+1
-and regenerates batch k+2 with v_k and its seed (`rollout.seed + step`), the same request the
-uninterrupted run made, so the resumed run reproduces its metrics.
+Checkpoints (exact resume): a checkpoint written at the end of step k holds batches k+1..k+K as
+sampled (the weights that made them are gone; they are waited for) and the prompt indices of
+batch k+K+1, whose generation is abandoned. On resume the engine receives v_k from the checkpoint,
+scores batch k+1 and regenerates batch k+K+1 with v_k and its seed (`rollout.seed + step`), the
+same request the uninterrupted run made, so the resumed run reproduces its metrics. A checkpoint
+at the run's last step holds no batch past it: resumed with a larger `train.steps`, the missing
+batches are sampled with the checkpoint's weights (not the older ones an uninterrupted longer run
+would have used). The bound K of a checkpoint is the one it resumes with.
 
 The sync check (:func:`sync_check`, in the logprobs phase) compares the engine's log-probs with
 the trainer's recompute of the same tokens under the same weights version: in synchronous mode
 the batch itself (the first rollout after each sync); in asynchronous mode the engine's score of
 the batch right after it received the trainer's current weights (batch k+1's rows, v_k). Engines
 without `score` (SGLang today) get the version check only in asynchronous mode. Every batch's
-per-sample engine version is also checked: more than `async_steps` versions behind means a sync
+per-sample engine version is also checked: more than `max_staleness` versions behind means a sync
 was missed.
 """
 
@@ -150,27 +161,79 @@ class _Item:
 
 
 class RolloutQueue:
-    """Asynchronous rollouts (module docstring). Every rank holds one (the prompt indices);
-    only rank 0 has an engine and a thread."""
+    """Asynchronous rollouts with a staleness bound K = `rollout.max_staleness` (module
+    docstring). Every rank holds one (the prompt indices); only rank 0 has an engine and a
+    thread. With the local engine, weight pushes are jobs of the same thread, queued behind the
+    generations submitted before them: the engine's order of work is fixed by the loop, not by
+    timing, so runs and resumes reproduce. SGLang pushes happen on the main thread once the
+    engine is idle."""
 
     def __init__(self, run: Any) -> None:
         self.rank0 = run.rank == 0
         self.pool = _Worker() if self.rank0 else None
+        self.bound = run.cfg.rollout.staleness
+        self.partial = bool(run.cfg.rollout.partial)
+        # batches in flight: K, or one round for partial rollouts (their older tokens make K)
+        self.depth = 1 if self.partial else self.bound
+        self.deferred = run.cfg.rollout.engine == "local"
+        self.last_pool: list = []  # rank 0, partial: the pool after the last batch taken
         self.items: dict[int, _Item] = {}
+        self.pushes: list[Future] = []  # rank 0: queued weight pushes (errors surface in take)
         self.probe: Future | None = None  # rank 0: (step, rows, engine log-probs)
         self.probe_step = -1
 
     # -- the loop's calls
+    def start(self, run: Any) -> None:
+        """A fresh run: batches 1..K+1, all sampled with the initial weights."""
+        for step in range(run.step + 1, run.step + self.depth + 2):
+            self.submit(run, step)
+
     def submit(self, run: Any, step: int, idx: list[int] | None = None) -> None:
         """Queue batch `step` (advancing the sampler unless `idx` is given)."""
         if step > run.cfg.train.steps or step in self.items:
             return
-        idx = run.sampler.next_indices() if idx is None else list(idx)
-        item = _Item(step, idx)
+        if idx is None:
+            idx = run.sampler.next_indices()
+            if self.partial and step == 1:  # the pool holds two batches of prompts
+                idx += run.sampler.next_indices()
+        item = _Item(step, list(idx))
         if self.rank0:
-            prompts, reqs, sampling = make_requests(run, step, idx)
-            item.future = self.pool.submit(generate, run.engine, prompts, reqs, sampling)
+            prompts, reqs, sampling = make_requests(run, step, item.idx)
+            if self.partial:
+                item.future = self.pool.submit(self._round(run, step, prompts, sampling, item.idx))
+            else:
+                item.future = self.pool.submit(generate, run.engine, prompts, reqs, sampling)
         self.items[step] = item
+
+    def _round(self, run: Any, step: int, prompts: list, sampling: Any, idx: list[int]) -> Any:
+        """The job of a partial-rollout round making batch `step` (`rollout/partial.py`): the
+        pool left by the round before, plus these prompts' groups."""
+        from rlrt_megatron.rollout.partial import batch_payload, new_group, run_round
+
+        g = run.cfg.rollout.group_size
+        pairs = enumerate(zip(idx, prompts, strict=True))
+        new = [new_group(i, p, sampling.seed, r, g) for r, (i, p) in pairs]
+        prev = self.items.get(step - 1)
+        src = None if prev is None else (prev.future, prev.payload)
+        last, engine = self.last_pool, run.engine
+        batch_groups, oldest = run.cfg.train.prompts_per_step, step - 1 - self.bound
+
+        def job() -> tuple:
+            # runs after the round before (same thread, submitted before)
+            if src is None:
+                pool = last
+            else:
+                pool = (src[0].result() if src[0] is not None else src[1])[1]
+            done, left, info = run_round(
+                engine, pool + new, sampling, batch_groups=batch_groups, oldest_allowed=oldest
+            )
+            return batch_payload(done, info), left
+
+        return job
+
+    def push_later(self, engine: Any, tensors: list, version: int) -> None:
+        """Queue a weight push behind the generations submitted so far (rank 0, local engine)."""
+        self.pushes.append(self.pool.submit(engine.update_weights, tensors, version))
 
     def wait(self, step: int) -> None:
         """Block until batch `step` is sampled (rank 0; a no-op elsewhere)."""
@@ -180,30 +243,55 @@ class RolloutQueue:
         item.payload = item.future.result()
         item.future = None
 
+    def wait_pushes(self) -> None:
+        """Block until the engine has loaded every queued weight push (rank 0)."""
+        for fut in self.pushes:
+            fut.result()
+        self.pushes.clear()
+
+    def wait_all(self) -> None:
+        """Block until every submitted batch is sampled (the engine is then idle)."""
+        for step in sorted(self.items):
+            self.wait(step)
+
     def take(self, step: int) -> tuple[list[int], tuple | None]:
         """(prompt indices, payload on rank 0 / None elsewhere) of batch `step`."""
         if step not in self.items:
             raise RuntimeError(f"rollout queue: batch {step} was never submitted")
         self.wait(step)
+        for fut in [f for f in self.pushes if f.done()]:
+            self.pushes.remove(fut)
+            fut.result()  # a failed weight push raises here
         item = self.items.pop(step)
+        if self.partial and item.payload is not None:  # rank 0: (batch, pool left)
+            self.last_pool = item.payload[1]
+            return item.idx, item.payload[0]
         return item.idx, item.payload
 
     def submit_probe(self, run: Any, step: int) -> None:
-        """Ask the engine (which just received the trainer's weights) to score the first rows of
-        batch `step`, the batch the trainer recomputes next with those same weights."""
+        """Ask the engine (which has just received, or will receive first, the trainer's weights)
+        to score the first rows of batch `step`, the batch the trainer recomputes next with those
+        same weights."""
         item = self.items.get(step)
         score = getattr(run.engine, "score", None) if self.rank0 else None
         self.probe_step = step
-        if not self.rank0 or item is None or item.payload is None or score is None:
+        if not self.rank0 or item is None or score is None:
             self.probe = None
             return
-        prompts, responses = item.payload[0], item.payload[1]
+        src, payload = item.future, item.payload
         g = run.cfg.rollout.group_size
-        n = min(PROBE_ROWS, len(responses))
-        rows = [prompts[i // g] for i in range(n)]
-        self.probe = self.pool.submit(
-            lambda: (step, n, score(rows, responses[:n], run.cfg.rollout.temperature))
-        )
+        temperature = run.cfg.rollout.temperature
+        partial = self.partial
+
+        def job() -> tuple:
+            # runs after the batch's generation (same thread, submitted before)
+            got = payload if src is None else src.result()
+            prompts, responses = (got[0] if partial else got)[:2]
+            n = min(PROBE_ROWS, len(responses))
+            rows = [prompts[i // g] for i in range(n)]
+            return step, n, score(rows, responses[:n], temperature)
+
+        self.probe = self.pool.submit(job)
 
     def take_probe(self, step: int) -> tuple[int, list] | None:
         """(rows, engine log-probs) scored for batch `step` on rank 0; None if none was asked
@@ -215,36 +303,79 @@ class RolloutQueue:
         return (n, lps) if got_step == step else None
 
     # -- checkpoints
-    def state(self) -> tuple[dict, dict | None]:
+    def state(self, run: Any) -> tuple[dict, dict | None]:
         """(json-able queue state for every rank, rank 0's sampled payloads to save beside it).
 
-        Batches already sampled are saved whole; a batch still generating is saved as its
-        prompt indices and regenerated on resume (its weights are the checkpointed ones)."""
-        meta = {"batches": [{"step": s, "idx": it.idx} for s, it in sorted(self.items.items())]}
+        A checkpoint at the end of step k holds weights v_k only: batches k+1..k+K, sampled with
+        older weights, are waited for and saved whole; batch k+K+1 (sampled with v_k) is saved as
+        its prompt indices and regenerated on resume."""
+        for step in sorted(self.items):
+            if step <= run.step + self.depth:
+                self.wait(step)
+        meta = {
+            "max_staleness": self.bound,
+            "partial": self.partial,
+            "batches": [{"step": s, "idx": it.idx} for s, it in sorted(self.items.items())],
+        }
         if not self.rank0:
             return meta, None
-        # waited-for batches were sampled with weights older than the checkpointed ones
-        return meta, {s: it.payload for s, it in self.items.items() if it.payload is not None}
+        saved: dict = {s: it.payload for s, it in self.items.items() if it.payload is not None}
+        if self.partial:
+            saved["pool"] = self.last_pool
+        return meta, saved
 
     def restore(self, run: Any, meta: dict, payloads: dict | None) -> None:
-        """Re-create the queue of a checkpoint written at the end of step k: batch k+1 as saved
-        (`payloads`, rank 0), the engine's score of it with v_k, then batch k+2 regenerated, in
-        the order the uninterrupted run queued them."""
+        """Re-create the queue of a checkpoint written at the end of step k: batches k+1..k+K as
+        saved (`payloads`, rank 0), the engine's score of batch k+1 with v_k, then batch k+K+1
+        regenerated with v_k, in the order the uninterrupted run queued them. A checkpoint at
+        the run's last step holds no batch past it: a resume with a larger train.steps samples
+        the missing ones now, with the checkpointed weights."""
+        saved = (int(meta.get("max_staleness", 1)), bool(meta.get("partial", False)))
+        if saved != (self.bound, self.partial):
+            raise RuntimeError(
+                f"the checkpoint at step {run.step} was written with rollout.max_staleness="
+                f"{saved[0]} rollout.partial={saved[1]}; resume it with these (its queued "
+                "batches were sampled for them)"
+            )
+        if self.partial and payloads is not None:
+            self.last_pool = list(payloads.get("pool", []))
         regenerate = []
         for b in meta.get("batches", []):
             step, idx = int(b["step"]), [int(i) for i in b["idx"]]
-            if step == run.step + 1:
-                payload = None if payloads is None else tuple(payloads[step])
-                self.items[step] = _Item(step, idx, payload=payload)
-            else:
+            payload = None if payloads is None else payloads.get(step)
+            if self.rank0 and payload is None:
                 regenerate.append((step, idx))
+            else:
+                self.items[step] = _Item(
+                    step, idx, payload=None if payload is None else tuple(payload)
+                )
         self.submit_probe(run, run.step + 1)
         for step, idx in regenerate:
             self.submit(run, step, idx)
+        for step in range(run.step + 1, run.step + self.depth + 2):
+            self.submit(run, step)
 
     def close(self) -> None:
         if self.pool is not None:
             self.pool.shutdown()
+
+
+def staleness_metrics(token_versions: list[list[int]], trainer_v: int) -> dict[str, float]:
+    """Token-level staleness of a batch trained by a trainer holding `trainer_v`:
+    `rollout/staleness_mean` over the tokens and `rollout/tokens_stale_<d>`, the number of tokens
+    sampled d versions behind (engines that report no version: none). `rollout/staleness` and
+    `_max` (`sync_check`) are per rollout, a rollout's version being its oldest token's."""
+    counts: dict[int, int] = {}
+    for row in token_versions:
+        for v in row:
+            if v >= 0:
+                counts[trainer_v - v] = counts.get(trainer_v - v, 0) + 1
+    total = sum(counts.values())
+    if not total:
+        return {}
+    out = {"rollout/staleness_mean": sum(d * c for d, c in counts.items()) / total}
+    out.update({f"rollout/tokens_stale_{d}": float(c) for d, c in sorted(counts.items())})
+    return out
 
 
 def sync_check(run: Any, batch: Any, step: int, probe: tuple | None) -> dict[str, float]:
@@ -256,17 +387,17 @@ def sync_check(run: Any, batch: Any, step: int, probe: tuple | None) -> dict[str
     cfg = run.cfg
     trainer_v = run.step  # the weights this step starts from: version k-1 in step k
     known = [v for v in batch.versions if v >= 0]  # -1: the engine did not report it
-    out: dict[str, float] = {}
+    out = staleness_metrics(batch.token_versions, trainer_v)
     if known:
         stale = [trainer_v - v for v in known]
         out["rollout/staleness"] = sum(stale) / len(stale)
         out["rollout/staleness_max"] = float(max(stale))
-        allowed = cfg.rollout.async_steps
+        allowed = cfg.rollout.staleness
         if max(stale) > allowed or min(stale) < 0:
             raise SyncCheckError(
                 f"sync check (step {step}): the rollout engine sampled with weights version "
                 f"{min(known)}..{max(known)} while the trainer holds version {trainer_v} "
-                f"(rollout.async_steps={allowed} allows {allowed} behind): a weight sync was "
+                f"(rollout.max_staleness={allowed} allows {allowed} behind): a weight sync was "
                 "missed or the engine restarted on old weights"
             )
     tol = sync_tol(cfg)
@@ -303,6 +434,7 @@ __all__ = [
     "SyncCheckError",
     "generate",
     "make_requests",
+    "staleness_metrics",
     "sync_check",
     "sync_tol",
 ]

@@ -202,15 +202,15 @@ def _build(cfg: TrainConfig, info: Any, hf_dir: str, ckpt: str, hf_config: dict,
     # the engine samples with the policy's weights from the first step on (a resumed teacher
     # is already the checkpointed one: push the weights only)
     push_weights(run, run.step)
-    if cfg.rollout.async_steps:
+    if cfg.rollout.staleness:
         _start_queue(run, resume)
     return run
 
 
 def _start_queue(run: Run, resume: str | None) -> None:
-    """Asynchronous rollouts: fresh, batches 1 and 2 both with the initial weights; resumed at
-    step k, the checkpoint's batch k+1 as sampled, batch k+2 regenerated with v_k (see
-    `trainer/rollouts.py`)."""
+    """Asynchronous rollouts (max_staleness K >= 1): fresh, batches 1..K+1 with the initial
+    weights; resumed at step k, the checkpoint's batches k+1..k+K as sampled, batch k+K+1
+    regenerated with v_k (see `trainer/rollouts.py`)."""
     from rlrt_megatron.trainer.rollouts import RolloutQueue
 
     run.rollouts = q = RolloutQueue(run)
@@ -219,10 +219,9 @@ def _start_queue(run: Run, resume: str | None) -> None:
         if resume:
             raise RuntimeError(
                 f"{resume}: the checkpoint has no rollout queue (written with "
-                "rollout.async_steps=0); resume it with rollout.async_steps=0"
+                "rollout.max_staleness=0); resume it with rollout.max_staleness=0"
             )
-        q.submit(run, run.step + 1)
-        q.submit(run, run.step + 2)
+        q.start(run)
         return
     payloads = None
     if run.rank == 0:
@@ -264,8 +263,9 @@ def make_engine(cfg: TrainConfig, hf_dir: str) -> Any:
         device=platform.device(),
         dtype=resolve_dtype(cfg.rollout.local_dtype),
         max_batch_rows=rows,
+        length_tail=cfg.rollout.local_length_tail,
     )
-    if cfg.rollout.local_process or cfg.rollout.async_steps:
+    if cfg.rollout.local_process or cfg.rollout.staleness:
         # its own process: generation runs while the trainer trains (asynchronous rollouts)
         from rlrt_megatron.rollout.process import ProcessEngine
 

@@ -40,7 +40,7 @@ class Run:
     teacher: list | None = None
     step: int = 0
     rollout_version: int = 0
-    rollouts: Any = None  # trainer.rollouts.RolloutQueue with rollout.async_steps=1
+    rollouts: Any = None  # trainer.rollouts.RolloutQueue with rollout.max_staleness >= 1
     extra: dict = field(default_factory=dict)
 
 
@@ -55,6 +55,7 @@ class Batch:
     behavior_logprobs: list[list[float]]
     finish: list[str]
     versions: list[int] = field(default_factory=list)  # the engine's weights version per rollout
+    token_versions: list = field(default_factory=list)  # per rollout, the version of each token
     rewards: torch.Tensor | None = None
     reward_info: dict = field(default_factory=dict)
     row_prompts: list = field(default_factory=list)  # prompt ids per rollout

@@ -49,8 +49,16 @@ def rollout(run: Run, step: int) -> Batch:
         if run.rank == 0:
             payload = rollouts.generate(run.engine, *rollouts.make_requests(run, step, idx))
     rows = [run.dataset[i] for i in idx]
-    prompts, responses, texts, blp, finish, versions = _broadcast(payload)
-    return Batch(rows, prompts, responses, texts, blp, finish, versions)
+    prompts, responses, texts, blp, finish, versions, *partial = _broadcast(payload)
+    if partial:  # partial rollouts: the finished groups, from any step's prompts
+        token_versions, idx, info = partial
+        rows = [run.dataset[i] for i in idx]
+    else:  # every token has its rollout's version
+        token_versions = [[v] * len(r) for v, r in zip(versions, responses, strict=True)]
+        info = {}
+    batch = Batch(rows, prompts, responses, texts, blp, finish, versions, token_versions)
+    batch.sync_metrics = dict(info)
+    return batch
 
 
 def reward(run: Run, batch: Batch) -> None:
@@ -165,7 +173,7 @@ def _check_sync(run: Run, batch: Batch) -> None:
     probe = None
     if run.rollouts is not None:
         probe = _broadcast(run.rollouts.take_probe(step) if run.rank == 0 else None)
-    batch.sync_metrics = sync_check(run, batch, step, probe)
+    batch.sync_metrics.update(sync_check(run, batch, step, probe))
 
 
 def _gather_rows(t: torch.Tensor, n: int, pol: Any) -> torch.Tensor:
@@ -219,12 +227,12 @@ def update(run: Run, batch: Batch, prepared: Any) -> dict[str, float]:
     n = len(batch.responses)
     sums: dict[str, float] = {}
     count = 0
+    dp_tokens = [0] * pol.dp_size
     for _epoch in range(cfg.train.ppo_epochs):
         for lo in range(0, n, mb_rows):
             rows = list(range(lo, min(lo + mb_rows, n)))
             num_tokens, num_seqs = prepared.select(rows).normalizers()
-            per = len(rows) // pol.dp_size
-            mine = rows[pol.dp_rank * per : (pol.dp_rank + 1) * per]
+            mine = _dp_rows(run, batch, rows, dp_tokens)
 
             def loss_of(
                 lp: torch.Tensor, sub: list[int], tk: Any, nt: float = num_tokens,
@@ -254,14 +262,40 @@ def update(run: Run, batch: Batch, prepared: Any) -> dict[str, float]:
             for k, v in m.items():
                 sums[k] = sums.get(k, 0.0) + v
             count += 1
-    return {k: v / max(count, 1) for k, v in sums.items()}
+    out = {k: v / max(count, 1) for k, v in sums.items()}
+    if pol.dp_size > 1:
+        out["dp_tokens_max_over_mean"] = max(dp_tokens) * pol.dp_size / max(sum(dp_tokens), 1)
+        out.update({f"dp_tokens_rank{r}": float(t) for r, t in enumerate(dp_tokens)})
+    return out
+
+
+def _dp_rows(run: Run, batch: Batch, rows: list[int], dp_tokens: list[int]) -> list[int]:
+    """This data-parallel rank's rows of a mini-batch, adding every rank's token count to
+    `dp_tokens`. `train.balance_dp`: split by tokens (prompt + response; greedy largest-first,
+    `megatron/packing.py`), else by position. The loss normalisers are the whole mini-batch's
+    (token-mean over all its rows) and DDP sums the ranks' gradients, so the split changes the
+    summation order only. GRPO advantages are computed before the split: rows move freely."""
+    from rlrt_megatron.megatron.packing import balance_by_tokens
+
+    pol = run.policy
+    tokens = [len(batch.row_prompts[i]) + len(batch.row_responses[i]) for i in rows]
+    if run.cfg.train.balance_dp and pol.dp_size > 1:
+        parts = [[rows[j] for j in p] for p in balance_by_tokens(tokens, pol.dp_size)]
+    else:
+        per = len(rows) // pol.dp_size
+        parts = [rows[r * per : (r + 1) * per] for r in range(pol.dp_size)]
+    length = dict(zip(rows, tokens, strict=True))
+    for r, part in enumerate(parts):
+        dp_tokens[r] += sum(length[i] for i in part)
+    return parts[pol.dp_rank]
 
 
 def await_rollouts(run: Run, step: int) -> None:
     """Asynchronous rollouts: wait for the batch sampled during step `step` (next step's batch),
     so that the engine is idle for the weight sync. A no-op for synchronous rollouts."""
-    if run.rollouts is not None:
-        run.rollouts.wait(step + 1)
+    q = run.rollouts
+    if q is not None and not q.deferred:
+        q.wait_all()
 
 
 def sync(run: Run, step: int) -> None:
@@ -275,16 +309,18 @@ def sync(run: Run, step: int) -> None:
         elif algo.teacher_weights == "snapshot" and step % int(algo.teacher_refresh_every) == 0:
             run.policy.copy_into(run.teacher)
     q = run.rollouts
-    if q is not None:
-        q.wait(step + 1)  # done by `await_rollouts` in the loop: the engine is idle
+    if q is not None and not q.deferred:
+        q.wait_all()  # done by `await_rollouts` in the loop: the engine is idle
     push_weights(run, step)
     if q is not None:
         q.submit_probe(run, step + 1)
-        q.submit(run, step + 2)
+        q.submit(run, step + q.depth + 1)
 
 
 def push_weights(run: Run, version: int) -> None:
-    """Stream the policy's weights (Hugging Face names) into the engine as `version`."""
+    """Stream the policy's weights (Hugging Face names) into the engine as `version`; with
+    asynchronous rollouts on the local engine, copied now and loaded once the generations
+    queued before have finished (`RolloutQueue.push_later`)."""
     from rlrt_megatron.convert.load import iter_hf_weights
 
     # streamed: the engine takes the tensors as they are gathered (SGLang sends them in buckets)
@@ -292,7 +328,12 @@ def push_weights(run: Run, version: int) -> None:
     fp32 = run.policy.params_dtype == torch.float32
     weights = iter_hf_weights(run.policy.chunks, dtype=None if fp32 else torch.bfloat16)
     try:
-        if run.rank == 0:
+        q = run.rollouts
+        if run.rank == 0 and q is not None and q.deferred:
+            q.push_later(
+                run.engine, [(n, t.detach().to("cpu", copy=True)) for n, t in weights], version
+            )
+        elif run.rank == 0:
             run.engine.update_weights(weights, version=version)
     finally:
         for _ in weights:  # lockstep with rank 0's gathers, even if its engine stopped early
@@ -346,7 +387,7 @@ def step_metrics(
          for k, v in prepared.metrics.items()}
     )  # fmt: skip
     for k, v in upd.items():
-        if k in ("grad_norm", "lr", "update_ok"):
+        if k in ("grad_norm", "lr", "update_ok") or k.startswith("dp_tokens"):
             m[f"train/{k}"] = v
         else:  # "loss" is the mini-batch loss, the rest the algorithm's loss metrics
             m["loss/value" if k == "loss" else f"loss/{k}"] = v
@@ -369,6 +410,8 @@ def evaluate(run: Run, step: int) -> dict[str, float]:
     """avg@k / pass@k of the engine's current weights (rank 0; fixed seed across steps)."""
     if run.rank != 0:
         return {}
+    if run.rollouts is not None:  # the engine evaluates the weights just pushed
+        run.rollouts.wait_pushes()
     from rlrt_megatron.eval.benchmarks import load_benchmarks, parse_benchmark_files
     from rlrt_megatron.eval.runner import run_eval
 
@@ -411,7 +454,7 @@ def save_checkpoint(run: Run) -> str:
         "time": time.time(),
     }
     if run.rollouts is not None:
-        state["rollout_queue"], payloads = run.rollouts.state()
+        state["rollout_queue"], payloads = run.rollouts.state(run)
         if payloads is not None:
             extra = {ROLLOUT_QUEUE_FILE: payloads}
     path = run.checkpointer.save(

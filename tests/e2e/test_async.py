@@ -90,7 +90,7 @@ def test_a_sync_checkpoint_cannot_resume_async(tiny_model, tmp_path):
         _cmd(tiny_model, run_dir, "--resume", "auto"),
         capture_output=True, text=True, timeout=600, env=clean_env(),
     )  # fmt: skip
-    assert again.returncode != 0 and "rollout.async_steps=0" in again.stderr
+    assert again.returncode != 0 and "rollout.max_staleness=0" in again.stderr
 
 
 def _tp2_async(rank: int, world: int, model: dict, run_dir: str) -> list[dict]:

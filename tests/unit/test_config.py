@@ -109,3 +109,18 @@ def test_every_field_documented():
     assert "algorithm.rlrt.alpha = 1.0\n    interpolation, 0 = GRPO exactly" in text
     for block in text.split("\n")[1::2]:
         assert block.strip(), "a field without help text"
+
+
+def test_max_staleness_and_its_async_steps_alias():
+    assert get_recipe("tiny_demo").rollout.staleness == 0
+    assert get_recipe("tiny_demo", ["rollout.async_steps=1"]).rollout.staleness == 1
+    assert get_recipe("tiny_demo", ["rollout.max_staleness=2"]).rollout.staleness == 2
+    ok = ["rollout.async_steps=1", "rollout.max_staleness=1"]
+    assert get_recipe("tiny_demo", ok).rollout.staleness == 1
+    with pytest.raises(ConfigError, match="rollout.async_steps.*alias"):
+        get_recipe("tiny_demo", ["rollout.async_steps=1", "rollout.max_staleness=2"])
+    with pytest.raises(ConfigError, match="rollout.max_staleness"):
+        get_recipe("tiny_demo", ["rollout.max_staleness=-1"])
+    with pytest.raises(ConfigError, match="rollout.partial.*max_staleness >= 1"):
+        get_recipe("tiny_demo", ["rollout.partial=true"])
+    assert get_recipe("tiny_demo", ["rollout.partial=true", "rollout.max_staleness=2"])

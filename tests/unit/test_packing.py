@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlrt_megatron.megatron.packing import block_causal_mask, pack_sequences
+from rlrt_megatron.megatron.packing import balance_by_tokens, block_causal_mask, pack_sequences
 
 
 def test_block_causal_mask():
@@ -62,3 +62,19 @@ def test_pack_sequences_errors():
         pack_sequences([[1] * 10], [2], token_budget=8)
     with pytest.raises(ValueError, match="response_start"):
         pack_sequences([[1, 2, 3]], [0], token_budget=8)
+
+
+def test_balance_by_tokens_greedy_largest_first():
+    assert balance_by_tokens([5, 4, 3, 3, 3], 2) == [[0, 3], [1, 2, 4]]  # 8 | 10 (LPT)
+    assert balance_by_tokens([1, 1, 1], 1) == [[0, 1, 2]]
+    # a heavy tail: 80% short, 5% at the limit; by position one rank gets the long ones
+    lengths = [40] * 26 + [300] * 4 + [2048] * 2
+    parts = balance_by_tokens(lengths, 2)
+    assert sorted(i for p in parts for i in p) == list(range(len(lengths)))
+    loads = [sum(lengths[i] for i in p) for p in parts]
+    assert max(loads) / (sum(loads) / 2) <= 1.1
+    half = len(lengths) // 2
+    by_position = [sum(lengths[:half]), sum(lengths[half:])]
+    assert max(by_position) / (sum(lengths) / 2) > 1.5
+    with pytest.raises(ValueError, match="parts"):
+        balance_by_tokens([1], 0)
