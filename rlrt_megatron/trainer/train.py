@@ -60,6 +60,7 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None) -> dict[str, Any]:
             phase("rollout", steps.await_rollouts, run, step)  # async: the next batch
             phase("sync", steps.sync, run, step)
             metrics = steps.step_metrics(run, batch, prepared, update, times, t0)
+            steps.check_teacher(run, metrics)
             if steps.eval_due(cfg, step):
                 metrics.update(phase("eval", steps.evaluate, run, step))
             phase("log", run.logger.log, step, metrics)
