@@ -47,6 +47,8 @@ def time_algorithm(algo: str, args: argparse.Namespace) -> dict[str, list[float]
             "checkpoint.resume=none",
             "logging.console=none",
             "logging.tensorboard=false",
+            # the repeats re-score step 1's batch after updates: not a stale engine
+            "rollout.sync_check_tol=-1",
             *args.overrides,
             *extra,
         ],

@@ -33,6 +33,7 @@ TEACHER_KEYS = (
     "delta/gap",
     "delta/gap@10",  # the mean gap over the first 10 steps
 )
+COLLAPSE_TOL = 0.02  # issue 23: last-10 mean >= first-5 mean - 0.02 for every run
 FIRST_COLUMNS = (REWARD, "reward/pass_rate", "reward/pass_at_group")
 
 
@@ -112,6 +113,7 @@ def run_numbers(rows: list[dict[str, Any]], ekey: str | None) -> dict[str, float
         "reward_auc": stats.mean(rewards),
         "reward_first5": stats.mean(rewards[:5]),
         "reward_last5": stats.mean(rewards[-5:]),
+        "reward_last10": stats.mean(rewards[-10:]),
         "steps": float(rows[-1]["step"]) if rows else 0.0,
     }
 
@@ -213,7 +215,17 @@ def summary_markdown(s: Summary, header: Sequence[str] = ()) -> str:
         f"Mean ± standard error over seeds. final {k}: the fixed eval set "
         f"(`{s.eval_key}`) after the last step. reward AUC: area under the training mean-reward "
         "curve / number of steps (= the mean of `reward/mean` over all steps).",
+        "",
+        "Collapse check: per seed, mean reward of the last 10 steps minus that of the first 5 "
+        f"(a run collapses when it is below -{COLLAPSE_TOL}).",
+        "",
+        "| algorithm | last 10 - first 5, per seed | collapsed runs |",
+        "|---|---|---|",
     ]
+    for algo, per_seed in s.per_run.items():
+        d = [v["reward_last10"] - v["reward_first5"] for _, v in sorted(per_seed.items())]
+        bad = sum(x < -COLLAPSE_TOL for x in d)
+        lines.append(f"| {algo} | {', '.join(f'{x:+.3f}' for x in d)} | {bad}/{len(d)} |")
     if s.versus:
         lines += [
             "",

@@ -132,3 +132,14 @@ def test_teacher_table_has_the_separation_and_the_eval_probe() -> None:
     table = md.split("Teacher-side")[1]
     assert "`delta/gap@10` | `eval/teacher/synthetic/avg@8` |" in table
     assert "| rlrt | 0.300 | -0.100 | 0.000 | -0.250 | 0.250 | 0.200 | 0.500 | 0.300 |" in table
+
+
+def test_collapse_check_per_seed() -> None:
+    from rlrt_megatron.compare.report import RunRows, summarize, summary_markdown
+
+    def rows(first: float, last: float) -> list[dict]:
+        return [{"step": s, "reward/mean": first if s <= 5 else last} for s in range(1, 16)]
+
+    runs = [RunRows("sdpo", 0, rows(0.3, 0.29)), RunRows("sdpo", 1, rows(0.3, 0.2))]
+    md = summary_markdown(summarize(runs, ["sdpo"]))
+    assert "| sdpo | -0.010, -0.100 | 1/2 |" in md
