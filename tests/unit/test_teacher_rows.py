@@ -14,7 +14,7 @@ from rlrt_megatron.algorithms import get_algorithm
 from rlrt_megatron.convert.tiny import build_tokenizer
 from rlrt_megatron.data import PromptTemplate
 from rlrt_megatron.data.datasets import PromptRow
-from rlrt_megatron.trainer import steps
+from rlrt_megatron.trainer import steps, teacher
 from rlrt_megatron.trainer.state import Batch
 
 G = 4
@@ -96,7 +96,7 @@ def test_teacher_prompts_are_capped(tok) -> None:
     steps._build_views(run, b, step=1)
     assert all(p is None for p in b.teacher_prefixes)  # today: the cap is never passed
     assert not b.has_teacher.any()
-    assert steps.teacher_prefix_cap(run.cfg) == longest - 1
+    assert teacher.teacher_prefix_cap(run.cfg) == longest - 1
 
 
 def test_teacher_metrics_split_correct_and_wrong() -> None:
@@ -109,7 +109,7 @@ def test_teacher_metrics_split_correct_and_wrong() -> None:
         has_teacher=torch.tensor([True, False, False, True]),
         teacher_probe=torch.tensor([False, True, False, False]),
     )
-    m = steps.teacher_metrics(b, torch.tensor([True, False, True, False]))
+    m = teacher.teacher_metrics(b, torch.tensor([True, False, True, False]))
     # used rows 0 and 3: tokens 0.5, 0.1, -0.5, 0.5
     assert m["delta/mean"] == pytest.approx(0.15)
     assert m["delta/abs_mean"] == pytest.approx(0.4)
@@ -125,7 +125,7 @@ def test_warning_when_the_teacher_does_not_separate(tok) -> None:
     said: list[str] = []
     run.logger = SimpleNamespace(message=said.append)
     for gap in (0.05, 0.0, 0.2, 0.0, 0.01, -0.3, 0.0):
-        steps.check_teacher(run, {"delta/gap": gap})
+        teacher.check_teacher(run, {"delta/gap": gap})
     assert len(said) == 1 and "does not separate" in said[0] and "teacher.warn_gap" in said[0]
-    steps.check_teacher(run, {})  # algorithms without a teacher: nothing
+    teacher.check_teacher(run, {})  # algorithms without a teacher: nothing
     assert len(said) == 1
