@@ -7,6 +7,10 @@ same seed (identical weights -> identical rollouts). The rollout and reward phas
 those initial weights; then every repeat times logprobs -> advantages -> update -> sync on a fresh
 copy of the same batch. The teacher forward
 (the `logprobs` phase) is RLRT's only extra work; the goal is a total ratio <= 1.3.
+`rlrt_all` is RLRT with the teacher forward on every rollout with a context (as before issue 23:
+`teacher.probe_rows` unbounded) instead of its `teacher_rows` (correct rollouts with a peer, plus
+the 16 diagnostic probe rows): the teacher forward's cost (logprobs phase minus GRPO's) should
+scale with the share of rows it runs on.
 Prints a table (median seconds per phase) and `ratio_rlrt_over_grpo=<float>` on its last line.
 """
 
@@ -31,6 +35,8 @@ def time_algorithm(algo: str, args: argparse.Namespace) -> dict[str, list[float]
     from rlrt_megatron.trainer.cli import _prepare_demo_model
 
     model_dir = os.path.join(args.run_dir, "model")
+    extra = ["teacher.probe_rows=1000000"] if algo == "rlrt_all" else []
+    algo = algo.removesuffix("_all")
     recipe = "tiny_demo" if algo == "rlrt" else f"tiny_demo_{algo}"
     cfg = get_recipe(
         recipe,
@@ -41,7 +47,10 @@ def time_algorithm(algo: str, args: argparse.Namespace) -> dict[str, list[float]
             "checkpoint.resume=none",
             "logging.console=none",
             "logging.tensorboard=false",
+            # the repeats re-score step 1's batch after updates: not a stale engine
+            "rollout.sync_check_tol=-1",
             *args.overrides,
+            *extra,
         ],
     )
     _prepare_demo_model(cfg, model_dir)
@@ -79,6 +88,10 @@ def time_algorithm(algo: str, args: argparse.Namespace) -> dict[str, list[float]
                 for k, v in t.items():
                     times[k].append(v)
         times["tokens"] = [float(frozen.mask.sum()) if frozen.mask is not None else 0.0]
+        times["teacher_rows"] = [
+            sum(p is not None for p in batch.teacher_prefixes) / len(batch.texts)
+        ]
+        times["correct"] = [float((frozen.rewards > 0.5).float().mean())]
     finally:
         setup.teardown(run)
     return times
@@ -90,16 +103,31 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run-dir", default="runs/bench")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
-    res = {algo: time_algorithm(algo, args) for algo in ("grpo", "rlrt")}
+    algos = ("grpo", "rlrt", "rlrt_all")
+    res = {algo: time_algorithm(algo, args) for algo in algos}
     med = {a: {ph: statistics.median(r[ph]) for ph in PHASES} for a, r in res.items()}
     print(f"\nmedian seconds per phase over {args.repeats} repeats (same batch, same seed)")
-    print(f"{'phase':<12}{'grpo':>10}{'rlrt':>10}{'rlrt/grpo':>12}")
+    print(f"{'phase':<12}" + "".join(f"{a:>10}" for a in algos) + f"{'rlrt/grpo':>12}")
     for ph in PHASES:
         g, r = med["grpo"][ph], med["rlrt"][ph]
-        print(f"{ph:<12}{g:>10.3f}{r:>10.3f}{r / g if g > 0 else float('nan'):>12.2f}")
-    tg, tr = sum(med["grpo"].values()), sum(med["rlrt"].values())
-    print(f"{'step':<12}{tg:>10.3f}{tr:>10.3f}{tr / tg:>12.2f}")
-    print(f"ratio_rlrt_over_grpo={tr / tg:.3f}")
+        cells = "".join(f"{med[a][ph]:>10.3f}" for a in algos)
+        print(f"{ph:<12}{cells}{r / g if g > 0 else float('nan'):>12.2f}")
+    tot = {a: sum(med[a].values()) for a in algos}
+    print(
+        f"{'step':<12}"
+        + "".join(f"{tot[a]:>10.3f}" for a in algos)
+        + f"{tot['rlrt'] / tot['grpo']:>12.2f}"
+    )
+    extra = {a: med[a]["logprobs"] - med["grpo"]["logprobs"] for a in ("rlrt", "rlrt_all")}
+    rows = {a: res[a]["teacher_rows"][0] for a in ("rlrt", "rlrt_all")}
+    print(
+        f"correct rollouts {res['rlrt']['correct'][0]:.2f}; teacher forward on "
+        f"{rows['rlrt']:.2f} of the rows (rlrt) vs {rows['rlrt_all']:.2f} (rlrt_all); its cost "
+        f"(logprobs - grpo's) {extra['rlrt']:.3f}s vs {extra['rlrt_all']:.3f}s"
+    )
+    ratio = extra["rlrt"] / extra["rlrt_all"] if extra["rlrt_all"] > 0 else float("nan")
+    print(f"teacher_cost_ratio_rows_over_all={ratio:.3f}")
+    print(f"ratio_rlrt_over_grpo={tot['rlrt'] / tot['grpo']:.3f}")
     return 0
 
 

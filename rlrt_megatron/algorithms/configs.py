@@ -122,8 +122,10 @@ class SDPOConfig:
 
     Attributes:
         beta: generalized-JSD interpolation, 0 = KL(T||S) forward, 1 = KL(S||T) reverse (0.5).
-        topk: k of the student's top-k ids (+ 1 tail bucket) (100).
-        ema_rate: teacher EMA rate (0.05).
+        topk: k of the current student's top-k ids (+ 1 tail bucket), taken per mini-batch
+            (100).
+        ema_rate: teacher EMA rate (0.05); 0 = the initial policy, frozen (the setting the
+            RLRT authors report for their SDPO baseline).
         is_clip: IS weight min(pi / pi_old, is_clip) (2.0).
         variant: "topk" (generalized JSD) | "sampled" (sg(s - tau) * s on sampled tokens).
     """
@@ -140,8 +142,10 @@ class SDPOConfig:
             raise ValueError(f"{name}.beta must be in [0, 1], got {self.beta}")
         if self.topk < 1:
             raise ValueError(f"{name}.topk must be >= 1, got {self.topk}")
-        if not 0.0 < self.ema_rate <= 1.0:
-            raise ValueError(f"{name}.ema_rate must be in (0, 1], got {self.ema_rate}")
+        if not 0.0 <= self.ema_rate <= 1.0:
+            raise ValueError(
+                f"{name}.ema_rate must be in [0, 1] (0 = a frozen teacher), got {self.ema_rate}"
+            )
         if self.is_clip <= 0.0:
             raise ValueError(f"{name}.is_clip must be > 0, got {self.is_clip}")
         if self.variant not in ("topk", "sampled"):
@@ -155,7 +159,11 @@ class SRPOConfig(PPOConfig):
     Attributes (besides the PPO ones; ``agg`` must stay "token-mean": one shared denominator):
         beta, topk, ema_rate, is_clip: as SDPOConfig.
         entropy_beta: beta_H in w_t = exp(-beta_H * H_t(teacher)), normalised to mean 1 (1.0).
+        scale_by_std: False (default) = the paper's unbiased GRPO branch, A_i = r_i - mean_g(r)
+            (Dr.GRPO); True divides by the group std.
     """
+
+    scale_by_std: bool = False
 
     beta: float = 0.5
     topk: int = 100

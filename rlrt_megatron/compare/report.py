@@ -25,7 +25,15 @@ from rlrt_megatron.compare import stats
 REWARD = "reward/mean"
 # Teacher-side diagnostics of the trainer (`trainer/steps.py:step_metrics`), shown for the
 # algorithms whose runs logged a Delta (those with a teacher).
-TEACHER_KEYS = ("teacher/frac_rows", "delta/mean", "delta/abs_mean", "delta/std")
+TEACHER_KEYS = (
+    "teacher/frac_rows",
+    "delta/mean",
+    "delta/correct_mean",
+    "delta/wrong_mean",
+    "delta/gap",
+    "delta/gap@10",  # the mean gap over the first 10 steps
+)
+COLLAPSE_TOL = 0.02  # issue 23: last-10 mean >= first-5 mean - 0.02 for every run
 FIRST_COLUMNS = (REWARD, "reward/pass_rate", "reward/pass_at_group")
 
 
@@ -105,6 +113,7 @@ def run_numbers(rows: list[dict[str, Any]], ekey: str | None) -> dict[str, float
         "reward_auc": stats.mean(rewards),
         "reward_first5": stats.mean(rewards[:5]),
         "reward_last5": stats.mean(rewards[-5:]),
+        "reward_last10": stats.mean(rewards[-10:]),
         "steps": float(rows[-1]["step"]) if rows else 0.0,
     }
 
@@ -137,10 +146,28 @@ def summarize(runs: Sequence[RunRows], algorithms: Sequence[str]) -> Summary:
     for r in runs:
         if not any("delta/mean" in row for row in r.rows):
             continue
-        per_seed = s.teacher.setdefault(r.algorithm, {k: [] for k in TEACHER_KEYS})
-        for k in TEACHER_KEYS:
-            per_seed[k].append(stats.mean([row[k] for row in r.rows if k in row]))
+        per_seed = s.teacher.setdefault(r.algorithm, {})
+        for k, v in teacher_means(r.rows).items():
+            per_seed.setdefault(k, []).append(v)
     return s
+
+
+def teacher_means(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Per run: the mean over steps of each `TEACHER_KEYS` metric (`delta/gap@10`: over the first
+    10 steps) and of the eval's teacher probe (`eval/teacher/<bench>/avg@k` and the student's
+    `student_avg@k` on the same problems), over the steps that logged it."""
+    out = {}
+    for k in TEACHER_KEYS:
+        src, rs = (k[:-3], rows[:10]) if k.endswith("@10") else (k, rows)
+        vals = [row[src] for row in rs if src in row]
+        if vals:
+            out[k] = stats.mean(vals)
+    probe = sorted(
+        {k for row in rows for k in row if k.startswith("eval/teacher/") and "avg@" in k}
+    )
+    for k in probe:
+        out[k] = stats.mean([row[k] for row in rows if k in row])
+    return out
 
 
 def verdict(ref: str, other: str, t: dict[str, Any]) -> str:
@@ -188,7 +215,17 @@ def summary_markdown(s: Summary, header: Sequence[str] = ()) -> str:
         f"Mean ± standard error over seeds. final {k}: the fixed eval set "
         f"(`{s.eval_key}`) after the last step. reward AUC: area under the training mean-reward "
         "curve / number of steps (= the mean of `reward/mean` over all steps).",
+        "",
+        "Collapse check: per seed, mean reward of the last 10 steps minus that of the first 5 "
+        f"(a run collapses when it is below -{COLLAPSE_TOL}).",
+        "",
+        "| algorithm | last 10 - first 5, per seed | collapsed runs |",
+        "|---|---|---|",
     ]
+    for algo, per_seed in s.per_run.items():
+        d = [v["reward_last10"] - v["reward_first5"] for _, v in sorted(per_seed.items())]
+        bad = sum(x < -COLLAPSE_TOL for x in d)
+        lines.append(f"| {algo} | {', '.join(f'{x:+.3f}' for x in d)} | {bad}/{len(d)} |")
     if s.versus:
         lines += [
             "",
@@ -210,15 +247,26 @@ def summary_markdown(s: Summary, header: Sequence[str] = ()) -> str:
             "## Teacher-side diagnostics (algorithms with a teacher)",
             "",
             "Per run the mean over steps, then mean ± standard error over seeds. "
-            "`teacher/frac_rows`: share of rollouts with a teacher context; "
-            "Delta = log pi_T - log pi_S on their response tokens.",
+            "`teacher/frac_rows`: share of rollouts whose teacher the algorithm uses; "
+            "Delta = log pi_T - log pi_S of the sampled tokens (`delta/mean` on those rows; "
+            "`correct_mean` / `wrong_mean` on correct / wrong rollouts, probe rows included; "
+            "`gap` = their difference, `gap@10` over the first 10 steps: > 0 when the teacher "
+            "tells right from wrong). `eval/teacher/.../avg@k`: the teacher prompt showing a "
+            "correct eval sample vs `student_avg@k`, the student on the same problems.",
             "",
-            "| algorithm | " + " | ".join(f"`{key}`" for key in TEACHER_KEYS) + " |",
-            "|---|" + "---|" * len(TEACHER_KEYS),
+        ]
+        keys = [k for k in TEACHER_KEYS if any(k in p for p in s.teacher.values())]
+        keys += sorted({k for p in s.teacher.values() for k in p} - set(keys))
+        lines += [
+            "| algorithm | " + " | ".join(f"`{key}`" for key in keys) + " |",
+            "|---|" + "---|" * len(keys),
         ]
         for algo, per_seed in s.teacher.items():
             cells = [
-                pm(stats.mean(per_seed[key]), stats.stderr(per_seed[key])) for key in TEACHER_KEYS
+                pm(stats.mean(per_seed[key]), stats.stderr(per_seed[key]))
+                if per_seed.get(key)
+                else "-"
+                for key in keys
             ]
             lines.append(f"| {algo} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

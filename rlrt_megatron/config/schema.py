@@ -85,6 +85,13 @@ class ModelConfig:
         "not all be zero). Cached under the run dir.",
     )
     sft_lr: float = _f(3e-3, "Learning rate of the SFT warm-up.")
+    sft_teacher_frac: float = _f(
+        0.0,
+        "Share of SFT warm-up examples rendered with the teacher template (`data.teacher_template`"
+        " showing a correct solution of the same problem) instead of the student prompt, so the "
+        "warmed model can read its privileged context: the teacher of RLRT/RLSD/SDPO/SRPO is then "
+        "more accurate than the student. The warm-up prints both accuracies.",
+    )
     spec: Literal["auto", "local", "torch", "te"] = _f(
         "auto",
         "Layer spec: `local` (Megatron's pure PyTorch modules, dense attention; CPU), `torch` "
@@ -221,6 +228,11 @@ class DataConfig:
         "(`{peer_solution}` = the reference solution/answer).",
     )
     max_prompt_tokens: int = _f(1024, "Prompts longer than this are skipped (counted in logs).")
+    max_teacher_prompt_tokens: int = _f(
+        0,
+        "A teacher prompt (template + prompt + peer solution) longer than this gives that "
+        "rollout no teacher. 0 = max_prompt_tokens + rollout.max_new_tokens + 64.",
+    )
     shuffle: bool = _f(True, "Shuffle prompts each epoch (seeded by train.seed).")
 
 
@@ -323,6 +335,28 @@ class EvalConfig:
 
 
 @dataclass
+class TeacherConfig:
+    """Teacher diagnostics (algorithms with a teacher: RLRT, RLSD, SDPO, SRPO)."""
+
+    probe_rows: int = _f(
+        16,
+        "Rollouts per step the algorithm does not use (RLRT: wrong ones; SRPO: correct ones) "
+        "that still get a teacher forward, for `delta/correct_mean` vs `delta/wrong_mean` only.",
+    )
+    warn_gap: float = _f(
+        0.05,
+        "Warn when `delta/gap` (= delta/correct_mean - delta/wrong_mean) stays below this for "
+        "`warn_steps` steps in a row: the teacher does not tell right from wrong rollouts.",
+    )
+    warn_steps: int = _f(5, "Consecutive steps below `warn_gap` before the warning (0 = off).")
+    eval_probe: bool = _f(
+        True,
+        "With eval: `eval/teacher/<bench>/avg@k` = accuracy of the teacher prompt showing a "
+        "correct solution of the same problem taken from the eval's own samples.",
+    )
+
+
+@dataclass
 class TrainConfig:
     """A full training run."""
 
@@ -341,6 +375,7 @@ class TrainConfig:
     logging: LoggingConfig = _sub(LoggingConfig)
     timeouts: TimeoutsConfig = _sub(TimeoutsConfig)
     eval: EvalConfig = _sub(EvalConfig)
+    teacher: TeacherConfig = _sub(TeacherConfig)
 
     # ---- derived paths -------------------------------------------------------------------
     @property
@@ -506,6 +541,9 @@ def validation_errors(
         "is empty; give a Hugging Face model directory or set model.build_tiny=true",
     )
     need(m.sft_warmup_steps >= 0, "model.sft_warmup_steps", "must be >= 0")
+    need(0.0 <= m.sft_teacher_frac <= 1.0, "model.sft_teacher_frac", "must be in [0, 1]")
+    need(cfg.teacher.probe_rows >= 0, "teacher.probe_rows", "must be >= 0")
+    need(cfg.teacher.warn_steps >= 0, "teacher.warn_steps", "must be >= 0")
     need(
         m.spec in ("auto", "local", "torch", "te"),
         "model.spec",

@@ -13,6 +13,7 @@ from rlrt_megatron.data.teacher import (
     DEFAULT_TEACHER_TEMPLATE,
     TeacherContext,
     build_teacher_contexts,
+    render_teacher_prompt,
     strip_thinking,
     validate_teacher_template,
 )
@@ -38,6 +39,7 @@ __all__ = [
     "load_prompt_dataset",
     "render_prompt",
     "render_prompts",
+    "render_teacher_prompt",
     "rows_to_dataset",
     "strip_thinking",
     "validate_teacher_template",

@@ -83,6 +83,21 @@ def _fill(template: str, prompt: str, solution: str) -> str:
     return template.format(prompt=prompt, peer_solution=solution, solution=solution)
 
 
+def render_teacher_prompt(
+    tokenizer: Any,
+    problem: str,
+    solution: str,
+    template: str = DEFAULT_TEACHER_TEMPLATE,
+    prompt_template: PromptTemplate | None = None,
+) -> tuple[str, list[int]]:
+    """(text, token ids) of the teacher prompt for `problem` showing `solution`: the filled
+    template as one user turn with the student's chat template and generation prompt."""
+    ptemplate = prompt_template or PromptTemplate()
+    content = _fill(template, user_content(problem, ptemplate), solution)
+    text = render_text(tokenizer, content, ptemplate)
+    return text, tokenize_text(tokenizer, text)
+
+
 def build_teacher_contexts(
     prompts: Sequence[str],
     completions: Sequence[str],
@@ -150,9 +165,8 @@ def build_teacher_contexts(
     def make(g: int, solution: str, source: str, peer: int | None) -> TeacherContext | None:
         key = (g, -1 if peer is None else peer)
         if key not in cache:
-            content = _fill(template, user_content(prompts[g], ptemplate), solution)
-            text = render_text(tokenizer, content, ptemplate)
-            cache[key] = TeacherContext(tokenize_text(tokenizer, text), text, source, peer)
+            text, ids = render_teacher_prompt(tokenizer, prompts[g], solution, template, ptemplate)
+            cache[key] = TeacherContext(ids, text, source, peer)
         ctx = cache[key]
         if max_prefix_tokens is not None and len(ctx.token_ids) > max_prefix_tokens:
             return None

@@ -297,7 +297,37 @@ def delta_stats(rollouts: Sequence[Rollout]) -> dict[str, float]:
     out = asymmetry_stats(s, tau, mask, rewards)
     out["rollouts_with_teacher"] = float(len(rs))
     out["rollouts_peer_teacher"] = float(sum(r.teacher_source == "peer" for r in rs))
+    # the trainer's names (`trainer/steps.py:teacher_metrics`, `rlrt compare`'s teacher table)
+    if out["tokens_correct"]:
+        out["delta/correct_mean"] = out["delta_mean_correct"]
+    if out["tokens_incorrect"]:
+        out["delta/wrong_mean"] = out["delta_mean_incorrect"]
+    if "delta/correct_mean" in out and "delta/wrong_mean" in out:
+        out["delta/gap"] = out["delta/correct_mean"] - out["delta/wrong_mean"]
     return out
+
+
+def teacher_probe(
+    engine: Any, tokenizer: Any, rollouts: Sequence[Rollout], k: int, reward: Any, **kw: Any
+) -> dict[str, float]:
+    """The trainer's eval teacher probe (`eval.teacher_probe.teacher_eval_metrics`) on these
+    rollouts (k per problem): `eval/teacher/<bench>/avg@k` vs `student_avg@k`. `kw`:
+    `sampling`, `teacher_template`, `template`."""
+    from types import SimpleNamespace
+
+    from rlrt_megatron.eval.teacher_probe import teacher_eval_metrics
+
+    records: dict[str, list[dict]] = {}
+    problems: dict[tuple[str, str], Any] = {}
+    for i in range(0, len(rollouts), k):
+        group = rollouts[i : i + k]
+        r0 = group[0]
+        uid = str(r0.problem_index)
+        records.setdefault(r0.benchmark, []).append(
+            {"uid": uid, "scores": [r.reward for r in group], "responses": [r.text for r in group]}
+        )
+        problems[(r0.benchmark, uid)] = SimpleNamespace(problem=r0.problem, answer=r0.answer)
+    return teacher_eval_metrics(engine, records, problems, tokenizer=tokenizer, reward=reward, **kw)
 
 
 def delta_analysis(rollouts: Sequence[Rollout], tokenizer: Any, top: int = 15) -> dict:

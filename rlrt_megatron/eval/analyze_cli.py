@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rlrt_megatron.data.teacher import DEFAULT_TEACHER_TEMPLATE
 from rlrt_megatron.data.templates import PromptTemplate
 from rlrt_megatron.eval import cli_common, plots
 from rlrt_megatron.eval.analyze import (
@@ -21,7 +22,9 @@ from rlrt_megatron.eval.analyze import (
     jsd_analysis,
     reflection_injection,
     sample_rollouts,
+    teacher_probe,
 )
+from rlrt_megatron.rollout.base import SamplingParams
 
 
 def add_analyze_args(p: argparse.ArgumentParser) -> None:
@@ -170,6 +173,23 @@ def _analyze(args: argparse.Namespace) -> int:
             )
         if "delta" in wanted:
             result["delta"] = delta_analysis(rollouts, tok, args.top_tokens)
+            result["delta"]["stats"].update(
+                teacher_probe(
+                    engine,
+                    tok,
+                    rollouts,
+                    args.k,
+                    reward,
+                    sampling=SamplingParams(
+                        n=args.k,
+                        temperature=args.temperature,
+                        max_new_tokens=args.max_new_tokens,
+                        seed=args.seed,
+                    ),
+                    teacher_template=DEFAULT_TEACHER_TEMPLATE,
+                    template=template,
+                )
+            )
             pngs += [
                 plots.plot_delta_traces(rollouts, tok, out / "delta_trace.png"),
                 plots.plot_delta_hist(rollouts, out / "delta_hist.png"),

@@ -262,8 +262,11 @@ def print_summary(console: Any, data: dict[str, Any], top: int = 10) -> None:
             f"Δ: {int(st.get('rollouts_with_teacher', 0))} rollouts with a teacher "
             f"({int(st.get('rollouts_peer_teacher', 0))} peer); mean Δ correct "
             f"{st.get('delta_mean_correct', float('nan')):+.3f}, incorrect "
-            f"{st.get('delta_mean_incorrect', float('nan')):+.3f}"
+            f"{st.get('delta_mean_incorrect', float('nan')):+.3f} (delta/gap "
+            f"{st.get('delta/gap', float('nan')):+.3f})"
         )
+        for key in sorted(k for k in st if k.startswith("eval/teacher/")):
+            console.print(f"{key}: {st[key]:.3f}")
         t = Table(title=f"explore / exploit tokens ({d['scope']} rollouts)")
         for c in ("explore", "mean Δ", "n", "exploit", "mean Δ ", "n "):
             t.add_column(c, justify="right" if c.strip() in ("mean Δ", "n") else "left")

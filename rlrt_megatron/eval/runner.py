@@ -384,6 +384,7 @@ def run_eval(
     concurrency: int = 1,
     prefix: str = "eval/",
     results_path: str | Path | None = None,
+    teacher_template: str | None = None,
 ) -> dict[str, float]:
     """In-training eval: avg@k / pass@k of the engine's current weights, as flat metrics.
 
@@ -393,6 +394,8 @@ def run_eval(
     the trainer's to reuse its workers. `seed`: keep it fixed across steps (e.g.
     `rollout.seed`): every eval then draws the same random numbers, so step-to-step changes
     come from the weights, and a resumed run evaluates exactly what the uninterrupted one did.
+    `teacher_template`: also the teacher-accuracy probe (`eval/teacher/...`,
+    `eval.teacher_probe.teacher_eval_metrics`).
     """
     t = template or PromptTemplate()
     settings = EvalSettings(
@@ -422,8 +425,26 @@ def run_eval(
             reward=reward,
             concurrency=concurrency,
             results_path=results_path,
+            save_responses=teacher_template is not None,
         )
+        out = flat_metrics(report.summary, prefix)
+        if teacher_template is not None:
+            from rlrt_megatron.eval.teacher_probe import teacher_eval_metrics
+
+            out.update(
+                teacher_eval_metrics(
+                    engine,
+                    report.records,
+                    {(b.name, p.uid): p for b in benchmarks for p in b.problems},
+                    tokenizer=tokenizer,
+                    reward=reward,
+                    sampling=settings.sampling(seed),
+                    teacher_template=teacher_template,
+                    template=t,
+                    prefix=prefix,
+                )
+            )
     finally:
         if own:
             reward.close()  # type: ignore[union-attr]
-    return flat_metrics(report.summary, prefix)
+    return out

@@ -61,7 +61,9 @@ class Batch:
     row_prompts: list = field(default_factory=list)  # prompt ids per rollout
     row_responses: list = field(default_factory=list)  # response ids per rollout (never empty)
     teacher_prefixes: list = field(default_factory=list)  # teacher context + prompt, or None
-    has_teacher: torch.Tensor | None = None
+    has_teacher: torch.Tensor | None = None  # [B] bool: rows whose teacher the algorithm uses
+    teacher_used: list = field(default_factory=list)  # has_teacher as a host list
+    teacher_probe: torch.Tensor | None = None  # [B] bool: teacher seen for diagnostics only
     width: int = 0
     mask: torch.Tensor | None = None
     old_logprobs: torch.Tensor | None = None

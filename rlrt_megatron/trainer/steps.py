@@ -26,6 +26,7 @@ from rlrt_megatron.trainer.state import (
     Run,
     ragged_to_padded,
 )
+from rlrt_megatron.trainer.teacher import teacher_metrics, teacher_prefix_cap
 
 # ---- phases -------------------------------------------------------------------------------
 
@@ -78,7 +79,14 @@ def reward(run: Run, batch: Batch) -> None:
 
 def _build_views(run: Run, batch: Batch, step: int) -> None:
     """Per rollout: its prompt, its response (an empty one gets one masked pad token) and its
-    teacher prefix (teacher context + prompt; None when the rollout has no teacher view)."""
+    teacher prefix (teacher context + prompt; None when the teacher forward skips the rollout).
+
+    The teacher forward runs on the rows the algorithm uses (`algo.teacher_rows`: RLRT correct
+    rollouts with a peer, SRPO incorrect ones, ...; `batch.has_teacher`) plus up to
+    `teacher.probe_rows` rows it does not use but that have a context (`batch.teacher_probe`),
+    so that Delta is measured on correct AND wrong rollouts every step (`delta/correct_mean`,
+    `delta/wrong_mean`) at a small fixed cost. Teacher prompts longer than
+    `teacher_prefix_cap(cfg)` tokens get no teacher."""
     from rlrt_megatron.data import build_teacher_contexts
 
     cfg, algo = run.cfg, run.algo
@@ -88,7 +96,8 @@ def _build_views(run: Run, batch: Batch, step: int) -> None:
     batch.row_responses = [list(r) or [run.pad_id] for r in batch.responses]
     batch.width = max(len(r) for r in batch.row_responses)
     batch.teacher_prefixes = [None] * n
-    has_teacher = [False] * n
+    has_ctx = [False] * n
+    ctx: list = [None] * n
     if algo.needs_teacher and algo.teacher_context:
         ctx = build_teacher_contexts(
             [r.problem for r in batch.rows],
@@ -101,13 +110,23 @@ def _build_views(run: Run, batch: Batch, step: int) -> None:
             template=cfg.data.teacher_template,
             prompt_template=run.prompt_template,
             seed=cfg.train.seed * 100003 + step,
+            max_prefix_tokens=teacher_prefix_cap(cfg),
         )
-        for i, c in enumerate(ctx):
-            if c is not None:
-                batch.teacher_prefixes[i] = list(c.token_ids)
-                has_teacher[i] = True
+        has_ctx = [c is not None for c in ctx]
     dev = platform.device()
-    batch.has_teacher = torch.tensor(has_teacher, dtype=torch.bool).to(dev, non_blocking=True)
+    rewards = batch.rewards.detach().cpu()
+    used = algo.teacher_rows(rewards, torch.tensor(has_ctx, dtype=torch.bool)).tolist()
+    spare = [i for i in range(n) if has_ctx[i] and not used[i]]
+    k = min(len(spare), max(cfg.teacher.probe_rows, 0))
+    probe = [False] * n
+    for j in range(k):  # spread over the batch, deterministic
+        probe[spare[j * len(spare) // k]] = True
+    for i, c in enumerate(ctx):
+        if c is not None and (used[i] or probe[i]):
+            batch.teacher_prefixes[i] = list(c.token_ids)
+    batch.teacher_used = used
+    batch.has_teacher = torch.tensor(used, dtype=torch.bool).to(dev, non_blocking=True)
+    batch.teacher_probe = torch.tensor(probe, dtype=torch.bool).to(dev, non_blocking=True)
     batch.mask = ragged_to_padded([[1.0] * len(r) for r in batch.responses], batch.width, dev)
 
 
@@ -157,7 +176,7 @@ def logprobs(run: Run, batch: Batch) -> None:
     else:
         batch.old_logprobs = batch.behavior
     if wants_teacher:
-        has = batch.has_teacher[:, None]
+        has = (batch.has_teacher | batch.teacher_probe)[:, None]
         # rows without a teacher view hold the student's values (their weight is 1 anyway)
         batch.teacher_logprobs = torch.where(has, full["teacher_logprobs"], batch.student_logprobs)
         batch.teacher_entropy = torch.where(has, full["teacher_entropy"], batch.entropy)
@@ -247,6 +266,7 @@ def update(run: Run, batch: Batch, prepared: Any) -> dict[str, float]:
                     num_seqs=max(ns, 1.0) / pol.dp_size,
                 )
 
+            topk_ids, teacher_topk = _minibatch_topk(run, batch, mine, first=count == 0)
             m = pol.train_minibatch(
                 [batch.row_prompts[i] + batch.row_responses[i] for i in mine],
                 [len(batch.row_prompts[i]) for i in mine],
@@ -254,10 +274,8 @@ def update(run: Run, batch: Batch, prepared: Any) -> dict[str, float]:
                 batch.width,
                 cfg.train.max_tokens_per_microbatch,
                 loss_of,
-                topk_ids=None if batch.topk_ids is None else batch.topk_ids[mine],
-                teacher_topk=None
-                if batch.teacher_topk_logprobs is None
-                else (batch.teacher_topk_logprobs[mine], batch.teacher_entropy[mine]),
+                topk_ids=topk_ids,
+                teacher_topk=teacher_topk,
             )
             for k, v in m.items():
                 sums[k] = sums.get(k, 0.0) + v
@@ -290,6 +308,31 @@ def _dp_rows(run: Run, batch: Batch, rows: list[int], dp_tokens: list[int]) -> l
     return parts[pol.dp_rank]
 
 
+def _minibatch_topk(run: Run, batch: Batch, mine: list[int], first: bool) -> tuple[Any, Any]:
+    """SDPO/SRPO: the support of the distillation term = the top-k ids of the CURRENT student
+    (as in the SDPO reference, where they come from the update's own forward), and the teacher's
+    log-probs on it. The first mini-batch of a step uses the logprobs phase's (the student has
+    not moved yet); later ones recompute both with the updated student (one no-grad student
+    forward on the mini-batch, and the teacher forward on its rows with a teacher).
+    Returns (topk_ids [b, T, K] | None, (teacher top-k log-probs, teacher entropy) | None)."""
+    if batch.topk_ids is None or batch.teacher_topk_logprobs is None:
+        return None, None
+    entropy = batch.teacher_entropy[mine]
+    if first:
+        return batch.topk_ids[mine], (batch.teacher_topk_logprobs[mine], entropy)
+    pol, algo = run.policy, run.algo
+    student, teacher = pol.response_logprobs(
+        [batch.row_prompts[i] for i in mine],
+        [batch.row_responses[i] for i in mine],
+        [batch.teacher_prefixes[i] if batch.teacher_used[i] else None for i in mine],
+        token_budget=run.cfg.train.max_tokens_per_microbatch,
+        teacher=run.teacher if algo.teacher_weights != "current" else None,
+        topk=int(algo.needs_topk),
+    )
+    w = batch.width
+    return _pad(student.topk_ids, w), (_pad(teacher.topk_logprobs, w), entropy)
+
+
 def await_rollouts(run: Run, step: int) -> None:
     """Asynchronous rollouts: wait for the batch sampled during step `step` (next step's batch),
     so that the engine is idle for the weight sync. A no-op for synchronous rollouts."""
@@ -305,7 +348,8 @@ def sync(run: Run, step: int) -> None:
     algo = run.algo
     if run.teacher is not None and step > 0:
         if algo.teacher_weights == "ema":
-            run.policy.ema_into(run.teacher, float(algo.ema_rate))
+            if algo.ema_rate:  # 0 = a frozen teacher
+                run.policy.ema_into(run.teacher, float(algo.ema_rate))
         elif algo.teacher_weights == "snapshot" and step % int(algo.teacher_refresh_every) == 0:
             run.policy.copy_into(run.teacher)
     q = run.rollouts
@@ -360,6 +404,7 @@ def step_metrics(
         "response/length_max": float(resp_len.max()),
         "response/truncated": sum(f == "length" for f in batch.finish) / len(batch.finish),
         "entropy/student": float((batch.entropy * mask).sum() / max(n_tok, 1.0)),
+        # the rows whose teacher log-probs the algorithm uses (not the diagnostic probe rows)
         "teacher/frac_rows": float(batch.has_teacher.float().mean()),
     }
     m.update({k: v for k, v in batch.reward_info.items() if k != "reward/mean"})
@@ -369,18 +414,7 @@ def step_metrics(
     )
     m.update(batch.sync_metrics)
     if batch.teacher_logprobs is not None:
-        delta = (batch.teacher_logprobs - batch.student_logprobs) * mask
-        rows = batch.has_teacher[:, None].float() * mask
-        nt = float(rows.sum())
-        if nt > 0:
-            d = delta[rows.bool()]
-            m.update(
-                {
-                    "delta/mean": float(d.mean()),
-                    "delta/abs_mean": float(d.abs().mean()),
-                    "delta/std": float(d.std()) if d.numel() > 1 else 0.0,
-                }
-            )
+        m.update(teacher_metrics(batch, r > 0.5))
     # the rollout correction's mismatch/* metrics keep their own name
     m.update(
         {k if k.startswith("mismatch/") else f"algo/{k}": float(v)
@@ -433,6 +467,9 @@ def evaluate(run: Run, step: int) -> dict[str, float]:
         max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
         seed=cfg.rollout.seed,
         template=run.prompt_template,
+        teacher_template=cfg.data.teacher_template
+        if cfg.teacher.eval_probe and run.algo.needs_teacher
+        else None,
     )
 
 

@@ -22,6 +22,7 @@ from rlrt_megatron.config import TrainConfig
 from rlrt_megatron.trainer import steps
 from rlrt_megatron.trainer.checkpoint import SignalFlag
 from rlrt_megatron.trainer.setup import setup, teardown
+from rlrt_megatron.trainer.teacher import check_teacher
 
 
 class _Phases:
@@ -60,6 +61,7 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None) -> dict[str, Any]:
             phase("rollout", steps.await_rollouts, run, step)  # async: the next batch
             phase("sync", steps.sync, run, step)
             metrics = steps.step_metrics(run, batch, prepared, update, times, t0)
+            check_teacher(run, metrics)
             if steps.eval_due(cfg, step):
                 metrics.update(phase("eval", steps.evaluate, run, step))
             phase("log", run.logger.log, step, metrics)

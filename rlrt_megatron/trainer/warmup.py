@@ -5,6 +5,13 @@ A few hundred steps of plain next-token training on worked synthetic solutions (
 exactly as the trainer renders it, loss on the response tokens) give a policy that is right
 some of the time: the regime where RL has something to learn. Runs in plain torch on the HF
 model (fastest on CPU); the result is cached in the target directory (`rlrt_sft.json`).
+
+`model.sft_teacher_frac` of the examples are rendered with the teacher template instead
+(`data.teacher_template`: the problem plus a correct solution of it, the context RLRT/SDPO/SRPO
+show their teacher), so the model learns to read that context: without it the teacher view is
+out of distribution and WORSE than the student, and every teacher-based algorithm distils or
+reweights towards noise. After the warm-up `teacher_probe` measures both views' accuracy on
+held-out problems (printed, and stored in `rlrt_sft.json`).
 """
 
 from __future__ import annotations
@@ -29,6 +36,8 @@ def build_warm_tiny_model(hf_dir: str, cfg: Any, log: Callable[[str], None] = pr
         "seed": cfg.train.seed,
         "max_operand": cfg.data.synthetic_max_operand,
         "instruction": cfg.data.instruction,
+        "teacher_frac": cfg.model.sft_teacher_frac,
+        "teacher_template": cfg.data.teacher_template if cfg.model.sft_teacher_frac else "",
     }
     if os.path.isfile(marker):
         with open(marker) as f:
@@ -44,6 +53,13 @@ def build_warm_tiny_model(hf_dir: str, cfg: Any, log: Callable[[str], None] = pr
         t0 = time.perf_counter()
         stats = sft_warmup(tmp, cfg, log=log)
         stats["seconds"] = time.perf_counter() - t0
+        stats.update(teacher_probe(tmp, cfg))
+        log(
+            f"sft warm-up: accuracy student {stats['student_accuracy']:.3f}, teacher "
+            f"{stats['teacher_accuracy']:.3f} (teacher prompt + a correct solution; "
+            f"model.sft_teacher_frac={cfg.model.sft_teacher_frac}, "
+            f"{stats['probe_problems']} held-out problems x {stats['probe_samples']} samples)"
+        )
     with open(os.path.join(tmp, "rlrt_sft.json"), "w") as f:
         json.dump({"config": want, "stats": stats}, f, indent=1)
     shutil.rmtree(hf_dir, ignore_errors=True)
@@ -56,7 +72,7 @@ def sft_warmup(hf_dir: str, cfg: Any, log: Callable[[str], None] = print, batch:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from rlrt_megatron import platform
-    from rlrt_megatron.data import PromptTemplate, render_prompt
+    from rlrt_megatron.data import PromptTemplate, render_prompt, render_teacher_prompt
     from rlrt_megatron.data.synthetic import arithmetic_problem
 
     torch.manual_seed(cfg.train.seed)
@@ -74,16 +90,24 @@ def sft_warmup(hf_dir: str, cfg: Any, log: Callable[[str], None] = print, batch:
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 20) * (1 - s / steps)
     )
-    cache: dict[str, list[int]] = {}
+    frac = cfg.model.sft_teacher_frac
+    cache: dict[tuple[str, bool], list[int]] = {}
     losses = []
     for step in range(steps):
         seqs, starts = [], []
         for _ in range(batch):
             row = arithmetic_problem(rng, max_operand=cfg.data.synthetic_max_operand)
-            p = cache.get(row["problem"])
+            # drawn only when used: frac = 0 keeps today's example stream bit for bit
+            as_teacher = frac > 0 and rng.random() < frac
+            p = cache.get((row["problem"], as_teacher))
             if p is None:
-                p = render_prompt(tok, row["problem"], template).token_ids
-                cache[row["problem"]] = p
+                if as_teacher:  # the peer shown is a correct solution (the synthetic one)
+                    p = render_teacher_prompt(
+                        tok, row["problem"], row["solution"], cfg.data.teacher_template, template
+                    )[1]
+                else:
+                    p = render_prompt(tok, row["problem"], template).token_ids
+                cache[(row["problem"], as_teacher)] = p
             r = tok(" " + row["solution"], add_special_tokens=False)["input_ids"] + [eos]
             seqs.append(p + r)
             starts.append(len(p))
@@ -107,6 +131,53 @@ def sft_warmup(hf_dir: str, cfg: Any, log: Callable[[str], None] = print, batch:
             log(f"sft warm-up step {step + 1}/{steps}: loss {_mean(losses[-100:]):.3f}")
     model.cpu().save_pretrained(hf_dir)
     return {"final_loss": _mean(losses[-20:]) if losses else 0.0}
+
+
+def teacher_probe(
+    hf_dir: str, cfg: Any, problems: int = 64, samples: int = 8, seed: int = 4242
+) -> dict[str, float]:
+    """Accuracy of the student view (the problem) and the teacher view (the teacher template
+    showing a correct solution of the same problem) of the model at `hf_dir`, sampled at
+    `rollout.temperature` on held-out synthetic problems (another stream than the warm-up's and
+    the RL prompts'), scored with the trainer's reward."""
+    from rlrt_megatron.data import PromptTemplate, render_prompt, render_teacher_prompt
+    from rlrt_megatron.data.synthetic import arithmetic_dataset
+    from rlrt_megatron.reward.math import MathReward
+    from rlrt_megatron.rollout.base import GenerateRequest, SamplingParams
+    from rlrt_megatron.rollout.local import LocalEngine
+
+    rows = arithmetic_dataset(problems, seed=seed, max_operand=cfg.data.synthetic_max_operand)
+    engine = LocalEngine(hf_dir, seed=seed, max_batch_rows=256)
+    tok = engine.tokenizer
+    template = PromptTemplate(instruction=cfg.data.instruction)
+    sp = SamplingParams(
+        n=samples,
+        temperature=cfg.rollout.temperature,
+        max_new_tokens=cfg.rollout.max_new_tokens,
+        seed=seed,
+    )
+    views = {
+        "student": [render_prompt(tok, r["problem"], template).token_ids for r in rows],
+        "teacher": [
+            render_teacher_prompt(
+                tok, r["problem"], r["solution"], cfg.data.teacher_template, template
+            )[1]
+            for r in rows
+        ],
+    }
+    out: dict[str, float] = {"probe_problems": problems, "probe_samples": samples}
+    reward = MathReward()
+    try:
+        for view, prompts in views.items():
+            outs = engine.generate([GenerateRequest(p) for p in prompts], sp)
+            texts = [c.text for group in outs for c in group]
+            refs = [r["answer"] for r in rows for _ in range(samples)]
+            scores = reward(texts, refs).scores
+            out[f"{view}_accuracy"] = float(sum(scores) / max(len(scores), 1))
+    finally:
+        reward.close()
+        engine.shutdown()
+    return out
 
 
 def _mean(xs: list[torch.Tensor]) -> float:

@@ -14,6 +14,6 @@ def tiny_model(tmp_path_factory) -> dict[str, str]:
     from rlrt_megatron.trainer.cli import _prepare_demo_model
 
     root = tmp_path_factory.mktemp("tiny_model")
-    cfg = get_recipe("tiny_demo", ["model.sft_warmup_steps=300"])
+    cfg = get_recipe("tiny_demo")  # the demo's warm-up (steps, teacher share)
     _prepare_demo_model(cfg, str(root))
     return {"hf": os.path.join(root, "hf"), "megatron": os.path.join(root, "megatron")}

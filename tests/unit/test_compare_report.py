@@ -111,3 +111,35 @@ def test_summary_reference_verdicts_and_teacher_table(tmp_path) -> None:
     assert cols[:2] == ["reward/mean", "eval/average/avg@4"]
     lines = (tmp_path / "c.csv").read_text().splitlines()
     assert len(lines) == 1 + 9 * 6 and lines[1].startswith("grpo,0,1,")
+
+
+def test_teacher_table_has_the_separation_and_the_eval_probe() -> None:
+    from rlrt_megatron.compare.report import RunRows, summarize, summary_markdown, teacher_means
+
+    rows = []
+    for step in range(1, 21):
+        row = {"step": step, "reward/mean": 0.2, "teacher/frac_rows": 0.3, "delta/mean": -0.1}
+        row.update({"delta/correct_mean": 0.0, "delta/wrong_mean": -0.2 - 0.1 * (step > 10)})
+        row["delta/gap"] = row["delta/correct_mean"] - row["delta/wrong_mean"]
+        if step % 10 == 0:
+            row["eval/teacher/synthetic/avg@8"] = 0.5
+            row["eval/teacher/synthetic/student_avg@8"] = 0.3
+        rows.append(row)
+    m = teacher_means(rows)
+    assert m["delta/gap@10"] == pytest.approx(0.2) and m["delta/gap"] == pytest.approx(0.25)
+    assert m["eval/teacher/synthetic/avg@8"] == 0.5
+    md = summary_markdown(summarize([RunRows("rlrt", 0, rows)], ["rlrt"]))
+    table = md.split("Teacher-side")[1]
+    assert "`delta/gap@10` | `eval/teacher/synthetic/avg@8` |" in table
+    assert "| rlrt | 0.300 | -0.100 | 0.000 | -0.250 | 0.250 | 0.200 | 0.500 | 0.300 |" in table
+
+
+def test_collapse_check_per_seed() -> None:
+    from rlrt_megatron.compare.report import RunRows, summarize, summary_markdown
+
+    def rows(first: float, last: float) -> list[dict]:
+        return [{"step": s, "reward/mean": first if s <= 5 else last} for s in range(1, 16)]
+
+    runs = [RunRows("sdpo", 0, rows(0.3, 0.29)), RunRows("sdpo", 1, rows(0.3, 0.2))]
+    md = summary_markdown(summarize(runs, ["sdpo"]))
+    assert "| sdpo | -0.010, -0.100 | 1/2 |" in md

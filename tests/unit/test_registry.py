@@ -234,7 +234,7 @@ def test_srpo_routing_and_shared_denominator() -> None:
     assert prepared.distill.tolist() == [False, True, False, True, False, False, False, True]
     z = prepared.distill
     assert (prepared.advantages[z] == 0).all()
-    a = group_advantages(batch.rewards, G)
+    a = group_advantages(batch.rewards, G, scale_by_std=False)  # unbiased, as the paper
     torch.testing.assert_close(prepared.advantages[~z], (a[:, None] * batch.mask)[~z])
     topk = make_topk(B)
     lp = batch.old_logprobs + 0.05 * torch.randn(B, T, generator=torch.Generator().manual_seed(4))
