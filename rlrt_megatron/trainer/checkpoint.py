@@ -11,10 +11,12 @@ Layout of `<checkpoint_dir>`::
         hf/                      the HF config / tokenizer files (for `megatron-to-hf`)
     latest                       text file: "iter_0000012"
 
-Atomicity: every rank writes into `iter_N.tmp/`; after a barrier rank 0 fsyncs the files, renames
-the directory to `iter_N/` and only then replaces `latest` (tmp file + `os.replace`). A crash (even
-`kill -9`) at any point leaves `latest` naming a complete checkpoint; a stale `*.tmp` directory is
-ignored and removed by the next save. `keep_last` prunes older complete checkpoints.
+Atomicity: every rank writes into `iter_N.tmp/` and fsyncs the files it wrote and their
+directories (on a network file system only the writer's fsync flushes its pages); after a
+barrier rank 0 fsyncs its own late files, renames the directory to `iter_N/` and only then
+replaces `latest` (tmp file + `os.replace`). A crash (even `kill -9`) at any point leaves `latest`
+naming a complete checkpoint; a stale `*.tmp` directory is ignored and removed by the next save.
+`keep_last` prunes older complete checkpoints.
 
 Resharding: every tensor is stored per parameter with the parameter's own sharding (the model's
 sharded state dict; megatron's `fully_reshardable` optimizer format, for the plain and the
