@@ -408,6 +408,9 @@ def render(plan: Plan) -> str:
             if v > 0:
                 lines.append(f"  {k:<{width}}  {v:8.2f}")
         lines.append(f"  {'peak':<{width}}  {plan.peak_gib:8.2f}  of {plan.limit_gib:.1f}")
+        from rlrt_megatron.launch.plan_checkpoint import save_lines  # its own module (host RAM)
+
+        lines += save_lines(shape, lay, s)
     if plan.suggestion:
         lines.append(f"suggestion: {plan.suggestion}")
     lines.append(summary_line(plan))

@@ -25,10 +25,10 @@ dist checkpoint common state    0.16 writes non-tensor state to ``common.pt``; 0
                                 version when a load fails anyway.
 distributed-optimizer formats   ``fully_reshardable`` (resume at another DP/TP/PP size) fails to
                                 load with torch's Adam on both (the loader skips the per-parameter
-                                ``step`` and then copies it): :func:`load_optimizer_state` hands
-                                it the current ``step`` (the trainer state restores the value).
-                                ``fully_sharded_model_space`` (megatron's default) needs flattened
-                                ranges that dist_checkpointing rejects: never used.
+                                ``step`` and then copies it): ``trainer/checkpoint.py`` sets the
+                                step aside around megatron's loader (the trainer state restores
+                                it). ``fully_sharded_model_space`` (megatron's default) needs
+                                flattened ranges that dist_checkpointing rejects: never used.
 llama3 RoPE scaling             both hard-code low/high freq factors 1/4 and an original context of
                                 8192 in ``RotaryEmbedding.__init__``, but their ``_apply_scaling``
                                 takes all three: :func:`apply_llama3_rope` recomputes ``inv_freq``
@@ -57,7 +57,6 @@ import torch
 __all__ = [
     "LLAMA3_ROPE_DEFAULTS",
     "MCORE_VERSION",
-    "OPTIMIZER_FORMATS",
     "SUPPORTED",
     "VERSIONS_FILE",
     "apply_llama3_rope",
@@ -67,11 +66,7 @@ __all__ = [
     "dist_save",
     "load_common_state",
     "load_common_strategy",
-    "load_optimizer_state",
     "mcore_version",
-    "optimizer_format_of",
-    "optimizer_load_metadata",
-    "optimizer_metadata",
     "quiet_megatron_logs",
     "versions",
 ]
@@ -261,80 +256,6 @@ def dist_save(sharded_state_dict: dict, checkpoint_dir: str | os.PathLike, **kwa
         with open(os.path.join(checkpoint_dir, VERSIONS_FILE), "w") as f:
             json.dump(versions(), f)
     return out
-
-
-# ---- distributed optimizer state ----------------------------------------------------------
-
-# `dp_reshardable`: one shard per DP rank, resume at the same DP size (cheap to write).
-# `fully_reshardable`: gathered per parameter on DP rank 0 at save, resume at any DP/TP/PP size.
-OPTIMIZER_FORMATS = ("dp_reshardable", "fully_reshardable")
-
-
-def optimizer_format_of(checkpoint_dir: str | os.PathLike) -> str | None:
-    """The distributed-optimizer format a checkpoint was written in (None: no optimizer)."""
-
-    def find(obj: Any) -> str | None:
-        if isinstance(obj, dict):
-            if "param_state_sharding_type" in obj:
-                return str(obj["param_state_sharding_type"])
-            for v in obj.values():
-                got = find(v)
-                if got is not None:
-                    return got
-        elif isinstance(obj, (list, tuple)):
-            for v in obj:
-                got = find(v)
-                if got is not None:
-                    return got
-        return None
-
-    return find(load_common_state(checkpoint_dir).get("optimizer", {}))
-
-
-def optimizer_metadata(fmt: str) -> dict[str, str]:
-    """The ``metadata`` argument of ``DistributedOptimizer.sharded_state_dict`` for ``fmt``."""
-    if fmt not in OPTIMIZER_FORMATS:
-        raise ValueError(f"optimizer checkpoint format {fmt!r}: choose one of {OPTIMIZER_FORMATS}")
-    return {"distrib_optim_sharding_type": fmt}
-
-
-def optimizer_load_metadata(checkpoint_dir: str | os.PathLike) -> dict[str, str]:
-    """``metadata`` for loading a checkpoint's optimizer state in the format it was written in."""
-    fmt = optimizer_format_of(checkpoint_dir) or OPTIMIZER_FORMATS[0]
-    return {"distrib_optim_sharding_type": fmt}
-
-
-def load_optimizer_state(optimizer: Any, state_dict: dict) -> None:
-    """``optimizer.load_state_dict`` that also loads ``fully_reshardable`` state with torch's Adam.
-
-    Both versions' fully-reshardable loader builds each parameter's tensors without Adam's
-    ``step`` and ``_set_main_param_and_optimizer_states`` then copies every state tensor,
-    ``step`` included (KeyError). For the load, that method gets the parameter's current ``step``
-    (a copy onto itself); the caller restores its value from the trainer state
-    (``checkpoint.set_adam_step``).
-    """
-    patched = []
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        setter = getattr(opt, "_set_main_param_and_optimizer_states", None)
-        if setter is None or not hasattr(opt, "model_param_group_index_map"):
-            continue
-
-        def with_step(model_param: Any, tensors: dict, _opt: Any = opt, _set: Any = setter) -> Any:
-            group_index, group_order = _opt.model_param_group_index_map[model_param]
-            main_param = _opt.optimizer.param_groups[group_index]["params"][group_order]
-            state = _opt.optimizer.state.get(main_param, {})
-            if "step" in state and "step" not in tensors:
-                tensors = {**tensors, "step": state["step"]}
-            return _set(model_param, tensors)
-
-        opt._set_main_param_and_optimizer_states = with_step
-        patched.append(opt)
-    try:
-        with torch.no_grad():  # megatron copies into parameter views in place
-            optimizer.load_state_dict(state_dict)
-    finally:
-        for opt in patched:
-            del opt._set_main_param_and_optimizer_states  # the class's method again
 
 
 # ---- RoPE ---------------------------------------------------------------------------------

@@ -11,19 +11,23 @@ Layout of `<checkpoint_dir>`::
         hf/                      the HF config / tokenizer files (for `megatron-to-hf`)
     latest                       text file: "iter_0000012"
 
-Atomicity: every rank writes into `iter_N.tmp/`; after a barrier rank 0 fsyncs the files, renames
-the directory to `iter_N/` and only then replaces `latest` (tmp file + `os.replace`). A crash (even
-`kill -9`) at any point leaves `latest` naming a complete checkpoint; a stale `*.tmp` directory is
-ignored and removed by the next save. `keep_last` prunes older complete checkpoints.
+Atomicity: every rank writes into `iter_N.tmp/` and fsyncs the files it wrote and their
+directories (on a network file system only the writer's fsync flushes its pages); after a
+barrier rank 0 fsyncs its own late files, renames the directory to `iter_N/` and only then
+replaces `latest` (tmp file + `os.replace`). A crash (even `kill -9`) at any point leaves `latest`
+naming a complete checkpoint; a stale `*.tmp` directory is ignored and removed by the next save.
+`keep_last` prunes older complete checkpoints.
 
 Resharding: every tensor is stored per parameter with the parameter's own sharding (the model's
 sharded state dict; megatron's `fully_reshardable` optimizer format, for the plain and the
 distributed optimizer alike), so a checkpoint loads at any TP / PP / DP layout. What megatron's
 format leaves out, the Adam step, lives in `trainer_state.json` and is set into whichever Adam
 runs (`set_adam_step`). `load(..., layout=)` refuses another global batch (`ResumeError`) and
-logs a layout change. Checkpoints saved before (`dp_reshardable`) load at their own DP size.
-Cost: saving gathers each model-parallel rank's optimizer state into CPU memory on every
-data-parallel rank (12 bytes per parameter of the TP x PP shard), and loading reads it whole.
+logs a layout change. Checkpoints saved before (`dp_reshardable`) load at their own TP / PP
+(any DP); another TP / PP is refused before megatron fails (`check_optimizer_format`).
+Cost: saving gathers each TP x PP shard's distributed-optimizer state over gloo into the host
+memory of its data-parallel rank 0 (megatron's memory-efficient variant: 12 bytes per parameter
+of the shard there, 12 / DP on the other ranks; `rlrt plan` prints it), loading reads it whole.
 
 Preemption: `SignalFlag` turns SIGTERM / SIGUSR1 into a flag the loop checks at its safe point
 (end of a step); all ranks agree through an all-reduce, save, and exit 0 (Slurm requeues).
@@ -46,6 +50,14 @@ from rlrt_megatron.config import ConfigError
 from rlrt_megatron.convert.io import copy_hf_metadata
 from rlrt_megatron.convert.load import model_sharded_state_dict, unwrap
 from rlrt_megatron.megatron.rng import rng_state, set_rng_state
+from rlrt_megatron.trainer.optimizer_state import (
+    OPTIMIZER_FORMAT,
+    OPTIMIZER_METADATA,
+    adam_step,
+    ensure_optimizer_state,
+    load_optimizer_state,
+    set_adam_step,
+)
 
 ITER_RE = re.compile(r"^iter_(\d{7})$")
 LATEST = "latest"
@@ -72,11 +84,25 @@ def _fsync_path(path: str) -> None:
         os.close(fd)
 
 
-def _fsync_tree(root: str) -> None:
-    for d, _, files in os.walk(root):
+# Who wrote which file of `iter_N.tmp/`: megatron's writer names each rank's shard files
+# `__<rank>_<i>.distcp` (torch DCP's naming), each rank writes `rng_rank<R>.pt`; everything else
+# (the dist checkpoint's metadata and common state, the trainer state, config, hf/) is rank 0's.
+_RANK_FILE_RE = re.compile(r"(?:__(\d+)_\d+\.distcp|rng_rank(\d+)\.pt)$")
+
+
+def _fsync_own(tmp: str, rank: int) -> None:
+    """fsync the files of `tmp` that `rank` wrote and the directories holding them.
+
+    Called by every rank before the barrier that precedes the rename: on a network file system
+    an fsync from another client does not flush the writer's pages, so each rank makes its own
+    writes durable (rank 0 again after writing its own files)."""
+    for d, _, files in os.walk(tmp):
         for f in files:
-            _fsync_path(os.path.join(d, f))
-        _fsync_path(d)
+            m = _RANK_FILE_RE.search(f)
+            owner = int(m.group(1) or m.group(2)) if m else 0
+            if owner == rank:
+                _fsync_path(os.path.join(d, f))
+        _fsync_path(d)  # the entries this rank created (one fsync per directory, cheap)
 
 
 def write_atomic(path: str, text: str) -> None:
@@ -107,109 +133,6 @@ def _load_model_state(chunks: Sequence[Any], state: dict, prefix: str = "") -> N
     for c, name in zip(chunks, names, strict=True):
         sd = {k.removeprefix(prefix): v for k, v in state[name].items()}
         unwrap(c).load_state_dict(sd, strict=False)
-
-
-def _ensure_optimizer_state(optimizer: Any) -> None:
-    """A fresh DistributedOptimizer has no Adam state, and its `state_dict()` (called while
-    building the sharded state to load into) asserts on it: give it placeholder state first, as
-    megatron does for other sharding types (`_init_optimizer_states_with_dummy_values`; the
-    placeholders and the parameters are overwritten by the load)."""
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = getattr(opt, "optimizer", None)
-        if inner is None or len(inner.state) > 0:
-            continue
-        if hasattr(opt, "_init_optimizer_states_with_dummy_values"):
-            opt._init_optimizer_states_with_dummy_values()
-
-
-def _inner_states(optimizer: Any) -> list[dict]:
-    out = []
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = getattr(opt, "optimizer", None)
-        out.extend(getattr(inner, "state", {}).values())
-    return out
-
-
-def _inner_param_groups(optimizer: Any) -> list[dict]:
-    out = []
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = getattr(opt, "optimizer", None)
-        out.extend(getattr(inner, "param_groups", []))
-    return out
-
-
-def adam_step(optimizer: Any) -> float | None:
-    """The Adam step count (bias correction) of the optimizer, whichever Adam it is: torch's
-    keeps a per-parameter `state[p]["step"]` tensor, TE / Apex FusedAdam one `step` per param
-    group (and no per-parameter one)."""
-    steps = {float(st["step"]) for st in _inner_states(optimizer) if "step" in st}
-    steps |= {
-        float(g["step"]) for g in _inner_param_groups(optimizer) if g.get("params") and "step" in g
-    }
-    return max(steps) if steps else None
-
-
-def set_adam_step(optimizer: Any, step: float) -> None:
-    """Set the Adam step count of every parameter (torch Adam) and param group (FusedAdam).
-
-    The step is kept in the trainer state, apart from the sharded optimizer state: megatron-core
-    0.16's DistributedOptimizer.load_state_dict (torch Adam, no TE/Apex) gives every parameter one
-    shared `step` tensor (which Adam would then increment once per parameter), and its
-    fully-reshardable loader skips `step` altogether; TE's FusedAdam has no per-parameter step.
-    Each parameter gets its own tensor here, whatever the optimizer restored."""
-    for st in _inner_states(optimizer):
-        if "step" in st:
-            old = st["step"]  # fused / capturable Adam keep it on the parameter's device
-            st["step"] = torch.tensor(float(step), dtype=old.dtype, device=old.device)
-    for g in _inner_param_groups(optimizer):
-        if "step" not in g:
-            continue
-        old = g["step"]
-        if torch.is_tensor(old):
-            g["step"] = torch.full_like(old, float(step))
-        else:
-            g["step"] = type(old)(step)
-
-
-# Megatron's layout-independent optimizer format: the DistributedOptimizer's flat buffers are
-# gathered per data-parallel group on save and stored per model parameter, sharded like the
-# parameter itself (TP / PP / VPP / DP all reshardable, with or without the distributed
-# optimizer, since the plain optimizer stores its state the same way: one tensor per parameter
-# with the parameter's sharding). Loading reads the parameter's whole tensor and slices this
-# rank's range. The Adam step is not part of it (see `set_adam_step`).
-OPTIMIZER_FORMAT = "fully_reshardable"
-OPTIMIZER_METADATA = {
-    "distrib_optim_sharding_type": OPTIMIZER_FORMAT,
-    "chained_optim_avoid_prefix": True,
-}
-
-
-PARAM_STATE_KIND = "param_state_sharding_type"
-
-
-def _load_optimizer_state(optimizer: Any, state: Any) -> None:
-    """`optimizer.load_state_dict(state)`, with megatron's fully-reshardable parameter state
-    loaded by its own `load_parameter_state_from_fully_reshardable` while torch Adam's
-    per-parameter `step` is set aside: that loader copies every state entry of a parameter from
-    the checkpoint, which has no `step` (KeyError in megatron-core 0.16). The step comes back
-    from the trainer state (`set_adam_step`)."""
-    opts = list(getattr(optimizer, "chained_optimizers", [optimizer]))
-    if len(opts) == 1:
-        states = [state]
-    else:
-        states = [v for _, v in sorted(state.items())] if isinstance(state, dict) else list(state)
-    for opt, sd in zip(opts, states, strict=True):
-        kind = sd.get(PARAM_STATE_KIND) if isinstance(sd, dict) else None
-        if kind != "fully_reshardable":
-            opt.load_state_dict(sd)
-            continue
-        common = {k: v for k, v in sd.items() if k not in ("param_state", PARAM_STATE_KIND)}
-        opt.load_state_dict(common)  # param groups, the step, grad scaler
-        inner = opt.optimizer.state
-        steps = {p: st.pop("step") for p, st in inner.items() if "step" in st}
-        opt.load_parameter_state_from_fully_reshardable(sd["param_state"])
-        for p, step in steps.items():
-            inner[p]["step"] = step
 
 
 class ResumeError(ConfigError):
@@ -276,12 +199,54 @@ def check_layout(saved: dict | None, current: dict | None, path: str) -> str | N
     return f"resharding {path} to a new layout: {', '.join(changed)} (same global batch)"
 
 
+def saved_layout(path: str, trainer_state: dict) -> dict | None:
+    """The layout a checkpoint was written at: its trainer state's, or for checkpoints older
+    than that record, its config.json's parallel sizes and its number of RNG files (ranks)."""
+    if trainer_state.get("layout"):
+        return trainer_state["layout"]
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        return None
+    with open(os.path.join(path, "config.json")) as f:
+        par = json.load(f).get("parallel", {})
+    tp, pp = par.get("tp", 1), par.get("pp", 1)
+    ranks = sum(1 for n in os.listdir(path) if re.fullmatch(r"rng_rank\d+\.pt", n))
+    return {"tp": tp, "pp": pp, "dp": ranks // (tp * pp) or None,
+            "distributed_optimizer": par.get("use_distributed_optimizer", True)}  # fmt: skip
+
+
+def check_optimizer_format(fmt: str, saved: dict | None, current: dict | None, path: str) -> None:
+    """Refuse a `dp_reshardable` distributed-optimizer checkpoint at another TP / PP / VPP.
+
+    That format (checkpoints from before `fully_reshardable`) stores the distributed optimizer's
+    flat buckets, one tensor per model-parallel group: megatron reshards it over data-parallel
+    ranks (checked at DP 1 <-> 2 <-> 4), but at another TP / PP its loader fails deep inside
+    (a missing `dp_group_idx` key or a global shape mismatch)."""
+    if fmt != "dp_reshardable" or not saved or not current:
+        return
+    if not saved.get("distributed_optimizer", True):  # the plain optimizer: per-parameter state
+        return
+    keys = [k for k in ("tp", "pp", "vpp") if k in saved and k in current]
+    if all(saved[k] == current[k] for k in keys):
+        return
+
+    def sizes(lay: dict) -> str:
+        return " x ".join(f"{k} {lay.get(k)}" for k in ("tp", "pp", "dp", "vpp") if k in lay)
+
+    raise ResumeError(
+        f"checkpoint {path} stores the distributed optimizer in megatron's `dp_reshardable` "
+        f"format, which loads only at the tensor / pipeline sizes it was written with "
+        f"({sizes(saved)}; this run: {sizes(current)}); any data-parallel size works. Resume it "
+        f"once at {', '.join(f'parallel.{k}={saved[k]}' for k in keys if k != 'vpp')} and "
+        f"save: checkpoints written now use `{OPTIMIZER_FORMAT}` and resume at any TP / PP / DP"
+    )
+
+
 def _sharded_state(
     model: Sequence[Any],
     optimizer: Any,
     teacher: Sequence[Any] | None,
     is_loading: bool,
-    optimizer_format: str = OPTIMIZER_FORMAT,
+    optimizer_format: str | None = None,
 ) -> dict:
     state = model_sharded_state_dict(model)
     if teacher is not None:
@@ -291,7 +256,10 @@ def _sharded_state(
         state["optimizer"] = optimizer.sharded_state_dict(
             model_only,
             is_loading=is_loading,
-            metadata={**OPTIMIZER_METADATA, "distrib_optim_sharding_type": optimizer_format},
+            metadata={
+                **OPTIMIZER_METADATA,
+                "distrib_optim_sharding_type": optimizer_format or OPTIMIZER_FORMAT,
+            },
         )
     return state
 
@@ -401,6 +369,7 @@ class Checkpointer:
         state = _sharded_state(model, optimizer, teacher, is_loading=False)
         compat.dist_save(state, os.path.join(tmp, "dist"))  # + who wrote it
         torch.save(rng_state(), os.path.join(tmp, f"rng_rank{rank}.pt"))
+        _fsync_own(tmp, rank)
         _barrier()
         if _is_rank0():
             with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
@@ -412,7 +381,7 @@ class Checkpointer:
                 torch.save(obj, os.path.join(tmp, name))
             if self.hf_dir:
                 copy_hf_metadata(self.hf_dir, os.path.join(tmp, "hf"))
-            _fsync_tree(tmp)
+            _fsync_own(tmp, rank)  # rank 0's files written since the barrier
             if self.before_commit is not None:
                 self.before_commit(tmp)
             if os.path.exists(final):
@@ -456,12 +425,14 @@ class Checkpointer:
         with open(os.path.join(path, "trainer_state.json")) as f:
             trainer_state = json.load(f)
         change = check_layout(trainer_state.get("layout"), layout, path)
+        # checkpoints from before the reshardable format: loadable at their own TP / PP only
+        fmt = trainer_state.get("optimizer_format", "dp_reshardable")
+        if optimizer is not None:
+            check_optimizer_format(fmt, saved_layout(path, trainer_state), layout, path)
         if change and _is_rank0():
             (log or (lambda m: print(f"[rlrt] {m}", file=sys.stderr, flush=True)))(change)
         if optimizer is not None:
-            _ensure_optimizer_state(optimizer)
-        # checkpoints from before the reshardable format: loadable at their own DP size only
-        fmt = trainer_state.get("optimizer_format", "dp_reshardable")
+            ensure_optimizer_state(optimizer)
         state = _sharded_state(model, optimizer, teacher, is_loading=True, optimizer_format=fmt)
         loaded = compat.dist_load(state, os.path.join(path, "dist"))  # any supported version
         _load_model_state(model, loaded)
@@ -469,7 +440,7 @@ class Checkpointer:
             _load_model_state(teacher, loaded, prefix="teacher.")
         if optimizer is not None:
             with torch.no_grad():  # megatron copies into parameter views in place
-                _load_optimizer_state(optimizer, loaded["optimizer"])
+                load_optimizer_state(optimizer, loaded["optimizer"])
             step = trainer_state.get("optimizer_adam_step")
             if step is not None:
                 set_adam_step(optimizer, step)

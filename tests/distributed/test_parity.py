@@ -240,6 +240,7 @@ def test_check_parity_tool(converted) -> None:
         env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "leaked semaphore" not in proc.stderr, proc.stderr[-3000:]  # everything it opened closed
     last = proc.stdout.strip().splitlines()[-1]
     assert last.startswith("max_abs_logit_diff=")
     assert float(last.split("=", 1)[1]) < PARITY_TOL
