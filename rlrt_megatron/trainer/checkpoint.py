@@ -46,6 +46,7 @@ from rlrt_megatron.config import ConfigError
 from rlrt_megatron.convert.io import copy_hf_metadata
 from rlrt_megatron.convert.load import model_sharded_state_dict, unwrap
 from rlrt_megatron.megatron.rng import rng_state, set_rng_state
+from rlrt_megatron.trainer.ckpt_manifest import write_manifest
 
 ITER_RE = re.compile(r"^iter_(\d{7})$")
 LATEST = "latest"
@@ -412,6 +413,7 @@ class Checkpointer:
                 torch.save(obj, os.path.join(tmp, name))
             if self.hf_dir:
                 copy_hf_metadata(self.hf_dir, os.path.join(tmp, "hf"))
+            write_manifest(tmp)  # sizes + sha256 of every file, checked at resume
             _fsync_tree(tmp)
             if self.before_commit is not None:
                 self.before_commit(tmp)

@@ -15,6 +15,7 @@ import torch.distributed as dist
 from rlrt_megatron.config import TrainConfig, load_hf_config
 from rlrt_megatron.platform import resolve_dtype
 from rlrt_megatron.trainer.checkpoint import Checkpointer, layout_of
+from rlrt_megatron.trainer.ckpt_manifest import resolve_verified
 from rlrt_megatron.trainer.metrics import MetricsLogger
 from rlrt_megatron.trainer.state import ROLLOUT_QUEUE_FILE, Run
 from rlrt_megatron.trainer.steps import push_weights
@@ -156,7 +157,7 @@ def _build(cfg: TrainConfig, info: Any, hf_dir: str, ckpt: str, hf_config: dict,
         pad_id=pad_id,
         teacher=teacher,
     )
-    resume = checkpointer.resolve(cfg.checkpoint.resume)
+    resume = resolve_verified(checkpointer, cfg.checkpoint.resume)  # damaged: older or exit 2
     if resume:
         state = checkpointer.load(
             resume, policy.model, policy.optimizer, teacher=teacher,
