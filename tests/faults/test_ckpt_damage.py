@@ -54,7 +54,8 @@ def _truncate(path: str) -> None:
 DAMAGE = {  # name -> (what to do to a checkpoint directory, the file the warning must name)
     "flipped_byte_in_shard": (lambda d: _flip(_largest_shard(d)), "dist/__0_0.distcp"),
     "truncated_trainer_state": (
-        lambda d: _truncate(os.path.join(d, "trainer_state.json")), "trainer_state.json"
+        lambda d: _truncate(os.path.join(d, "trainer_state.json")),
+        "trainer_state.json",
     ),
     "missing_shard": (lambda d: os.remove(_largest_shard(d)), "dist/__0_0.distcp: missing"),
 }
