@@ -25,8 +25,9 @@ Test hooks: `RLRT_FAULT_INJECT` = comma-separated `KIND@STEP` (`injected(kind, s
 by the trainer only where a real fault cannot be produced on purpose in a test:
 `nan_loss@K` / `inf_loss@K` (the loss of step K's first mini-batch), `nan_grad@K` (its
 gradients, the loss finite), `enospc@K` (`OSError(ENOSPC)` after step K's checkpoint files are
-written, for machines where no small tmpfs can be mounted), `bad_row@K` (the first prompt of
-step K fails to render).
+written, for machines where no small tmpfs can be mounted), `kill9_<phase>@K` (`maybe_kill`:
+rank `RLRT_FAULT_RANK` dies by SIGKILL as phase `<phase>` of step K starts), `kill9_engine@K`
+(`maybe_kill_engine`: the engine's process is SIGKILLed while it generates batch K).
 """
 
 from __future__ import annotations
@@ -34,6 +35,10 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import signal
+import sys
+import threading
+import time
 from typing import Any
 
 import torch
@@ -58,6 +63,27 @@ def injected(kind: str, step: int) -> bool:
     """True when `RLRT_FAULT_INJECT` asks for fault `kind` at `step` (test hook)."""
     spec = os.environ.get(INJECT_ENV, "")
     return f"{kind}@{step}" in {s.strip() for s in spec.split(",")}
+
+
+def maybe_kill(phase: str, step: int, rank: int) -> None:
+    """`kill9_<phase>@K` (test hook): rank `RLRT_FAULT_RANK` (default 1) SIGKILLs itself as
+    phase `phase` of step K starts, after printing when (`fault injected ... at <unix time>`,
+    for the time-to-detect measurement); its peers then wait in the phase's first collective."""
+    if injected(f"kill9_{phase}", step) and rank == int(os.environ.get("RLRT_FAULT_RANK", "1")):
+        print(f"[rlrt] fault injected: kill -9 of rank {rank} in phase '{phase}' of step {step} "
+              f"at {time.time():.3f}", file=sys.stderr, flush=True)  # fmt: skip
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def maybe_kill_engine(engine: Any, step: int) -> None:
+    """`kill9_engine@K` (test hook): SIGKILL the local engine's process (`rollout.local_process`
+    or `async_steps=1`) half a second into the generation of batch K."""
+    proc = getattr(engine, "_proc", None)
+    if injected("kill9_engine", step) and proc is not None:
+        at = time.time() + 0.5
+        print(f"[rlrt] fault injected: kill -9 of the engine process (pid {proc.pid}) while it "
+              f"generates batch {step} at {at:.3f}", file=sys.stderr, flush=True)  # fmt: skip
+        threading.Timer(0.5, os.kill, (proc.pid, signal.SIGKILL)).start()
 
 
 class _NanGrad(torch.autograd.Function):

@@ -370,6 +370,7 @@ def step_metrics(
         m["memory/gpu_peak_gib"] = torch.cuda.max_memory_allocated(mask.device) / 2**30
         torch.cuda.reset_peak_memory_stats(mask.device)
     m["rollout/version"] = run.rollout_version
+    m.update(run.extra.get("data_skipped", {}))
     return m
 
 
