@@ -44,8 +44,10 @@ def test_render_failure_and_long_prompt_are_skipped_and_counted(tiny_model, tmp_
         filter_by_prompt_length(ds, tok, 128)
 
 
-def test_bad_rows_mid_file_train_counted(tiny_model, tmp_path):
+def test_bad_rows_mid_file_train_counted(tiny_model, tmp_path, fault_row):
     data, run_dir = tmp_path / "data.jsonl", str(tmp_path / "run")
+    row = fault_row("8 bad rows mid-file (render failure, too long)", "rows 9 and 15 of 24",
+                    "skipped and counted in every step's metrics; run finishes")  # fmt: skip
     _write_data(data)
     cmd = train_cmd(tiny_model, run_dir, "train.steps=2", f"data.path={data}",
                     "data.on_bad_row=skip", "data.max_prompt_tokens=128")  # fmt: skip
@@ -54,3 +56,5 @@ def test_bad_rows_mid_file_train_counted(tiny_model, tmp_path):
     rows = metrics_rows(run_dir)
     assert [r["step"] for r in rows] == [1, 2]
     assert all(r["data/skipped_bad_rows"] == 1 and r["data/skipped_too_long"] == 1 for r in rows)
+    row.update(exit=0, detect_s="before step 1", lost=0,
+               observed="data/skipped_bad_rows=1, skipped_too_long=1, steps 1-2")  # fmt: skip

@@ -21,8 +21,11 @@ def _cmd(tiny_model, run_dir: str, *extra: str) -> list[str]:
     return train_cmd(tiny_model, run_dir, "train.steps=3", "checkpoint.save_every=1", *extra)
 
 
-def test_sigterm_twice_during_checkpoint_write(tiny_model, tmp_path):
+def test_sigterm_twice_during_checkpoint_write(tiny_model, tmp_path, fault_row):
     from rlrt_megatron.trainer.ckpt_manifest import verify
+
+    row = fault_row("6 SIGTERM x2 during a checkpoint write", "process group, iter_1's shards",
+                    "checkpoints consistent; exit 0; resume exact")  # fmt: skip
 
     ref_dir, run_dir = str(tmp_path / "ref"), str(tmp_path / "run")
     ref = subprocess.run(_cmd(tiny_model, ref_dir, "--resume", "none"), capture_output=True,
@@ -46,8 +49,10 @@ def test_sigterm_twice_during_checkpoint_write(tiny_model, tmp_path):
     names = sorted(n for n in os.listdir(ckpt) if n.startswith("iter_"))
     assert names == ["iter_0000001", "iter_0000002"], names  # no .tmp left, both complete
     assert all(verify(os.path.join(ckpt, n)) == [] for n in names)
+    row.update(exit=rc, detect_s="end of step 2", observed="iter_1 + iter_2 intact, exit 0")
     resumed = subprocess.run(_cmd(tiny_model, run_dir, "--resume", "auto"), capture_output=True,
                              text=True, timeout=900, env=clean_env())  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     want = {r["step"]: computed(r) for r in metrics_rows(ref_dir)}
     assert {r["step"]: computed(r) for r in metrics_rows(run_dir)} == want
+    row.update(lost=0, observed=row["observed"] + "; resumed: metrics = reference")
