@@ -9,6 +9,7 @@ Layout of `<checkpoint_dir>`::
         rng_rank<R>.pt           python / numpy / torch / megatron tracker RNG states (per rank)
         config.json              the run's TrainConfig
         hf/                      the HF config / tokenizer files (for `megatron-to-hf`)
+        manifest.json            size + sha256 of every file, checked at resume (ckpt_manifest.py)
     latest                       text file: "iter_0000012"
 
 Atomicity: every rank writes into `iter_N.tmp/`; after a barrier rank 0 fsyncs the files, renames
