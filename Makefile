@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slurm test-slow test-mcore019 test-all lint venv venv-mcore019 clean
+.PHONY: demo test test-slurm test-faults test-slow test-mcore019 test-all lint venv venv-mcore019 clean
 
 # megatron-core 0.19 needs Python >= 3.12: a second venv outside the checkout (torch==2.13.0 on
 # 3.12 is PyPI's CUDA build, ~3 GB downloaded once), reused by every checkout and CI run.
@@ -17,7 +17,7 @@ STAMP019 := $(VENV019)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1
 # The cross-version checkpoint test (tests/unit/test_mcore_versions.py) runs one interpreter
 # per version; each tier tells it where the other one is.
 VERSION_ENV := RLRT_MCORE016_PYTHON=$(CURDIR)/$(BIN)/python RLRT_MCORE019_PYTHON=$(BIN019)/python
-TIER := -m "not slurm and not gpu and not slow" --timeout 900
+TIER := -m "not slurm and not gpu and not slow and not faults" --timeout 900
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -82,6 +82,10 @@ venv-slurm-extra: $(SLURM_EXTRA_STAMP)
 test-slurm: $(SLURM_STAMP) $(SLURM_EXTRA_STAMP)
 	RLRT_SLURM_EXTRA_VENV=$(SLURM_EXTRA_VENV) $(BIN)/python -m pytest -q -m slurm tests/slurm \
 		--timeout 1800
+
+# Fault injection (tests/faults): damaged checkpoints, full disks, NaNs, dead ranks, bad data.
+test-faults: $(STAMP)
+	$(BIN)/python -m pytest -q -m "faults and not slurm and not gpu" tests/faults --timeout 900
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m "slow and not slurm and not gpu" --timeout 1800

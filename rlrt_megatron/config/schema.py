@@ -259,6 +259,12 @@ class TrainLoopConfig:
     recompute_old_logprobs: bool = _f(
         True, "Old log-probs from the Megatron policy (True) or the engine's behavior log-probs."
     )
+    on_nonfinite: Literal["skip", "stop"] = _f(
+        "skip",
+        "A NaN / Inf loss or gradient in a mini-batch: `skip` its optimizer step (counted as "
+        "`update/nonfinite_skipped`) or `stop` the run naming the step and the tensor (exit 5). "
+        "The weights never take a non-finite update, so no checkpoint holds one.",
+    )
     deterministic: bool = _f(
         False,
         "Deterministic GPU kernels (slower): a rerun or resumed run reproduces the metrics bit "
@@ -569,6 +575,7 @@ def validation_errors(
     need(c.keep_last >= 0, "checkpoint.keep_last", "must be >= 0")
     need(c.resume != "", "checkpoint.resume", "must be `auto`, `none` or a path")
     need(cfg.data.on_bad_row in ("error", "skip"), "data.on_bad_row", "must be `error` or `skip`")
+    need(cfg.train.on_nonfinite in ("skip", "stop"), "train.on_nonfinite", "must be skip or stop")
     if "{peer_solution}" not in cfg.data.teacher_template:
         e.append("data.teacher_template: must contain `{peer_solution}`")
     for f_ in dataclasses.fields(TimeoutsConfig):

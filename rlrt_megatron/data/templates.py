@@ -95,17 +95,41 @@ def render_prompts(
 
 
 def filter_by_prompt_length(
-    dataset: Any, tokenizer: Any, max_prompt_tokens: int, template: PromptTemplate | None = None
+    dataset: Any,
+    tokenizer: Any,
+    max_prompt_tokens: int,
+    template: PromptTemplate | None = None,
+    on_bad_row: str = "error",
 ) -> tuple[Any, int]:
-    """Drop rows whose rendered prompt is longer than `max_prompt_tokens`.
+    """Drop rows whose rendered prompt is longer than `max_prompt_tokens`, and rows whose prompt
+    fails to render (e.g. a lone UTF-16 surrogate from a JSON `\\ud800` escape, which the
+    tokenizer rejects): with `on_bad_row="error"` a `ValueError` names the data file, the prompt
+    and the reason; with `"skip"` the row is dropped and counted in the returned dataset's
+    `n_skipped` (reason in `skipped`), like the loader's bad rows.
 
-    Returns `(dataset with the kept rows, number dropped)`; `dataset` is a `PromptDataset`.
+    Every prompt is rendered here, once, before training: a bad row in the middle of the data is
+    found before the first step, never dropped silently when its step comes.
+    Returns `(dataset with the kept rows, number dropped for length)`; `dataset` is a
+    `PromptDataset`.
     """
     from dataclasses import replace
 
-    kept = [
-        r
-        for r in dataset.rows
-        if len(render_prompt(tokenizer, r.problem, template).token_ids) <= max_prompt_tokens
-    ]
-    return replace(dataset, rows=kept), len(dataset.rows) - len(kept)
+    kept, n_bad, reasons = [], 0, list(getattr(dataset, "skipped", []))
+    for i, r in enumerate(dataset.rows):
+        try:
+            n = len(render_prompt(tokenizer, r.problem, template).token_ids)
+        except Exception as e:  # noqa: BLE001 - any tokenizer / template failure of one row
+            why = (
+                f"{getattr(dataset, 'path', '')}: prompt {i} ({r.problem[:40]!r}...) failed to "
+                f"render: {type(e).__name__}: {e}"
+            )
+            if on_bad_row != "skip":
+                raise ValueError(f"{why}; fix the row or set data.on_bad_row=skip") from e
+            n_bad += 1
+            reasons.append(why)
+            continue
+        if n <= max_prompt_tokens:
+            kept.append(r)
+    n_too_long = len(dataset.rows) - len(kept) - n_bad
+    skipped = getattr(dataset, "n_skipped", 0) + n_bad
+    return replace(dataset, rows=kept, n_skipped=skipped, skipped=reasons[:20]), n_too_long

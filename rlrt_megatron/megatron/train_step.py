@@ -64,6 +64,7 @@ class Policy:
         self.use_distributed_optimizer = use_distributed_optimizer
         self.tp, self.pp, self.spec, self.params_dtype = tp, pp, spec, params_dtype
         self.logprobs_impl = logprobs_impl
+        self.last_nonfinite: str | None = None  # what was not finite in the last mini-batch
         self.model_kwargs = fp8_transformer_kwargs(fp8, spec)
         chunks = build_model(
             hf_config, tp=tp, pp=pp, spec=spec, params_dtype=params_dtype, **self.model_kwargs
@@ -335,8 +336,14 @@ class Policy:
             for k, v in o["metrics"].items():
                 metric_sums[k] = metric_sums.get(k, 0.0) + float(v)
             loss_sum += o["loss"].double()
-        ok, grad_norm, _ = self.optimizer.step()
-        self.scheduler.step(1)
+        # a non-finite loss or gradient on any rank: no optimizer step anywhere (the weights
+        # stay finite); the trainer skips the mini-batch or stops (train.on_nonfinite)
+        self.last_nonfinite = nonfinite_in(loss_sum, self.model)
+        if self.last_nonfinite is None:
+            ok, grad_norm, _ = self.optimizer.step()
+            self.scheduler.step(1)
+        else:
+            ok, grad_norm = False, None
         # the mini-batch loss: micro-batch losses are already normalised by the whole
         # mini-batch, so they add up (over micro-batches here, over DP ranks below)
         if self.dp_size > 1:
@@ -348,8 +355,39 @@ class Policy:
         out["loss"] = float(loss_sum) / self.dp_size
         out["grad_norm"] = float(grad_norm) if grad_norm is not None else 0.0
         out["update_ok"] = float(bool(ok))
+        out["nonfinite_skipped"] = float(self.last_nonfinite is not None)
         out["lr"] = float(self.optimizer.param_groups[0]["lr"])
         return out
+
+
+def nonfinite_in(loss: torch.Tensor, model: Sequence[Any]) -> str | None:
+    """None when `loss` and every gradient of `model` are finite on every rank, else what was
+    not, as "loss" or "gradient of <parameter>" (the first such on the lowest failing rank).
+    One all-reduce of a flag; the names are looked up only on failure."""
+    flags = [torch.isfinite(loss).all()]
+    grads = [
+        (n, getattr(p, "main_grad", p.grad))
+        for i, m in enumerate(model)
+        for n, p in unwrap_model(m).named_parameters(prefix=f"chunk{i}" if len(model) > 1 else "")
+    ]
+    flags += [torch.isfinite(g).all() for _, g in grads if g is not None]
+    bad = (~torch.stack(flags).all()).to(torch.int64).reshape(1)
+    where = torch.zeros(1, dtype=torch.int64, device=bad.device)
+    if dist.is_initialized():
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    if not int(bad):
+        return None
+    what = "loss" if not bool(flags[0]) else None
+    for n, g in grads:
+        if what is None and g is not None and not bool(torch.isfinite(g).all()):
+            what = f"gradient of {n}"
+    if dist.is_initialized() and dist.get_world_size() > 1:  # the lowest rank that saw it names it
+        where[0] = dist.get_rank() if what is not None else dist.get_world_size()
+        dist.all_reduce(where, op=dist.ReduceOp.MIN)
+        box = [what]
+        dist.broadcast_object_list(box, src=int(where[0]))
+        what = box[0]
+    return what or "loss"
 
 
 def broadcast_object(obj: Any, src: int = 0, group: Any = None) -> Any:

@@ -9,6 +9,7 @@ Layout of `<checkpoint_dir>`::
         rng_rank<R>.pt           python / numpy / torch / megatron tracker RNG states (per rank)
         config.json              the run's TrainConfig
         hf/                      the HF config / tokenizer files (for `megatron-to-hf`)
+        manifest.json            size + sha256 of every file, checked at resume (ckpt_manifest.py)
     latest                       text file: "iter_0000012"
 
 Atomicity: every rank writes into `iter_N.tmp/` and fsyncs the files it wrote and their
@@ -58,6 +59,7 @@ from rlrt_megatron.trainer.optimizer_state import (
     load_optimizer_state,
     set_adam_step,
 )
+from rlrt_megatron.trainer.ckpt_manifest import write_manifest
 
 ITER_RE = re.compile(r"^iter_(\d{7})$")
 LATEST = "latest"
@@ -381,6 +383,7 @@ class Checkpointer:
                 torch.save(obj, os.path.join(tmp, name))
             if self.hf_dir:
                 copy_hf_metadata(self.hf_dir, os.path.join(tmp, "hf"))
+            write_manifest(tmp)  # sizes + sha256 of every file, checked at resume
             _fsync_own(tmp, rank)  # rank 0's files written since the barrier
             if self.before_commit is not None:
                 self.before_commit(tmp)

@@ -6,8 +6,10 @@
     rlrt demo [--compare] [--steps N] [--run-dir DIR]
 
 `rlrt train` runs on every rank (torchrun / srun start one process per GPU); exit status 0 when
-done or preempted (SIGTERM / SIGUSR1: checkpoint written, Slurm requeues), 2 for a bad config,
-3 when a phase timed out (the watchdog's stacks are in `<run_dir>/logs/`).
+done or preempted (SIGTERM / SIGUSR1: checkpoint written, Slurm requeues), 2 for a bad config
+or no intact checkpoint to resume, 3 when a phase timed out (the watchdog's stacks are in
+`<run_dir>/logs/`), 4 when a checkpoint could not be written (disk full), 5 for a NaN / Inf
+under `train.on_nonfinite=stop` (all codes: `trainer/faults.py`).
 """
 
 from __future__ import annotations
@@ -98,6 +100,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"rlrt train: {e}", file=sys.stderr)
         return 2
+    from rlrt_megatron.trainer import faults
     from rlrt_megatron.trainer.train import train
 
     try:
@@ -105,6 +108,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     except ConfigError as e:  # checks that need the model config / world size
         print(f"rlrt train: {e}", file=sys.stderr)
         return 2
+    except faults.CheckpointWriteError as e:  # exit codes: trainer/faults.py
+        print(f"rlrt train: {e}", file=sys.stderr)
+        return faults.EXIT_CHECKPOINT_WRITE
+    except faults.NonFiniteError as e:
+        print(f"rlrt train: {e}", file=sys.stderr)
+        return faults.EXIT_NONFINITE
     return 0 if out["status"] in ("done", "preempted", "stopped") else 1
 
 

@@ -105,6 +105,9 @@ def make_requests(run: Any, step: int, idx: list[int]) -> tuple[list, list, Any]
 def generate(engine: Any, prompts: list, reqs: list, sampling: Any) -> tuple:
     """The broadcastable payload of one batch: (prompts, responses, texts, behavior log-probs,
     finish reasons, engine weight version per rollout)."""
+    from rlrt_megatron.trainer.faults import maybe_kill_engine
+
+    maybe_kill_engine(engine, int(reqs[0].request_id.split("-")[0]) if reqs else 0)  # test hook
     comps = [c for grp in engine.generate(reqs, sampling) for c in grp]
     return (
         prompts,

@@ -15,6 +15,7 @@ import torch.distributed as dist
 from rlrt_megatron.config import TrainConfig, load_hf_config
 from rlrt_megatron.platform import resolve_dtype
 from rlrt_megatron.trainer.checkpoint import Checkpointer, layout_of
+from rlrt_megatron.trainer.ckpt_manifest import resolve_verified
 from rlrt_megatron.trainer.metrics import MetricsLogger
 from rlrt_megatron.trainer.state import ROLLOUT_QUEUE_FILE, Run
 from rlrt_megatron.trainer.steps import push_weights
@@ -134,7 +135,7 @@ def _build(cfg: TrainConfig, info: Any, hf_dir: str, ckpt: str, hf_config: dict,
         teacher = policy.make_teacher_copy(torch.float32 if algo.teacher_weights == "ema" else None)
     template = PromptTemplate(instruction=cfg.data.instruction)
     dataset, n_too_long = filter_by_prompt_length(
-        load_dataset(cfg), tokenizer, cfg.data.max_prompt_tokens, template
+        load_dataset(cfg), tokenizer, cfg.data.max_prompt_tokens, template, cfg.data.on_bad_row
     )
     sampler = PromptSampler(
         dataset, cfg.train.prompts_per_step, seed=cfg.train.seed, shuffle=cfg.data.shuffle
@@ -160,7 +161,7 @@ def _build(cfg: TrainConfig, info: Any, hf_dir: str, ckpt: str, hf_config: dict,
         pad_id=pad_id,
         teacher=teacher,
     )
-    resume = checkpointer.resolve(cfg.checkpoint.resume)
+    resume = resolve_verified(checkpointer, cfg.checkpoint.resume)  # damaged: older or exit 2
     if resume:
         state = checkpointer.load(
             resume, policy.model, policy.optimizer, teacher=teacher,
@@ -194,10 +195,19 @@ def _build(cfg: TrainConfig, info: Any, hf_dir: str, ckpt: str, hf_config: dict,
     )
     if resume:
         run.logger.message(f"resumed from {resume} at step {run.step}")
+    run.extra["data_skipped"] = {  # in every step's metrics: no prompt is dropped uncounted
+        "data/skipped_too_long": n_too_long,
+        "data/skipped_bad_rows": dataset.n_skipped,
+    }
     if n_too_long:
         run.logger.message(
             f"data: {n_too_long} prompts longer than data.max_prompt_tokens="
             f"{cfg.data.max_prompt_tokens} skipped, {len(dataset)} left"
+        )
+    if dataset.n_skipped:
+        run.logger.message(
+            f"data: {dataset.n_skipped} bad rows skipped (data.on_bad_row=skip), first: "
+            + "; ".join(dataset.skipped[:3])
         )
     # the engine samples with the policy's weights from the first step on (a resumed teacher
     # is already the checkpointed one: push the weights only)

@@ -10,6 +10,7 @@ gradients).
 
 from __future__ import annotations
 
+import errno
 import json
 import time
 from typing import Any
@@ -20,6 +21,13 @@ import torch.distributed as dist
 from rlrt_megatron import platform
 from rlrt_megatron.config import TrainConfig
 from rlrt_megatron.trainer.checkpoint import layout_of
+from rlrt_megatron.trainer.faults import (
+    INJECT_ENV,
+    check_nonfinite,
+    describe_write_failure,
+    injected,
+    spoil_loss,
+)
 from rlrt_megatron.trainer.state import (
     ROLLOUT_QUEUE_FILE,
     Batch,
@@ -245,8 +253,10 @@ def update(run: Run, batch: Batch, prepared: Any) -> dict[str, float]:
     mb_rows = cfg.train.mini_batch_prompts * g
     n = len(batch.responses)
     sums: dict[str, float] = {}
-    count = 0
+    count = skipped = 0
     dp_tokens = [0] * pol.dp_size
+    step = run.step + 1
+    spoil = [k for k in ("nan_loss", "inf_loss", "nan_grad") if injected(k, step)]  # test hook
     for _epoch in range(cfg.train.ppo_epochs):
         for lo in range(0, n, mb_rows):
             rows = list(range(lo, min(lo + mb_rows, n)))
@@ -255,16 +265,17 @@ def update(run: Run, batch: Batch, prepared: Any) -> dict[str, float]:
 
             def loss_of(
                 lp: torch.Tensor, sub: list[int], tk: Any, nt: float = num_tokens,
-                ns: float = num_seqs,
+                ns: float = num_seqs, first: bool = count == 0,
             ) -> tuple:  # fmt: skip
                 # the mini-batch's normalisers, divided by DP size since DDP averages gradients
-                return algo.loss(
+                loss, metrics = algo.loss(
                     lp,
                     prepared.select(sub),
                     max(nt, 1.0) / pol.dp_size,
                     topk=tk,
                     num_seqs=max(ns, 1.0) / pol.dp_size,
                 )
+                return (spoil_loss(loss, spoil[0]) if spoil and first else loss), metrics
 
             topk_ids, teacher_topk = _minibatch_topk(run, batch, mine, first=count == 0)
             m = pol.train_minibatch(
@@ -277,10 +288,13 @@ def update(run: Run, batch: Batch, prepared: Any) -> dict[str, float]:
                 topk_ids=topk_ids,
                 teacher_topk=teacher_topk,
             )
+            check_nonfinite(pol.last_nonfinite, step, cfg.train.on_nonfinite)
+            skipped += int(m.pop("nonfinite_skipped", 0.0))
             for k, v in m.items():
                 sums[k] = sums.get(k, 0.0) + v
             count += 1
     out = {k: v / max(count, 1) for k, v in sums.items()}
+    out["nonfinite_skipped"] = skipped
     if pol.dp_size > 1:
         out["dp_tokens_max_over_mean"] = max(dp_tokens) * pol.dp_size / max(sum(dp_tokens), 1)
         out.update({f"dp_tokens_rank{r}": float(t) for r, t in enumerate(dp_tokens)})
@@ -421,7 +435,7 @@ def step_metrics(
          for k, v in prepared.metrics.items()}
     )  # fmt: skip
     for k, v in upd.items():
-        if k in ("grad_norm", "lr", "update_ok") or k.startswith("dp_tokens"):
+        if k in ("grad_norm", "lr", "update_ok", "nonfinite_skipped") or k.startswith("dp_tokens"):
             m[f"train/{k}"] = v
         else:  # "loss" is the mini-batch loss, the rest the algorithm's loss metrics
             m["loss/value" if k == "loss" else f"loss/{k}"] = v
@@ -432,6 +446,7 @@ def step_metrics(
         m["memory/gpu_peak_gib"] = torch.cuda.max_memory_allocated(mask.device) / 2**30
         torch.cuda.reset_peak_memory_stats(mask.device)
     m["rollout/version"] = run.rollout_version
+    m.update(run.extra.get("data_skipped", {}))
     return m
 
 
@@ -494,17 +509,32 @@ def save_checkpoint(run: Run) -> str:
         state["rollout_queue"], payloads = run.rollouts.state(run)
         if payloads is not None:
             extra = {ROLLOUT_QUEUE_FILE: payloads}
-    path = run.checkpointer.save(
-        run.step,
-        run.policy.model,
-        run.policy.optimizer,
-        json.loads(json.dumps(state, default=float)),
-        teacher=run.teacher,
-        config=run.cfg.to_dict(),
-        layout=layout_of(run.cfg, run.world_size),
-        extra_files=extra,
-    )
+    ck = run.checkpointer
+    previous = ck.latest()
+    if injected("enospc", run.step):  # test hook: the disk fills up before the commit
+        ck.before_commit = _no_space
+    try:
+        path = ck.save(
+            run.step,
+            run.policy.model,
+            run.policy.optimizer,
+            json.loads(json.dumps(state, default=float)),
+            teacher=run.teacher,
+            config=run.cfg.to_dict(),
+            layout=layout_of(run.cfg, run.world_size),
+            extra_files=extra,
+        )
+    except BaseException as e:  # torch's CheckpointException is a BaseException
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise
+        raise describe_write_failure(e, ck.root, run.step, previous) from e
+    finally:
+        ck.before_commit = None
     return path
+
+
+def _no_space(tmp: str) -> None:
+    raise OSError(errno.ENOSPC, f"No space left on device (injected, {INJECT_ENV})", tmp)
 
 
 __all__ = [

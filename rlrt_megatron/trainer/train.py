@@ -21,6 +21,7 @@ from typing import Any
 from rlrt_megatron.config import TrainConfig
 from rlrt_megatron.trainer import steps
 from rlrt_megatron.trainer.checkpoint import SignalFlag
+from rlrt_megatron.trainer.faults import maybe_kill
 from rlrt_megatron.trainer.setup import setup, teardown
 from rlrt_megatron.trainer.teacher import check_teacher
 
@@ -29,12 +30,13 @@ class _Phases:
     """`phase(name, fn, *args)`: run `fn` under the watchdog's `name` timeout and time it (a
     phase run twice in a step adds up)."""
 
-    def __init__(self, wd: Any, times: dict[str, float]) -> None:
-        self.wd, self.times = wd, times
+    def __init__(self, wd: Any, times: dict[str, float], step: int = 0, rank: int = 0) -> None:
+        self.wd, self.times, self.step, self.rank = wd, times, step, rank
 
     def __call__(self, name: str, fn: Callable[..., Any], *args: Any) -> Any:
         t = time.perf_counter()
         with self.wd.phase(name):
+            maybe_kill(name, self.step, self.rank)  # test hook (RLRT_FAULT_INJECT)
             out = fn(*args)
         key = f"time/{name}"
         self.times[key] = self.times.get(key, 0.0) + time.perf_counter() - t
@@ -52,7 +54,7 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None) -> dict[str, Any]:
         for step in range(run.step + 1, cfg.train.steps + 1):
             t0, times = time.perf_counter(), {}
 
-            phase = _Phases(wd, times)
+            phase = _Phases(wd, times, step, run.rank)
             batch = phase("rollout", steps.rollout, run, step)
             phase("reward", steps.reward, run, batch)
             phase("logprobs", steps.logprobs, run, batch)

@@ -13,6 +13,10 @@ unwound). Every rank runs its own watchdog with the same phase timeouts, so when
 the others (waiting for it inside a collective of the same phase) time out too and dump their
 stacks: the log holds all ranks' stacks and the launcher sees a non-zero exit naming the phase.
 
+A phase that raises instead (a collective failing because a peer rank died: gloo notices the
+closed connection) is named the same way, with the stacks, before the exception unwinds
+(`rlrt train` then exits 1).
+
 `faulthandler` also dumps the stacks on SIGUSR2 (`kill -USR2 <pid>`) for a live look at a run.
 """
 
@@ -28,7 +32,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, TextIO
 
+from rlrt_megatron.config import ConfigError
+from rlrt_megatron.trainer.faults import CheckpointWriteError, NonFiniteError
+
 EXIT_CODE = 3  # distinct from Python's 1 (exception) and from signals (128 + n)
+# errors whose message says all (a bad config, a damaged checkpoint, a full disk, a NaN): no
+# stack dump when a phase raises one
+_SELF_EXPLAINED = (ConfigError, CheckpointWriteError, NonFiniteError)
 
 
 class Watchdog:
@@ -82,8 +92,13 @@ class Watchdog:
         with self._cond:
             self._stack.append((name, time.monotonic() + t, t))
             self._cond.notify()
+        t0 = time.monotonic()
         try:
             yield
+        except Exception as e:
+            if not isinstance(e, _SELF_EXPLAINED):
+                self._report_failure(name, time.monotonic() - t0, e)
+            raise
         finally:
             with self._cond:
                 self._stack.pop()
@@ -114,6 +129,28 @@ class Watchdog:
                     self._cond.wait(timeout=left)
                     continue
                 self._expire(name, timeout)
+
+    def _report_failure(self, name: str, seconds: float, exc: BaseException) -> None:
+        """A phase raised (e.g. a collective failed because a peer rank died): name the phase on
+        stderr and in the rank's log, with every thread's stack, before the exception unwinds."""
+        msg = (
+            f"[watchdog] rank {self.rank}: phase '{name}' failed after {seconds:.1f}s: "
+            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}; Python "
+            "stacks of all threads of this rank follow\n"
+        )
+        streams: list[TextIO] = [sys.stderr]
+        log = open(self.log_path, "a") if self.log_path else None  # noqa: SIM115
+        if log is not None:
+            streams.append(log)
+        for s in streams:
+            try:
+                s.write(msg)
+                faulthandler.dump_traceback(file=s, all_threads=True)
+                s.flush()
+            except (OSError, ValueError):
+                pass
+        if log is not None:
+            log.close()
 
     def _expire(self, name: str, timeout: float) -> None:
         msg = (
