@@ -37,6 +37,9 @@ class Policy:
             fields (`te.fp8_transformer_kwargs`) go to `build_model` (policy and teacher).
         logprobs_impl: `model.logprobs_impl`, the LM head + log-probs implementation of every
             forward (`megatron/lm_head.py`).
+        temperature: `rollout.temperature`; every forward (student, teacher, entropy, top-k,
+            update) computes softmax(logits / T), the engine's sampling distribution (see
+            `megatron/forward.py`).
     """
 
     def __init__(
@@ -53,6 +56,7 @@ class Policy:
         sample_vocab_size: int | None = None,
         fp8: Any = None,
         logprobs_impl: str = "auto",
+        temperature: float = 1.0,
     ) -> None:
         from megatron.core import parallel_state as ps
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
@@ -64,6 +68,7 @@ class Policy:
         self.use_distributed_optimizer = use_distributed_optimizer
         self.tp, self.pp, self.spec, self.params_dtype = tp, pp, spec, params_dtype
         self.logprobs_impl = logprobs_impl
+        self.temperature = float(temperature)
         self.model_kwargs = fp8_transformer_kwargs(fp8, spec)
         chunks = build_model(
             hf_config, tp=tp, pp=pp, spec=spec, params_dtype=params_dtype, **self.model_kwargs
@@ -231,7 +236,8 @@ class Policy:
             row_tokens, rows_per_mb = self._layout(max(len(x) for x in seqs), token_budget)
             return compute_response_logprobs(
                 model, seqs, starts, token_budget=row_tokens, rows_per_microbatch=rows_per_mb,
-                with_entropy=True, response_len=t_resp, logprobs_impl=self.logprobs_impl, **kw,
+                with_entropy=True, response_len=t_resp, logprobs_impl=self.logprobs_impl,
+                temperature=self.temperature, **kw,
             )  # fmt: skip
 
         try:
@@ -330,6 +336,7 @@ class Policy:
                 response_len=width,
                 topk_ids=topk_ids,
                 logprobs_impl=self.logprobs_impl,
+                temperature=self.temperature,
             )
         for o in outs:
             for k, v in o["metrics"].items():
