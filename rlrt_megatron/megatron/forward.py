@@ -218,8 +218,9 @@ def _mb_outputs(
         ids = topk_ids.to(hidden.device)[mb.rollout_index[mb.dst_row], mb.dst_col]
     elif topk > 0:
         ids = lm_head_topk(hidden.detach(), weight.detach(), topk, **kw)
-    # top-k ids need no temperature (1/T keeps the order of the logits)
-    kw["temperature"] = temperature
+    # top-k ids need no temperature (1/T keeps the order of the logits); the targets were
+    # validated once before the schedule, the top-k ids are the model's own
+    kw.update(temperature=temperature, check_ids=False)
     lp = lm_head_logprobs(hidden, weight, mb.targets, with_entropy=with_entropy, **kw)
     out: dict[str, torch.Tensor] = {"rollout_index": mb.rollout_index}
     if with_entropy:
@@ -293,6 +294,7 @@ def forward_backward_responses(
         pack=pack,
         with_mask=layout == "mask",
     )
+    _check_targets(mbs, true_vocab_size(chunks[0]))
     if len(chunks) > 1:
         # Megatron's interleaved schedule runs micro-batches in groups of PP size: pad with
         # all-padding micro-batches (no selected positions, zero loss) to a multiple of it.
@@ -346,6 +348,18 @@ def forward_backward_responses(
             seq_length=mbs[0].input_ids.shape[1],
             micro_batch_size=mbs[0].input_ids.shape[0],
             forward_only=forward_only,
+        )
+
+
+def _check_targets(mbs: list[PackedMicroBatch], vocab: int) -> None:
+    """Every target id in [0, vocab), checked once on the host copies (never inside the
+    schedule, where a check of device values is a host sync per micro-batch)."""
+    targets = torch.cat([mb.targets for mb in mbs])
+    if targets.numel() and not (0 <= int(targets.min()) and int(targets.max()) < vocab):
+        raise ValueError(
+            f"response token ids must lie in [0, {vocab}) (the sampling vocabulary), got min "
+            f"{int(targets.min())} max {int(targets.max())}: the engine and the model disagree "
+            "on the tokenizer"
         )
 
 

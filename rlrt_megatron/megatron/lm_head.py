@@ -114,7 +114,7 @@ def _block_shape(dev: torch.device, phase: str, chunk_size: int | None) -> tuple
     return m, v
 
 
-def _check_inputs(hidden, weight, ids, true_vocab_size, size, what="target"):
+def _check_inputs(hidden, weight, ids, true_vocab_size, size, what="target", check_ids=True):
     if hidden.shape[-1] != weight.shape[-1] or weight.dim() != 2:
         raise ValueError(
             f"hidden {tuple(hidden.shape)} and weight {tuple(weight.shape)} disagree: expected "
@@ -122,8 +122,9 @@ def _check_inputs(hidden, weight, ids, true_vocab_size, size, what="target"):
         )
     if hidden.dtype != weight.dtype:
         raise ValueError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) dtypes differ")
-    # Only on CPU: on GPU the check would force a host sync per call.
-    if ids.device.type == "cpu" and ids.numel():
+    # Only on CPU: on GPU the check would force a host sync per call. Callers that validated
+    # the ids once for many calls (`megatron/forward.py`) pass check_ids=False.
+    if check_ids and ids.device.type == "cpu" and ids.numel():
         limit = weight.shape[0] * size if true_vocab_size is None else int(true_vocab_size)
         lo, hi = int(ids.min()), int(ids.max())
         if lo < 0 or hi >= limit:
@@ -436,6 +437,7 @@ def lm_head_logprobs(
     chunk_size: int | None = None,
     impl: LogprobsImpl = "auto",
     temperature: float = 1.0,
+    check_ids: bool = True,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Log-prob of `target` (and entropy) under softmax(hidden @ weight.T / temperature) over a
     TP-sharded vocabulary, from hidden states, never building `[T, V]` logits.
@@ -456,6 +458,8 @@ def lm_head_logprobs(
         temperature: the sampler's temperature T (> 0): the distribution is softmax(z / T),
             what an engine sampling at T reports (1/T is applied to each fp32 logits block,
             and to the gradient, inside the block ops; T = 1 is bit-identical to no scaling).
+        check_ids: check on CPU that every target lies in the true vocabulary (False: the
+            caller validated them already; on GPU the check never runs, it would sync).
 
     Returns:
         fp32 log-probs shaped like `target` (<= 0), and fp32 entropy if asked. Differentiable
@@ -470,7 +474,7 @@ def lm_head_logprobs(
         )
     tgt = target.reshape(-1).long()
     shard, size = _shard(weight.shape[0], group, true_vocab_size)
-    _check_inputs(flat_h, weight, tgt, true_vocab_size, size)
+    _check_inputs(flat_h, weight, tgt, true_vocab_size, size, check_ids=check_ids)
     scale = inverse_temperature(temperature)
     mode = resolve_impl(impl, flat_h.device)
     if mode == "naive":

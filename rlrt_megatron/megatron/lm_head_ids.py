@@ -142,6 +142,7 @@ def lm_head_logprobs_at_ids(
     chunk_size: int | None = None,
     impl: LogprobsImpl = "auto",
     temperature: float = 1.0,
+    check_ids: bool = True,
 ) -> torch.Tensor:
     """Log-probs at `ids` `[..., K]` plus the tail bucket, `[..., K+1]` fp32, from hidden states.
 
@@ -159,7 +160,7 @@ def lm_head_logprobs_at_ids(
     flat_h = hidden.reshape(-1, hidden.shape[-1])
     flat_ids = ids.reshape(-1, k).long()
     shard, size = _shard(weight.shape[0], group, true_vocab_size)
-    _check_inputs(flat_h, weight, flat_ids, true_vocab_size, size, what="ids")
+    _check_inputs(flat_h, weight, flat_ids, true_vocab_size, size, "ids", check_ids)
     scale = inverse_temperature(temperature)
     if resolve_impl(impl, flat_h.device) == "naive":
         z = _naive_logits(flat_h, weight, group, size, true_vocab_size, temperature)

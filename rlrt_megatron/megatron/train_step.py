@@ -280,7 +280,7 @@ class Policy:
         rows: Sequence[int],
         width: int,
         token_budget: int,
-        loss_of: Callable[..., tuple[torch.Tensor, dict[str, float]]],
+        loss_of: Callable[..., tuple[torch.Tensor, dict[str, Any]]],
         *,
         topk_ids: torch.Tensor | None = None,
         teacher_topk: tuple[torch.Tensor, torch.Tensor | None] | None = None,
@@ -289,23 +289,39 @@ class Policy:
 
         `sequences[i]` (prompt + response of global row `rows[i]`, response from
         `response_starts[i]`) are packed by `megatron/forward.py`; per micro-batch
-        `loss_of(logprobs [n, width], global_rows, topk)` returns `(loss, metrics)` with the
-        mini-batch normalisation already applied (the algorithm's `loss`). For SDPO/SRPO,
-        `topk_ids` `[len(rows), width, K]` fixes the support (the pre-update student's top-k,
-        from the logprobs phase) and `teacher_topk` = (teacher log-probs on it `[.., K+1]`,
-        teacher entropy `[.., width]` or None); `topk` then is
+        `loss_of(logprobs [n, width], global_rows [n] (an int64 tensor on the device), topk)`
+        returns `(loss, metrics)` with the mini-batch normalisation already applied (the
+        algorithm's `loss`; metrics as 0-d tensors or floats). For SDPO/SRPO, `topk_ids`
+        `[len(rows), width, K]` fixes the support (the pre-update student's top-k, from the
+        logprobs phase) and `teacher_topk` = (teacher log-probs on it `[.., K+1]`, teacher
+        entropy `[.., width]` or None); `topk` then is
         `(student_topk_logprobs, teacher_topk_logprobs, teacher_entropy)`.
+
+        No device->host sync inside Megatron's schedule (`tests/unit/test_host_syncs.py`): the
+        rows are a device tensor, the algorithm's value checks are skipped there (its inputs were
+        validated by `prepare`, the teacher top-k here, the model's log-probs are checked for
+        NaN/inf on the device and read once after the schedule), and the metrics stay tensors
+        until one read per mini-batch. Returned metrics are means over the micro-batches,
+        averaged on the last pipeline stage (where the loss runs) and broadcast from there.
         """
+        from rlrt_megatron.algorithms._checks import check_finite_where, values_checked
         from rlrt_megatron.megatron.forward import forward_backward_responses
 
         if not rows:
             raise ValueError("every data-parallel rank needs at least one row per mini-batch")
+        dev = platform.device()
+        if teacher_topk is not None:  # validated once per mini-batch, not per micro-batch
+            t_lp = teacher_topk[0]
+            check_finite_where(
+                "train_minibatch", "teacher_topk", t_lp, torch.ones_like(t_lp, dtype=torch.bool),
+                allow_neg_inf=True,
+            )  # fmt: skip
         for m in self.model:
             m.zero_grad_buffer()
         self.optimizer.zero_grad()
         row_tokens, rows_per_mb = self._layout(max(len(s) for s in sequences), token_budget)
-        metric_sums: dict[str, float] = {}
-        loss_sum = torch.zeros((), dtype=torch.float64, device=platform.device())
+        global_rows = torch.tensor(list(rows), dtype=torch.int64, device=dev)
+        nonfinite = torch.zeros((), dtype=torch.float64, device=dev)
 
         def loss_fn(mb: Any, outs: dict[str, torch.Tensor]) -> tuple:
             idx = outs["rollout_index"]
@@ -317,7 +333,10 @@ class Policy:
                     t_lp.to(idx.device)[idx],
                     None if t_ent is None else t_ent.to(idx.device)[idx],
                 )
-            loss, metrics = loss_of(outs["logprobs"], [rows[i] for i in idx.tolist()], tk)
+            lp = outs["logprobs"]
+            nonfinite.add_((~torch.isfinite(lp.detach())).sum())  # read after the schedule
+            with values_checked():
+                loss, metrics = loss_of(lp, global_rows[idx], tk)
             # the schedule divides by the number of micro-batches; the algorithm's loss is
             # already normalised over the whole mini-batch (each mini-batch is packed once, in
             # forward_backward_responses, which reports the count)
@@ -338,25 +357,53 @@ class Policy:
                 logprobs_impl=self.logprobs_impl,
                 temperature=self.temperature,
             )
-        for o in outs:
-            for k, v in o["metrics"].items():
-                metric_sums[k] = metric_sums.get(k, 0.0) + float(v)
-            loss_sum += o["loss"].double()
+        out = self._reduce_metrics(outs, nonfinite)
         ok, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(1)
-        # the mini-batch loss: micro-batch losses are already normalised by the whole
-        # mini-batch, so they add up (over micro-batches here, over DP ranks below)
-        if self.dp_size > 1:
-            dist.all_reduce(loss_sum, group=self.dp_group)
-        if self.pp > 1:
-            dist.broadcast(loss_sum, src=self.last_stage_rank, group=self.pp_group)
-            metric_sums = broadcast_object(metric_sums, self.last_stage_rank, self.pp_group)
-        out = {k: v / max(len(outs), 1) for k, v in metric_sums.items()}
-        out["loss"] = float(loss_sum) / self.dp_size
         out["grad_norm"] = float(grad_norm) if grad_norm is not None else 0.0
         out["update_ok"] = float(bool(ok))
         out["lr"] = float(self.optimizer.param_groups[0]["lr"])
         return out
+
+    def _reduce_metrics(self, outs: list, nonfinite: torch.Tensor) -> dict[str, float]:
+        """The mini-batch's metrics from the schedule's per-micro-batch outputs, on every rank.
+
+        The loss is the sum of the micro-batch losses (each normalised by the whole mini-batch)
+        over micro-batches and data-parallel ranks; every other metric is its mean over this
+        rank's micro-batches, computed on the last pipeline stage (the only one with outputs)
+        and broadcast over the pipeline group. One host read per mini-batch. Raises when the
+        model's log-probs held NaN/inf on any rank (before the optimizer step)."""
+        dev = nonfinite.device
+        keys = sorted({k for o in outs for k in o["metrics"]})
+        n_mb = max(len(outs), 1)
+        means = [
+            sum(_as_f64(o["metrics"][k], dev) for o in outs if k in o["metrics"]) / n_mb
+            for k in keys
+        ]
+        zero = torch.zeros((), dtype=torch.float64, device=dev)
+        loss_sum = sum((o["loss"].double() for o in outs), zero)
+        summed = torch.stack([loss_sum, nonfinite])  # summed over data-parallel ranks
+        if self.dp_size > 1:
+            dist.all_reduce(summed, group=self.dp_group)
+        values = torch.stack([summed[0] / self.dp_size, summed[1], *means]).tolist()
+        got = dict(zip(["loss", "nonfinite", *keys], values, strict=True))
+        if self.pp > 1:
+            got = broadcast_object(got, self.last_stage_rank, self.pp_group)
+        bad = got.pop("nonfinite")
+        if bad > 0:
+            raise FloatingPointError(
+                f"the policy's log-probs of this mini-batch hold {int(bad)} "
+                "NaN/inf value(s) (all data-parallel ranks): the model diverged (lower "
+                "optimizer.lr; see the last train/grad_norm) or its weights were loaded broken"
+            )
+        return got
+
+
+def _as_f64(v: Any, dev: torch.device) -> torch.Tensor:
+    """A metric (0-d tensor or python number) as a float64 tensor on `dev`, no host sync."""
+    if torch.is_tensor(v):
+        return v.detach().to(device=dev, dtype=torch.float64)
+    return torch.tensor(float(v), dtype=torch.float64, device=dev)
 
 
 def broadcast_object(obj: Any, src: int = 0, group: Any = None) -> Any:
