@@ -33,6 +33,10 @@ Measured on one H200 (T=32k, H=4096, V=151,936, bf16; `benchmarks/logprobs_memor
 56 ms), forward+backward 260 ms with 1.6 GiB (= the two gradients + 194 MiB; naive 240 ms /
 56 GiB); log-probs within 1.5e-2 of fp32 (the bf16 logits' own rounding, as naive bf16).
 
+Temperature: `temperature=T` gives softmax(z / T), the distribution a rollout engine sampling at
+T reports; 1/T multiplies each fp32 logits block inside the block ops (and the block's gradient,
+by the chain rule), so no scaled copy of the hidden states or the weight is made.
+
 Vocab padding (ids >= `true_vocab_size`, a global size) never enters a max, a sum, top-k or a
 gradient. Log-probs are computed as `(z_y - m) - log s` with `z_y` taken from the same block
 values as `s` (so `s >= exp(z_y - m)`) and clamped at 0: never positive, whatever the dtype.
