@@ -12,33 +12,10 @@ stage: it has no micro-batch outputs of its own (before the fix it logged the la
 from __future__ import annotations
 
 import pytest
-import torch
+import update_batch
 from dist_utils import run_distributed
 
 pytestmark = pytest.mark.distributed
-
-VOCAB = 256
-PROMPT = 5
-RESP = [3, 8, 6, 2, 7, 5]  # response lengths of the 6 rollouts (3 groups of 2)
-
-
-def _prepared():
-    from rlrt_megatron.algorithms import AlgoBatch, RolloutCorrectionConfig, get_algorithm
-
-    g = torch.Generator().manual_seed(0)
-    n, width = len(RESP), max(RESP)
-    mask = (torch.arange(width)[None, :] < torch.tensor(RESP)[:, None]).float()
-    old = -torch.rand(n, width, generator=g) * 6  # far from the model: clipping is active
-    algo = get_algorithm("grpo", correction=RolloutCorrectionConfig(mode="tis", cap=2.0))
-    batch = AlgoBatch(
-        rewards=torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 0.0]),
-        group_size=2,
-        mask=mask,
-        old_logprobs=old,
-        student_logprobs=old,
-        rollout_logprobs=old + 0.3 * torch.randn(n, width, generator=g),
-    )
-    return algo, algo.prepare(batch)
 
 
 def _layout(pp: int, full: dict | None) -> tuple[dict, dict]:
@@ -50,7 +27,7 @@ def _layout(pp: int, full: dict | None) -> tuple[dict, dict]:
 
     platform.init_distributed(tp=1, pp=pp, seed=1234)
     policy = Policy(
-        tiny_config(vocab_size=VOCAB, num_layers=2), tp=1, pp=pp,
+        tiny_config(vocab_size=update_batch.VOCAB, num_layers=2), tp=1, pp=pp,
         optim=OptimizerConfig(lr=1e-3), total_steps=4,
     )  # fmt: skip
     if full is not None:
@@ -58,20 +35,7 @@ def _layout(pp: int, full: dict | None) -> tuple[dict, dict]:
             c.load_state_dict(shard_state_dict_for_tp(full, c), strict=True)
         policy.sync_main_params()
     params = gather_full_params(policy.chunks)
-    algo, prepared = _prepared()
-    g = torch.Generator().manual_seed(1)
-    seqs = [torch.randint(0, VOCAB, (PROMPT + r,), generator=g).tolist() for r in RESP]
-    rows = list(range(len(RESP)))
-    nt, ns = prepared.select(rows).normalizers()
-
-    def loss_of(lp, sub, tk):
-        # every DP rank trains on all rows with the whole mini-batch's normalisers: DDP's
-        # average of equal gradients is the single-rank one (steps.update splits the rows and
-        # divides the normalisers by the DP size instead)
-        return algo.loss(lp, prepared.select(sub), nt, topk=tk, num_seqs=ns)
-
-    # 2 rows of <= 13 tokens per micro-batch: 3 micro-batches
-    out = policy.train_minibatch(seqs, [PROMPT] * len(RESP), rows, max(RESP), 26, loss_of)
+    out = update_batch.train(policy, "grpo")
     return params, out
 
 

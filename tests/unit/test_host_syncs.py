@@ -17,14 +17,10 @@ import traceback
 
 import pytest
 import torch
+import update_batch
 from torch.overrides import TorchFunctionMode
 
 from rlrt_megatron.convert.tiny import tiny_config
-
-VOCAB = 256
-PROMPT = 5
-RESP = [3, 8, 6, 2, 7, 5]  # response lengths of the 6 rollouts (3 groups of 2)
-K = 4
 
 _SYNCING = {"item", "tolist", "__bool__", "__int__", "__float__", "__index__", "cpu", "numpy",
             "nonzero", "masked_select"}  # fmt: skip
@@ -77,36 +73,6 @@ class SyncCounter(TorchFunctionMode):
         monkeypatch.setattr(pp, "get_forward_backward_func", get)
 
 
-def _batch(algo_name: str):
-    from rlrt_megatron.algorithms import AlgoBatch, RolloutCorrectionConfig, get_algorithm
-    from rlrt_megatron.algorithms.losses import append_tail_bucket
-
-    g = torch.Generator().manual_seed(0)
-    n, width = len(RESP), max(RESP)
-    mask = (torch.arange(width)[None, :] < torch.tensor(RESP)[:, None]).float()
-    old = -torch.rand(n, width, generator=g) * 2
-    algo = get_algorithm(algo_name, correction=RolloutCorrectionConfig(mode="tis", cap=2.0))
-    batch = AlgoBatch(
-        rewards=torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 0.0]),
-        group_size=2,
-        mask=mask,
-        old_logprobs=old,
-        student_logprobs=old,
-        teacher_logprobs=-torch.rand(n, width, generator=g),
-        has_teacher=torch.ones(n, dtype=torch.bool),
-        teacher_entropy=torch.rand(n, width, generator=g),
-        rollout_logprobs=old + 0.1 * torch.randn(n, width, generator=g),
-    )
-    prepared = algo.prepare(batch)
-    topk_ids = teacher = None
-    if algo.needs_topk:
-        base = torch.arange(n)[:, None, None] * 11 + torch.arange(width)[None, :, None] * 5
-        topk_ids = (base + torch.arange(K)) % VOCAB  # distinct per position
-        lp = torch.log_softmax(torch.randn(n, width, 20, generator=g), -1).topk(K, -1).values
-        teacher = (append_tail_bucket(lp), batch.teacher_entropy)
-    return algo, prepared, topk_ids, teacher
-
-
 @pytest.mark.parametrize("algo_name", ["grpo", "srpo"])
 def test_no_host_sync_inside_the_schedule(megatron_1proc, monkeypatch, algo_name):
     from rlrt_megatron import platform
@@ -116,24 +82,15 @@ def test_no_host_sync_inside_the_schedule(megatron_1proc, monkeypatch, algo_name
     platform.init_distributed(tp=1, pp=1)
     torch.manual_seed(3)
     policy = Policy(
-        tiny_config(vocab_size=VOCAB), tp=1, pp=1, optim=OptimizerConfig(lr=1e-3), total_steps=4
+        tiny_config(vocab_size=update_batch.VOCAB),
+        tp=1,
+        pp=1,
+        optim=OptimizerConfig(lr=1e-3),
+        total_steps=4,
     )
-    algo, prepared, topk_ids, teacher = _batch(algo_name)
-    g = torch.Generator().manual_seed(1)
-    seqs = [torch.randint(0, VOCAB, (PROMPT + r,), generator=g).tolist() for r in RESP]
-    rows = list(range(len(RESP)))
-    nt, ns = prepared.select(rows).normalizers()
-
-    def loss_of(lp, sub, tk):
-        return algo.loss(lp, prepared.select(sub), nt, topk=tk, num_seqs=ns)
-
     counter = SyncCounter()
     counter.around_schedule(monkeypatch)
-    # 2 rows of <= 13 tokens per micro-batch: 3 micro-batches
-    out = policy.train_minibatch(
-        seqs, [PROMPT] * len(RESP), rows, max(RESP), 26, loss_of,
-        topk_ids=topk_ids, teacher_topk=teacher,
-    )  # fmt: skip
+    out = update_batch.train(policy, algo_name)
     assert counter.calls == [], "\n".join(counter.calls)
     assert out["update_ok"] == 1.0 and out["grad_norm"] > 0
     key = "pg_clipfrac" if algo_name == "srpo" else "clipfrac"
