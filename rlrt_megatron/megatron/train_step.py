@@ -304,7 +304,7 @@ class Policy:
         until one read per mini-batch. Returned metrics are means over the micro-batches,
         averaged on the last pipeline stage (where the loss runs) and broadcast from there.
         """
-        from rlrt_megatron.algorithms._checks import check_finite_where, values_checked
+        from rlrt_megatron.algorithms import values_checked
         from rlrt_megatron.megatron.forward import forward_backward_responses
 
         if not rows:
@@ -312,10 +312,12 @@ class Policy:
         dev = platform.device()
         if teacher_topk is not None:  # validated once per mini-batch, not per micro-batch
             t_lp = teacher_topk[0]
-            check_finite_where(
-                "train_minibatch", "teacher_topk", t_lp, torch.ones_like(t_lp, dtype=torch.bool),
-                allow_neg_inf=True,
-            )  # fmt: skip
+            bad = int((torch.isnan(t_lp) | (t_lp == float("inf"))).sum())
+            if bad:
+                raise ValueError(
+                    f"train_minibatch: the teacher's top-k log-probs {tuple(t_lp.shape)} hold "
+                    f"{bad} NaN/+inf value(s): check the teacher forward of the logprobs phase"
+                )
         for m in self.model:
             m.zero_grad_buffer()
         self.optimizer.zero_grad()

@@ -97,6 +97,11 @@ def test_no_host_sync_inside_the_schedule(megatron_1proc, monkeypatch, algo_name
     assert key in out and isinstance(out[key], float)
     if algo_name == "srpo":
         assert out["sd_jsd_mean"] > 0
+    else:  # NaN log-probs are still caught, once per mini-batch, before the optimizer step
+        with torch.no_grad():
+            next(policy.chunks[0].parameters()).fill_(float("nan"))
+        with pytest.raises(FloatingPointError, match="NaN/inf"):
+            update_batch.train(policy, algo_name)
 
 
 def test_the_counter_sees_syncs():
