@@ -8,10 +8,12 @@ self_distillation_loss, sampled_token_distillation_loss, generalized_jsd, append
 
 The trainer uses the registry (:mod:`.registry`): ``algo = get_algorithm(name, cfg)``,
 ``prepared = algo.prepare(AlgoBatch(...))`` once per step, ``algo.loss(logprobs,
-prepared.select(rows), num_tokens, topk=...)`` per micro-batch. Importing this package needs
+prepared.select(rows), num_tokens, topk=...)`` per micro-batch (inside ``values_checked()``:
+``prepare`` validated the values, so the loss makes no host sync). Importing this package needs
 only torch.
 """
 
+from ._checks import values_checked
 from .advantages import (
     dapo_keep_mask,
     group_advantages,
@@ -96,4 +98,5 @@ __all__ = [
     "sampled_token_distillation_loss",
     "self_distillation_loss",
     "top_explore_tokens",
+    "values_checked",
 ]

@@ -2,12 +2,40 @@
 
 Every check raises ``ValueError`` naming the function, the argument and the shapes involved, so a
 wrong call from the trainer is diagnosed at the call site rather than as a NaN three steps later.
+
+Shape checks are free; value checks (finite values, a 0/1 mask) read a device tensor on the host,
+a device->host sync on a GPU. The trainer validates once per step (``prepare``) and runs each
+micro-batch's ``loss`` inside :func:`values_checked`, which skips the value checks there (the
+model's log-probs are checked once per mini-batch by the trainer instead, see
+``megatron/train_step.py``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from collections.abc import Iterator
+
 import torch
 from torch import Tensor
+
+_STATE = threading.local()
+
+
+@contextlib.contextmanager
+def values_checked() -> Iterator[None]:
+    """Inside, the value checks (:func:`check_finite_where`, the 0/1 check of
+    :func:`mask_bool`) are skipped: the caller validated the values already (no host sync)."""
+    old = getattr(_STATE, "skip", False)
+    _STATE.skip = True
+    try:
+        yield
+    finally:
+        _STATE.skip = old
+
+
+def _skip_values() -> bool:
+    return getattr(_STATE, "skip", False)
 
 
 def shape_of(x: Tensor) -> tuple[int, ...]:
@@ -46,7 +74,7 @@ def mask_bool(fn: str, mask: Tensor) -> Tensor:
     """Return ``mask`` as bool after checking it holds only 0/1."""
     if mask.dtype == torch.bool:
         return mask
-    if not bool(((mask == 0) | (mask == 1)).all()):
+    if not _skip_values() and not bool(((mask == 0) | (mask == 1)).all()):
         raise ValueError(f"{fn}: `mask` {shape_of(mask)} must contain only 0 and 1")
     return mask != 0
 
@@ -55,6 +83,8 @@ def check_finite_where(
     fn: str, name: str, x: Tensor, where: Tensor, allow_neg_inf: bool = False
 ) -> None:
     """Values at valid positions must be finite (or -inf when ``allow_neg_inf``)."""
+    if _skip_values():
+        return
     bad = torch.isnan(x) if allow_neg_inf else ~torch.isfinite(x)
     if allow_neg_inf:
         bad = bad | (x == float("inf"))

@@ -252,5 +252,6 @@ class Algorithm:
     ) -> tuple[Tensor, dict[str, float]]:
         """Per micro-batch: ``logprobs`` [b, T] of the sampled tokens with grad, ``prepared``
         sliced to the same b rows, mini-batch normalisers (see the module docstring), ``topk``
-        when ``needs_topk``. Returns (scalar fp32 loss to backpropagate, float metrics)."""
+        when ``needs_topk``. Returns (scalar fp32 loss to backpropagate, metrics as detached
+        0-d tensors: no host sync per micro-batch, the trainer reads them once per mini-batch)."""
         raise NotImplementedError

@@ -18,10 +18,20 @@ algorithms (:mod:`.registry`) multiply into each token's policy-gradient (or dis
 
 ``old`` is the trainer's recompute (``train.recompute_old_logprobs=true``, the default). With
 the engine's log-probs as PPO's old log-probs instead, the PPO ratio already spans the mismatch
-and a correction would count it twice: keep mode ``none`` there.
+and a correction would count it twice: the config refuses tis / mis there.
 
-``level="sequence"`` uses one ratio per row, ``exp(mean_t(old_it - rollout_it))`` over its
-tokens (the geometric mean of the token ratios), for every token of the row.
+``level`` (as verl's rollout correction names them):
+
+- ``token``: one ratio per token, ``r_it``;
+- ``sequence``: one ratio per row, the product of its token ratios
+  ``prod_t r_it = exp(sum_t (old_it - rollout_it))`` (the log clamped to [-20, 20] before the
+  exp, verl's safety bound), for every token of the row; ``tis`` then truncates that product at
+  ``cap`` and ``mis`` keeps the row only where ``low <= prod <= cap`` (verl's sequence-level
+  TIS / rejection);
+- ``geometric``: one ratio per row, the geometric mean of its token ratios
+  ``exp(mean_t (old_it - rollout_it))`` (length-normalised, verl's ``geometric`` rejection
+  level), truncated / masked the same way. (Configs before this name existed called it
+  ``sequence``: use ``geometric`` for the old behaviour.)
 
 Metrics (python floats, over the masked tokens, independent of ``level``), with
 ``d = rollout - old``:
@@ -45,7 +55,7 @@ from torch import Tensor
 from ._checks import check_token_inputs, f32
 
 CORRECTION_MODES = ("none", "tis", "mis")
-CORRECTION_LEVELS = ("token", "sequence")
+CORRECTION_LEVELS = ("token", "sequence", "geometric")
 
 # exp(20) ~ 5e8: any cap below it truncates long before; this only keeps exp finite.
 _MAX_LOG_RATIO = 20.0
@@ -60,13 +70,15 @@ class RolloutCorrectionConfig:
             low <= ratio <= cap, else 0); ratio = pi_trainer / pi_engine of each sampled token.
         cap: upper bound of the ratio (2.0); > 0, inf allowed (tis without truncation).
         low: mis lower bound; None = 1 / cap. Only for mode mis.
-        level: "token" (one ratio per token) | "sequence" (exp of the row's mean log-ratio).
+        level: "token" (one ratio per token) | "sequence" (one per row: the product of its
+            token ratios) | "geometric" (one per row: their geometric mean; what `sequence`
+            meant before the product existed).
     """
 
     mode: Literal["none", "tis", "mis"] = "none"
     cap: float = 2.0
     low: float | None = None
-    level: Literal["token", "sequence"] = "token"
+    level: Literal["token", "sequence", "geometric"] = "token"
 
     def __post_init__(self) -> None:
         _check_settings("RolloutCorrectionConfig", self.mode, self.cap, self.low, self.level)
@@ -77,7 +89,10 @@ def _check_settings(fn: str, mode: str, cap: float, low: float | None, level: st
     if mode not in CORRECTION_MODES:
         raise ValueError(f"{fn}: `mode` must be one of {CORRECTION_MODES}, got {mode!r}")
     if level not in CORRECTION_LEVELS:
-        raise ValueError(f"{fn}: `level` must be one of {CORRECTION_LEVELS}, got {level!r}")
+        raise ValueError(
+            f"{fn}: `level` must be one of {CORRECTION_LEVELS}, got {level!r} (the geometric mean "
+            "of the token ratios is `geometric`, their product `sequence`)"
+        )
     if not cap > 0.0:  # also rejects NaN
         raise ValueError(f"{fn}: `cap` must be > 0 (inf = no upper bound), got {cap}")
     if low is not None and mode != "mis":
@@ -107,7 +122,7 @@ def rollout_correction(
         rollout_logprobs: [B, T] the rollout engine's log-probs of the same tokens.
         mask: [B, T] 0/1 or bool response mask; rows may be empty.
         mode: "none" | "tis" | "mis". cap: ratio upper bound (> 0). low: mis lower bound
-            (None = 1 / cap). level: "token" | "sequence".
+            (None = 1 / cap). level: "token" | "sequence" | "geometric".
     Returns:
         (weights [B, T] fp32, detached, 0 outside ``mask``; metrics ``mismatch/k3``,
         ``mismatch/max_abs``, ``mismatch/clip_frac`` as python floats, 0 for an empty mask).
@@ -121,7 +136,10 @@ def rollout_correction(
     m = valid.to(torch.float32)
     # old - rollout at valid positions, 0 elsewhere (garbage there never reaches an exp)
     log_ratio = torch.where(valid, f32(old_logprobs) - f32(rollout_logprobs), zero)
-    if level == "sequence":
+    if level == "sequence":  # log of the product of the token ratios, verl's safety bound
+        log_ratio = log_ratio.sum(dim=1, keepdim=True).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)
+        log_ratio = log_ratio.expand_as(m)
+    elif level == "geometric":
         n = m.sum(dim=1, keepdim=True)
         log_ratio = (log_ratio.sum(dim=1, keepdim=True) / n.clamp(min=1.0)).expand_as(m)
     ratio = torch.exp(log_ratio.clamp(max=_MAX_LOG_RATIO))

@@ -132,10 +132,9 @@ def entropy_weights(teacher_entropy: Tensor, sel: Tensor, entropy_beta: float) -
     ([B, T] bool), 0 elsewhere (mean 1 over the selected tokens)."""
     h = torch.where(sel, f32(teacher_entropy.detach()), torch.zeros((), device=sel.device))
     w = torch.exp(-entropy_beta * h) * sel.to(torch.float32)
-    n = sel.sum()
-    if int(n) == 0:
-        return w
-    return w / (w.sum() / n)
+    mean = w.sum() / sel.sum().clamp(min=1)
+    # nothing selected: w is all zeros, returned as is (a where, not a host-side branch: no sync)
+    return w / torch.where(mean > 0, mean, torch.ones_like(mean))
 
 
 class SRPO(Algorithm):
@@ -213,7 +212,9 @@ class SRPO(Algorithm):
         # Both terms are sums over their own tokens divided by the same N_tok.
         loss = aggregate(pg_losses, pg_mask, "token-mean", num_tokens)
         metrics = {f"pg_{k}": v for k, v in pg_metrics(info, pg_mask).items()}
-        if bool(sd_mask.any()):
+        if topk is None and bool(sd_mask.any()):  # the only host sync, never on the trainer's path
+            _as_topk(self.name, topk)  # raises: distilled rows need the top-k
+        if topk is not None:  # always with top-k (a term of 0 without distilled rows): no sync
             tk = _as_topk(self.name, topk)
             if prepared.token_weights is not None:
                 w = prepared.token_weights

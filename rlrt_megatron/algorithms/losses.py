@@ -147,7 +147,7 @@ def policy_loss(
     *,
     num_tokens: float | Tensor | None = None,
     num_seqs: float | Tensor | None = None,
-) -> tuple[Tensor, dict[str, float]]:
+) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO-clip policy loss (DAPO clip-higher), aggregated.
 
     ``L = agg_it( -min(rho_it A_it, clip(rho_it, 1 - eps_low, 1 + eps_high) A_it) )`` with
@@ -159,7 +159,8 @@ def policy_loss(
     Returns:
         (loss scalar fp32 with grad into ``logprobs``, metrics: ``clipfrac``, ``clipfrac_low``,
         ``clipfrac_high``, ``dual_clipfrac``, ``approx_kl`` = mean(logp_old - logp),
-        ``kl_k3`` = mean(rho - 1 - log rho), ``ratio_mean``, ``ratio_max``; token means).
+        ``kl_k3`` = mean(rho - 1 - log rho), ``ratio_mean``, ``ratio_max``; token means, 0-d
+        tensors).
     """
     token_losses, info = ppo_token_losses(
         logprobs, old_logprobs, advantages, mask, eps_low, eps_high, dual_clip
@@ -169,12 +170,12 @@ def policy_loss(
     return loss, pg_metrics(info, valid)
 
 
-def pg_metrics(info: dict[str, Tensor], valid: Tensor) -> dict[str, float]:
-    """Token-mean metrics from :func:`ppo_token_losses`' indicators (python floats)."""
+def pg_metrics(info: dict[str, Tensor], valid: Tensor) -> dict[str, Tensor]:
+    """Token-mean metrics from :func:`ppo_token_losses`' indicators, as 0-d fp32 tensors on the
+    inputs' device (no host sync: the trainer reduces them once per mini-batch)."""
     with torch.no_grad():
         lr = info["log_ratio"]
         ratio = info["ratio"]
-        any_valid = bool(valid.any())
         out = {
             "clipfrac": _masked_mean(info["clipped"], valid),
             "clipfrac_low": _masked_mean(info["clipped_low"], valid),
@@ -182,11 +183,14 @@ def pg_metrics(info: dict[str, Tensor], valid: Tensor) -> dict[str, float]:
             "approx_kl": _masked_mean(-lr, valid),
             "kl_k3": _masked_mean(ratio - 1.0 - lr, valid),
             "ratio_mean": _masked_mean(ratio, valid),
-            "ratio_max": ratio[valid].max() if any_valid else torch.zeros(()),
+            # ratio > 0: the masked max is 0 only when nothing is valid
+            "ratio_max": torch.where(valid, ratio, torch.zeros((), device=ratio.device)).amax()
+            if ratio.numel()
+            else torch.zeros((), device=ratio.device),
         }
         if "dual_clipped" in info:
             out["dual_clipfrac"] = _masked_mean(info["dual_clipped"], valid)
-        return {k: float(v) for k, v in out.items()}
+        return {k: f32(v) for k, v in out.items()}
 
 
 def append_tail_bucket(topk_logprobs: Tensor) -> Tensor:
@@ -246,7 +250,7 @@ def self_distillation_loss(
     *,
     num_tokens: float | Tensor | None = None,
     token_weights: Tensor | None = None,
-) -> tuple[Tensor, dict[str, float]]:
+) -> tuple[Tensor, dict[str, Tensor]]:
     """SDPO distillation loss: generalized JSD over the student's top-k ids plus a tail bucket.
 
     ``L = sum_it m_it u_it c_it JSD_beta(S_it, T_it) / N_tok`` where S_it, T_it are the
@@ -260,7 +264,8 @@ def self_distillation_loss(
         student_topk_logprobs: [B, T, K+1] with grad. teacher_topk_logprobs: [B, T, K+1].
         mask: [B, T]. is_weights, token_weights: [B, T] or None.
     Returns:
-        (loss scalar, metrics: ``jsd_mean`` (unweighted token mean), ``is_weight_mean``).
+        (loss scalar, metrics: ``jsd_mean`` (unweighted token mean), ``is_weight_mean``; 0-d
+        tensors).
     """
     fn = "self_distillation_loss"
     as_tensor(fn, "student_topk_logprobs", student_topk_logprobs)
@@ -303,8 +308,8 @@ def self_distillation_loss(
     loss = aggregate(per_token, valid, "token-mean", num_tokens)
     with torch.no_grad():
         metrics = {
-            "jsd_mean": float(_masked_mean(jsd, valid)),
-            "is_weight_mean": float(_masked_mean(weights[0], valid)),
+            "jsd_mean": _masked_mean(jsd, valid),
+            "is_weight_mean": _masked_mean(weights[0], valid),
         }
     return loss, metrics
 
@@ -316,7 +321,7 @@ def sampled_token_distillation_loss(
     is_weights: Tensor | None = None,
     *,
     num_tokens: float | Tensor | None = None,
-) -> tuple[Tensor, dict[str, float]]:
+) -> tuple[Tensor, dict[str, Tensor]]:
     """SDPO's sampled-token variant: ``L = sum_it m_it c_it sg(s_it - tau_it) s_it / N_tok``.
 
     Its gradient ``(s - tau) grad s`` is the single-sample estimate of grad KL(pi_S || pi_T)
@@ -324,7 +329,7 @@ def sampled_token_distillation_loss(
     ``sum m``; ``teacher_logprobs`` is stop-gradient.
 
     Returns:
-        (loss scalar, metrics: ``logp_diff`` = token mean of s - tau).
+        (loss scalar, metrics: ``logp_diff`` = token mean of s - tau, a 0-d tensor).
     """
     fn = "sampled_token_distillation_loss"
     as_tensor(fn, "student_logprobs", student_logprobs)
@@ -345,7 +350,7 @@ def sampled_token_distillation_loss(
         c = masked_f32(is_weights.detach(), valid)
     diff = (s - t).detach()
     loss = aggregate(c * diff * s, valid, "token-mean", num_tokens)
-    return loss, {"logp_diff": float(_masked_mean(diff, valid))}
+    return loss, {"logp_diff": _masked_mean(diff, valid)}
 
 
 def clipped_is_weights(

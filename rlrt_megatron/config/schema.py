@@ -492,6 +492,16 @@ def validation_errors(
                 dataclasses.replace(obj)
             except ValueError as err:
                 e.append(f"algorithm.{sub.name}: {err}")
+    rc = a.rollout_correction
+    need(
+        rc.mode == "none" or t.recompute_old_logprobs,
+        "algorithm.rollout_correction.mode",
+        f"{rc.mode} with train.recompute_old_logprobs=false counts the trainer/engine mismatch "
+        "twice: the old log-probs are then the engine's, so the PPO ratio pi / pi_old already "
+        "spans the mismatch that the correction weight pi_trainer / pi_engine multiplies in "
+        "again; use train.recompute_old_logprobs=true (PPO ratio against the trainer's "
+        "recompute, the correction for the engine gap) or algorithm.rollout_correction.mode=none",
+    )
     need(t.steps >= 0, "train.steps", f"must be >= 0 (got {t.steps})")
     need(t.prompts_per_step >= 1, "train.prompts_per_step", "must be >= 1")
     need(t.mini_batch_prompts >= 1, "train.mini_batch_prompts", "must be >= 1")

@@ -25,6 +25,17 @@ vocabulary in blocks, never `[N, V/tp]` logits, the weight's gradient through pl
 Megatron DDP's hooks collect it). `logprobs_impl` picks the implementation (`auto` = fused
 Triton kernels on CUDA, chunked torch on CPU; `naive` = full logits, for comparison).
 
+Temperature: the rollout engine samples from softmax(logits / T) and reports those log-probs
+(`rollout.temperature`), so every pass here takes `temperature` and divides the logits by T,
+in all four outputs: the student's log-probs (the PPO ratio's numerator and, recomputed, its
+old log-probs; TIS/MIS and the sync check compare them with the engine's, so both sides must be
+the sampler's distribution), the teacher's (Delta = teacher - student must compare the two
+at the same temperature, or an unchanged teacher, e.g. RLRT's empty context, would not give
+Delta = 0), the entropies (the sampling distribution's; SRPO's teacher-entropy weights and
+the logged entropy describe what is sampled) and the top-k log-probs with their tail (SDPO /
+SRPO distil the tempered distributions on the student's support; the ids themselves do not
+depend on T). T = 1 is bit-identical to no scaling.
+
 Megatron's `Float16Module` would cast the last stage's output (here the selected hidden states)
 to fp32; `_mb_outputs` casts them back to the LM-head weight's dtype, so it costs a copy only.
 """
@@ -189,6 +200,7 @@ def _mb_outputs(
     topk: int,
     topk_ids: torch.Tensor | None,
     impl: LogprobsImpl = "auto",
+    temperature: float = 1.0,
 ) -> dict[str, torch.Tensor]:
     """Log-probs (+ entropy, + top-k) of one micro-batch from the selected `[1, N, H]` hidden
     states, fused with the LM head (no `[N, V/tp]` logits; see `lm_head`)."""
@@ -206,6 +218,9 @@ def _mb_outputs(
         ids = topk_ids.to(hidden.device)[mb.rollout_index[mb.dst_row], mb.dst_col]
     elif topk > 0:
         ids = lm_head_topk(hidden.detach(), weight.detach(), topk, **kw)
+    # top-k ids need no temperature (1/T keeps the order of the logits); the targets were
+    # validated once before the schedule, the top-k ids are the model's own
+    kw.update(temperature=temperature, check_ids=False)
     lp = lm_head_logprobs(hidden, weight, mb.targets, with_entropy=with_entropy, **kw)
     out: dict[str, torch.Tensor] = {"rollout_index": mb.rollout_index}
     if with_entropy:
@@ -242,6 +257,7 @@ def forward_backward_responses(
     response_len: int | None = None,
     attention: AttentionLayout = "auto",
     logprobs_impl: LogprobsImpl = "auto",
+    temperature: float = 1.0,
 ) -> list[Any]:
     """Packed response forward (+ backward) through Megatron's `get_forward_backward_func`.
 
@@ -257,6 +273,8 @@ def forward_backward_responses(
     the list of `reduced`, one per micro-batch, on the last stage (empty elsewhere). With
     `forward_only` the whole pass runs under `torch.no_grad()`. `logprobs_impl`:
     `model.logprobs_impl` (see :func:`rlrt_megatron.megatron.lm_head.lm_head_logprobs`).
+    `temperature`: every log-prob, entropy and top-k log-prob is of softmax(logits / T) (the
+    module docstring says why).
     """
     from megatron.core.packed_seq_params import PackedSeqParams
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -276,6 +294,7 @@ def forward_backward_responses(
         pack=pack,
         with_mask=layout == "mask",
     )
+    _check_targets(mbs, true_vocab_size(chunks[0]))
     if len(chunks) > 1:
         # Megatron's interleaved schedule runs micro-batches in groups of PP size: pad with
         # all-padding micro-batches (no selected positions, zero loss) to a multiple of it.
@@ -310,8 +329,9 @@ def forward_backward_responses(
 
         def loss_func(output_tensor: torch.Tensor):
             outs = _mb_outputs(
-                mb, output_tensor, model, t_resp, with_entropy, topk, topk_ids, logprobs_impl
-            )
+                mb, output_tensor, model, t_resp, with_entropy, topk, topk_ids, logprobs_impl,
+                temperature,
+            )  # fmt: skip
             outs["num_microbatches"] = len(mbs)
             return loss_fn(mb, outs)
 
@@ -328,6 +348,18 @@ def forward_backward_responses(
             seq_length=mbs[0].input_ids.shape[1],
             micro_batch_size=mbs[0].input_ids.shape[0],
             forward_only=forward_only,
+        )
+
+
+def _check_targets(mbs: list[PackedMicroBatch], vocab: int) -> None:
+    """Every target id in [0, vocab), checked once on the host copies (never inside the
+    schedule, where a check of device values is a host sync per micro-batch)."""
+    targets = torch.cat([mb.targets for mb in mbs])
+    if targets.numel() and not (0 <= int(targets.min()) and int(targets.max()) < vocab):
+        raise ValueError(
+            f"response token ids must lie in [0, {vocab}) (the sampling vocabulary), got min "
+            f"{int(targets.min())} max {int(targets.max())}: the engine and the model disagree "
+            "on the tokenizer"
         )
 
 
@@ -382,6 +414,7 @@ def compute_response_logprobs(
     response_len: int | None = None,
     attention: AttentionLayout = "auto",
     logprobs_impl: LogprobsImpl = "auto",
+    temperature: float = 1.0,
 ) -> ResponseLogprobs:
     """No-grad response log-probs `[B, T_resp]` of `sequences`, on every pipeline rank.
 
@@ -405,6 +438,7 @@ def compute_response_logprobs(
         response_len=t_resp,
         attention=attention,
         logprobs_impl=logprobs_impl,
+        temperature=temperature,
     )
     dev = platform.device()
     k = topk_ids.shape[-1] if topk_ids is not None else topk
@@ -442,6 +476,7 @@ def student_teacher_logprobs(
     topk: int = 0,
     attention: AttentionLayout = "auto",
     logprobs_impl: LogprobsImpl = "auto",
+    temperature: float = 1.0,
 ) -> tuple[ResponseLogprobs, ResponseLogprobs]:
     """Student and teacher log-probs of every rollout's response tokens, aligned `[B, T_resp]`.
 
@@ -469,6 +504,7 @@ def student_teacher_logprobs(
         response_len=t_resp,
         attention=attention,
         logprobs_impl=logprobs_impl,
+        temperature=temperature,
     )
     student = compute_response_logprobs(
         model_chunks,

@@ -33,6 +33,10 @@ Measured on one H200 (T=32k, H=4096, V=151,936, bf16; `benchmarks/logprobs_memor
 56 ms), forward+backward 260 ms with 1.6 GiB (= the two gradients + 194 MiB; naive 240 ms /
 56 GiB); log-probs within 1.5e-2 of fp32 (the bf16 logits' own rounding, as naive bf16).
 
+Temperature: `temperature=T` gives softmax(z / T), the distribution a rollout engine sampling at
+T reports; 1/T multiplies each fp32 logits block inside the block ops (and the block's gradient,
+by the chain rule), so no scaled copy of the hidden states or the weight is made.
+
 Vocab padding (ids >= `true_vocab_size`, a global size) never enters a max, a sum, top-k or a
 gradient. Log-probs are computed as `(z_y - m) - log s` with `z_y` taken from the same block
 values as `s` (so `s >= exp(z_y - m)`) and clamped at 0: never positive, whatever the dtype.
@@ -40,6 +44,7 @@ values as `s` (so `s >= exp(z_y - m)`) and clamped at 0: never positive, whateve
 
 from __future__ import annotations
 
+import math
 from typing import Literal, NamedTuple
 
 import torch
@@ -47,7 +52,7 @@ import torch.distributed as dist
 
 from rlrt_megatron.megatron.tp_reduce import all_reduce, group_rank_size
 
-__all__ = ["LogprobsImpl", "lm_head_logprobs", "resolve_impl"]
+__all__ = ["LogprobsImpl", "inverse_temperature", "lm_head_logprobs", "resolve_impl"]
 
 LogprobsImpl = Literal["auto", "fused", "chunked", "naive"]
 _IMPLS = ("auto", "fused", "chunked", "naive")
@@ -113,7 +118,7 @@ def _block_shape(dev: torch.device, phase: str, chunk_size: int | None) -> tuple
     return m, v
 
 
-def _check_inputs(hidden, weight, ids, true_vocab_size, size, what="target"):
+def _check_inputs(hidden, weight, ids, true_vocab_size, size, what="target", check_ids=True):
     if hidden.shape[-1] != weight.shape[-1] or weight.dim() != 2:
         raise ValueError(
             f"hidden {tuple(hidden.shape)} and weight {tuple(weight.shape)} disagree: expected "
@@ -121,8 +126,9 @@ def _check_inputs(hidden, weight, ids, true_vocab_size, size, what="target"):
         )
     if hidden.dtype != weight.dtype:
         raise ValueError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) dtypes differ")
-    # Only on CPU: on GPU the check would force a host sync per call.
-    if ids.device.type == "cpu" and ids.numel():
+    # Only on CPU: on GPU the check would force a host sync per call. Callers that validated
+    # the ids once for many calls (`megatron/forward.py`) pass check_ids=False.
+    if check_ids and ids.device.type == "cpu" and ids.numel():
         limit = weight.shape[0] * size if true_vocab_size is None else int(true_vocab_size)
         lo, hi = int(ids.min()), int(ids.max())
         if lo < 0 or hi >= limit:
@@ -150,9 +156,9 @@ def _local_index(ids: torch.Tensor, shard: _Shard) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 class _TorchBlocks:
     @staticmethod
-    def stats(z, v0, tgt, m, s, a, zt, with_entropy):
-        """Online update of (m, s, a, zt) [c] fp32 with block z (in place)."""
-        zf = z.float()
+    def stats(z, v0, tgt, m, s, a, zt, with_entropy, scale=1.0):
+        """Online update of (m, s, a, zt) [c] fp32 with block `scale * z` (in place)."""
+        zf = _scaled(z, scale)
         mb = zf.amax(-1)
         new_m = torch.maximum(m, mb)
         # old terms rescaled to the new max; empty state (s = 0, m = -inf) contributes nothing
@@ -170,9 +176,10 @@ class _TorchBlocks:
         zt.copy_(torch.where(here, got, zt))
 
     @staticmethod
-    def grad(z, v0, tgt, lse, ent, g_lp, g_ent, with_entropy):
-        """The block's gradient d(sum g_lp logp + g_ent H)/dz, written into z (in place)."""
-        zf = z.float()
+    def grad(z, v0, tgt, lse, ent, g_lp, g_ent, with_entropy, scale=1.0):
+        """The block's gradient d(sum g_lp logp + g_ent H)/dz of the logits `scale * z`,
+        written into z (in place)."""
+        zf = _scaled(z, scale)
         p = (zf - lse[:, None]).exp()
         if with_entropy:
             coef = (zf - (lse - ent)[:, None]).mul_(-g_ent[:, None]).sub_(g_lp[:, None])
@@ -182,7 +189,15 @@ class _TorchBlocks:
         j = tgt - v0
         here = (j >= 0) & (j < z.shape[1])
         g.scatter_add_(1, j.clamp(0, z.shape[1] - 1)[:, None], (g_lp * here)[:, None])
+        if scale != 1.0:
+            g.mul_(scale)  # chain rule through z -> scale * z
         z.copy_(g)
+
+
+def _scaled(z: torch.Tensor, scale: float) -> torch.Tensor:
+    """`scale * z` in fp32 (`z` itself in fp32 when scale is 1: bit-identical to no scaling)."""
+    zf = z.float()
+    return zf * scale if scale != 1.0 else zf
 
 
 # ----------------------------------------------------------------------------------------------
@@ -210,7 +225,9 @@ def _combine_tp(m, s, a, zt, group, size):
     return m + log_s, logp, ent
 
 
-def _logprobs_forward(hidden, weight, target, shard, group, size, with_entropy, blocks, chunk):
+def _logprobs_forward(
+    hidden, weight, target, shard, group, size, with_entropy, blocks, chunk, scale=1.0
+):
     n, dev = hidden.shape[0], hidden.device
     mb, vb = _block_shape(dev, "fwd", chunk)
     m = torch.full((n,), float("-inf"), dtype=torch.float32, device=dev)
@@ -225,7 +242,9 @@ def _logprobs_forward(hidden, weight, target, shard, group, size, with_entropy, 
         for v0, v1 in _vocab_blocks(shard, vb):
             z = _mm_block(h, weight[v0:v1], buf)
             buf = z if buf is None else buf
-            blocks.stats(z, v0, tgt[t0:t1], m[t0:t1], s[t0:t1], a[t0:t1], zt[t0:t1], with_entropy)
+            blocks.stats(
+                z, v0, tgt[t0:t1], m[t0:t1], s[t0:t1], a[t0:t1], zt[t0:t1], with_entropy, scale
+            )
     return _combine_tp(m, s, a, zt, group, size)
 
 
@@ -254,6 +273,7 @@ def _logprobs_backward(
     chunk,
     need_h,
     need_w,
+    scale=1.0,
 ):
     n, dev = hidden.shape[0], hidden.device
     mb, vb = _block_shape(dev, "bwd", chunk)
@@ -272,8 +292,9 @@ def _logprobs_backward(
             z = _mm_block(h, w, buf)
             buf = z if buf is None else buf
             blocks.grad(
-                z, v0, tgt[t0:t1], lse[t0:t1], ent[t0:t1], g_lp[t0:t1], g_ent[t0:t1], with_entropy
-            )
+                z, v0, tgt[t0:t1], lse[t0:t1], ent[t0:t1], g_lp[t0:t1], g_ent[t0:t1],
+                with_entropy, scale,
+            )  # fmt: skip
             if need_h:
                 if acc.dtype == z.dtype:
                     acc.addmm_(z, w)
@@ -315,12 +336,14 @@ def _mm_into(a: torch.Tensor, b: torch.Tensor, buf: torch.Tensor | None) -> torc
 
 class _LMHeadLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, target, shard, group, size, with_entropy, blocks, chunk):
+    def forward(
+        ctx, hidden, weight, target, shard, group, size, with_entropy, blocks, chunk, scale=1.0
+    ):
         lse, logp, ent = _logprobs_forward(
-            hidden, weight, target, shard, group, size, with_entropy, blocks, chunk
+            hidden, weight, target, shard, group, size, with_entropy, blocks, chunk, scale
         )
         ctx.save_for_backward(hidden, weight, target, lse, ent)
-        ctx.meta = (shard, group, size, with_entropy, blocks, chunk)
+        ctx.meta = (shard, group, size, with_entropy, blocks, chunk, scale)
         if not with_entropy:
             ctx.mark_non_differentiable(ent)
         return logp, ent
@@ -328,7 +351,7 @@ class _LMHeadLogprobs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_lp, g_ent):
         hidden, weight, target, lse, ent = ctx.saved_tensors
-        shard, group, size, with_entropy, blocks, chunk = ctx.meta
+        shard, group, size, with_entropy, blocks, chunk, scale = ctx.meta
         if g_ent is None or not with_entropy:
             g_ent = torch.zeros_like(lse)
         if g_lp is None:
@@ -349,8 +372,9 @@ class _LMHeadLogprobs(torch.autograd.Function):
             chunk,
             ctx.needs_input_grad[0],
             ctx.needs_input_grad[1],
+            scale,
         )
-        return gh, gw, None, None, None, None, None, None, None
+        return gh, gw, None, None, None, None, None, None, None, None
 
 
 class _CopyToTP(torch.autograd.Function):
@@ -384,8 +408,9 @@ class _GatherVocab(torch.autograd.Function):
         return g[..., rank * w : (rank + 1) * w].contiguous(), None, None
 
 
-def _naive_logits(hidden, weight, group, size, true_vocab_size):
-    """Full-vocabulary fp32 logits (all-gathered over TP; padding columns -inf). Test/bench only."""
+def _naive_logits(hidden, weight, group, size, true_vocab_size, temperature=1.0):
+    """Full-vocabulary fp32 logits / temperature (all-gathered over TP; padding columns
+    dropped). Test/bench only."""
     if size > 1:
         hidden = _CopyToTP.apply(hidden, group)
     z = hidden.float() @ weight.float().t()
@@ -393,7 +418,17 @@ def _naive_logits(hidden, weight, group, size, true_vocab_size):
         z = _GatherVocab.apply(z, group, size)
     if true_vocab_size is not None:
         z = z[:, : int(true_vocab_size)]
-    return z
+    return z / temperature if temperature != 1.0 else z
+
+
+def inverse_temperature(temperature: float) -> float:
+    """`1 / temperature`, checked (the sampler's temperature: finite, > 0)."""
+    t = float(temperature)
+    if not (t > 0.0 and math.isfinite(t)):
+        raise ValueError(
+            f"temperature must be finite and > 0 (the sampler's rollout.temperature), got {t}"
+        )
+    return 1.0 / t
 
 
 def lm_head_logprobs(
@@ -405,12 +440,14 @@ def lm_head_logprobs(
     true_vocab_size: int | None = None,
     chunk_size: int | None = None,
     impl: LogprobsImpl = "auto",
+    temperature: float = 1.0,
+    check_ids: bool = True,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Log-prob of `target` (and entropy) under softmax(hidden @ weight.T) over a TP-sharded
-    vocabulary, from hidden states, never building `[T, V]` logits.
+    """Log-prob of `target` (and entropy) under softmax(hidden @ weight.T / temperature) over a
+    TP-sharded vocabulary, from hidden states, never building `[T, V]` logits.
 
     logp_t = z_t,y_t - log sum_j exp(z_tj),  H_t = log sum_j exp(z_tj) - sum_j p_tj z_tj,
-    z = hidden @ W.T, j over the true vocabulary of all ranks of `group`.
+    z = hidden @ W.T / temperature, j over the true vocabulary of all ranks of `group`.
 
     Args:
         hidden: `[..., H]` LM-head input (replicated over the TP group), any float dtype.
@@ -422,6 +459,11 @@ def lm_head_logprobs(
         true_vocab_size: GLOBAL vocabulary size; ids >= it are padding rows and are excluded.
         chunk_size: tokens per block (default: per device, see `_BLOCKS`).
         impl: `auto` (fused Triton on CUDA, chunked otherwise), `fused`, `chunked`, `naive`.
+        temperature: the sampler's temperature T (> 0): the distribution is softmax(z / T),
+            what an engine sampling at T reports (1/T is applied to each fp32 logits block,
+            and to the gradient, inside the block ops; T = 1 is bit-identical to no scaling).
+        check_ids: check on CPU that every target lies in the true vocabulary (False: the
+            caller validated them already; on GPU the check never runs, it would sync).
 
     Returns:
         fp32 log-probs shaped like `target` (<= 0), and fp32 entropy if asked. Differentiable
@@ -436,10 +478,12 @@ def lm_head_logprobs(
         )
     tgt = target.reshape(-1).long()
     shard, size = _shard(weight.shape[0], group, true_vocab_size)
-    _check_inputs(flat_h, weight, tgt, true_vocab_size, size)
+    _check_inputs(flat_h, weight, tgt, true_vocab_size, size, check_ids=check_ids)
+    scale = inverse_temperature(temperature)
     mode = resolve_impl(impl, flat_h.device)
     if mode == "naive":
-        lsm = torch.log_softmax(_naive_logits(flat_h, weight, group, size, true_vocab_size), -1)
+        z = _naive_logits(flat_h, weight, group, size, true_vocab_size, temperature)
+        lsm = torch.log_softmax(z, -1)
         lp = lsm.gather(-1, tgt[:, None]).squeeze(-1)
         if with_entropy:
             return lp.view(shape), (-(lsm.exp() * lsm).sum(-1)).view(shape)
@@ -449,12 +493,12 @@ def lm_head_logprobs(
     blocks = _blocks_for(mode)
     if torch.is_grad_enabled() and (flat_h.requires_grad or weight.requires_grad):
         lp, ent = _LMHeadLogprobs.apply(
-            flat_h, weight_c, tgt, shard, group, size, with_entropy, blocks, chunk_size
+            flat_h, weight_c, tgt, shard, group, size, with_entropy, blocks, chunk_size, scale
         )
     else:
         with torch.no_grad():
             _, lp, ent = _logprobs_forward(
-                flat_h, weight_c, tgt, shard, group, size, with_entropy, blocks, chunk_size
+                flat_h, weight_c, tgt, shard, group, size, with_entropy, blocks, chunk_size, scale
             )
     if with_entropy:
         return lp.view(shape), ent.view(shape)

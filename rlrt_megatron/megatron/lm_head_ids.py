@@ -21,8 +21,10 @@ from rlrt_megatron.megatron.lm_head import (
     _check_inputs,
     _local_index,
     _naive_logits,
+    _scaled,
     _shard,
     _vocab_blocks,
+    inverse_temperature,
     resolve_impl,
 )
 from rlrt_megatron.megatron.tp_reduce import TINY, all_reduce
@@ -39,7 +41,7 @@ def _hits(here: torch.Tensor, jc: torch.Tensor, width: int) -> torch.Tensor:
     return hit[:, :width]
 
 
-def _at_ids_forward(hidden, weight, ids, shard, group, size, chunk):
+def _at_ids_forward(hidden, weight, ids, shard, group, size, chunk, scale=1.0):
     n, k = ids.shape
     dev = hidden.device
     mb, vb = _block_shape(dev, "fwd", chunk)
@@ -52,7 +54,7 @@ def _at_ids_forward(hidden, weight, ids, shard, group, size, chunk):
         t1 = min(n, t0 + mb)
         h = hidden[t0:t1]
         for v0, v1 in _vocab_blocks(shard, vb):
-            zf = (h @ weight[v0:v1].t()).float()
+            zf = _scaled(h @ weight[v0:v1].t(), scale)
             mm, ss, sr = m[t0:t1], s[t0:t1], s_rest[t0:t1]
             new_m = torch.maximum(mm, zf.amax(-1))
             alpha = torch.where(ss > 0, (mm - new_m).exp(), torch.zeros_like(ss))
@@ -85,16 +87,16 @@ class _LMHeadAtIds(torch.autograd.Function):
     """grad_j = sum_i g_i [j = id_i] + g_K [j not in K] exp(z_j - lse_rest) - p_j sum_i g_i."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, ids, shard, group, size, chunk):
-        out, lse, lse_rest = _at_ids_forward(hidden, weight, ids, shard, group, size, chunk)
+    def forward(ctx, hidden, weight, ids, shard, group, size, chunk, scale=1.0):
+        out, lse, lse_rest = _at_ids_forward(hidden, weight, ids, shard, group, size, chunk, scale)
         ctx.save_for_backward(hidden, weight, ids, lse, lse_rest)
-        ctx.meta = (shard, group, size, chunk)
+        ctx.meta = (shard, group, size, chunk, scale)
         return out
 
     @staticmethod
     def backward(ctx, g_out):
         hidden, weight, ids, lse, lse_rest = ctx.saved_tensors
-        shard, group, size, chunk = ctx.meta
+        shard, group, size, chunk, scale = ctx.meta
         n, k = ids.shape
         dev = hidden.device
         mb, vb = _block_shape(dev, "bwd", chunk)
@@ -110,7 +112,7 @@ class _LMHeadAtIds(torch.autograd.Function):
             acc = torch.zeros(t1 - t0, hidden.shape[1], dtype=torch.float32, device=dev)
             for v0, v1 in _vocab_blocks(shard, vb):
                 w = weight[v0:v1]
-                zf = (h @ w.t()).float()
+                zf = _scaled(h @ w.t(), scale)
                 j = loc[t0:t1] - v0
                 here = (j >= 0) & (j < zf.shape[1])
                 jc = j.clamp(0, zf.shape[1] - 1)
@@ -118,6 +120,8 @@ class _LMHeadAtIds(torch.autograd.Function):
                 tail.masked_fill_(_hits(here, jc, zf.shape[1]), 0.0)  # j in K: no tail term
                 tail.sub_((zf - lse[t0:t1, None]).exp_().mul_(g_sum[t0:t1]))
                 tail.scatter_add_(1, jc, g[t0:t1, :k] * here)
+                if scale != 1.0:
+                    tail.mul_(scale)  # chain rule through z -> scale * z
                 gz = tail.to(hidden.dtype)
                 if need_h:
                     acc.add_((gz @ w).float())
@@ -126,7 +130,7 @@ class _LMHeadAtIds(torch.autograd.Function):
             if need_h:
                 all_reduce(acc, dist.ReduceOp.SUM, group, size)
                 grad_h[t0:t1] = acc
-        return grad_h, grad_w, None, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None, None
 
 
 def lm_head_logprobs_at_ids(
@@ -137,12 +141,15 @@ def lm_head_logprobs_at_ids(
     true_vocab_size: int | None = None,
     chunk_size: int | None = None,
     impl: LogprobsImpl = "auto",
+    temperature: float = 1.0,
+    check_ids: bool = True,
 ) -> torch.Tensor:
     """Log-probs at `ids` `[..., K]` plus the tail bucket, `[..., K+1]` fp32, from hidden states.
 
-    out[..., i] = z_{id_i} - lse (i < K); out[..., K] = log sum_{j not in ids} exp(z_j) - lse.
-    Same semantics as `vocab_parallel_logprobs_at_ids` (ids distinct per row); arguments as
-    :func:`lm_head_logprobs`. Differentiable w.r.t. `hidden` and `weight`.
+    out[..., i] = z_{id_i} - lse (i < K); out[..., K] = log sum_{j not in ids} exp(z_j) - lse,
+    z = hidden @ W.T / temperature. Same semantics as `vocab_parallel_logprobs_at_ids` (ids
+    distinct per row); arguments as :func:`lm_head_logprobs`. Differentiable w.r.t. `hidden`
+    and `weight`.
     """
     if hidden.shape[:-1] != ids.shape[:-1]:
         raise ValueError(
@@ -153,19 +160,23 @@ def lm_head_logprobs_at_ids(
     flat_h = hidden.reshape(-1, hidden.shape[-1])
     flat_ids = ids.reshape(-1, k).long()
     shard, size = _shard(weight.shape[0], group, true_vocab_size)
-    _check_inputs(flat_h, weight, flat_ids, true_vocab_size, size, what="ids")
+    _check_inputs(flat_h, weight, flat_ids, true_vocab_size, size, "ids", check_ids)
+    scale = inverse_temperature(temperature)
     if resolve_impl(impl, flat_h.device) == "naive":
-        lsm = torch.log_softmax(_naive_logits(flat_h, weight, group, size, true_vocab_size), -1)
+        z = _naive_logits(flat_h, weight, group, size, true_vocab_size, temperature)
+        lsm = torch.log_softmax(z, -1)
         rest = torch.ones_like(lsm, dtype=torch.bool).scatter_(-1, flat_ids, False)
         tail = torch.logsumexp(lsm.masked_fill(~rest, float("-inf")), -1, keepdim=True)
         return torch.cat([lsm.gather(-1, flat_ids), tail], -1).view(*lead, k + 1)
     flat_h = flat_h.contiguous()
     weight_c = weight if weight.is_contiguous() else weight.contiguous()
     if torch.is_grad_enabled() and (flat_h.requires_grad or weight.requires_grad):
-        out = _LMHeadAtIds.apply(flat_h, weight_c, flat_ids, shard, group, size, chunk_size)
+        out = _LMHeadAtIds.apply(flat_h, weight_c, flat_ids, shard, group, size, chunk_size, scale)
     else:
         with torch.no_grad():
-            out = _at_ids_forward(flat_h, weight_c, flat_ids, shard, group, size, chunk_size)[0]
+            out = _at_ids_forward(
+                flat_h, weight_c, flat_ids, shard, group, size, chunk_size, scale
+            )[0]
     return out.view(*lead, k + 1)
 
 
@@ -183,7 +194,8 @@ def lm_head_topk(
     chunk_size: int | None = None,
     impl: LogprobsImpl = "auto",
 ) -> torch.Tensor:
-    """Global top-k token ids `[..., k]` (descending logit) of `hidden @ weight.T`; no grad."""
+    """Global top-k token ids `[..., k]` (descending logit) of `hidden @ weight.T`; no grad.
+    (No temperature: dividing the logits by T > 0 keeps their order, so the ids are the same.)"""
     lead = hidden.shape[:-1]
     flat_h = hidden.reshape(-1, hidden.shape[-1]).contiguous()
     shard, size = _shard(weight.shape[0], group, true_vocab_size)

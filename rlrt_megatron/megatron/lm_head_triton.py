@@ -5,6 +5,9 @@ torch reference (`lm_head._TorchBlocks`) makes several fp32 `[c, w]` temporaries
 kernels read the block once (statistics) or read and overwrite it once (gradient), in fp32
 registers:
 
+Both scale the block by `scale` = 1 / temperature in fp32 registers (the logits the sampler
+used are `z / T`); the gradient kernel multiplies its result by `scale` again (chain rule).
+
 * `stats`: per row, online update of (m, s, a, z_y) with the block (see `lm_head` for the
   formulas); the running state lives in `[c]` fp32 vectors, so a row's state flows from one vocab
   block to the next (and the blocks of a row can come from different launches). A program takes
@@ -56,6 +59,7 @@ def _stats_kernel(
     s_ptr,
     a_ptr,
     zt_ptr,
+    scale,
     WITH_ENT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_V: tl.constexpr,
@@ -72,7 +76,7 @@ def _stats_kernel(
     for start in range(0, ncols, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         mask = rmask[:, None] & (cols < ncols)[None, :]
-        x = tl.load(zrow + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32)
+        x = tl.load(zrow + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32) * scale
         new_m = tl.maximum(m, tl.max(x, axis=1))
         new_m = tl.where(rmask, new_m, 0.0)  # rows past the end: keep everything finite
         # empty state (s = 0, m = -inf) contributes nothing (and must not make 0 * inf = nan)
@@ -105,6 +109,7 @@ def _grad_kernel(
     ent_ptr,
     glp_ptr,
     gent_ptr,
+    scale,
     WITH_ENT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_V: tl.constexpr,
@@ -119,14 +124,14 @@ def _grad_kernel(
     ge = tl.load(gent_ptr + rows, mask=rmask, other=0.0)
     t = tl.load(tgt_ptr + rows, mask=rmask, other=-1) - v0
     ptrs = z_ptr + rows.to(tl.int64)[:, None] * stride_z + cols[None, :]
-    x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32) * scale
     lp = x - lse[:, None]
     p = tl.exp(lp)
     if WITH_ENT:
         g = p * (-ge[:, None] * (lp + h[:, None]) - gl[:, None])
     else:
         g = -gl[:, None] * p
-    g = g + tl.where(cols[None, :] == t[:, None], gl[:, None], 0.0)
+    g = (g + tl.where(cols[None, :] == t[:, None], gl[:, None], 0.0)) * scale
     tl.store(ptrs, g.to(z_ptr.dtype.element_ty), mask=mask)
 
 
@@ -134,25 +139,25 @@ class TritonBlocks:
     """Same interface and semantics as `lm_head._TorchBlocks` (see there)."""
 
     @staticmethod
-    def stats(z, v0, tgt, m, s, a, zt, with_entropy):
+    def stats(z, v0, tgt, m, s, a, zt, with_entropy, scale=1.0):
         c, w = z.shape
         if c == 0 or w == 0:
             return
         assert z.stride(1) == 1 and m.is_contiguous() and tgt.is_contiguous()
         bm, bv, warps = CONFIG["stats"]
         _stats_kernel[(triton.cdiv(c, bm),)](
-            z, z.stride(0), c, w, tgt, v0, m, s, a, zt,
+            z, z.stride(0), c, w, tgt, v0, m, s, a, zt, float(scale),
             WITH_ENT=with_entropy, BLOCK_M=bm, BLOCK_V=bv, num_warps=warps,
         )  # fmt: skip
 
     @staticmethod
-    def grad(z, v0, tgt, lse, ent, g_lp, g_ent, with_entropy):
+    def grad(z, v0, tgt, lse, ent, g_lp, g_ent, with_entropy, scale=1.0):
         c, w = z.shape
         if c == 0 or w == 0:
             return
         assert z.stride(1) == 1
         bm, bv, warps = CONFIG["grad"]
         _grad_kernel[(triton.cdiv(c, bm), triton.cdiv(w, bv))](
-            z, z.stride(0), c, w, tgt, v0, lse, ent, g_lp, g_ent,
+            z, z.stride(0), c, w, tgt, v0, lse, ent, g_lp, g_ent, float(scale),
             WITH_ENT=with_entropy, BLOCK_M=bm, BLOCK_V=bv, num_warps=warps,
         )  # fmt: skip

@@ -26,7 +26,9 @@ gradient.
 
 From hidden states instead of logits (the LM head fused with all of the above, no `[T, V/tp]`
 logits at all): `lm_head_logprobs`, `lm_head_logprobs_at_ids`, `lm_head_topk`, defined in
-:mod:`rlrt_megatron.megatron.lm_head` and re-exported here.
+:mod:`rlrt_megatron.megatron.lm_head` and re-exported here. Those take the sampler's
+`temperature` (softmax(z / T), what the rollout engine reports); the functions here take logits
+as given: divide them by T first to compare with an engine sampling at T.
 
 Padded vocabulary entries (Megatron pads V to a multiple of 128 * tp; ids >= `true_vocab_size`)
 are excluded everywhere: they never enter the max, the sum-exp, top-k, or the gradient.

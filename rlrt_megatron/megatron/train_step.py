@@ -37,6 +37,9 @@ class Policy:
             fields (`te.fp8_transformer_kwargs`) go to `build_model` (policy and teacher).
         logprobs_impl: `model.logprobs_impl`, the LM head + log-probs implementation of every
             forward (`megatron/lm_head.py`).
+        temperature: `rollout.temperature`; every forward (student, teacher, entropy, top-k,
+            update) computes softmax(logits / T), the engine's sampling distribution (see
+            `megatron/forward.py`).
     """
 
     def __init__(
@@ -53,6 +56,7 @@ class Policy:
         sample_vocab_size: int | None = None,
         fp8: Any = None,
         logprobs_impl: str = "auto",
+        temperature: float = 1.0,
     ) -> None:
         from megatron.core import parallel_state as ps
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
@@ -65,6 +69,7 @@ class Policy:
         self.tp, self.pp, self.spec, self.params_dtype = tp, pp, spec, params_dtype
         self.logprobs_impl = logprobs_impl
         self.last_nonfinite: str | None = None  # what was not finite in the last mini-batch
+        self.temperature = float(temperature)
         self.model_kwargs = fp8_transformer_kwargs(fp8, spec)
         chunks = build_model(
             hf_config, tp=tp, pp=pp, spec=spec, params_dtype=params_dtype, **self.model_kwargs
@@ -232,7 +237,8 @@ class Policy:
             row_tokens, rows_per_mb = self._layout(max(len(x) for x in seqs), token_budget)
             return compute_response_logprobs(
                 model, seqs, starts, token_budget=row_tokens, rows_per_microbatch=rows_per_mb,
-                with_entropy=True, response_len=t_resp, logprobs_impl=self.logprobs_impl, **kw,
+                with_entropy=True, response_len=t_resp, logprobs_impl=self.logprobs_impl,
+                temperature=self.temperature, **kw,
             )  # fmt: skip
 
         try:
@@ -275,7 +281,7 @@ class Policy:
         rows: Sequence[int],
         width: int,
         token_budget: int,
-        loss_of: Callable[..., tuple[torch.Tensor, dict[str, float]]],
+        loss_of: Callable[..., tuple[torch.Tensor, dict[str, Any]]],
         *,
         topk_ids: torch.Tensor | None = None,
         teacher_topk: tuple[torch.Tensor, torch.Tensor | None] | None = None,
@@ -284,23 +290,41 @@ class Policy:
 
         `sequences[i]` (prompt + response of global row `rows[i]`, response from
         `response_starts[i]`) are packed by `megatron/forward.py`; per micro-batch
-        `loss_of(logprobs [n, width], global_rows, topk)` returns `(loss, metrics)` with the
-        mini-batch normalisation already applied (the algorithm's `loss`). For SDPO/SRPO,
-        `topk_ids` `[len(rows), width, K]` fixes the support (the pre-update student's top-k,
-        from the logprobs phase) and `teacher_topk` = (teacher log-probs on it `[.., K+1]`,
-        teacher entropy `[.., width]` or None); `topk` then is
+        `loss_of(logprobs [n, width], global_rows [n] (an int64 tensor on the device), topk)`
+        returns `(loss, metrics)` with the mini-batch normalisation already applied (the
+        algorithm's `loss`; metrics as 0-d tensors or floats). For SDPO/SRPO, `topk_ids`
+        `[len(rows), width, K]` fixes the support (the pre-update student's top-k, from the
+        logprobs phase) and `teacher_topk` = (teacher log-probs on it `[.., K+1]`, teacher
+        entropy `[.., width]` or None); `topk` then is
         `(student_topk_logprobs, teacher_topk_logprobs, teacher_entropy)`.
+
+        No device->host sync inside Megatron's schedule (`tests/unit/test_host_syncs.py`): the
+        rows are a device tensor, the algorithm's value checks are skipped there (its inputs were
+        validated by `prepare`, the teacher top-k here, the model's log-probs are checked for
+        NaN/inf on the device and read once after the schedule), and the metrics stay tensors
+        until one read per mini-batch. Returned metrics are means over the micro-batches,
+        averaged on the last pipeline stage (where the loss runs) and broadcast from there.
         """
+        from rlrt_megatron.algorithms import values_checked
         from rlrt_megatron.megatron.forward import forward_backward_responses
 
         if not rows:
             raise ValueError("every data-parallel rank needs at least one row per mini-batch")
+        dev = platform.device()
+        if teacher_topk is not None:  # validated once per mini-batch, not per micro-batch
+            t_lp = teacher_topk[0]
+            bad = int((torch.isnan(t_lp) | (t_lp == float("inf"))).sum())
+            if bad:
+                raise ValueError(
+                    f"train_minibatch: the teacher's top-k log-probs {tuple(t_lp.shape)} hold "
+                    f"{bad} NaN/+inf value(s): check the teacher forward of the logprobs phase"
+                )
         for m in self.model:
             m.zero_grad_buffer()
         self.optimizer.zero_grad()
         row_tokens, rows_per_mb = self._layout(max(len(s) for s in sequences), token_budget)
-        metric_sums: dict[str, float] = {}
-        loss_sum = torch.zeros((), dtype=torch.float64, device=platform.device())
+        global_rows = torch.tensor(list(rows), dtype=torch.int64, device=dev)
+        nonfinite = torch.zeros((), dtype=torch.float64, device=dev)
 
         def loss_fn(mb: Any, outs: dict[str, torch.Tensor]) -> tuple:
             idx = outs["rollout_index"]
@@ -312,7 +336,10 @@ class Policy:
                     t_lp.to(idx.device)[idx],
                     None if t_ent is None else t_ent.to(idx.device)[idx],
                 )
-            loss, metrics = loss_of(outs["logprobs"], [rows[i] for i in idx.tolist()], tk)
+            lp = outs["logprobs"]
+            nonfinite.add_((~torch.isfinite(lp.detach())).sum())  # read after the schedule
+            with values_checked():
+                loss, metrics = loss_of(lp, global_rows[idx], tk)
             # the schedule divides by the number of micro-batches; the algorithm's loss is
             # already normalised over the whole mini-batch (each mini-batch is packed once, in
             # forward_backward_responses, which reports the count)
@@ -331,33 +358,64 @@ class Policy:
                 response_len=width,
                 topk_ids=topk_ids,
                 logprobs_impl=self.logprobs_impl,
+                temperature=self.temperature,
             )
-        for o in outs:
-            for k, v in o["metrics"].items():
-                metric_sums[k] = metric_sums.get(k, 0.0) + float(v)
-            loss_sum += o["loss"].double()
-        # a non-finite loss or gradient on any rank: no optimizer step anywhere (the weights
-        # stay finite); the trainer skips the mini-batch or stops (train.on_nonfinite)
-        self.last_nonfinite = nonfinite_in(loss_sum, self.model)
+        out, bad = self._reduce_metrics(outs, nonfinite)
+        # a non-finite log-prob, loss or gradient on any rank: no optimizer step anywhere (the
+        # weights stay finite); the trainer skips the mini-batch or stops (train.on_nonfinite)
+        loss_t = torch.tensor(out["loss"], dtype=torch.float64, device=dev)
+        self.last_nonfinite = nonfinite_in(loss_t, self.model)
+        if bad > 0:
+            self.last_nonfinite = (
+                f"log-probs of the policy ({int(bad)} NaN/inf value(s) on all data-parallel "
+                "ranks: the model diverged, lower optimizer.lr, or its weights were loaded broken)"
+            )
         if self.last_nonfinite is None:
             ok, grad_norm, _ = self.optimizer.step()
             self.scheduler.step(1)
         else:
             ok, grad_norm = False, None
-        # the mini-batch loss: micro-batch losses are already normalised by the whole
-        # mini-batch, so they add up (over micro-batches here, over DP ranks below)
-        if self.dp_size > 1:
-            dist.all_reduce(loss_sum, group=self.dp_group)
-        if self.pp > 1:
-            dist.broadcast(loss_sum, src=self.last_stage_rank, group=self.pp_group)
-            metric_sums = broadcast_object(metric_sums, self.last_stage_rank, self.pp_group)
-        out = {k: v / max(len(outs), 1) for k, v in metric_sums.items()}
-        out["loss"] = float(loss_sum) / self.dp_size
         out["grad_norm"] = float(grad_norm) if grad_norm is not None else 0.0
         out["update_ok"] = float(bool(ok))
         out["nonfinite_skipped"] = float(self.last_nonfinite is not None)
         out["lr"] = float(self.optimizer.param_groups[0]["lr"])
         return out
+
+    def _reduce_metrics(
+        self, outs: list, nonfinite: torch.Tensor
+    ) -> tuple[dict[str, float], float]:
+        """The mini-batch's metrics from the schedule's per-micro-batch outputs, on every rank.
+
+        The loss is the sum of the micro-batch losses (each normalised by the whole mini-batch)
+        over micro-batches and data-parallel ranks; every other metric is its mean over this
+        rank's micro-batches, computed on the last pipeline stage (the only one with outputs)
+        and broadcast over the pipeline group. One host read per mini-batch. Also returns how
+        many of the model's log-probs were NaN/inf, summed over data-parallel ranks."""
+        dev = nonfinite.device
+        keys = sorted({k for o in outs for k in o["metrics"]})
+        n_mb = max(len(outs), 1)
+        means = [
+            sum(_as_f64(o["metrics"][k], dev) for o in outs if k in o["metrics"]) / n_mb
+            for k in keys
+        ]
+        zero = torch.zeros((), dtype=torch.float64, device=dev)
+        loss_sum = sum((o["loss"].double() for o in outs), zero)
+        summed = torch.stack([loss_sum, nonfinite])  # summed over data-parallel ranks
+        if self.dp_size > 1:
+            dist.all_reduce(summed, group=self.dp_group)
+        values = torch.stack([summed[0] / self.dp_size, summed[1], *means]).tolist()
+        got = dict(zip(["loss", "nonfinite", *keys], values, strict=True))
+        if self.pp > 1:
+            got = broadcast_object(got, self.last_stage_rank, self.pp_group)
+        bad = got.pop("nonfinite")
+        return got, bad
+
+
+def _as_f64(v: Any, dev: torch.device) -> torch.Tensor:
+    """A metric (0-d tensor or python number) as a float64 tensor on `dev`, no host sync."""
+    if torch.is_tensor(v):
+        return v.detach().to(device=dev, dtype=torch.float64)
+    return torch.tensor(float(v), dtype=torch.float64, device=dev)
 
 
 def nonfinite_in(loss: torch.Tensor, model: Sequence[Any]) -> str | None:

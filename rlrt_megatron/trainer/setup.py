@@ -127,6 +127,7 @@ def _build(cfg: TrainConfig, info: Any, hf_dir: str, ckpt: str, hf_config: dict,
         sample_vocab_size=len(tokenizer) if cfg.rollout.engine == "local" else None,
         fp8=cfg.model.fp8.to_te(),
         logprobs_impl=cfg.model.logprobs_impl,
+        temperature=cfg.rollout.temperature,
     )
     load_checkpoint_into_model(policy.chunks, ckpt)
     policy.sync_main_params()  # bf16: the optimizer's fp32 main params follow the loaded weights

@@ -64,28 +64,54 @@ def test_mis_token_reference_and_low() -> None:
     assert m["mismatch/k3"] == pytest.approx(K3, rel=1e-6)  # metrics do not depend on the mode
 
 
-def test_sequence_level_reference() -> None:
+def test_geometric_level_reference() -> None:
     # row 0: mean log-ratio (0 + 1 - 1) / 3 = 0 -> ratio 1; row 1: 0.5 -> e^0.5; row 2 empty
-    w, m = rollout_correction(OLD, ROLL, MASK, mode="tis", cap=2.0, level="sequence")
+    w, m = rollout_correction(OLD, ROLL, MASK, mode="tis", cap=2.0, level="geometric")
     _close(w, [[1, 1, 1], [math.exp(0.5), 0, 0], [0, 0, 0]])
     assert m["mismatch/clip_frac"] == 0.0
-    w, m = rollout_correction(OLD, ROLL, MASK, mode="tis", cap=1.5, level="sequence")
+    w, m = rollout_correction(OLD, ROLL, MASK, mode="tis", cap=1.5, level="geometric")
     _close(w, [[1, 1, 1], [1.5, 0, 0], [0, 0, 0]])
     assert m["mismatch/clip_frac"] == pytest.approx(1 / 4)  # the token of row 1
-    w, m = rollout_correction(OLD, ROLL, MASK, mode="mis", cap=1.5, level="sequence")
+    w, m = rollout_correction(OLD, ROLL, MASK, mode="mis", cap=1.5, level="geometric")
     _close(w, [[1, 1, 1], [0, 0, 0], [0, 0, 0]])
     assert m["mismatch/k3"] == pytest.approx(K3, rel=1e-6)
 
 
-def test_sequence_level_every_token_of_a_row_shares_its_ratio() -> None:
+# old - rollout: row 0 sums to 0.7 over 3 tokens, row 1 to -1 over 2, row 2 to 60 (> 20) over 2
+SEQ_OLD = torch.tensor([[0.3, 0.4, 0.0], [-0.5, -0.5, 9.0], [30.0, 30.0, 0.0]])
+SEQ_MASK = torch.tensor([[1, 1, 1], [1, 1, 0], [1, 1, 0]])
+
+
+def test_sequence_level_is_the_product_of_the_token_ratios() -> None:
+    """verl's sequence level: exp(clamp(sum_t log r, -20, 20)), then truncated at cap (tis) or
+    kept in [low, cap] (mis); the geometric mean (`geometric`) differs on the same rows."""
+    roll = torch.zeros(3, 3)
+    p0, p1 = math.exp(0.7), math.exp(-1.0)  # products; row 2: e^60 -> e^20 -> the cap
+    w, m = rollout_correction(SEQ_OLD, roll, SEQ_MASK, mode="tis", cap=3.0, level="sequence")
+    _close(w, [[p0, p0, p0], [p1, p1, 0], [3.0, 3.0, 0]])
+    assert m["mismatch/clip_frac"] == pytest.approx(2 / 7)  # row 2's two tokens
+    w, m = rollout_correction(SEQ_OLD, roll, SEQ_MASK, mode="tis", cap=2.0, level="sequence")
+    _close(w, [[2.0, 2.0, 2.0], [p1, p1, 0], [2.0, 2.0, 0]])  # e^0.7 = 2.01 > 2
+    assert m["mismatch/clip_frac"] == pytest.approx(5 / 7)
+    w, _ = rollout_correction(SEQ_OLD, roll, SEQ_MASK, mode="mis", cap=2.0, level="sequence")
+    _close(w, [[0, 0, 0], [0, 0, 0], [0, 0, 0]])  # 2.01 > 2, e^-1 < 1/2, e^20 > 2
+    w, _ = rollout_correction(SEQ_OLD, roll, SEQ_MASK, mode="mis", cap=2.5, level="sequence")
+    _close(w, [[1, 1, 1], [0, 0, 0], [0, 0, 0]])
+    g0, g1 = math.exp(0.7 / 3), math.exp(-0.5)
+    w, _ = rollout_correction(SEQ_OLD, roll, SEQ_MASK, mode="tis", cap=3.0, level="geometric")
+    _close(w, [[g0, g0, g0], [g1, g1, 0], [3.0, 3.0, 0]])
+
+
+@pytest.mark.parametrize("level", ["sequence", "geometric"])
+def test_row_levels_every_token_of_a_row_shares_its_ratio(level: str) -> None:
     g = torch.Generator().manual_seed(0)
     old, roll = -torch.rand(4, 6, generator=g), -torch.rand(4, 6, generator=g)
     mask = torch.ones(4, 6)
     mask[1, 3:] = 0
-    w, _ = rollout_correction(old, roll, mask, mode="tis", cap=10.0, level="sequence")
+    w, _ = rollout_correction(old, roll, mask, mode="tis", cap=10.0, level=level)
     for i in range(4):
         n = int(mask[i].sum())
-        ref = math.exp(float((old[i, :n] - roll[i, :n]).sum()) / n)
+        ref = math.exp(float((old[i, :n] - roll[i, :n]).sum()) / (n if level == "geometric" else 1))
         torch.testing.assert_close(w[i, :n], torch.full((n,), ref), rtol=1e-5, atol=0)
         assert (w[i, n:] == 0).all()
 
@@ -135,7 +161,7 @@ def test_weights_are_detached() -> None:
     old = OLD.clone().nan_to_num(0.0).requires_grad_()
     roll = ROLL.clone().nan_to_num(0.0, posinf=0.0).requires_grad_()
     for mode in ("none", "tis", "mis"):
-        for level in ("token", "sequence"):
+        for level in ("token", "sequence", "geometric"):
             w, _ = rollout_correction(old, roll, MASK, mode=mode, level=level)
             assert not w.requires_grad and w.grad_fn is None
 
@@ -143,7 +169,7 @@ def test_weights_are_detached() -> None:
 def test_bad_arguments() -> None:
     with pytest.raises(ValueError, match="mode"):
         rollout_correction(OLD, ROLL, MASK, mode="is")
-    with pytest.raises(ValueError, match="level"):
+    with pytest.raises(ValueError, match="level.*geometric"):
         rollout_correction(OLD, ROLL, MASK, level="row")
     with pytest.raises(ValueError, match="cap"):
         rollout_correction(OLD, ROLL, MASK, cap=0.0)
@@ -177,6 +203,25 @@ def test_config_keys_and_validation() -> None:
     assert back.algorithm.rollout_correction == RolloutCorrectionConfig()
 
 
+def test_correction_with_the_engines_old_logprobs_is_refused() -> None:
+    """recompute_old_logprobs=false makes old = the engine's log-probs: the PPO ratio then spans
+    the mismatch, and tis / mis would count it a second time."""
+    from recipes import get_recipe
+
+    for mode in ("tis", "mis"):
+        with pytest.raises(ConfigError) as err:
+            get_recipe(
+                "tiny_demo",
+                [f"algorithm.rollout_correction.mode={mode}", "train.recompute_old_logprobs=false"],
+            )
+        msg = str(err.value)
+        assert "algorithm.rollout_correction.mode" in msg
+        assert "train.recompute_old_logprobs=false" in msg and "twice" in msg
+    # either alone is fine
+    get_recipe("tiny_demo", ["train.recompute_old_logprobs=false"])
+    get_recipe("tiny_demo", ["algorithm.rollout_correction.mode=tis"])
+
+
 def test_recipes_default_tis_on_gpu_none_on_the_demo() -> None:
     from recipes import get_recipe, list_recipes
 
@@ -184,6 +229,7 @@ def test_recipes_default_tis_on_gpu_none_on_the_demo() -> None:
         c = get_recipe(name).algorithm.rollout_correction
         want = "none" if name.startswith("tiny_demo") else "tis"
         assert (c.mode, c.cap) == (want, 2.0), name
+        assert get_recipe(name).train.recompute_old_logprobs, name  # the correction needs it
 
 
 # ---- through the registry -------------------------------------------------------------------

@@ -1,8 +1,8 @@
 """Single-process checks of megatron/lm_head.py (log-probs from hidden states) vs naive fp32.
 
 The naive reference is `log_softmax(hidden.float() @ weight.float().T)` over the true vocabulary.
-The Triton kernels are checked here too, on CPU through Triton's interpreter (skipped without
-triton); `tests/gpu/test_lm_head_gpu.py` runs them compiled on CUDA.
+The Triton kernels are checked here too, on CPU through Triton's interpreter (triton is in the
+dev extra); `tests/gpu/test_lm_head_gpu.py` runs them compiled on CUDA.
 """
 
 from __future__ import annotations
@@ -117,6 +117,36 @@ def test_at_ids_and_topk_match_naive_and_logits_api():
     torch.testing.assert_close(out, lg, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("impl", ["chunked", "naive"])
+def test_temperature_divides_the_logits(impl):
+    """softmax(z / T): log-probs, entropy, log-probs at ids and every gradient equal the naive
+    computation on z / T (the engine's sampling distribution at T = 0.7); T = 1 is the default."""
+    t = 0.7
+    h, w, tgt = make_inputs(23)
+    (lp, ent), gh, gw = _run(
+        lm_head_logprobs, h, w, tgt, with_entropy=True, true_vocab_size=V_TRUE, chunk_size=5,
+        impl=impl, temperature=t,
+    )  # fmt: skip
+    (lp_r, ent_r), gh_r, gw_r = _run(lambda a, b: naive(a / t, b, tgt), h, w)
+    for x, y in ((lp, lp_r), (ent, ent_r), (gh, gh_r), (gw, gw_r)):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
+    assert (lp - naive(h, w, tgt)[0]).abs().max() > 0.1  # T = 0.7 is not T = 1
+    ids = lm_head_topk(h, w, 9, true_vocab_size=V_TRUE, chunk_size=4)
+    g = [torch.randn(23, 10, generator=torch.Generator().manual_seed(3))]
+    (out,), gh, gw = _run(
+        lm_head_logprobs_at_ids, h, w, ids, true_vocab_size=V_TRUE, chunk_size=5, g=g,
+        impl=impl, temperature=t,
+    )  # fmt: skip
+    (ref,), gh_r, gw_r = _run(
+        lambda a, b: vocab_parallel_logprobs_at_ids(a @ b.t() / t, ids, true_vocab_size=V_TRUE),
+        h, w, g=g,
+    )  # fmt: skip
+    for x, y in ((out, ref), (gh, gh_r), (gw, gw_r)):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="temperature"):
+        lm_head_logprobs(h, w, tgt, temperature=0.0)
+
+
 def test_logprobs_never_positive_at_262k_vocab_bf16():
     v, n, hh = 262_144, 16, 32
     g = torch.Generator().manual_seed(5)
@@ -138,8 +168,9 @@ def test_logprobs_never_positive_at_262k_vocab_bf16():
 
 
 # ----------------------------------------------------------------------------------------------
-# Triton kernels through the interpreter (CPU). Needs `triton` installed (not in the dev extra).
-# TRITON_INTERPRET must be set before triton is imported, so the checks run in a child process.
+# Triton kernels through the interpreter (CPU): `triton` is in the dev extra (Linux wheels), so
+# CI runs the kernels' arithmetic. TRITON_INTERPRET must be set before triton is imported, so
+# the checks run in a child process.
 # ----------------------------------------------------------------------------------------------
 def _interpreted_checks() -> None:
     """Run in a child with TRITON_INTERPRET=1: Triton blocks == torch blocks == naive."""
@@ -151,12 +182,12 @@ def _interpreted_checks() -> None:
     lm_head._BLOCKS["cpu"] = {"fwd": (4, 300), "bwd": (4, 300)}  # several blocks, ragged ends
     h, w, tgt = make_inputs(9)
     shard = lm_head._Shard(0, V_TRUE)
-    for with_entropy in (True, False):
+    for with_entropy, scale in ((True, 1 / 0.7), (False, 1.0)):  # scale = 1 / temperature
         res = {}
         for name, impl in (("torch", lm_head._TorchBlocks), ("triton", blocks)):
             a, b = h.clone().requires_grad_(), w.clone().requires_grad_()
             lp, ent = lm_head._LMHeadLogprobs.apply(
-                a, b, tgt, shard, None, 1, with_entropy, impl, None
+                a, b, tgt, shard, None, 1, with_entropy, impl, None, scale
             )
             loss = (lp * torch.linspace(-1, 2, 9)).sum()
             if with_entropy:
@@ -165,7 +196,7 @@ def _interpreted_checks() -> None:
             res[name] = (lp.detach(), ent.detach(), a.grad, b.grad)
         for x, y in zip(res["triton"], res["torch"], strict=True):
             torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
-        lp_r, ent_r = naive(h, w, tgt)
+        lp_r, ent_r = naive(h * scale, w, tgt)  # temperature 1 / scale
         torch.testing.assert_close(res["triton"][0], lp_r, atol=1e-5, rtol=1e-5)
         if with_entropy:
             torch.testing.assert_close(res["triton"][1], ent_r, atol=1e-5, rtol=1e-5)
@@ -184,7 +215,10 @@ def _interpreted_checks() -> None:
 
 
 def test_triton_kernels_interpreted_match_torch_blocks():
-    pytest.importorskip("triton")
+    if sys.platform.startswith("linux"):
+        import triton  # noqa: F401 - the dev extra installs it: a missing one is an error here
+    else:
+        pytest.importorskip("triton")
     here = pathlib.Path(__file__).resolve()
     root = here.parents[2]
     env = dict(os.environ, TRITON_INTERPRET="1")
