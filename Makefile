@@ -91,9 +91,12 @@ sglang-env: $(SGLANG_STAMP)
 
 # The tier talks to real `sglang.launch_server` processes (tests/sglang/conftest.py starts them
 # with the CPU flags and tests/sglang_cpu on their PYTHONPATH).
+# pytest's exit 5 (nothing collected) is turned into a named failure: never a silent pass.
 test-sglang: $(STAMP) $(SGLANG_STAMP)
 	RLRT_SGLANG_PYTHON=$(SGLANG_VENV)/bin/python PYTHONPATH=$(CURDIR) \
-	  $(BIN)/python -m pytest -q -m sglang tests/sglang --timeout 1800
+	  $(BIN)/python -m pytest -q -m sglang tests/sglang --timeout 1800; rc=$$?; \
+	  if [ $$rc = 5 ]; then echo "test-sglang: pytest collected no tests (exit 5): the tier's \
+	  tests in tests/sglang are missing or lost their 'sglang' marker" >&2; exit 1; fi; exit $$rc
 
 lint: $(STAMP)
 	$(BIN)/ruff check rlrt_megatron recipes tools tests benchmarks slurm

@@ -356,12 +356,13 @@ def build_score_payload(
     prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]]
 ) -> dict:
     """A /generate body that samples nothing and returns the log-probs of each row's response
-    tokens given its prompt (`input_token_logprobs` from position len(prompt) on)."""
+    tokens given its prompt (`input_token_logprobs` from the prompt's last token on)."""
     return {
         "input_ids": [list(p) + list(r) for p, r in zip(prompts, responses, strict=True)],
         "sampling_params": [{"max_new_tokens": 0, "temperature": 1.0} for _ in prompts],
         "return_logprob": True,
-        "logprob_start_len": [len(p) for p in prompts],
+        # SGLang reports no log-prob (None) for the token at the start position itself
+        "logprob_start_len": [len(p) - 1 for p in prompts],
         "stream": False,
     }
 

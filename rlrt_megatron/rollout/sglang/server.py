@@ -124,9 +124,9 @@ def _drop_secret_config(s: Server) -> None:
         s.secret_dir = None
 
 
-def _pump_redacted(pipe, log_path: str, secrets: list[str]) -> None:
+def _pump_redacted(pipe, log, secrets: list[bytes]) -> None:
     """Copy the server's output to its log line by line, each secret replaced by REDACTED."""
-    with pipe, open(log_path, "ab") as log:
+    with pipe, log:
         for line in iter(pipe.readline, b""):
             for secret in secrets:
                 line = line.replace(secret, REDACTED.encode())
@@ -152,9 +152,8 @@ def start_server(s: Server, log_dir: str) -> None:
     s.proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, env=env
     )
-    threading.Thread(
-        target=_pump_redacted, args=(s.proc.stdout, s.log_path, secrets), daemon=True
-    ).start()
+    log = open(s.log_path, "ab")  # noqa: SIM115 - the pump thread closes it
+    threading.Thread(target=_pump_redacted, args=(s.proc.stdout, log, secrets), daemon=True).start()
 
 
 def stop_server(s: Server, grace_s: float = 15.0) -> None:

@@ -8,6 +8,10 @@ other CPUs SGLang already falls back to plain torch for norm, rope and attention
 helpers are all that is missing. Each one here does what the Triton kernel beside its call site
 does (the GPU path), element for element.
 
+Its speculative-decoding modules also import six EAGLE kernels at start-up
+(`build_tree_kernel_efficient_cpu`, `verify_tree_greedy_cpu`, ...); the tier never enables
+speculative decoding, so those names exist only to be imported and raise if ever called.
+
 Why here: the `sglang` test tier (`make test-sglang`) runs the REAL SGLang server on this
 2-core CPU machine. The tier (tests/sglang/conftest.py) puts `tests/sglang_cpu` on the
 server's PYTHONPATH; nothing else imports this package, and a GPU install never sees it.
@@ -19,7 +23,17 @@ import ctypes
 
 import torch
 
-__all__ = ["assign_req_to_token_pool_cpu", "copy_all_layer_kv_cache_cpu"]
+# imported by sglang/kernels/ops/speculative/{spec_tree,cache_locs,eagle}.py; unused here
+SPECULATIVE_ONLY = (
+    "assign_draft_cache_locs_contiguous_cpu",
+    "assign_extend_cache_locs_cpu",
+    "build_tree_kernel_efficient_cpu",
+    "fill_accept_out_cache_loc_cpu",
+    "fill_bonus_tokens_cpu",
+    "verify_tree_greedy_cpu",
+)
+
+__all__ = ["assign_req_to_token_pool_cpu", "copy_all_layer_kv_cache_cpu", *SPECULATIVE_ONLY]
 
 
 def assign_req_to_token_pool_cpu(
@@ -69,3 +83,17 @@ def copy_all_layer_kv_cache_cpu(
     for ptr, row_bytes in zip(data_ptrs.tolist(), strides.tolist(), strict=True):
         view = _rows(int(ptr), int(row_bytes), n_rows)
         view[tgt] = view[src].clone()
+
+
+def _speculative_only(name: str):
+    def kernel(*args, **kwargs):
+        raise NotImplementedError(
+            f"sgl_kernel.{name}: speculative decoding is not available with the test tier's "
+            "CPU helpers (tests/sglang_cpu); run without --speculative-algorithm"
+        )
+
+    kernel.__name__ = name
+    return kernel
+
+
+globals().update({name: _speculative_only(name) for name in SPECULATIVE_ONLY})
