@@ -69,7 +69,7 @@ test-slurm: $(SLURM_STAMP)
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m "slow and not slurm and not gpu" --timeout 1800
 
-# The real SGLang server on CPU (tests/sglang): its own venv outside the checkout (Python 3.11,
+# The real SGLang server on CPU (tests/real_sglang): its own venv outside the checkout (Python 3.11,
 # sglang pinned with the torch it pins, no CUDA-only packages; ~8 minutes and ~7 GB the first
 # time), reused by every checkout and CI run. Move it with `make SGLANG_VENV=/path ...`.
 PY311 ?= python3.11
@@ -89,14 +89,14 @@ $(SGLANG_STAMP): $(SGLANG_REQ)
 
 sglang-env: $(SGLANG_STAMP)
 
-# The tier talks to real `sglang.launch_server` processes (tests/sglang/conftest.py starts them
+# The tier talks to real `sglang.launch_server` processes (tests/real_sglang/conftest.py starts them
 # with the CPU flags and tests/sglang_cpu on their PYTHONPATH).
 # pytest's exit 5 (nothing collected) is turned into a named failure: never a silent pass.
 test-sglang: $(STAMP) $(SGLANG_STAMP)
 	RLRT_SGLANG_PYTHON=$(SGLANG_VENV)/bin/python PYTHONPATH=$(CURDIR) \
-	  $(BIN)/python -m pytest -q -m sglang tests/sglang --timeout 1800; rc=$$?; \
+	  $(BIN)/python -m pytest -q -m sglang tests/real_sglang --timeout 1800; rc=$$?; \
 	  if [ $$rc = 5 ]; then echo "test-sglang: pytest collected no tests (exit 5): the tier's \
-	  tests in tests/sglang are missing or lost their 'sglang' marker" >&2; exit 1; fi; exit $$rc
+	  tests in tests/real_sglang are missing or lost their 'sglang' marker" >&2; exit 1; fi; exit $$rc
 
 lint: $(STAMP)
 	$(BIN)/ruff check rlrt_megatron recipes tools tests benchmarks slurm

@@ -42,7 +42,7 @@ case $role in
       host=${RLRT_ROLLOUT_HOST:-$(scontrol show node "$node" -o 2>/dev/null | tr ' ' '\n' |
         sed -n 's/^NodeAddr=//p')}
       secrets=$(umask 077 && mktemp -d)
-      printf 'api_key: "%s"\n' "${RLRT_ROLLOUT_API_KEY:?rlrt.sbatch sets it}" \
+      printf 'api-key: "%s"\n' "${RLRT_ROLLOUT_API_KEY:?rlrt.sbatch sets it}" \
         >"$secrets/secrets.yaml"
       cmd=(bash -c 'trap "rm -rf $6" EXIT; for ((s = 0; s < $2; s++)); do
         CUDA_VISIBLE_DEVICES=$(seq -s, $((s * $3)) $((s * $3 + $3 - 1))) \

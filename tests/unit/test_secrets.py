@@ -1,6 +1,6 @@
 """The rollout API key stays secret (issue 24 item 9): never on a command line (`ps` shows
 every argv), never in a file under the run dir (config.json, checkpoints, metrics loggers, the
-server's log). The full run with a real SGLang server is tests/sglang/test_train.py."""
+server's log). The full run with a real SGLang server is tests/real_sglang/test_train.py."""
 
 from __future__ import annotations
 

@@ -114,7 +114,7 @@ def _secret_config(api_key: str) -> str:
     path = os.path.join(d, "secrets.yaml")
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
-        f.write(f"api_key: {json.dumps(api_key)}\n")
+        f.write(f"api-key: {json.dumps(api_key)}\n")
     return path
 
 

@@ -13,7 +13,7 @@ Its speculative-decoding modules also import six EAGLE kernels at start-up
 speculative decoding, so those names exist only to be imported and raise if ever called.
 
 Why here: the `sglang` test tier (`make test-sglang`) runs the REAL SGLang server on this
-2-core CPU machine. The tier (tests/sglang/conftest.py) puts `tests/sglang_cpu` on the
+2-core CPU machine. The tier (tests/real_sglang/conftest.py) puts `tests/sglang_cpu` on the
 server's PYTHONPATH; nothing else imports this package, and a GPU install never sees it.
 """
 

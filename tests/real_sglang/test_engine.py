@@ -71,6 +71,11 @@ def test_the_server_is_a_real_sglang(engine):
     assert engine.servers[0].proc is not None and engine.servers[0].alive()
 
 
+def test_a_missing_endpoint_names_the_sglang_release(engine):
+    with pytest.raises(SGLangError, match=r"SGLang 0\.5\.23 at .* has no /no_such_update endpoint"):
+        engine.servers[0].client._update("/no_such_update", {})
+
+
 def test_api_key_is_required(engine):
     url = engine.servers[0].url
     for key in (None, "wrong-key"):
@@ -101,10 +106,9 @@ def test_stop_strings_end_the_completion(engine):
     req = [GenerateRequest(PROMPTS[1], "s")]
     greedy = engine.generate(req, SamplingParams(temperature=0.0, max_new_tokens=12))[0][0]
     assert len(greedy.token_ids) == 12 and greedy.finish_reason == "length"
-    # a stop string that first appears in the text after a few tokens
-    stop = greedy.text[len(greedy.text) // 2 :][:3].strip() or greedy.text[-3:]
-    first = greedy.text.find(stop)
-    assert first > 0, (greedy.text, stop)
+    # a stop string: the first character that appears in the text only after its start
+    text = greedy.text
+    stop = next(ch for i, ch in enumerate(text) if i > 0 and text.find(ch) == i)
     got = engine.generate(req, SamplingParams(temperature=0.0, max_new_tokens=12, stop=(stop,)))
     c = got[0][0]
     assert c.finish_reason == "stop" and len(c.token_ids) < 12

@@ -45,7 +45,7 @@ def pytest_collection_modifyitems(config, items):  # noqa: ANN001, ARG001
     if why is None:
         return
     for item in items:
-        if "tests/sglang/" in item.nodeid.replace(os.sep, "/"):
+        if "tests/real_sglang/" in item.nodeid.replace(os.sep, "/"):
             item.add_marker(pytest.mark.skip(reason=why))
 
 
@@ -53,7 +53,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):  # noqa: ANN0
     """Repeat every skipped test of this tier and why, after everything else."""
     lines = []
     for rep in terminalreporter.stats.get("skipped", []):
-        if "tests/sglang/" not in rep.nodeid.replace(os.sep, "/"):
+        if "tests/real_sglang/" not in rep.nodeid.replace(os.sep, "/"):
             continue
         reason = rep.longrepr[2] if isinstance(rep.longrepr, tuple) else str(rep.longrepr)
         lines.append(f"NOT TESTED {rep.nodeid}: {reason}")
