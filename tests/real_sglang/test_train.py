@@ -34,12 +34,13 @@ SGLANG = [
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> dict[str, str]:
-    """The SFT-warmed tiny model (HF + Megatron), as the e2e tier builds it."""
+def tiny_model() -> dict[str, str]:
+    """The SFT-warmed tiny model (HF + Megatron), as the e2e tier builds it; kept under runs/
+    (rebuilt only when its recipe changes) so a rerun of the tier skips the warm-up."""
     from recipes import get_recipe
     from rlrt_megatron.trainer.cli import _prepare_demo_model
 
-    root = tmp_path_factory.mktemp("tiny_model")
+    root = REPO / "runs" / "test-cache" / "sglang_tiny_model"
     _prepare_demo_model(get_recipe("tiny_demo", ["model.sft_warmup_steps=300"]), str(root))
     return {"hf": os.path.join(root, "hf"), "megatron": os.path.join(root, "megatron")}
 

@@ -49,7 +49,8 @@ __all__ = ["SGLangEngine"]
 
 def _require_server_python(python: str) -> None:
     """The interpreter that launches the servers must exist and (when it is ours) have SGLang."""
-    if os.path.realpath(python) == os.path.realpath(sys.executable):
+    # abspath, not realpath: every venv's python links to the same base interpreter
+    if os.path.abspath(python) == os.path.abspath(sys.executable):
         require_sglang()
     elif not (os.access(python, os.X_OK) or shutil.which(python)):
         raise SGLangError(
