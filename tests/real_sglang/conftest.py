@@ -1,7 +1,7 @@
 """Fixtures of the `sglang` tier: REAL `sglang.launch_server` processes on the CPU.
 
 The servers run in the SGLang venv (`make sglang-env`, /opt/venv-sglang; $RLRT_SGLANG_PYTHON
-points elsewhere) with the CPU flags below and `tests/sglang_cpu` (the two sgl_kernel helpers
+points elsewhere) with the CPU flags of sglang_env.py and `tests/sglang_cpu` (the two sgl_kernel helpers
 in plain torch) first on their PYTHONPATH. Without that venv every test of the tier is skipped
 with the reason, and the reasons are repeated at the end of the run (and appended to
 $RLRT_CI_SKIP_LOG under CI) so a skipped tier cannot pass unseen.
@@ -11,33 +11,12 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, os.path.dirname(__file__))
-SGLANG_PYTHON = os.environ.get("RLRT_SGLANG_PYTHON") or "/opt/venv-sglang/bin/python"
-# SGLang's CPU path: torch-native attention, no CUDA graphs, no overlap thread, a small KV pool
-CPU_ARGS = [
-    "--device", "cpu", "--attention-backend", "torch_native", "--disable-cuda-graph",
-    "--disable-overlap-schedule", "--max-total-tokens", "4096",
-]  # fmt: skip
-# what the server process needs on top of the trainer's environment
-SERVER_ENV = {
-    "SGLANG_USE_CPU_ENGINE": "1",
-    "PYTHONPATH": str(REPO / "tests" / "sglang_cpu"),
-}
 
-
-def sglang_missing() -> str | None:
-    """Why the tier cannot run here (None if it can)."""
-    if not os.access(SGLANG_PYTHON, os.X_OK):
-        return (
-            f"no SGLang interpreter at {SGLANG_PYTHON}: build it with `make sglang-env` "
-            "(or set RLRT_SGLANG_PYTHON)"
-        )
-    return None
+from sglang_env import SERVER_ENV, sglang_missing  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):  # noqa: ANN001, ARG001

@@ -7,8 +7,8 @@ import os
 from pathlib import Path
 
 import torch
-from conftest import CPU_ARGS, SERVER_ENV, SGLANG_PYTHON
 from dist_utils import run_distributed
+from sglang_env import CPU_ARGS, SERVER_ENV, SGLANG_PYTHON
 
 from rlrt_megatron.rollout.sglang import SGLangEngine
 

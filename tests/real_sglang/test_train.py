@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import CPU_ARGS, REPO, SERVER_ENV, SGLANG_PYTHON
 from dist_utils import run_distributed
+from sglang_env import CPU_ARGS, REPO, SERVER_ENV, SGLANG_PYTHON
 
 pytestmark = pytest.mark.sglang
 
