@@ -5,7 +5,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slurm test-faults test-slow test-mcore019 test-all lint venv venv-mcore019 clean
+.PHONY: demo test test-slurm test-faults test-slow test-mcore019 test-all test-sglang lint venv \
+	venv-mcore019 sglang-env clean
 
 # megatron-core 0.19 needs Python >= 3.12: a second venv outside the checkout (torch==2.13.0 on
 # 3.12 is PyPI's CUDA build, ~3 GB downloaded once), reused by every checkout and CI run.
@@ -17,7 +18,7 @@ STAMP019 := $(VENV019)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1
 # The cross-version checkpoint test (tests/unit/test_mcore_versions.py) runs one interpreter
 # per version; each tier tells it where the other one is.
 VERSION_ENV := RLRT_MCORE016_PYTHON=$(CURDIR)/$(BIN)/python RLRT_MCORE019_PYTHON=$(BIN019)/python
-TIER := -m "not slurm and not gpu and not slow and not faults" --timeout 900
+TIER := -m "not slurm and not gpu and not slow and not faults and not sglang" --timeout 900
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -89,6 +90,35 @@ test-faults: $(STAMP)
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m "slow and not slurm and not gpu" --timeout 1800
+
+# The real SGLang server on CPU (tests/real_sglang): its own venv outside the checkout (Python 3.11,
+# sglang pinned with the torch it pins, no CUDA-only packages; ~8 minutes and ~7 GB the first
+# time), reused by every checkout and CI run. Move it with `make SGLANG_VENV=/path ...`.
+PY311 ?= python3.11
+SGLANG_VENV ?= /opt/venv-sglang
+SGLANG_VERSION := 0.5.23
+SGLANG_REQ := tests/sglang_cpu/requirements.txt
+SGLANG_STAMP := $(SGLANG_VENV)/.installed-$(SGLANG_VERSION)-$(shell cksum < $(SGLANG_REQ) | cut -d' ' -f1)
+
+$(SGLANG_STAMP): $(SGLANG_REQ)
+	test -x $(SGLANG_VENV)/bin/python || $(PY311) -m venv $(SGLANG_VENV)
+	$(SGLANG_VENV)/bin/python -m pip install -q --upgrade pip
+	$(SGLANG_VENV)/bin/python -m pip install -q -r $(SGLANG_REQ)
+	$(SGLANG_VENV)/bin/python -m pip install -q --no-deps sglang==$(SGLANG_VERSION)
+	$(SGLANG_VENV)/bin/python -c "import sglang, sglang.launch_server; print('sglang', sglang.__version__)"
+	rm -f $(SGLANG_VENV)/.installed-*
+	touch $@
+
+sglang-env: $(SGLANG_STAMP)
+
+# The tier talks to real `sglang.launch_server` processes (tests/real_sglang/conftest.py starts them
+# with the CPU flags and tests/sglang_cpu on their PYTHONPATH).
+# pytest's exit 5 (nothing collected) is turned into a named failure: never a silent pass.
+test-sglang: $(STAMP) $(SGLANG_STAMP)
+	RLRT_SGLANG_PYTHON=$(SGLANG_VENV)/bin/python PYTHONPATH=$(CURDIR) \
+	  $(BIN)/python -m pytest -q -m sglang tests/real_sglang --timeout 1800; rc=$$?; \
+	  if [ $$rc = 5 ]; then echo "test-sglang: pytest collected no tests (exit 5): the tier's \
+	  tests in tests/real_sglang are missing or lost their 'sglang' marker" >&2; exit 1; fi; exit $$rc
 
 lint: $(STAMP)
 	$(BIN)/ruff check rlrt_megatron recipes tools tests benchmarks slurm

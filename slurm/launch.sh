@@ -52,13 +52,20 @@ case $role in
     else
       gpus=${RLRT_GPUS_PER_NODE:-0}
       tp=$((gpus > 0 ? gpus / n : 1))
-      # n servers of tp GPUs each; bound to all interfaces so the trainer nodes reach them.
-      cmd=(bash -c 'for ((s = 0; s < $2; s++)); do
+      # n servers of tp GPUs each, bound to the address the trainer's URLs name (the node's
+      # NodeAddr, as rlrt.sbatch builds them), not to every interface. The API key reaches them
+      # in a private --config file written by a shell builtin: never on a command line (`ps`).
+      host=${RLRT_ROLLOUT_HOST:-$(scontrol show node "$node" -o 2>/dev/null | tr ' ' '\n' |
+        sed -n 's/^NodeAddr=//p')}
+      secrets=$(umask 077 && mktemp -d)
+      printf 'api-key: "%s"\n' "${RLRT_ROLLOUT_API_KEY:?rlrt.sbatch sets it}" \
+        >"$secrets/secrets.yaml"
+      cmd=(bash -c 'trap "rm -rf $6" EXIT; for ((s = 0; s < $2; s++)); do
         CUDA_VISIBLE_DEVICES=$(seq -s, $((s * $3)) $((s * $3 + $3 - 1))) \
-          python -m sglang.launch_server --model-path "$1" --host 0.0.0.0 \
-          --port $(($4 + s)) --tp-size "$3" --api-key "${RLRT_ROLLOUT_API_KEY:-}" &
+          python -m sglang.launch_server --model-path "$1" --host "$5" \
+          --port $(($4 + s)) --tp-size "$3" --config "$6/secrets.yaml" &
       done; wait -n; exit $?' rlrt-rollout "${RLRT_ROLLOUT_MODEL:?set RLRT_ROLLOUT_MODEL}" \
-        "$n" "$tp" "$port0")
+        "$n" "$tp" "$port0" "${host:-$node}" "$secrets")
     fi
     ;;
   *) echo "launch.sh: unknown role $role" >&2; exit 2 ;;

@@ -21,6 +21,8 @@ from rlrt_megatron.config import overrides
 from rlrt_megatron.config.overrides import ConfigError, all_keys, apply_overrides, field_help
 from rlrt_megatron.config.schema import (
     ALGORITHM_NAMES,
+    REDACTED,
+    SECRET_KEYS,
     CheckpointConfig,
     DataConfig,
     EvalConfig,
@@ -39,6 +41,8 @@ from rlrt_megatron.config.schema import (
 
 __all__ = [
     "ALGORITHM_NAMES",
+    "REDACTED",
+    "SECRET_KEYS",
     "CheckpointConfig",
     "ConfigError",
     "DataConfig",

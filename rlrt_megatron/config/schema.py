@@ -22,6 +22,11 @@ DEFAULT_TEACHER_TEMPLATE = (
 )
 DEFAULT_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 
+# Config keys holding secrets: `TrainConfig.to_dict` (config.json, checkpoints, metrics loggers,
+# printed configs) writes them as REDACTED.
+SECRET_KEYS = ("rollout.sglang_api_key",)
+REDACTED = "<redacted>"
+
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
     """A dataclass field with its documentation."""
@@ -152,7 +157,9 @@ class RolloutConfig:
     )
     sglang_host: str = _f("127.0.0.1", "Address launched servers bind to.")
     sglang_api_key: str = _f(
-        "", "Server API key; empty = $RLRT_ROLLOUT_API_KEY (keep secrets out of config.json)."
+        "",
+        "Server API key; empty = $RLRT_ROLLOUT_API_KEY (prefer it: an override shows in `ps`). "
+        "Written as <redacted> wherever the config is saved or logged.",
     )
     sglang_colocated: bool = _f(True, "Servers share the trainer's GPUs (tensor weight sync).")
     sglang_sync_mode: str = _f("", "Weight sync: tensor | distributed | disk (empty = auto).")
@@ -162,6 +169,14 @@ class RolloutConfig:
     sglang_restart_cache: bool = _f(True, "Flush the server's prefix cache after a weight sync.")
     sglang_master_address: str = _f("", "Rendezvous address for distributed weight sync.")
     sglang_extra_args: list[str] = _f([], "Extra `sglang.launch_server` arguments.")
+    sglang_python: str = _f(
+        "",
+        "Interpreter that launches the servers (empty = this one, e.g. a GPU container with "
+        "SGLang installed; /opt/venv-sglang/bin/python after `make sglang-env`).",
+    )
+    sglang_dtype: str = _f(
+        "bfloat16", "Servers' `--dtype` (float32 on CPU; the sync check's tolerance follows it)."
+    )
     max_staleness: int = _f(
         0,
         "Bounded staleness K: the engine may run up to K weight versions ahead of the batch the "
@@ -404,8 +419,16 @@ class TrainConfig:
             raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
         return self
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+    def to_dict(self, redact: bool = True) -> dict:
+        """The config as plain data; every secret (SECRET_KEYS) set is written as REDACTED, so
+        config.json, checkpoints, TensorBoard/wandb and printed configs never hold it."""
+        d = dataclasses.asdict(self)
+        if redact:
+            for dotted in SECRET_KEYS:
+                section, key = dotted.split(".")
+                if d[section].get(key):
+                    d[section][key] = REDACTED
+        return d
 
     def to_json(self, path: str | None = None) -> str:
         text = json.dumps(self.to_dict(), indent=2, sort_keys=False)
@@ -484,6 +507,11 @@ def validation_errors(
     )
     need(
         r.sync_check_tol == r.sync_check_tol, "rollout.sync_check_tol", "must be a number, not NaN"
+    )
+    need(
+        r.sglang_dtype in ("bfloat16", "float16", "float32", "auto"),
+        "rollout.sglang_dtype",
+        f"must be bfloat16 | float16 | float32 | auto (got {r.sglang_dtype!r})",
     )
     for sub in dataclasses.fields(a):
         obj = getattr(a, sub.name)

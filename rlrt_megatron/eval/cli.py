@@ -39,9 +39,8 @@ def _make_engine(args: argparse.Namespace, hf_dir: Path):
             hf_dir, device=device, dtype=dtype, seed=args.seed, max_batch_rows=args.batch_rows
         )
         return engine, engine.tokenizer
-    from rlrt_megatron.rollout.sglang import SGLangEngine, require_sglang
+    from rlrt_megatron.rollout.sglang import SGLangEngine
 
-    require_sglang("rlrt eval --engine sglang")
     engine = SGLangEngine(
         str(hf_dir),
         tp=args.sglang_tp,
@@ -49,6 +48,10 @@ def _make_engine(args: argparse.Namespace, hf_dir: Path):
         mem_fraction=args.sglang_mem_fraction,
         colocated=False,
         seed=args.seed,
+        dtype=args.sglang_dtype,
+        python=args.sglang_python or None,
+        extra_args=list(args.sglang_arg or []),
+        log_dir=str(Path(args.out or ".") / "sglang_logs") if args.out else None,
     )
     return engine, AutoTokenizer.from_pretrained(str(hf_dir))
 
@@ -195,6 +198,17 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sglang-tp", type=int, default=1)
     p.add_argument("--sglang-servers", type=int, default=1)
     p.add_argument("--sglang-mem-fraction", type=float, default=0.85)
+    p.add_argument("--sglang-dtype", default="bfloat16", help="servers' --dtype")
+    p.add_argument(
+        "--sglang-python", default="", help="interpreter with SGLang (default: this one)"
+    )
+    p.add_argument(
+        "--sglang-arg",
+        action="append",
+        metavar="ARG",
+        help="extra sglang.launch_server argument (repeatable, e.g. --sglang-arg=--device "
+        "--sglang-arg=cpu)",
+    )
     add_model_args(p)
     add_prompt_args(p)
     p.set_defaults(func=cmd_eval)

@@ -74,7 +74,10 @@ def sync_tol(cfg: Any) -> float:
     r = cfg.rollout
     if r.sync_check_tol != 0:
         return float(r.sync_check_tol)
-    engine = torch.bfloat16 if r.engine == "sglang" else resolve_dtype(r.local_dtype)
+    if r.engine == "sglang":
+        engine = torch.float32 if r.sglang_dtype == "float32" else torch.bfloat16
+    else:
+        engine = resolve_dtype(r.local_dtype)
     trainer = resolve_dtype(cfg.model.params_dtype)
     both_fp32 = engine == torch.float32 and trainer == torch.float32
     return SYNC_TOL_FP32 if both_fp32 else SYNC_TOL_BF16

@@ -259,9 +259,12 @@ def load_dataset(cfg: TrainConfig) -> Any:
 def make_engine(cfg: TrainConfig, hf_dir: str) -> Any:
     """The rollout engine on rank 0: `local` (transformers) or `sglang`."""
     if cfg.rollout.engine == "sglang":
+        from rlrt_megatron.config import REDACTED
         from rlrt_megatron.rollout.sglang import SGLangEngine
 
-        key = cfg.rollout.sglang_api_key or os.environ.get("RLRT_ROLLOUT_API_KEY", "")
+        key = cfg.rollout.sglang_api_key
+        if not key or key == REDACTED:  # a config read back from a run dir holds no key
+            key = os.environ.get("RLRT_ROLLOUT_API_KEY", "")
         return SGLangEngine.from_config(cfg, hf_dir, **({"api_key": key} if key else {}))
     from rlrt_megatron import platform
     from rlrt_megatron.rollout.local import LocalEngine

@@ -4,13 +4,18 @@ Modules: client.py (errors, HTTP client, /generate mapping), server.py (launch, 
 transport.py (weight serialization and the tensor | distributed | disk sync modes), engine.py
 (SGLangEngine: the RolloutEngine protocol and the restart policy).
 
-What we call (SGLang's native HTTP API, python/sglang/srt/entrypoints/http_server.py):
+What we call (SGLang's native HTTP API, python/sglang/srt/entrypoints/http_server.py; tested
+against 0.5.23, older releases where noted):
   GET  /health                        200 once the server can generate
-  GET  /get_weight_version            {"weight_version": str}   (also in /get_model_info)
+  GET  /server_info                   {"version": str, ...}     (/get_server_info before)
+  GET  /model_info                    {"weight_version": str, ...} (/get_model_info before; some
+                                       releases also have GET /get_weight_version)
   POST /generate                      {input_ids: [[int]], sampling_params: {...}, rid: [str],
                                        return_logprob: true} -> [{text, output_ids, meta_info:
                                        {finish_reason: {type}, weight_version,
                                        output_token_logprobs: [[logprob, token_id, text]]}}]
+  POST /begin_weight_update, /end_weight_update  {}  (0.5.2x: tensor and distributed pushes
+                                       only inside such a session; absent before)
   POST /update_weights_from_tensor    {serialized_named_tensors: [str per TP rank],
                                        load_format, flush_cache, weight_version}
   POST /init_weights_update_group     {master_address, master_port, rank_offset, world_size,
@@ -21,8 +26,9 @@ What we call (SGLang's native HTTP API, python/sglang/srt/entrypoints/http_serve
   POST /update_weights_from_disk      {model_path, weight_version}
   POST /release_memory_occupation, /resume_memory_occupation  {tags}
   POST /flush_cache, POST /get_weights_by_name {name, truncate_size}
-All requests carry `Authorization: Bearer <api_key>` when the server was given `--api-key`.
-Update endpoints answer {"success": bool, "message": str}.
+All requests carry `Authorization: Bearer <api_key>` when the server has a key (we hand it over
+in a private `--config` file, never in argv). Update endpoints answer {"success": bool,
+"message": str} (HTTP 400 with success false on failure in 0.5.x).
 
 Weight sync modes (`sync_mode`):
   "tensor"       colocated: CUDA IPC handles of each bucket (no copy), SGLang's own serializer

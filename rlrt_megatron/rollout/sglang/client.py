@@ -22,25 +22,37 @@ from rlrt_megatron.rollout.weight_sync import WeightSyncError
 
 __all__ = [
     "build_generate_payload",
+    "build_score_payload",
     "expand_samples",
     "GPU_EXTRA_HINT",
     "INITIAL_WEIGHT_VERSION",
     "parse_generate_output",
+    "parse_score_output",
     "require_sglang",
     "RolloutServerCrashed",
     "Sample",
     "sampling_to_sglang",
+    "TESTED_SGLANG",
     "sglang_available",
     "SGLangClient",
     "SGLangConnectionError",
     "SGLangError",
 ]
 
+# The SGLang release the `sglang` test tier runs (make sglang-env) and the README names.
+TESTED_SGLANG = "0.5.23"
+
 GPU_EXTRA_HINT = "install the GPU extra on a CUDA machine: pip install -e '.[gpu]'"
 
 
 class SGLangError(RuntimeError):
-    """The SGLang server answered with an error, or could not be reached."""
+    """The SGLang server answered with an error, or could not be reached. `status`: the HTTP
+    status of an error answer (None when there was no answer); `answer`: its JSON body."""
+
+    def __init__(self, message: str, status: int | None = None, answer: object = None):
+        super().__init__(message)
+        self.status = status
+        self.answer = answer
 
 
 class SGLangConnectionError(SGLangError):
@@ -77,6 +89,9 @@ class SGLangClient:
         self.base_url = base_url.rstrip("/")
         self.api_key = api_key
         self.timeout = timeout
+        self._version: str | None = None  # the server's SGLang release, read once
+        self._version_path: str | None = None  # where this server reports its weight version
+        self._sessions: bool | None = None  # begin/end_weight_update exist (SGLang >= 0.5.2x)
 
     def request(self, method: str, path: str, payload=None, timeout: float | None = None):
         data = None if payload is None else json.dumps(payload).encode()
@@ -90,8 +105,12 @@ class SGLangClient:
                 body = resp.read()
         except urllib.error.HTTPError as e:
             detail = e.read().decode(errors="replace")[:2000]
+            try:
+                answer = json.loads(detail)
+            except json.JSONDecodeError:
+                answer = None
             raise SGLangError(
-                f"SGLang {method} {self.base_url}{path} -> HTTP {e.code}: {detail}"
+                f"SGLang {method} {self.base_url}{path} -> HTTP {e.code}: {detail}", e.code, answer
             ) from None
         except (urllib.error.URLError, HTTPException, ConnectionError, TimeoutError, OSError) as e:
             raise SGLangConnectionError(
@@ -105,10 +124,47 @@ class SGLangClient:
             return body.decode(errors="replace")
 
     def _update(self, path: str, payload: dict, timeout: float | None = None) -> dict:
-        out = self.request("POST", path, payload, timeout)
+        try:
+            out = self.request("POST", path, payload, timeout)
+        except SGLangError as e:
+            if e.status == 404:
+                raise self.missing(path) from None
+            if isinstance(e.answer, dict) and e.answer.get("success") is False:
+                # SGLang 0.5.x answers a failed update with HTTP 400 {"success": false, ...}
+                raise WeightSyncError(
+                    f"SGLang {self.version()} {path} at {self.base_url} failed: "
+                    f"{e.answer.get('message')}"
+                ) from None
+            raise
         if isinstance(out, dict) and out.get("success") is False:
-            raise WeightSyncError(f"SGLang {path} at {self.base_url} failed: {out.get('message')}")
+            raise WeightSyncError(
+                f"SGLang {self.version()} {path} at {self.base_url} failed: {out.get('message')}"
+            )
         return out
+
+    def missing(self, path: str) -> SGLangError:
+        """The error for an endpoint this server does not have (HTTP 404), naming its release."""
+        return SGLangError(
+            f"SGLang {self.version()} at {self.base_url} has no {path} endpoint (HTTP 404); "
+            f"this client speaks SGLang {TESTED_SGLANG} (tested) and the releases listed in "
+            "the README's SGLang section: install one of those (make sglang-env builds the "
+            "tested one), or pick another rollout.sglang_sync_mode",
+            404,
+        )
+
+    def version(self) -> str:
+        """The server's SGLang release (`/server_info` "version"; "unknown" if not reported)."""
+        if self._version is None:
+            self._version = "unknown"
+            for path in ("/server_info", "/get_server_info"):
+                try:
+                    out = self.request("GET", path, timeout=30.0)
+                except SGLangError:
+                    continue
+                if isinstance(out, dict) and out.get("version"):
+                    self._version = str(out["version"])
+                    break
+        return self._version
 
     # -- status
     def health(self, timeout: float = 10.0) -> bool:
@@ -119,14 +175,32 @@ class SGLangClient:
             return False
 
     def get_model_info(self) -> dict:
+        """/model_info (SGLang >= 0.5.2x; /get_model_info before, now deprecated)."""
+        try:
+            return self.request("GET", "/model_info")
+        except SGLangError as e:
+            if e.status != 404:
+                raise
         return self.request("GET", "/get_model_info")
 
     def get_weight_version(self) -> str:
-        try:
-            out = self.request("GET", "/get_weight_version")
-        except SGLangError:  # older servers: only /get_model_info has it
-            out = self.get_model_info()
-        return str(out.get("weight_version"))
+        """The version of the weights the server runs: `/get_weight_version` (some releases),
+        else the "weight_version" of /model_info or /get_model_info (0.5.23). The endpoint
+        that answered is remembered."""
+        paths = [self._version_path] if self._version_path else [
+            "/get_weight_version", "/model_info", "/get_model_info"
+        ]  # fmt: skip
+        for path in paths:
+            try:
+                out = self.request("GET", path)
+            except SGLangError as e:
+                if e.status == 404:
+                    continue
+                raise
+            if isinstance(out, dict) and "weight_version" in out:
+                self._version_path = path
+                return str(out["weight_version"])
+        raise self.missing("/get_weight_version (nor a weight_version in /model_info)")
 
     # -- generation
     def generate(self, payload: dict) -> list[dict]:
@@ -137,6 +211,24 @@ class SGLangClient:
         self.request("POST", "/flush_cache")
 
     # -- weights
+    def begin_weight_update(self) -> bool:
+        """Open a weight-update session (SGLang >= 0.5.2x refuses tensor and distributed pushes
+        outside one). False when the server has no sessions (older releases: pushes need none)."""
+        if self._sessions is False:
+            return False
+        try:
+            self._update("/begin_weight_update", {})
+        except SGLangError as e:
+            if e.status != 404:
+                raise
+            self._sessions = False
+            return False
+        self._sessions = True
+        return True
+
+    def end_weight_update(self) -> None:
+        self._update("/end_weight_update", {})
+
     def update_weights_from_tensor(
         self,
         serialized: Sequence[str],
@@ -258,6 +350,32 @@ def build_generate_payload(
         "logprob_start_len": -1,  # log-probs of the generated tokens only
         "stream": False,
     }
+
+
+def build_score_payload(
+    prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]]
+) -> dict:
+    """A /generate body that samples nothing and returns the log-probs of each row's response
+    tokens given its prompt (`input_token_logprobs` from the prompt's last token on)."""
+    return {
+        "input_ids": [list(p) + list(r) for p, r in zip(prompts, responses, strict=True)],
+        "sampling_params": [{"max_new_tokens": 0, "temperature": 1.0} for _ in prompts],
+        "return_logprob": True,
+        # SGLang reports no log-prob (None) for the token at the start position itself
+        "logprob_start_len": [len(p) - 1 for p in prompts],
+        "stream": False,
+    }
+
+
+def parse_score_output(out: dict, prompt_len: int, response_len: int) -> list[float]:
+    """The response tokens' log-probs from one /generate answer of `build_score_payload`."""
+    lp = (out.get("meta_info") or {}).get("input_token_logprobs")
+    if lp is None or len(lp) < response_len:
+        raise SGLangError(
+            f"score: expected {response_len} input_token_logprobs after a {prompt_len}-token "
+            f"prompt, got {None if lp is None else len(lp)}"
+        )
+    return [float(item[0]) for item in lp[len(lp) - response_len :]]
 
 
 INITIAL_WEIGHT_VERSION = "initial"  # what a server reports before its first sync

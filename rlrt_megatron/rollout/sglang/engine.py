@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
+import socket
+import sys
 import threading
 import urllib.parse
 from collections.abc import Callable, Sequence
@@ -24,8 +27,10 @@ from rlrt_megatron.rollout.sglang.client import (
     SGLangConnectionError,
     SGLangError,
     build_generate_payload,
+    build_score_payload,
     expand_samples,
     parse_generate_output,
+    parse_score_output,
     require_sglang,
 )
 from rlrt_megatron.rollout.sglang.server import (
@@ -41,6 +46,19 @@ from rlrt_megatron.rollout.weight_sync import NamedTensor, WeightSyncError, chec
 from rlrt_megatron.topology import sync_address
 
 __all__ = ["SGLangEngine"]
+
+
+def _require_server_python(python: str) -> None:
+    """The interpreter that launches the servers must exist and (when it is ours) have SGLang."""
+    # abspath, not realpath: every venv's python links to the same base interpreter
+    if os.path.abspath(python) == os.path.abspath(sys.executable):
+        require_sglang()
+    elif not (os.access(python, os.X_OK) or shutil.which(python)):
+        raise SGLangError(
+            f"rollout.sglang_python={python!r}: no such interpreter; point it at the python of "
+            "a venv with SGLang (e.g. /opt/venv-sglang/bin/python from `make sglang-env`), or "
+            "leave it empty to use this interpreter"
+        )
 
 
 class SGLangEngine(WeightSync):
@@ -89,11 +107,14 @@ class SGLangEngine(WeightSync):
         restart_cache: bool = False,
         offload_tags: Sequence[str] | None = None,
         master_address: str | None = None,
+        python: str | None = None,
+        env: dict[str, str] | None = None,
         _urls: Sequence[str] | None = None,
     ):
         self.model_path = model_path
         self.tp = tp
         self.host = host
+        self.env = dict(env or {})  # extra environment of launched servers
         # servers we launch always get a key (they may listen on the node's address)
         api_key = api_key or os.environ.get("RLRT_ROLLOUT_API_KEY")
         if api_key is None and _urls is None:
@@ -143,8 +164,9 @@ class SGLangEngine(WeightSync):
             self.wait_healthy()
             return
         self.log_dir = log_dir or os.path.join(os.getcwd(), "runs", "sglang_logs")
+        python = python or sys.executable
         if launch_cmd is None:
-            require_sglang()
+            _require_server_python(python)
         for i in range(num_servers):
             p = (port + i) if port else free_port(host)
             cmd = (
@@ -156,12 +178,12 @@ class SGLangEngine(WeightSync):
                     host=host,
                     tp=tp,
                     base_gpu_id=base_gpu_id + i * tp,
-                    api_key=api_key,
                     mem_fraction=mem_fraction,
                     colocated=colocated,
                     seed=None if seed is None else seed + i,
                     dtype=dtype,
                     extra_args=extra_args,
+                    python=python,
                 )
             )
             self.servers.append(self._make_server(i, f"http://{host}:{p}", cmd))
@@ -185,8 +207,8 @@ class SGLangEngine(WeightSync):
         Reads rollout.sglang_tp / sglang_mem_fraction / sglang_num_servers (0 = visible GPUs /
         tp) / seed, timeouts.init / rollout, and, where the config has them,
         rollout.sglang_{urls, host, api_key, colocated, sync_mode, bucket_mb, sync_dir,
-        verify_stride, restart_cache, master_address, extra_args}. `urls` non-empty = connect
-        mode.
+        verify_stride, restart_cache, master_address, extra_args, python, dtype}. `urls`
+        non-empty = connect mode.
         """
         r = cfg.rollout
 
@@ -204,6 +226,7 @@ class SGLangEngine(WeightSync):
             verify_stride=int(opt("verify_stride", 0)),
             restart_cache=bool(opt("restart_cache", True)),
             master_address=opt("master_address", None),
+            dtype=opt("dtype", "bfloat16"),
             startup_timeout=float(cfg.timeouts.init),
             request_timeout=float(cfg.timeouts.rollout),
         )
@@ -219,13 +242,15 @@ class SGLangEngine(WeightSync):
             mem_fraction=float(r.sglang_mem_fraction),
             colocated=bool(opt("colocated", True)),
             extra_args=list(opt("extra_args", [])),
+            python=opt("python", None),
             seed=int(r.seed),
             log_dir=os.path.join(cfg.run_dir, "sglang_logs"),
             **kwargs,
         )
 
     def _make_server(self, i: int, url: str, cmd: list[str] | None) -> Server:
-        s = Server(index=i, url=url, cmd=cmd, tp=self.tp)
+        s = Server(index=i, url=url, cmd=cmd, tp=self.tp, api_key=self.api_key)
+        s.env = self.env
         s.client = SGLangClient(url, self.api_key, self.request_timeout)
         return s
 
@@ -339,7 +364,30 @@ class SGLangEngine(WeightSync):
                     f"({second}); failing the step. Log {s.log_path}:\n{s.log_tail()}"
                 ) from second
 
-    # -- weights
+    def score(
+        self, prompts: list[list[int]], responses: list[list[int]], temperature: float = 1.0
+    ) -> list[list[float]]:
+        """The served log-probs of `responses[i]` after `prompts[i]` (teacher-forced: SGLang's
+        input-token log-probs of the concatenation, nothing sampled), from server 0 with the
+        weights it runs now: the trainer's sync check compares them with its own.
+
+        SGLang computes input-token log-probs from the raw logits; at a temperature other than
+        1 they are rescaled here as log_softmax(logits / T) cannot be: such a call raises."""
+        if temperature != 1.0:
+            raise SGLangError(
+                f"score: SGLang reports prompt log-probs at temperature 1 only (asked for "
+                f"{temperature}); compare at rollout.temperature=1 or rely on the batch check"
+            )
+        if not prompts:
+            return []
+        s = self.servers[0]
+        payload = build_score_payload(prompts, responses)
+        outs = self._call_with_restart(s, lambda: s.client.generate(payload))
+        return [
+            parse_score_output(o, len(p), len(r))
+            for o, p, r in zip(outs, prompts, responses, strict=True)
+        ]
+
     # -- colocated memory hand-off
     def release_memory(
         self,

@@ -4,15 +4,24 @@ Each server is `python -m sglang.launch_server ...` started in its own session (
 so stopping it signals that group only: its scheduler/detokenizer children go with it and no
 other process is touched. A server that exits or stays unhealthy past the startup timeout
 raises SGLangError with the tail of its log.
+
+The API key never appears on a command line (`ps` shows every argv): it goes to the server in a
+private YAML file (`--config`, mode 0600 in a 0700 temporary directory outside the run dir,
+deleted once the server is up), and the server's log, which prints its arguments, is written
+through a filter that replaces the key with `<redacted>`.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -42,7 +51,6 @@ def build_launch_command(
     host: str = "127.0.0.1",
     tp: int = 1,
     base_gpu_id: int = 0,
-    api_key: str | None = None,
     mem_fraction: float | None = 0.5,
     colocated: bool = True,
     dtype: str = "bfloat16",
@@ -50,7 +58,8 @@ def build_launch_command(
     extra_args: Sequence[str] = (),
     python: str = sys.executable,
 ) -> list[str]:
-    """The `python -m sglang.launch_server ...` command for one server."""
+    """The `python -m sglang.launch_server ...` command for one server (no API key: the key
+    goes in a private `--config` file, see `start_server`)."""
     flags = {
         "--model-path": model_path,
         "--host": host,
@@ -61,7 +70,6 @@ def build_launch_command(
         # a name no sync uses: a restarted server can never pass for a synced one
         "--weight-version": INITIAL_WEIGHT_VERSION,
         "--mem-fraction-static": mem_fraction,
-        "--api-key": api_key or None,
         "--random-seed": seed,
     }
     cmd = [python, "-m", "sglang.launch_server", "--trust-remote-code"]
@@ -81,6 +89,9 @@ class Server:
     tp: int
     proc: subprocess.Popen | None = None
     log_path: str | None = None
+    api_key: str | None = None  # handed over in a private --config file, never in argv
+    env: dict[str, str] | None = None  # extra environment of the server process
+    secret_dir: str | None = None  # the --config file's directory, removed once healthy
     released: set[str] = field(default_factory=set)  # memory tags currently released
     client: SGLangClient = field(init=False)
 
@@ -94,23 +105,60 @@ class Server:
             return "".join(f.readlines()[-n:])
 
 
+REDACTED = "<redacted>"
+
+
+def _secret_config(api_key: str) -> str:
+    """A private YAML for `--config` holding the key (a 0700 directory outside the run dir)."""
+    d = tempfile.mkdtemp(prefix="rlrt-sglang-")
+    path = os.path.join(d, "secrets.yaml")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(f"api-key: {json.dumps(api_key)}\n")
+    return path
+
+
+def _drop_secret_config(s: Server) -> None:
+    if s.secret_dir:
+        shutil.rmtree(s.secret_dir, ignore_errors=True)
+        s.secret_dir = None
+
+
+def _pump_redacted(pipe, log, secrets: list[bytes]) -> None:
+    """Copy the server's output to its log line by line, each secret replaced by REDACTED."""
+    with pipe, log:
+        for line in iter(pipe.readline, b""):
+            for secret in secrets:
+                line = line.replace(secret, REDACTED.encode())
+            log.write(line)
+            log.flush()
+
+
 def start_server(s: Server, log_dir: str) -> None:
-    """Launch `s.cmd`, appending its output to `<log_dir>/server<i>.log`."""
+    """Launch `s.cmd`, appending its output (API key redacted) to `<log_dir>/server<i>.log`."""
     os.makedirs(log_dir, exist_ok=True)
     s.log_path = os.path.join(log_dir, f"server{s.index}.log")
-    log = open(s.log_path, "a")
-    try:
-        # start_new_session: the server and its scheduler children form one process group
-        # that stop_server signals as a whole, never touching anyone else's processes.
-        s.proc = subprocess.Popen(
-            s.cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    finally:
-        log.close()
+    cmd = list(s.cmd or [])
+    secrets = []
+    if s.api_key:
+        _drop_secret_config(s)
+        path = _secret_config(s.api_key)
+        s.secret_dir = os.path.dirname(path)
+        cmd += ["--config", path]
+        secrets = [s.api_key.encode()]
+    env = {**os.environ, **(s.env or {})}
+    # start_new_session: the server and its scheduler children form one process group
+    # that stop_server signals as a whole, never touching anyone else's processes.
+    s.proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, env=env
+    )
+    log = open(s.log_path, "ab")  # noqa: SIM115 - the pump thread closes it
+    threading.Thread(target=_pump_redacted, args=(s.proc.stdout, log, secrets), daemon=True).start()
 
 
 def stop_server(s: Server, grace_s: float = 15.0) -> None:
     """SIGTERM the server's process group, SIGKILL after `grace_s` (no-op in connect mode)."""
+    _drop_secret_config(s)
     proc = s.proc
     if proc is None:
         return
@@ -150,3 +198,4 @@ def wait_until_healthy(servers: Sequence[Server], timeout_s: float) -> None:
                     f"{timeout_s:.0f}s; log {s.log_path}:\n{s.log_tail()}"
                 )
             time.sleep(0.2)
+        _drop_secret_config(s)  # read at start-up; a restart writes a new one

@@ -5,6 +5,10 @@ Modes (`SGLangEngine.sync_mode`):
   "distributed"  separate GPUs/nodes: one NCCL group trainer(rank 0) + every server TP rank,
                  one broadcast per tensor; the HTTP call and the broadcast run concurrently
   "disk"         fallback: sharded safetensors in `sync_dir`, then update_weights_from_disk
+SGLang >= 0.5.2x takes tensor and distributed pushes only inside a weight-update session
+(/begin_weight_update, the pushes, /end_weight_update); a server without those endpoints (older
+releases) gets the pushes alone. On CPU (the test tier) "tensor" passes the tensors through
+shared memory by file name (torch's file_system sharing) instead of CUDA IPC handles.
 After every sync each server must report the new version (else WeightSyncError); a sample of
 parameters can be read back and compared (`verify_stride`). Only the process that iterates the
 weights (the trainer's rank 0 of the sync) calls this.
@@ -13,6 +17,7 @@ weights (the trainer's rank 0 of the sync) calls this.
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import os
 import shutil
@@ -52,8 +57,29 @@ def serialize_for_sglang(
     device UUID, so CUDA_VISIBLE_DEVICES may differ) and, if `flattened`, its
     FlattenedTensorBucket (one IPC handle per bucket; needs a single dtype per bucket, see
     `split_by_dtype`). Without SGLang: ForkingPickler of the (name, tensor) list, SGLang's
-    default load format (load_format=None).
+    default load format (load_format=None). CPU tensors go by shared-memory file name (a
+    file descriptor cannot cross to an unrelated process).
     """
+    with _share_cpu_by_filename():
+        return _serialize(bucket, flattened)
+
+
+@contextlib.contextmanager
+def _share_cpu_by_filename() -> Iterator[None]:
+    """torch's "file_system" sharing while pickling: the server (not our child) rebuilds CPU
+    storages from /dev/shm names; the default "file_descriptor" strategy would need an fd
+    handed over our own multiprocessing connection."""
+    import torch.multiprocessing as mp
+
+    prev = mp.get_sharing_strategy()
+    mp.set_sharing_strategy("file_system")
+    try:
+        yield
+    finally:
+        mp.set_sharing_strategy(prev)
+
+
+def _serialize(bucket: list[NamedTensor], flattened: bool) -> tuple[str, str | None]:
     try:
         from sglang.srt.utils import MultiprocessingSerializer
     except ImportError:
@@ -186,20 +212,46 @@ class WeightSync:
                 except SGLangError as e:
                     got = str(e)
                 if got is None or isinstance(got, str):
-                    # SGLang implements get_weights_by_name per model class (Llama yes, Qwen3
-                    # not in every version)
+                    # SGLang implements get_weights_by_name per model class (Llama yes,
+                    # Qwen3 not in 0.5.23)
                     raise WeightSyncError(
-                        f"weight check: server {s.index} cannot report {name!r} "
-                        f"(answer {str(got)[:200]!r}); set rollout.sglang_verify_stride=0: "
-                        "the trainer's sync check (rollout.sync_check_tol, logprobs phase) "
-                        "still compares the engine's log-probs with its own after every sync"
+                        f"weight check: server {s.index} (SGLang {s.client.version()}) cannot "
+                        f"report {name!r} through /get_weights_by_name (answer "
+                        f"{str(got)[:200]!r}); set rollout.sglang_verify_stride=0: the "
+                        "trainer's sync check (rollout.sync_check_tol) compares the served "
+                        "log-probs with its own after every sync, for every model"
                     )
                 compare_probes(f"{name} on server {s.index}", probe.to(torch.float32), got)
         stats["seconds"] = time.perf_counter() - t0
         stats["checked"] = len(probes)
         return stats
 
+    @staticmethod
+    @contextlib.contextmanager
+    def _weight_session(targets: Sequence[Server]) -> Iterator[None]:
+        """/begin_weight_update on every target, /end_weight_update on those that opened one,
+        also when the pushes failed (an open session refuses the next begin)."""
+        opened: list[Server] = []
+        try:
+            for s in targets:
+                if s.client.begin_weight_update():
+                    opened.append(s)
+            yield
+        finally:
+            errors = []
+            for s in opened:
+                try:
+                    s.client.end_weight_update()
+                except (SGLangError, WeightSyncError) as e:
+                    errors.append(e)
+        if errors:
+            raise errors[0]
+
     def _sync_tensor(self, stream, v: str, stats: dict, targets: list[Server]) -> None:
+        with self._weight_session(targets):
+            self._push_tensor_buckets(stream, v, stats, targets)
+
+    def _push_tensor_buckets(self, stream, v: str, stats: dict, targets: list[Server]) -> None:
         flattened = self.serializer is serialize_for_sglang
         buckets = bucket_named_tensors(stream, self.bucket_bytes, split_by_dtype=flattened)
         for bucket, last in _with_last(buckets):
@@ -262,7 +314,7 @@ class WeightSync:
             targets = self.servers
         if self._group is None:
             self.init_distributed_group(backend="nccl" if torch.cuda.is_available() else "gloo")
-        with ThreadPoolExecutor(len(self.servers)) as pool:
+        with self._weight_session(targets), ThreadPoolExecutor(len(self.servers)) as pool:
             for bucket, last in _with_last(bucket_named_tensors(stream, self.bucket_bytes)):
                 spec = bucket_spec(bucket)
                 futs = [
