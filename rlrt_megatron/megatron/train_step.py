@@ -53,18 +53,20 @@ class Policy:
         sample_vocab_size: int | None = None,
         fp8: Any = None,
         logprobs_impl: str = "auto",
+        moe: Any = None,
     ) -> None:
         from megatron.core import parallel_state as ps
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
         from rlrt_megatron.megatron.model import build_model, true_vocab_size
+        from rlrt_megatron.megatron.moe.routing import RouterStats, routers
         from rlrt_megatron.megatron.te import fp8_transformer_kwargs
 
         self.hf_config = hf_config
         self.use_distributed_optimizer = use_distributed_optimizer
         self.tp, self.pp, self.spec, self.params_dtype = tp, pp, spec, params_dtype
         self.logprobs_impl = logprobs_impl
-        self.model_kwargs = fp8_transformer_kwargs(fp8, spec)
+        self.model_kwargs = {**fp8_transformer_kwargs(fp8, spec), "moe": moe}  # moe: MoESettings
         chunks = build_model(
             hf_config, tp=tp, pp=pp, spec=spec, params_dtype=params_dtype, **self.model_kwargs
         )
@@ -97,6 +99,7 @@ class Policy:
         self.pp_group = ps.get_pipeline_model_parallel_group()
         self.is_last_stage = ps.is_pipeline_last_stage()
         self.last_stage_rank = ps.get_pipeline_model_parallel_last_rank()
+        self.router_stats = RouterStats(chunks, self.dp_group) if routers(chunks) else None
 
     def _make_optimizer(self, optim: Any, bf16: bool, distributed: bool) -> Any:
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -349,6 +352,8 @@ class Policy:
         out["grad_norm"] = float(grad_norm) if grad_norm is not None else 0.0
         out["update_ok"] = float(bool(ok))
         out["lr"] = float(self.optimizer.param_groups[0]["lr"])
+        if self.router_stats is not None:  # MoE: moe/aux_loss, per-layer expert load
+            out.update(self.router_stats.metrics())
         return out
 
 
