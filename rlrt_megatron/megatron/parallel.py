@@ -216,7 +216,8 @@ def _tp_group_of(param: torch.nn.Parameter) -> tuple[int, int, Any]:
 
 
 def _is_gated_fc1(name: str, config: Any) -> bool:
-    return bool(config.gated_linear_unit) and name.endswith("mlp.linear_fc1.weight")
+    # dense MLP and MoE experts alike (`mlp.experts.local_experts.<k>.linear_fc1.weight`)
+    return bool(config.gated_linear_unit) and name.endswith("linear_fc1.weight")
 
 
 def _gather_tp(t: torch.Tensor, param: torch.nn.Parameter, name: str, config: Any) -> torch.Tensor:
