@@ -7,11 +7,12 @@ The tiny random Qwen3-MoE (8 experts, top-2, 2 layers, vocab 1000) made in code:
 - a checkpoint saved at EP=2 x TP=2 (the trainer's sharded layout) exports back to the same HF
   tensors and loads at EP=1 (reshard);
 - invariance: one forward/backward (4 micro-batches through megatron's schedules and DDP) at
-  EP=2, EP=2 x TP=2, PP=2 and PP=2 x EP=2 gives the EP=1 losses and every gradient within 1e-5
-  relative. Every layout runs with the MoE layers in eval mode: megatron-core refuses MoE
-  *training mode* with TP > 1 without sequence parallelism (a speed guard, not numerics), and the
-  CPU specs have no sequence parallelism; the router aux loss (the only train-mode-only term) is
-  off, as in our RL runs, so the gradients are the training ones.
+  EP=2, PP=2 and PP=2 x EP=2 gives the EP=1 losses and every gradient within 1e-5 relative;
+  EP=2 x TP=2 gives the EP=1 losses (forward only). Megatron-core trains MoE layers under
+  TP > 1 only with sequence parallelism (it raises in training mode without it), which needs
+  the `te` spec (the CPU specs' torch norms and gloo's missing reduce-scatter rule it out here);
+  in eval mode without it the loss is right but the expert gradients are not (measured:
+  |g - ref| = |ref| for the experts' fc1), so TP=2 gradients are a GPU check.
 """
 
 from __future__ import annotations
@@ -173,9 +174,10 @@ def _invariance_worker(rank: int, world_size: int) -> dict:
             ddp = wrap_with_ddp(chunks, use_distributed_optimizer=False)
             for c in ddp:
                 c.zero_grad_buffer()
-                c.eval()  # see the module docstring
-            reduced = forward_backward(ddp, _microbatches(), _ce_loss)
-            grads = gather_full_grads(ddp)
+                if tp > 1:  # see the module docstring: no sequence parallelism on CPU
+                    c.eval()
+            reduced = forward_backward(ddp, _microbatches(), _ce_loss, forward_only=tp > 1)
+            grads = gather_full_grads(ddp) if tp == 1 else None
             per_rank: list = [None] * dist.get_world_size()
             dist.all_gather_object(per_rank, [float(x["loss"]) for x in reduced])
             results[(tp, pp, ep)] = (next(x for x in per_rank if x), grads)
@@ -193,4 +195,6 @@ def test_moe_ep_tp_pp_invariance_of_losses_and_grads() -> None:
         torch.testing.assert_close(
             torch.tensor(losses), torch.tensor(ref_losses), rtol=RTOL, atol=0, msg=str(layout)
         )
-        _assert_grads_close(grads, ref_grads, f"tp, pp, ep = {layout}")
+        if grads is not None:
+            _assert_grads_close(grads, ref_grads, f"tp, pp, ep = {layout}")
+    assert sum(g is not None for _, g in results.values()) == 4
