@@ -81,7 +81,8 @@ class MoEConfig:
         "off",
         "`rollout`: the trainer's forward routes each response token to the experts the rollout "
         "engine chose (recorded per layer, top-k), the router still trained through the gate "
-        "values (R3); `off`: the trainer routes itself.",
+        "values (R3; not wired through the loop yet, so refused); `off`: the trainer routes "
+        "itself.",
     )
 
 
@@ -539,10 +540,12 @@ def _moe_errors(cfg: TrainConfig, hf_config: dict | None, world_size: int | None
         e.append(f"model.moe.aux_loss_coeff: must be >= 0 (got {moe.aux_loss_coeff})")
     if moe.expert_bias:
         e.append("model.moe.expert_bias: needs a sigmoid router; Qwen3-MoE routes with softmax")
-    if moe.routing_replay == "rollout" and cfg.rollout.engine != "local":
+    if moe.routing_replay == "rollout":
+        # the replay itself works (megatron/moe/routing.py, rollout/moe_routing.py); the local
+        # engine's decode, the batch and the packed micro-batches do not carry the experts yet
         e.append(
-            "model.moe.routing_replay: `rollout` needs rollout.engine=local (the SGLang engine "
-            "does not return routed experts here yet); set it to `off`"
+            "model.moe.routing_replay: `rollout` is not wired through the training loop yet "
+            "(the engine's routed experts do not reach the packed micro-batches); set it to `off`"
         )
     if hf_config is None:
         return e

@@ -112,8 +112,8 @@ def test_config_validation_names_the_moe_keys():
         cfg.validate(hf_config=moe, world_size=3)
     with pytest.raises(ConfigError, match=r"parallel.ep: 2 .*needs a MoE model"):
         cfg.validate(hf_config=tiny_config("qwen3").to_dict(), world_size=2)
-    cfg.model.moe.routing_replay, cfg.rollout.engine = "rollout", "sglang"
-    with pytest.raises(ConfigError, match=r"model.moe.routing_replay: `rollout` needs"):
+    cfg.model.moe.routing_replay = "rollout"
+    with pytest.raises(ConfigError, match=r"model.moe.routing_replay: `rollout` is not wired"):
         cfg.validate(hf_config=moe, world_size=2)
 
 
