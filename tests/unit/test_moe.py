@@ -162,3 +162,26 @@ def test_plan_cli_and_slurm_pass_ep_through():
     assert "experts ep 8 x etp 1" in job.describe(job.validate())
     with pytest.raises(SlurmJobError, match=r"parallel.pp \* parallel.ep \* parallel.etp = 16"):
         SlurmJob("qwen3_30b_a3b_grpo", nodes=1, gpus_per_node=8, home=home).validate()
+
+
+def test_local_engine_takes_per_expert_weights(tmp_path):
+    """The weight stream names experts per expert (as checkpoints and SGLang do); transformers 5
+    keeps them fused: each lands in its slice, and a missing or mis-shaped one is refused."""
+    from safetensors.torch import load_file
+
+    from rlrt_megatron.convert.tiny import make_tiny_model
+    from rlrt_megatron.rollout.local import LocalEngine
+
+    hf = make_tiny_model(tmp_path / "hf", arch="qwen3_moe", seed=2)
+    eng = LocalEngine(str(hf))
+    new = {k: v + 1.0 for k, v in load_file(hf / "model.safetensors").items()}
+    eng.update_weights(new.items(), version=3)
+    experts = eng.model.model.layers[1].mlp.experts
+    p = "model.layers.1.mlp.experts.5."
+    assert torch.equal(experts.gate_up_proj[5, :32], new[p + "gate_proj.weight"])
+    assert torch.equal(experts.gate_up_proj[5, 32:], new[p + "up_proj.weight"])
+    assert torch.equal(experts.down_proj[5], new[p + "down_proj.weight"])
+    assert eng.weight_version == 3
+    bad = {**new, p + "down_proj.weight": torch.zeros(32, 64)}
+    with pytest.raises(ValueError, match=r"experts.5.down_proj.weight: expected \(64, 32\)"):
+        eng.update_weights(bad.items(), version=4)
