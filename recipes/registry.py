@@ -90,6 +90,21 @@ MODELS: dict[str, dict[str, Any]] = {
         "parallel.pp": 1,
         "rollout.sglang_tp": 2,
     },
+    # Qwen3-30B-A3B (128 experts, top-8): experts split over 8 GPUs (EP), attention over 2 (TP,
+    # with the sequence parallelism megatron needs for MoE), layers over 2 stages; fits 4 x 8
+    # H100 (`rlrt plan`). 8K-token responses: a 10K-token sequence's activations fit next to the
+    # experts without activation recompute.
+    "qwen3_30b_a3b": {
+        "model.hf_path": "checkpoints/hf/Qwen3-30B-A3B",
+        "parallel.tp": 2,
+        "parallel.pp": 2,
+        "parallel.ep": 8,
+        "parallel.etp": 1,
+        "parallel.sequence_parallel": True,
+        "rollout.sglang_tp": 4,
+        "rollout.max_new_tokens": 8192,
+        "train.max_tokens_per_microbatch": 10240,
+    },
 }
 
 # algorithm row: what differs from the shared settings.

@@ -12,9 +12,8 @@ Process topology comes from torchrun (``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``M
 ``MASTER_PORT``), from Slurm (``SLURM_PROCID``/``SLURM_NTASKS``/``SLURM_LOCALID``/
 ``SLURM_JOB_NODELIST``/``SLURM_JOB_ID``) or, when neither is set, a single local process.
 
-This module imports megatron lazily (inside functions) so that ``rlrt_megatron.platform`` can be
-imported by code that must not pull megatron in (device helpers only). The process topology
-(torchrun / Slurm variables) is read by :mod:`rlrt_megatron.topology`.
+Megatron is imported lazily (in functions): device helpers need no megatron. The process
+topology (torchrun / Slurm variables) is read by :mod:`rlrt_megatron.topology`.
 """
 
 from __future__ import annotations
@@ -227,6 +226,8 @@ def init_distributed(
     seed: int = 1234,
     timeout_s: float = 1800,
     vpp: int | None = None,
+    ep: int = 1,
+    etp: int | None = None,
 ) -> DistInfo:
     """Initialise torch.distributed, megatron ``parallel_state`` and the model-parallel RNG.
 
@@ -234,7 +235,8 @@ def init_distributed(
     A call with different ``tp``/``pp`` keeps the process group and rebuilds megatron's
     model-parallel groups (useful for tests that compare layouts in one set of processes).
 
-    ``vpp`` is the number of virtual pipeline stages per rank (interleaved schedule), or None.
+    ``vpp``: virtual pipeline stages per rank (interleaved schedule) or None; ``ep`` / ``etp``:
+    expert (tensor) parallel sizes of a MoE model (etp None = tp), checked by megatron.
     Raises ``ValueError`` when ``world_size`` is not a multiple of ``tp * pp``.
     """
     global _DIST_INFO, _OWNS_PROCESS_GROUP
@@ -276,6 +278,8 @@ def init_distributed(
             parallel_state.get_tensor_model_parallel_world_size() == tp
             and parallel_state.get_pipeline_model_parallel_world_size() == pp
             and parallel_state.get_virtual_pipeline_model_parallel_world_size() == vpp
+            and parallel_state.get_expert_model_parallel_world_size() == ep
+            and parallel_state.get_expert_tensor_parallel_world_size() == (etp or tp)
         )
         if same and _DIST_INFO is not None:
             return _DIST_INFO
@@ -284,6 +288,8 @@ def init_distributed(
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=vpp,
+        expert_model_parallel_size=ep,
+        expert_tensor_parallel_size=etp,
         distributed_timeout_minutes=max(1, math.ceil(timeout_s / 60)),
     )
     # Megatron's recipe (megatron/training/initialize.py:_set_random_seed): the default generator
@@ -332,10 +338,8 @@ def destroy_distributed() -> None:
 
 _SHIMS_APPLIED = False
 
-# Capabilities of the CPU shims, for callers that used to work around their absence:
-# `Tensor.type()` answers megatron's `torch.cuda.*Tensor` checks, so megatron's optimizers, grad
-# clipping and the DistributedOptimizer run on CPU (tests/distributed/test_parallel_invariance.py
-# steps the DistributedOptimizer under TP=2 and PP=2).
+# Capabilities of the CPU shims: `Tensor.type()` answers megatron's `torch.cuda.*Tensor` checks, so
+# its optimizers, grad clipping and DistributedOptimizer run on CPU (test_parallel_invariance.py).
 TENSOR_TYPE_SHIM = True
 DISTRIBUTED_OPTIMIZER_ON_CPU = True
 
@@ -468,6 +472,8 @@ def apply_cpu_shims() -> None:
        ``device="cuda"`` to CPU (causal mask, token counters in the schedules, grad buffers...).
     5. RNG: ``tensor_parallel.random._get/_set_cuda_rng_state`` -> the CPU generator, and the
        tracker class -> ``CpuRNGStatesTracker`` (``torch.cuda.get_rng_state`` cannot run).
+    6. MoE alltoall dispatcher: its token split sizes become numpy arrays (megatron converts only
+       CUDA tensors; ``all_to_all_single`` on gloo takes int sequences, not tensors).
     """
     global _SHIMS_APPLIED
     if _SHIMS_APPLIED or not is_cpu_mode():
@@ -527,6 +533,12 @@ def apply_cpu_shims() -> None:
     mrandom._CUDA_RNG_STATE_TRACKER = None
     mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = False
 
+    # 6. MoE token split sizes.
+    from megatron.core.transformer.moe import token_dispatcher
+
+    token_dispatcher.maybe_move_tensor_to_cpu = lambda t, as_numpy=False, record_stream=False: (
+        t.numpy() if as_numpy and torch.is_tensor(t) else t
+    )
     _SHIMS_APPLIED = True
 
 
@@ -548,26 +560,16 @@ class _NullStream:
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         pass
 
-    def wait_stream(self, *args: Any) -> None:
-        pass
-
-    def wait_event(self, *args: Any) -> None:
-        pass
+    wait_stream = wait_event = synchronize = __exit__ = lambda self, *args: None
 
     def record_event(self, event: Any = None) -> _NullEvent:
         return event or _NullEvent()
-
-    def synchronize(self) -> None:
-        pass
 
     def query(self) -> bool:
         return True
 
     def __enter__(self) -> _NullStream:
         return self
-
-    def __exit__(self, *exc: Any) -> None:
-        pass
 
 
 class _NullEvent:
@@ -581,11 +583,7 @@ class _NullEvent:
 
         self._t = time.perf_counter()
 
-    def synchronize(self) -> None:
-        pass
-
-    def wait(self, stream: Any = None) -> None:
-        pass
+    synchronize = wait = lambda self, stream=None: None
 
     def query(self) -> bool:
         return True

@@ -10,6 +10,7 @@ floating-point sums (TP splits the matmuls and reductions): below 1e-4 on the ti
 (tests/distributed/test_parity.py), and it grows slowly with depth and width, so 1e-2 leaves
 margin at 8B. A conversion error (a swapped q/k/v or gate/up split, wrong GQA grouping, a missing
 norm or bias) moves logits by O(1): far above any threshold.
+`--ep N` splits a MoE model's experts over N more processes.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ckpt", required=True, help="Megatron dist checkpoint of the same model")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
+    p.add_argument("--ep", type=int, default=1, help="expert-parallel size (MoE models)")
     p.add_argument("--batch", type=int, default=2, help="sequences in the random batch")
     p.add_argument("--seq", type=int, default=24, help="tokens per sequence")
     p.add_argument("--seed", type=int, default=0)
@@ -36,10 +38,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="exit 1 when the difference exceeds this")  # fmt: skip
     args = p.parse_args(argv)
     diff = run_parity(
-        args.hf, args.ckpt, args.tp, args.pp, batch=args.batch, seq=args.seq, seed=args.seed
-    )
+        args.hf, args.ckpt, args.tp, args.pp, ep=args.ep, batch=args.batch, seq=args.seq,
+        seed=args.seed,
+    )  # fmt: skip
     ok = diff <= args.threshold  # nan fails
-    print(f"tp={args.tp} pp={args.pp} batch={args.batch} seq={args.seq}")
+    print(f"tp={args.tp} pp={args.pp} ep={args.ep} batch={args.batch} seq={args.seq}")
     print(
         f"{'PASS' if ok else 'FAIL'}: max abs logit difference {diff:.3g} "
         f"{'<=' if ok else '>'} threshold {args.threshold:g} (fp32 both sides: a correct "

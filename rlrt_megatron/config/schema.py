@@ -70,6 +70,28 @@ class FP8Settings:
 
 
 @dataclass
+class MoEConfig:
+    """Mixture-of-experts (Qwen3-MoE) routers in the trainer; ignored for dense models."""
+
+    aux_loss_coeff: float = _f(
+        0.0, "Router load-balancing (aux) loss coefficient; 0 = off (RL default, as peers)."
+    )
+    expert_bias: bool = _f(
+        False, "Aux-loss-free expert bias (needs a sigmoid router; Qwen3-MoE's is softmax)."
+    )
+    dispatcher: Literal["alltoall", "allgather"] = _f(
+        "alltoall", "Megatron token dispatcher across expert-parallel ranks."
+    )
+    routing_replay: Literal["off", "rollout"] = _f(
+        "off",
+        "`rollout`: the trainer's forward routes each response token to the experts the rollout "
+        "engine chose (recorded per layer, top-k), the router still trained through the gate "
+        "values (R3; not wired through the loop yet, so refused); `off`: the trainer routes "
+        "itself.",
+    )
+
+
+@dataclass
 class ModelConfig:
     """The policy model: where its weights come from and how Megatron builds it."""
 
@@ -84,6 +106,9 @@ class ModelConfig:
         "hf-to-megatron`). Empty: converted from `hf_path` into `<run_dir>/model/megatron`.",
     )
     build_tiny: bool = _f(False, "Build the tiny random Qwen3 + tokenizer (CPU demo and tests).")
+    tiny_arch: Literal["qwen3", "qwen3_moe"] = _f(
+        "qwen3", "Architecture of the tiny model: dense Qwen3 or Qwen3-MoE (8 experts, top-2)."
+    )
     sft_warmup_steps: int = _f(
         0,
         "Next-token training steps on synthetic solutions before RL (tiny demo: rewards must "
@@ -110,6 +135,7 @@ class ModelConfig:
         "gradients in Megatron's optimizer/DDP. `auto` = bfloat16 on a GPU, float32 on CPU.",
     )
     fp8: FP8Settings = _sub(FP8Settings)
+    moe: MoEConfig = _sub(MoEConfig)
     logprobs_impl: Literal["auto", "fused", "chunked", "naive"] = _f(
         "auto",
         "LM head + log-probs from hidden states (student, teacher, update; no [tokens, vocab] "
@@ -125,6 +151,8 @@ class ParallelConfig:
     tp: int = _f(1, "Tensor model parallel size; must divide the attention and KV heads.")
     pp: int = _f(1, "Pipeline model parallel size; must divide the number of layers.")
     sequence_parallel: bool = _f(False, "Megatron sequence parallelism (needs tp > 1).")
+    ep: int = _f(1, "Expert parallel size (MoE models); must divide the number of experts.")
+    etp: int = _f(0, "Expert tensor parallel size (MoE); 0 = parallel.tp.")
     use_distributed_optimizer: bool = _f(
         True, "Shard optimizer state over data-parallel ranks (Megatron distributed optimizer)."
     )
@@ -620,4 +648,46 @@ def validation_errors(
         v = getattr(cfg.timeouts, f_.name)
         need(v > 0, f"timeouts.{f_.name}", f"must be > 0 seconds (got {v})")
     need(cfg.eval.every >= 0, "eval.every", "must be >= 0")
+    e.extend(_moe_errors(cfg, hf_config, world_size))
+    return e
+
+
+def _moe_errors(cfg: TrainConfig, hf_config: dict | None, world_size: int | None) -> list[str]:
+    """`parallel.ep` / `parallel.etp` / `model.moe` against the world size and the model."""
+    p, moe, e = cfg.parallel, cfg.model.moe, []
+    if p.ep < 1 or p.etp < 0:
+        return [f"parallel.ep: must be >= 1 and parallel.etp >= 0 (got {p.ep}, {p.etp})"]
+    expert_mp = p.pp * p.ep * (p.etp or p.tp)
+    if world_size is not None and world_size % expert_mp:
+        e.append(
+            f"parallel.ep: pp * ep * etp = {expert_mp} must divide the world size {world_size}; "
+            "change parallel.ep / parallel.etp or the number of processes"
+        )
+    if moe.aux_loss_coeff < 0:
+        e.append(f"model.moe.aux_loss_coeff: must be >= 0 (got {moe.aux_loss_coeff})")
+    if moe.expert_bias:
+        e.append("model.moe.expert_bias: needs a sigmoid router; Qwen3-MoE routes with softmax")
+    if moe.routing_replay == "rollout":
+        # the replay itself works (megatron/moe/routing.py, rollout/moe_routing.py); the local
+        # engine's decode, the batch and the packed micro-batches do not carry the experts yet
+        e.append(
+            "model.moe.routing_replay: `rollout` is not wired through the training loop yet "
+            "(the engine's routed experts do not reach the packed micro-batches); set it to `off`"
+        )
+    if hf_config is None:
+        return e
+    n_exp = int(hf_config.get("num_experts") or hf_config.get("num_local_experts") or 0)
+    if hf_config.get("model_type") != "qwen3_moe" or not n_exp:
+        if p.ep > 1 or p.etp > 1:
+            e.append(f"parallel.ep: {p.ep} (etp {p.etp}) needs a MoE model; this one is dense")
+        if moe.routing_replay != "off":
+            e.append("model.moe.routing_replay: needs a MoE model; set it to `off`")
+        return e
+    if n_exp % p.ep:
+        e.append(f"parallel.ep: {p.ep} does not divide the model's num_experts={n_exp}")
+    if p.tp > 1 and not p.sequence_parallel:
+        e.append(
+            f"parallel.sequence_parallel: megatron trains MoE layers with tp={p.tp} only with "
+            "sequence parallelism (needs model.spec=te); set it, or use parallel.ep instead of tp"
+        )
     return e

@@ -77,7 +77,7 @@ def _tiny_model(args: argparse.Namespace) -> int:
 
 def add_tiny_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output directory (HF format)")
-    p.add_argument("--arch", choices=("qwen3", "llama"), default="qwen3")
+    p.add_argument("--arch", choices=("qwen3", "qwen3_moe", "llama"), default="qwen3")
     tie = p.add_mutually_exclusive_group()
     tie.add_argument(
         "--tied",

@@ -94,12 +94,12 @@ def build_sharded_state_dict(
             fused = fused.contiguous()
             out_dtype = out_dtype or fused.dtype
             key = entry.sharded_key(spec)
-            if entry.layer is None:
-                sharded[key] = ShardedTensor.from_rank_offsets(key, fused, replica_id=0)
-            else:
-                sharded[entry.megatron_name(spec)] = ShardedTensor.from_rank_offsets(
-                    key, fused, (0, entry.layer, shape.num_layers), replica_id=0, prepend_axis_num=1
+            offsets = entry.stack_offsets(shape)
+            sharded[entry.megatron_name(spec) if offsets else key] = (
+                ShardedTensor.from_rank_offsets(
+                    key, fused, *offsets, replica_id=0, prepend_axis_num=len(offsets)
                 )
+            )
             bar.update(1)
     return sharded, shape, out_dtype
 

@@ -12,6 +12,7 @@ the vocab padding removed and QKV / gate-up unfused.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -125,8 +126,9 @@ def shape_from_model(chunk: Any) -> mapping.ModelShape:
 
     model = unwrap(chunk)
     cfg = model.config
+    moe = bool(cfg.num_moe_experts)
     return mapping.ModelShape(
-        model_type="qwen3" if cfg.qk_layernorm else "llama",
+        model_type="qwen3_moe" if moe else "qwen3" if cfg.qk_layernorm else "llama",
         num_layers=cfg.num_layers,
         hidden=cfg.hidden_size,
         ffn=cfg.ffn_hidden_size,
@@ -136,11 +138,28 @@ def shape_from_model(chunk: Any) -> mapping.ModelShape:
         vocab_size=true_vocab_size(chunk),
         tied=bool(model.share_embeddings_and_output_weights),
         qk_norm=bool(cfg.qk_layernorm),
+        num_experts=int(cfg.num_moe_experts or 0),
+        moe_ffn=int(cfg.moe_ffn_hidden_size or 0) if moe else 0,
     )
 
 
+_LOCAL_EXPERT = re.compile(r"(\.mlp\.experts\.local_experts\.)(\d+)(\.)|(\.weight)(\d+)$")
+
+
+def _global_expert_name(name: str, first_expert: int) -> str:
+    """`local_experts.{k}.` (SequentialMLP) / `.weight{k}` (TE grouped GEMM) with k local to
+    this EP rank -> the global expert index `first_expert + k`."""
+
+    def sub(m: re.Match) -> str:
+        if m.group(1):
+            return f"{m.group(1)}{first_expert + int(m.group(2))}{m.group(3)}"
+        return f"{m.group(4)}{first_expert + int(m.group(5))}"
+
+    return _LOCAL_EXPERT.sub(sub, name) if ".mlp.experts." in name else name
+
+
 def _local_params(model_chunks: Sequence[Any]) -> dict[str, torch.Tensor]:
-    """Megatron name (global layer index) -> this rank's local parameter tensor."""
+    """Megatron name (global layer and expert index) -> this rank's local parameter tensor."""
     out = {}
     for chunk in model_chunks:
         model = unwrap(chunk)
@@ -148,8 +167,12 @@ def _local_params(model_chunks: Sequence[Any]) -> dict[str, torch.Tensor]:
         for name, p in model.named_parameters():
             if name.startswith("decoder.layers."):
                 _, _, j, rest = name.split(".", 3)
-                global_i = layers[int(j)].layer_number - 1
-                name = f"decoder.layers.{global_i}.{rest}"
+                layer = layers[int(j)]
+                name = f"decoder.layers.{layer.layer_number - 1}.{rest}"
+                experts = getattr(layer.mlp, "experts", None)
+                if experts is not None:
+                    first = experts.ep_group.rank() * experts.num_local_experts
+                    name = _global_expert_name(name, first)
             out[name] = p.detach()
     return out
 
@@ -181,6 +204,8 @@ def iter_hf_weights(
     distributed = dist.is_initialized() and ps.model_parallel_is_initialized()
     tp_size = ps.get_tensor_model_parallel_world_size() if distributed else 1
     pp_size = ps.get_pipeline_model_parallel_world_size() if distributed else 1
+    ep_size = ps.get_expert_model_parallel_world_size() if distributed else 1
+    etp_size = ps.get_expert_tensor_parallel_world_size() if distributed else 1
     owner: dict[str, int] = {}
     if pp_size > 1:
         pp_group = ps.get_pipeline_model_parallel_group()
@@ -195,20 +220,36 @@ def iter_hf_weights(
     for entry in mapping.entries(shape):
         name = entry.megatron_name(spec)
         rule = entry.rule
+        # experts: this layer's router says which stage holds it (every EP rank has the router)
+        stage_name = (
+            name if entry.expert is None else f"decoder.layers.{entry.layer}.mlp.router.weight"
+        )
         full: torch.Tensor | None = None
-        if name in local and (pp_size == 1 or owner[name] == my_stage):
+        on_stage = pp_size == 1 or owner.get(stage_name) == my_stage
+        if name in local and on_stage:
             mine = local[name]
-            if rule.tp_axis is not None and tp_size > 1:
-                parts = [torch.empty_like(mine) for _ in range(tp_size)]
-                dist.all_gather(
-                    parts, mine.contiguous(), group=ps.get_tensor_model_parallel_group()
-                )
+            size, group = tp_size, ps.get_tensor_model_parallel_group() if distributed else None
+            if entry.expert is not None:
+                size, group = etp_size, ps.get_expert_tensor_parallel_group(check_initialized=False)
+            if rule.tp_axis is not None and size > 1:
+                parts = [torch.empty_like(mine) for _ in range(size)]
+                dist.all_gather(parts, mine.contiguous(), group=group)
                 full = mapping.merge_tp_shards(rule, parts)
             else:
                 full = mine.clone()
             if rule.vocab:
                 full = full[: shape.vocab_size].contiguous()
+        if entry.expert is not None and ep_size > 1 and on_stage:
+            # the EP rank holding expert e sends it to the other EP ranks of its stage
+            ep_group = ps.get_expert_model_parallel_group()
+            src = entry.expert // (shape.num_experts // ep_size)
+            if full is None:
+                full = torch.empty(
+                    mapping.megatron_shape(entry, shape), dtype=param_dtype, device=device
+                )
+            dist.broadcast(full, group_src=src, group=ep_group)
         if pp_size > 1:
+            name = stage_name
             if name not in owner:
                 raise KeyError(f"no pipeline stage holds {name}: model and mapping disagree")
             if full is None:

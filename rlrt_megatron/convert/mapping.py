@@ -15,6 +15,15 @@ Megatron layouts (TP=1, which is also the global layout stored in a dist checkpo
   `allow_shape_mismatch`, zero padding); exports slice back to `vocab_size`.
 - Decoder layers are stored stacked: sharded key `decoder.layers.<rest>` with a leading layer axis
   of size num_layers (Megatron's default `sharded_state_dict()` layout), so any PP split loads it.
+- Mixture-of-experts (Qwen3-MoE): HF stores each expert's `gate_proj` / `up_proj` / `down_proj`
+  (`model.layers.{i}.mlp.experts.{e}.*`) and the router `mlp.gate.weight` [E, hidden]. Megatron's
+  `SequentialMLP` names expert e's SwiGLU `mlp.experts.local_experts.{e}.linear_fc1/fc2` (e local
+  to the EP rank), TE's grouped GEMM `mlp.experts.linear_fc1.weight{e}`; both save it under one
+  sharded key `decoder.layers.mlp.experts.experts.linear_fc{1,2}.weight` with a layer axis and
+  then an expert axis (global [L, E, ...]), so any EP split loads it. The pre-MLP norm of a MoE
+  layer is a separate `pre_mlp_layernorm` with every spec (no fused TE layernorm-linear).
+  Converted MoE models must be MoE in every layer (`mlp_only_layers` empty, sparse step 1:
+  Megatron then stores layers per index, which the converter does not write).
 """
 
 from __future__ import annotations
@@ -25,10 +34,11 @@ from typing import Any
 
 import torch
 
-SUPPORTED_MODEL_TYPES = ("qwen3", "llama")
+SUPPORTED_MODEL_TYPES = ("qwen3", "llama", "qwen3_moe")
 SPECS = ("local", "torch", "te")  # `torch` (SDPA attention) keeps the local names
 
 LAYER = "{i}"
+EXPERT = "{e}"
 
 
 @dataclass(frozen=True)
@@ -40,10 +50,13 @@ class Rule:
     te: Megatron name with the Transformer Engine spec (fused layernorm-linear), if different.
     fuse: "identity" | "qkv" (GQA grouping) | "gate_up" (SwiGLU fc1).
     tp_axis: tensor-parallel split axis of the Megatron tensor: 0 column / vocab, 1 row,
-        None replicated.
+        None replicated (for experts: the expert-tensor-parallel axis).
     vocab: rows are vocabulary entries (padded at run time, sliced on export).
     when: None always; "qk_norm" only for models with q/k RMSNorm (Qwen3);
-        "untied" only when `tie_word_embeddings` is false.
+        "untied" only when `tie_word_embeddings` is false; "dense" / "moe" only in dense / MoE
+        decoder layers.
+    key: the sharded (dist checkpoint) key when it is not the name without the layer index
+        (experts: one key for all experts, with an expert axis).
     """
 
     hf: tuple[str, ...]
@@ -53,10 +66,15 @@ class Rule:
     tp_axis: int | None = None
     vocab: bool = False
     when: str | None = None
+    key: str | None = None
 
     @property
     def per_layer(self) -> bool:
         return LAYER in self.local
+
+    @property
+    def per_expert(self) -> bool:
+        return EXPERT in self.local
 
     def megatron_name(self, spec: str) -> str:
         if spec not in SPECS:
@@ -95,14 +113,35 @@ RULES: tuple[Rule, ...] = (
         (_H + "post_attention_layernorm.weight",),
         _L + "pre_mlp_layernorm.weight",
         te=_L + "mlp.linear_fc1.layer_norm_weight",
+        when="dense",
     ),
     Rule(
         (_H + "mlp.gate_proj.weight", _H + "mlp.up_proj.weight"),
         _L + "mlp.linear_fc1.weight",
         fuse="gate_up",
         tp_axis=0,
+        when="dense",
     ),
-    Rule((_H + "mlp.down_proj.weight",), _L + "mlp.linear_fc2.weight", tp_axis=1),
+    Rule((_H + "mlp.down_proj.weight",), _L + "mlp.linear_fc2.weight", tp_axis=1, when="dense"),
+    Rule((_H + "post_attention_layernorm.weight",), _L + "pre_mlp_layernorm.weight", when="moe"),
+    Rule((_H + "mlp.gate.weight",), _L + "mlp.router.weight", when="moe"),
+    Rule(
+        (_H + "mlp.experts.{e}.gate_proj.weight", _H + "mlp.experts.{e}.up_proj.weight"),
+        _L + "mlp.experts.local_experts.{e}.linear_fc1.weight",
+        te=_L + "mlp.experts.linear_fc1.weight{e}",
+        fuse="gate_up",
+        tp_axis=0,
+        when="moe",
+        key="decoder.layers.mlp.experts.experts.linear_fc1.weight",
+    ),
+    Rule(
+        (_H + "mlp.experts.{e}.down_proj.weight",),
+        _L + "mlp.experts.local_experts.{e}.linear_fc2.weight",
+        te=_L + "mlp.experts.linear_fc2.weight{e}",
+        tp_axis=1,
+        when="moe",
+        key="decoder.layers.mlp.experts.experts.linear_fc2.weight",
+    ),
     Rule(("model.norm.weight",), "decoder.final_layernorm.weight"),
     Rule(("lm_head.weight",), "output_layer.weight", tp_axis=0, vocab=True, when="untied"),
 )
@@ -125,6 +164,8 @@ class ModelShape:
     vocab_size: int
     tied: bool
     qk_norm: bool
+    num_experts: int = 0  # routed experts per MoE layer; 0 = dense model
+    moe_ffn: int = 0  # moe_intermediate_size
 
     @property
     def heads_per_group(self) -> int:
@@ -160,6 +201,17 @@ def model_shape(config: Any) -> ModelShape:
         raise ValueError(
             f"num_attention_heads={heads} is not a multiple of num_key_value_heads={kv}"
         )
+    n_experts = moe_ffn = 0
+    if model_type == "qwen3_moe":
+        n_experts = int(_cfg(config, "num_experts") or _cfg(config, "num_local_experts") or 0)
+        moe_ffn = int(_cfg(config, "moe_intermediate_size"))
+        step = int(_cfg(config, "decoder_sparse_step", 1) or 1)
+        if _cfg(config, "mlp_only_layers") or step != 1 or n_experts < 1:
+            raise ValueError(
+                f"qwen3_moe with mlp_only_layers={_cfg(config, 'mlp_only_layers')}, "
+                f"decoder_sparse_step={step}, num_experts={n_experts}: the converter handles "
+                "MoE in every layer only (empty mlp_only_layers, decoder_sparse_step=1)"
+            )
     return ModelShape(
         model_type=model_type,
         num_layers=int(_cfg(config, "num_hidden_layers")),
@@ -170,7 +222,9 @@ def model_shape(config: Any) -> ModelShape:
         head_dim=head_dim,
         vocab_size=int(_cfg(config, "vocab_size")),
         tied=bool(_cfg(config, "tie_word_embeddings", False)),
-        qk_norm=model_type == "qwen3",
+        qk_norm=model_type in ("qwen3", "qwen3_moe"),
+        num_experts=n_experts,
+        moe_ffn=moe_ffn,
     )
 
 
@@ -181,6 +235,8 @@ def active_rules(shape: ModelShape) -> list[Rule]:
         if rule.when == "qk_norm" and not shape.qk_norm:
             continue
         if rule.when == "untied" and shape.tied:
+            continue
+        if rule.when == ("dense" if shape.num_experts else "moe"):
             continue
         out.append(rule)
     return out
@@ -195,16 +251,23 @@ class Entry:
 
     rule: Rule
     layer: int | None
+    expert: int | None = None
 
     def hf_names(self) -> tuple[str, ...]:
-        return tuple(n.format(i=self.layer) for n in self.rule.hf)
+        return tuple(n.format(i=self.layer, e=self.expert) for n in self.rule.hf)
 
     def megatron_name(self, spec: str) -> str:
-        return self.rule.megatron_name(spec).format(i=self.layer)
+        return self.rule.megatron_name(spec).format(i=self.layer, e=self.expert)
 
     def sharded_key(self, spec: str) -> str:
-        """The dist-checkpoint key: layers are stacked, so the layer index is dropped."""
-        return self.rule.megatron_name(spec).replace(LAYER + ".", "")
+        """The dist-checkpoint key: layers (and experts) are stacked, so their index is dropped."""
+        return self.rule.key or self.rule.megatron_name(spec).replace(LAYER + ".", "")
+
+    def stack_offsets(self, shape: ModelShape) -> list[tuple[int, int, int]]:
+        """`(axis, index, size)` of this tensor in its stacked sharded tensor: the layer axis,
+        then the expert axis for experts (empty for non-layer parameters)."""
+        out = [] if self.layer is None else [(0, self.layer, shape.num_layers)]
+        return out + ([] if self.expert is None else [(1, self.expert, shape.num_experts)])
 
 
 def entries(shape: ModelShape) -> Iterator[Entry]:
@@ -214,7 +277,11 @@ def entries(shape: ModelShape) -> Iterator[Entry]:
     tail = [r for r in rules if not r.per_layer and not r.local.startswith("embedding.")]
     yield from (Entry(r, None) for r in head)
     for i in range(shape.num_layers):
-        yield from (Entry(r, i) for r in rules if r.per_layer)
+        for r in rules:
+            if r.per_expert:
+                yield from (Entry(r, i, e) for e in range(shape.num_experts))
+            elif r.per_layer:
+                yield Entry(r, i)
     yield from (Entry(r, None) for r in tail)
 
 
@@ -235,13 +302,17 @@ def expected_hf_shapes(shape: ModelShape) -> dict[str, tuple[int, ...]]:
         "down_proj": (h, f),
         "layernorm": (h,),
         "norm": (h,),
+        "gate": (shape.num_experts, h),  # the MoE router
+        "expert.gate_proj": (shape.moe_ffn, h),
+        "expert.up_proj": (shape.moe_ffn, h),
+        "expert.down_proj": (h, shape.moe_ffn),
     }
     out = {}
     for entry in entries(shape):
         for name in entry.hf_names():
             module = name.split(".")[-2]
             key = "layernorm" if module.endswith("layernorm") else module
-            out[name] = per[key]
+            out[name] = per["expert." + key if entry.expert is not None else key]
     return out
 
 
@@ -309,6 +380,8 @@ def spec_key_map(from_spec: str, to_spec: str) -> dict[str, str]:
     """Sharded-key renames between layer specs (e.g. local `input_layernorm` <-> TE's fused one)."""
     out = {}
     for rule in RULES:
+        if rule.key:  # one sharded key whatever the spec (experts)
+            continue
         a = rule.megatron_name(from_spec).replace(LAYER + ".", "")
         b = rule.megatron_name(to_spec).replace(LAYER + ".", "")
         if a != b:

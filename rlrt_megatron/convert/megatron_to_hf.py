@@ -80,6 +80,11 @@ def _resolve_keys(
         key, stacked = prefix + entry.sharded_key(spec), True
     else:  # per-layer keys (Megatron's non-homogeneous layout)
         key, stacked = prefix + entry.megatron_name(spec), False
+    if key not in metadata and entry.rule.when == "moe":
+        # a MoE layer's pre-MLP norm: the local spec saves it under TE's fused name
+        other = prefix + entry.sharded_key("local" if spec == "te" else "te")
+        other = other.replace("pre_mlp_layernorm.weight", "mlp.linear_fc1.layer_norm_weight")
+        key, stacked = (other, True) if other in metadata else (key, stacked)
     if key not in metadata:
         raise KeyError(
             f"checkpoint {ckpt} has no tensor {key!r} (needed for "
@@ -87,7 +92,7 @@ def _resolve_keys(
         )
     expected = mapping.megatron_shape(entry, shape)
     if stacked:
-        expected = (shape.num_layers, *expected)
+        expected = (*(size for _, _, size in entry.stack_offsets(shape)), *expected)
     got = tuple(metadata[key].global_shape)
     ok = got == expected
     if entry.rule.vocab:  # padded rows are allowed (sliced off)
@@ -174,13 +179,13 @@ def megatron_to_hf(
                 for e in group:
                     key, stacked = keys[e]
                     md = metadata[key]
-                    # a [1, ...] slice of the stacked tensor (no prepend_axis_num: megatron's
+                    # a [1, (1,) ...] slice of the stacked tensor (no prepend_axis_num: megatron's
                     # legacy path for that cannot read a single shard of a regular grid)
+                    offsets = e.stack_offsets(shape) if stacked else []
                     local = torch.empty(
-                        (1, *md.global_shape[1:]) if stacked else md.global_shape, dtype=md.dtype
+                        (*(1 for _ in offsets), *md.global_shape[len(offsets) :]), dtype=md.dtype
                     )
-                    offsets = [(0, e.layer, shape.num_layers)] if stacked else []
-                    request[key] = ShardedTensor.from_rank_offsets(
+                    request[f"{key}|{e.expert}"] = ShardedTensor.from_rank_offsets(
                         key, local, *offsets, replica_id=0
                     )
                 # partial reads (one layer of a stacked tensor) by design: skip the coverage check
@@ -188,8 +193,9 @@ def megatron_to_hf(
                     request, str(ckpt), validate_access_integrity=False
                 )
                 for e in group:
-                    full = loaded.pop(keys[e][0])
-                    full = full[0] if keys[e][1] else full
+                    full = loaded.pop(f"{keys[e][0]}|{e.expert}")
+                    if keys[e][1]:
+                        full = full[0, 0] if e.expert is not None else full[0]
                     if e.rule.vocab:
                         full = full[: shape.vocab_size]
                     tensors = mapping.unfuse(e.rule, full, shape)

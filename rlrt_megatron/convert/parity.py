@@ -86,14 +86,15 @@ def parity_worker(
     world_size: int,
     hf_dir: str,
     ckpt_dir: str,
-    layouts: list[tuple[int, int]],
+    layouts: list[tuple[int, ...]],
     batch: int = 2,
     seq: int = 24,
     seed: int = 0,
 ) -> dict[tuple[int, int], float | None]:
-    """In each process: for every (tp, pp) layout, load the checkpoint and compare logits.
+    """In each process: for every (tp, pp) or (tp, pp, ep) layout, load the checkpoint and
+    compare logits (ep: expert parallel size of a MoE model).
 
-    Returns {(tp, pp): max_abs_logit_diff} on the global last rank (None elsewhere). The
+    Returns {layout: max_abs_logit_diff} on the global last rank (None elsewhere). The
     comparison is in fp32 regardless of the checkpoint dtype.
     """
     import torch.distributed as dist
@@ -106,10 +107,11 @@ def parity_worker(
     config = io.read_hf_config(hf_dir)
     tokens = random_batch(int(config["vocab_size"]), batch, seq, seed)
     reference = hf_logits(hf_dir, tokens) if rank == world_size - 1 else None
-    out: dict[tuple[int, int], float | None] = {}
+    out: dict[tuple[int, ...], float | None] = {}
     try:
-        for tp, pp in layouts:
-            platform.init_distributed(tp=tp, pp=pp, seed=seed)
+        for layout in layouts:
+            tp, pp, ep = (*layout, 1)[:3]
+            platform.init_distributed(tp=tp, pp=pp, seed=seed, ep=ep)
             chunks = build_model(config, tp=tp, pp=pp, params_dtype=torch.float32)
             load_checkpoint_into_model(chunks, ckpt_dir)
             logits = megatron_logits(chunks, tokens, int(config["vocab_size"]))
@@ -118,7 +120,7 @@ def parity_worker(
                 diff = (logits - reference).abs().max()
             # the global last rank is always on the last stage; share its number with everyone
             dist.all_reduce(diff, op=dist.ReduceOp.MAX)
-            out[(tp, pp)] = float(diff) if rank == world_size - 1 else None
+            out[layout] = float(diff) if rank == world_size - 1 else None
             del chunks
     finally:
         platform.destroy_distributed()
@@ -152,19 +154,21 @@ def run_parity(
     tp: int = 1,
     pp: int = 1,
     *,
+    ep: int = 1,
     batch: int = 2,
     seq: int = 24,
     seed: int = 0,
 ) -> float:
-    """Spawn tp * pp CPU processes (gloo) and return the max |logit diff| vs transformers."""
+    """Spawn tp * pp * ep CPU processes (gloo) and return the max |logit diff| vs transformers
+    (ep > 1: the experts of a MoE model split over ep ranks, the rest data parallel)."""
     import torch.multiprocessing as mp
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    world = tp * pp
+    world = tp * pp * ep
     with tempfile.TemporaryDirectory() as tmp:
-        args = (str(hf_dir), str(ckpt_dir), [(tp, pp)], batch, seq, seed)
+        args = (str(hf_dir), str(ckpt_dir), [(tp, pp, ep)], batch, seq, seed)
         mp.start_processes(
             _spawned, args=(world, _free_port(), tmp, args), nprocs=world, start_method="spawn"
         )
         with open(os.path.join(tmp, "result.pkl"), "rb") as f:
-            return float(pickle.load(f)[(tp, pp)])
+            return float(pickle.load(f)[(tp, pp, ep)])

@@ -24,6 +24,12 @@ CHAT_TEMPLATE = (
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
 
+# Qwen3-MoE: 8 experts, top-2 (renormalised, as Qwen3-30B-A3B), MoE in every layer.
+TINY_MOE = dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True)
+# Router weights this large make top-2 choices clear-cut (no near ties), so fp32 reordering
+# between implementations cannot flip an expert choice (parity checks rely on it).
+ROUTER_STD = 0.5
+
 TINY_SHAPE = dict(
     hidden_size=64,
     intermediate_size=128,
@@ -98,8 +104,9 @@ def tiny_config(
     tokenizer=None,
     num_layers: int = 2,
 ):
-    """The tiny model's `transformers` config (Qwen3 or Llama 3 with llama3 rope scaling)."""
-    from transformers import LlamaConfig, Qwen3Config
+    """The tiny model's `transformers` config (Qwen3, Qwen3-MoE or Llama 3 with llama3 rope
+    scaling)."""
+    from transformers import LlamaConfig, Qwen3Config, Qwen3MoeConfig
 
     ids = {}
     if tokenizer is not None:
@@ -123,6 +130,13 @@ def tiny_config(
             architectures=["Qwen3ForCausalLM"],
             **common,
         )
+    if arch == "qwen3_moe":
+        return Qwen3MoeConfig(
+            rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
+            architectures=["Qwen3MoeForCausalLM"],
+            **TINY_MOE,
+            **common,
+        )
     if arch == "llama":
         return LlamaConfig(
             rope_parameters={
@@ -139,18 +153,20 @@ def tiny_config(
             architectures=["LlamaForCausalLM"],
             **{**common, "max_position_embeddings": 16384},  # > the original 8192 (HF checks)
         )
-    raise ValueError(f"tiny model: unknown arch {arch!r}; choose 'qwen3' or 'llama'")
+    raise ValueError(f"tiny model: unknown arch {arch!r}; choose 'qwen3', 'qwen3_moe' or 'llama'")
 
 
 @torch.no_grad()
 def randomize_weights(model: torch.nn.Module, seed: int, std: float = 0.02) -> None:
-    """Seeded weights: N(0, std) matrices, norm weights 1 + N(0, 0.1) (never all ones)."""
+    """Seeded weights: N(0, std) matrices, norm weights 1 + N(0, 0.1) (never all ones), MoE
+    routers N(0, ROUTER_STD)."""
     gen = torch.Generator().manual_seed(seed)
-    for _name, p in sorted(model.named_parameters()):
+    for name, p in sorted(model.named_parameters()):
         if p.dim() == 1:
             p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
         else:
-            p.copy_(std * torch.randn(p.shape, generator=gen))
+            scale = ROUTER_STD if name.endswith("mlp.gate.weight") else std
+            p.copy_(scale * torch.randn(p.shape, generator=gen))
 
 
 def make_tiny_model(

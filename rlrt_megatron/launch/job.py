@@ -134,6 +134,8 @@ class SlurmJob:
             f"rank(s) = {self.world_size} ranks (tp {tp} x pp {pp} x dp "
             f"{self.world_size // (tp * pp)})"
         )
+        if cfg.parallel.ep > 1:  # MoE: experts over ep ranks
+            s += f", experts ep {cfg.parallel.ep} x etp {cfg.parallel.etp or tp}"
         if self.rollout_nodes:
             per_node = self.settings(cfg).get("RLRT_ROLLOUT_SERVERS_PER_NODE", "1")
             s += (
@@ -278,6 +280,12 @@ class SlurmJob:
                 f"parallel.tp * parallel.pp = {tp} * {pp} = {tp * pp} (the recipe's layout); "
                 f"use a node/GPU count whose product is a multiple of {tp * pp}, or change "
                 "parallel.tp / parallel.pp"
+            )
+        expert_mp = pp * cfg.parallel.ep * (cfg.parallel.etp or tp)
+        if world % expert_mp:
+            errors.append(
+                f"{where} = {world} ranks is not divisible by parallel.pp * parallel.ep * "
+                f"parallel.etp = {expert_mp} (the experts' layout); change parallel.ep / etp"
             )
         if g > 0 and tp > g:
             errors.append(

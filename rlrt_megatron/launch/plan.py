@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rlrt_megatron.launch.layout import check_world, trainer_errors
+from rlrt_megatron.launch import plan_moe
 from rlrt_megatron.launch.plan_shapes import (
     ModelShape,
     PlanError,
@@ -240,6 +241,8 @@ class Layout:
     tp: int
     pp: int
     rollout_nodes: int = 0
+    ep: int = 1  # expert parallel (MoE)
+    etp: int = 0  # expert tensor parallel; 0 = tp
 
     @property
     def world(self) -> int:
@@ -335,7 +338,9 @@ def predict(
 ) -> Plan:
     """The per-GPU memory rows (GiB) of the most loaded rank, and the peak."""
     plan = Plan(shape, shape_source, lay, s, limit_gib)
-    plan.problems = layout_problems(shape, lay)
+    plan.problems = layout_problems(shape, lay) + plan_moe.moe_problems(
+        shape, lay.world, lay.pp, lay.ep, lay.etp or lay.tp
+    )
     if plan.problems and lay.world < 1:
         return plan
     dp = max(1, lay.dp)
@@ -360,10 +365,13 @@ def predict(
         sglang_w = sglang_all = 0.0
         if s.sglang:
             total_params = sum(p[0] for p in stage_params(shape, 1, 1, 0))
+            total_params += plan_moe.expert_params(shape)  # SGLang holds every expert
             sglang_w = total_params * 2 / max(1, s.sglang_tp)
             sglang_all = max(sglang_w, s.sglang_mem_fraction * limit_gib * GIB)
-        static = st.weights + st.grads + st.optimizer + teacher
-        train = static + max(acts + head, step_tmp) + sglang_w
+        moe = plan_moe.moe_rows(shape, lay.world, lay.tp, lay.pp, lay.ep, lay.etp or lay.tp,
+                                pbytes, s.distributed_optimizer, tokens, stage)  # fmt: skip
+        static = st.weights + st.grads + st.optimizer + teacher + moe["static"]
+        train = static + max(acts + head + moe["activations"], step_tmp) + sglang_w
         sample = static + sglang_all
         opt_row = f"optimizer (distributed, 1/{dp})" if s.distributed_optimizer else "optimizer"
         rows = {
@@ -376,6 +384,7 @@ def predict(
             "optimizer step temporaries": step_tmp,
             "SGLang weights (training)": sglang_w,
             "SGLang weights + KV cache (sampling)": sglang_all,
+            **moe["rows"],
             "CUDA context / allocator reserve": RESERVE_GIB * GIB,
         }  # fmt: skip
         peak = max(train, sample) + RESERVE_GIB * GIB
@@ -395,6 +404,7 @@ def render(plan: Plan) -> str:
         f"layout: {lay.nodes} node(s) x {lay.gpus_per_node} GPU(s)"
         + (f" ({lay.rollout_nodes} rollout node(s))" if lay.rollout_nodes else "")
         + f" = {lay.world} training ranks: tp {lay.tp} x pp {lay.pp} x dp "
+        + (f"(ep {lay.ep}, etp {lay.etp or lay.tp}) " if shape.experts else "")
         + (f"{lay.dp}; " if not plan.problems else "-; ")
         + f"{s.params_dtype}, spec {s.spec}, distributed optimizer "
         f"{'on' if s.distributed_optimizer else 'off'}, activation recompute off",
@@ -528,7 +538,8 @@ def plan_config(
     not fit. The trainer's own validation at the layout's world size is one of its problems
     (suggesting the nearest layouts it accepts that fit; `check=False` skips it)."""
     shape, source = model_shape(cfg.model.hf_path, cfg.model.build_tiny)
-    lay = Layout(nodes, gpus_per_node, cfg.parallel.tp, cfg.parallel.pp, rollout_nodes)
+    lay = Layout(nodes, gpus_per_node, cfg.parallel.tp, cfg.parallel.pp, rollout_nodes,
+                 ep=cfg.parallel.ep, etp=cfg.parallel.etp)  # fmt: skip
     settings = Settings.from_config(cfg)
     if rollout_nodes:
         settings = dataclasses.replace(settings, sglang=False)  # servers on their own nodes

@@ -30,16 +30,20 @@ class ModelShape:
     tied: bool  # tie_word_embeddings
     qk_norm: bool  # Qwen3's per-head q/k RMSNorm
     qkv_bias: bool = False  # attention_bias
+    experts: int = 0  # num_experts (Qwen3-MoE; every layer MoE, ffn = 0); 0 = dense
+    topk: int = 0  # num_experts_per_tok
+    moe_ffn: int = 0  # moe_intermediate_size
 
     @classmethod
     def from_hf(cls, cfg: dict[str, Any], name: str = "") -> ModelShape:
         heads = int(cfg["num_attention_heads"])
         model_type = str(cfg.get("model_type", "")).lower()
+        experts = int(cfg.get("num_experts") or 0) if model_type == "qwen3_moe" else 0
         archs = " ".join(cfg.get("architectures") or []).lower()
         return cls(
             name=name or model_type,
             hidden=int(cfg["hidden_size"]),
-            ffn=int(cfg["intermediate_size"]),
+            ffn=0 if experts else int(cfg["intermediate_size"]),
             layers=int(cfg["num_hidden_layers"]),
             heads=heads,
             kv_heads=int(cfg.get("num_key_value_heads") or heads),
@@ -48,6 +52,9 @@ class ModelShape:
             tied=bool(cfg.get("tie_word_embeddings", False)),
             qk_norm=model_type == "qwen3" or "qwen3" in archs,
             qkv_bias=bool(cfg.get("attention_bias", False)),
+            experts=experts,
+            topk=int(cfg.get("num_experts_per_tok") or 0) if experts else 0,
+            moe_ffn=int(cfg.get("moe_intermediate_size") or 0) if experts else 0,
         )
 
 
@@ -67,6 +74,21 @@ BUILTIN_SHAPES: dict[str, ModelShape] = {
         _qwen3("Qwen3-8B", 4096, 12288, 36, 32, tied=False),
         _qwen3("Qwen3-8B-Base", 4096, 12288, 36, 32, tied=False),
         ModelShape("Llama-3.1-8B", 4096, 14336, 32, 32, 8, 128, 128256, False, qk_norm=False),
+        ModelShape(
+            "Qwen3-30B-A3B",
+            2048,
+            0,
+            48,
+            32,
+            4,
+            128,
+            151936,
+            False,
+            qk_norm=True,
+            experts=128,
+            topk=8,
+            moe_ffn=768,
+        ),  # fmt: skip
     )
 }
 

@@ -420,21 +420,12 @@ class TorchNorm:
         return norm_cls(hidden_size, eps=eps, dtype=config.params_dtype)
 
 
-def torch_block_spec(config: Any, vp_stage: int | None = None):
-    """`TransformerBlockSubmodules` of the `torch` spec for this pipeline (virtual) stage:
-    the local layer spec with :class:`SDPAttention` and :class:`TorchNorm` (final norm too)."""
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+def torch_layer_spec(layer: Any) -> Any:
+    """A copy of a local-spec layer `ModuleSpec` with the `torch` spec's pieces swapped in
+    (:class:`SDPAttention`, :class:`TorchNorm`); the MLP (dense or MoE) is kept."""
     from megatron.core.transformer.identity_op import IdentityOp
-    from megatron.core.transformer.transformer_block import (
-        TransformerBlockSubmodules,
-        get_num_layers_to_build,
-    )
 
-    layer = copy.deepcopy(
-        get_gpt_layer_local_spec(
-            qk_layernorm=config.qk_layernorm, normalization=config.normalization
-        )
-    )
+    layer = copy.deepcopy(layer)
     sub = layer.submodules
     sub.input_layernorm = TorchNorm
     sub.pre_mlp_layernorm = TorchNorm
@@ -445,5 +436,22 @@ def torch_block_spec(config: Any, vp_stage: int | None = None):
         attn.q_layernorm = TorchNorm
     if attn.k_layernorm is not IdentityOp:
         attn.k_layernorm = TorchNorm
+    return layer
+
+
+def torch_block_spec(config: Any, vp_stage: int | None = None):
+    """`TransformerBlockSubmodules` of the `torch` spec for this pipeline (virtual) stage:
+    the local layer spec with :class:`SDPAttention` and :class:`TorchNorm` (final norm too)."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.transformer_block import (
+        TransformerBlockSubmodules,
+        get_num_layers_to_build,
+    )
+
+    layer = torch_layer_spec(
+        get_gpt_layer_local_spec(
+            qk_layernorm=config.qk_layernorm, normalization=config.normalization
+        )
+    )
     n_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
     return TransformerBlockSubmodules(layer_specs=[layer] * n_layers, layer_norm=TorchNorm)

@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from rlrt_megatron import platform
+from rlrt_megatron.megatron.moe import provider as moe_provider
 
 __all__ = [
     "SUPPORTED_MODEL_TYPES",
@@ -61,7 +62,7 @@ __all__ = [
     "true_vocab_size",
 ]
 
-SUPPORTED_MODEL_TYPES = ("qwen3", "llama")
+SUPPORTED_MODEL_TYPES = ("qwen3", "llama", "qwen3_moe")
 
 SPECS = ("local", "torch", "te")
 Spec = Literal["auto", "local", "torch", "te"]
@@ -105,7 +106,7 @@ def _model_type(hf_config: Any) -> str:
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(
             f"unsupported architecture: HF config model_type={model_type!r}; supported model_type "
-            f"values are {', '.join(SUPPORTED_MODEL_TYPES)} (Qwen3 dense, Llama 3)"
+            f"values are {', '.join(SUPPORTED_MODEL_TYPES)} (Qwen3 dense, Llama 3, Qwen3-MoE)"
         )
     return model_type
 
@@ -173,9 +174,13 @@ def transformer_config_from_hf(
     params_dtype: torch.dtype = torch.float32,
     spec: Spec = "local",
     vpp: int | None = None,
+    moe: Any = None,
     **overrides: Any,
 ):
-    """Build a megatron ``TransformerConfig`` for a Qwen3 / Llama 3 HF config.
+    """Build a megatron ``TransformerConfig`` for a Qwen3 / Llama 3 / Qwen3-MoE HF config.
+
+    ``moe``: a ``megatron.moe.provider.MoESettings`` (router aux loss, dispatcher, routing
+    replay) for a MoE model; ignored for dense ones.
 
     ``params_dtype`` sets the parameter dtype (and ``bf16``/``fp16`` flags, ``pipeline_dtype``
     for the PP p2p buffers). Fusions that need TE/apex kernels are enabled only for ``spec="te"``.
@@ -205,7 +210,7 @@ def transformer_config_from_hf(
         raise ValueError(f"hidden_act={act!r} is not supported (SwiGLU needs 'silu')")
     if _get(hf_config, "mlp_bias", False):
         raise ValueError("mlp_bias=True is not supported (Llama 3 / Qwen3 have no MLP bias)")
-    if model_type == "qwen3" and _get(hf_config, "use_sliding_window", False):
+    if model_type != "llama" and _get(hf_config, "use_sliding_window", False):
         raise ValueError("Qwen3 use_sliding_window=True is not supported")
     gpt_model_kwargs_from_hf(hf_config)  # validate rope settings early
 
@@ -224,7 +229,7 @@ def transformer_config_from_hf(
         activation_func=F.silu,
         add_bias_linear=False,
         add_qkv_bias=bool(_get(hf_config, "attention_bias", False)),
-        qk_layernorm=model_type == "qwen3",
+        qk_layernorm=model_type in ("qwen3", "qwen3_moe"),
         hidden_dropout=0.0,
         attention_dropout=float(_get(hf_config, "attention_dropout", 0.0) or 0.0),
         init_method_std=float(_get(hf_config, "initializer_range", 0.02)),
@@ -253,6 +258,8 @@ def transformer_config_from_hf(
         # wrong losses). The unbatched path puts the two directions on different groups.
         batch_p2p_comm=not (pp == 2 and vpp is not None),
     )
+    if moe_provider.is_moe(hf_config):
+        kwargs.update(moe_provider.moe_config_kwargs(hf_config, spec=spec, settings=moe))
     kwargs.update(overrides)
     if kwargs.get("sequence_parallel") and not te:
         raise ValueError(
@@ -272,6 +279,8 @@ def get_layer_spec(config: Any, spec: Spec = "local", vp_stage: int | None = Non
     )
 
     spec = resolve_spec(spec)
+    if config.num_moe_experts:
+        return moe_provider.moe_block_spec(config, spec, vp_stage=vp_stage)
     if spec == "local":
         return get_gpt_layer_local_spec(
             qk_layernorm=config.qk_layernorm, normalization=config.normalization
@@ -337,6 +346,14 @@ def build_model(
             f"pass vpp to init_distributed"
         )
 
+    ep = parallel_state.get_expert_model_parallel_world_size()
+    etp = parallel_state.get_expert_tensor_parallel_world_size()
+    moe_provider.check_parallel(hf_config, tp=tp, ep=ep, etp=etp)
+    if moe_provider.is_moe(hf_config):
+        config_overrides = {
+            "expert_model_parallel_size": ep, "expert_tensor_parallel_size": etp,
+            **config_overrides,
+        }  # fmt: skip
     config = transformer_config_from_hf(
         hf_config, tp=tp, pp=pp, params_dtype=params_dtype, spec=spec, vpp=vpp,
         **config_overrides,

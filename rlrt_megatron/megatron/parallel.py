@@ -40,6 +40,7 @@ __all__ = [
 ]
 
 _LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.")
+_EXPERT_RE = re.compile(r"\.local_experts\.(\d+)\.")
 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -176,27 +177,56 @@ def forward_backward(
 
 def global_param_name(model: torch.nn.Module, local_name: str) -> str:
     """Rename ``decoder.layers.<local>.`` to the global layer index (PP/VPP stages number their
-    layers from 0; ``TransformerLayer.layer_number`` is the 1-based global one)."""
+    layers from 0; ``TransformerLayer.layer_number`` is the 1-based global one), and a MoE
+    layer's ``local_experts.<k>.`` to the global expert index (EP ranks number theirs from 0)."""
     m = _LAYER_RE.match(local_name)
     if m is None:
         return local_name
     layer = unwrap_model(model).decoder.layers[int(m.group(1))]
-    return f"decoder.layers.{layer.layer_number - 1}." + local_name[m.end() :]
+    name = f"decoder.layers.{layer.layer_number - 1}." + local_name[m.end() :]
+    e = _EXPERT_RE.search(name)
+    if e is None:
+        return name
+    experts = layer.mlp.experts
+    k = experts.ep_group.rank() * experts.num_local_experts + int(e.group(1))
+    return name[: e.start()] + f".local_experts.{k}." + name[e.end() :]
+
+
+def _is_expert(param: torch.nn.Parameter) -> bool:
+    """Megatron marks expert weights ``allreduce=False`` (reduced over the expert-DP group)."""
+    return not getattr(param, "allreduce", True)
+
+
+def _tp_group_of(param: torch.nn.Parameter) -> tuple[int, int, Any]:
+    """(size, rank, group) of the tensor-parallel group splitting ``param``: the expert-TP group
+    for expert weights, the TP group otherwise."""
+    from megatron.core import parallel_state as ps
+
+    if _is_expert(param):
+        return (
+            ps.get_expert_tensor_parallel_world_size(),
+            ps.get_expert_tensor_parallel_rank(),
+            ps.get_expert_tensor_parallel_group(),
+        )
+    return (
+        ps.get_tensor_model_parallel_world_size(),
+        ps.get_tensor_model_parallel_rank(),
+        ps.get_tensor_model_parallel_group(),
+    )
 
 
 def _is_gated_fc1(name: str, config: Any) -> bool:
-    return bool(config.gated_linear_unit) and name.endswith("mlp.linear_fc1.weight")
+    # dense MLP and MoE experts alike (`mlp.experts.local_experts.<k>.linear_fc1.weight`)
+    return bool(config.gated_linear_unit) and name.endswith("linear_fc1.weight")
 
 
 def _gather_tp(t: torch.Tensor, param: torch.nn.Parameter, name: str, config: Any) -> torch.Tensor:
-    from megatron.core import parallel_state
-
-    tp = parallel_state.get_tensor_model_parallel_world_size()
+    tp, _, group = _tp_group_of(param)
     if tp == 1 or not getattr(param, "tensor_model_parallel", False):
         return t
     dim = param.partition_dim
     parts = [torch.empty_like(t) for _ in range(tp)]
-    dist.all_gather(parts, t.contiguous(), group=parallel_state.get_tensor_model_parallel_group())
+    dist.all_gather(parts, t.contiguous(), group=group)
     if _is_gated_fc1(name, config):
         halves = [p.chunk(2, dim=dim) for p in parts]
         return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=dim)
@@ -226,15 +256,19 @@ def _gather_full(
             full = _gather_tp(t.detach(), param, name, model.config)
             # A copy even on CPU (where .cpu() aliases): callers keep it across optimizer steps.
             local[global_param_name(model, name)] = full.to("cpu", copy=True)
-    pp = parallel_state.get_pipeline_model_parallel_world_size()
-    if pp == 1:
-        return local
-    stages: list[dict[str, torch.Tensor] | None] = [None] * pp
-    dist.all_gather_object(stages, local, group=parallel_state.get_pipeline_model_parallel_group())
-    merged: dict[str, torch.Tensor] = {}
-    for stage in stages:
-        merged.update(stage or {})
-    return merged
+    # EP ranks hold different experts (of the same layers), PP stages different layers
+    groups = []
+    if parallel_state.get_expert_model_parallel_world_size() > 1:
+        groups.append(parallel_state.get_expert_model_parallel_group())
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        groups.append(parallel_state.get_pipeline_model_parallel_group())
+    for group in groups:
+        parts: list[dict[str, torch.Tensor] | None] = [None] * dist.get_world_size(group)
+        dist.all_gather_object(parts, local, group=group)
+        local = {}
+        for part in parts:
+            local.update(part or {})
+    return local
 
 
 def gather_full_params(model_chunks: Sequence[torch.nn.Module]) -> dict[str, torch.Tensor]:
@@ -286,13 +320,10 @@ def shard_state_dict_for_tp(
     vocab rows to the chunk's padded size (padding rows are zero). The tied output layer of a
     last PP stage gets the embedding weight.
     """
-    from megatron.core import parallel_state
-
     model = unwrap_model(model)
-    tp = parallel_state.get_tensor_model_parallel_world_size()
-    rank = parallel_state.get_tensor_model_parallel_rank()
     out: dict[str, torch.Tensor] = {}
     for name, param in model.named_parameters():
+        tp, rank, _ = _tp_group_of(param)
         src_name = global_param_name(model, name)
         if name == "output_layer.weight" and src_name not in full_state_dict:
             src_name = "embedding.word_embeddings.weight"  # tied embeddings

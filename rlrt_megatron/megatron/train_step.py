@@ -57,11 +57,13 @@ class Policy:
         fp8: Any = None,
         logprobs_impl: str = "auto",
         temperature: float = 1.0,
+        moe: Any = None,
     ) -> None:
         from megatron.core import parallel_state as ps
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
         from rlrt_megatron.megatron.model import build_model, true_vocab_size
+        from rlrt_megatron.megatron.moe.routing import RouterStats, routers
         from rlrt_megatron.megatron.te import fp8_transformer_kwargs
 
         self.hf_config = hf_config
@@ -70,7 +72,7 @@ class Policy:
         self.logprobs_impl = logprobs_impl
         self.last_nonfinite: str | None = None  # what was not finite in the last mini-batch
         self.temperature = float(temperature)
-        self.model_kwargs = fp8_transformer_kwargs(fp8, spec)
+        self.model_kwargs = {**fp8_transformer_kwargs(fp8, spec), "moe": moe}  # moe: MoESettings
         chunks = build_model(
             hf_config, tp=tp, pp=pp, spec=spec, params_dtype=params_dtype, **self.model_kwargs
         )
@@ -103,6 +105,7 @@ class Policy:
         self.pp_group = ps.get_pipeline_model_parallel_group()
         self.is_last_stage = ps.is_pipeline_last_stage()
         self.last_stage_rank = ps.get_pipeline_model_parallel_last_rank()
+        self.router_stats = RouterStats(chunks, self.dp_group) if routers(chunks) else None
 
     def _make_optimizer(self, optim: Any, bf16: bool, distributed: bool) -> Any:
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -379,6 +382,8 @@ class Policy:
         out["update_ok"] = float(bool(ok))
         out["nonfinite_skipped"] = float(self.last_nonfinite is not None)
         out["lr"] = float(self.optimizer.param_groups[0]["lr"])
+        if self.router_stats is not None:  # MoE: moe/aux_loss, per-layer expert load
+            out.update(self.router_stats.metrics())
         return out
 
     def _reduce_metrics(

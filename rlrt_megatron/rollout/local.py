@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from rlrt_megatron.rollout.base import Completion, GenerateRequest, SamplingParams
+from rlrt_megatron.rollout.moe_routing import fused_expert_slot
 
 
 def _as_id_list(value: Any) -> list[int]:
@@ -208,13 +209,17 @@ class LocalEngine:
         tied = _tied_groups(self.model, state)
         incoming: dict[str, torch.Tensor] = {}
         unknown, mis_shaped = [], []
+        slots: dict[str, tuple[str, torch.Tensor]] = {}  # per-expert name -> fused view (MoE)
         for name, tensor in named_tensors:
-            if name not in state:
+            if name not in state and (slot := fused_expert_slot(name, state)) is not None:
+                slots[name] = slot
+            target = slots[name][1] if name in slots else state.get(name)
+            if target is None:
                 unknown.append(name)
                 continue
-            if tuple(tensor.shape) != tuple(state[name].shape):
+            if tuple(tensor.shape) != tuple(target.shape):
                 mis_shaped.append(
-                    f"{name}: expected {tuple(state[name].shape)}, got {tuple(tensor.shape)}"
+                    f"{name}: expected {tuple(target.shape)}, got {tuple(tensor.shape)}"
                 )
                 continue
             incoming[name] = tensor
@@ -237,7 +242,7 @@ class LocalEngine:
                 + " (send full, unsharded tensors with the vocabulary padding removed)"
             )
         if strict:
-            covered = set(incoming)
+            covered = set(incoming) | {fused for fused, _ in slots.values()}
             missing = [
                 n
                 for n in state
@@ -251,8 +256,8 @@ class LocalEngine:
                     f"{missing[:5]}; send every parameter (or strict=False for a partial update)"
                 )
         for name, tensor in incoming.items():
-            dst = state[name]
-            dst.data.copy_(tensor.detach().to(device=dst.device, dtype=dst.dtype))
+            dst = slots[name][1] if name in slots else state[name].data
+            dst.copy_(tensor.detach().to(device=dst.device, dtype=dst.dtype))
         self._weight_version = int(version)
 
     # ------------------------------------------------------------------ internals

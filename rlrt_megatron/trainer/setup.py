@@ -68,9 +68,9 @@ def preflight(cfg: TrainConfig) -> None:
     the tiny model's known shape) and the world size from the launcher's environment."""
     hf_config = load_hf_config(cfg.model.hf_path)
     if hf_config is None and cfg.model.build_tiny:
-        from rlrt_megatron.convert.tiny import TINY_SHAPE
+        from rlrt_megatron.convert.tiny import tiny_config
 
-        hf_config = dict(TINY_SHAPE)
+        hf_config = tiny_config(cfg.model.tiny_arch).to_dict()
     world = os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or "1"
     cfg.validate(hf_config=hf_config, world_size=int(world))
 
@@ -81,7 +81,10 @@ def setup(cfg: TrainConfig) -> Run:
     preflight(cfg)
     if cfg.train.deterministic:
         platform.set_deterministic()
-    info = platform.init_distributed(cfg.parallel.tp, cfg.parallel.pp, seed=cfg.train.seed)
+    p = cfg.parallel
+    info = platform.init_distributed(
+        p.tp, p.pp, seed=cfg.train.seed, ep=p.ep, etp=p.etp or None
+    )  # fmt: skip
     random.seed(cfg.train.seed)
     run_dir = cfg.run_dir
     if info.rank == 0:
@@ -107,6 +110,7 @@ def _build(cfg: TrainConfig, info: Any, hf_dir: str, ckpt: str, hf_config: dict,
     from rlrt_megatron.convert.load import load_checkpoint_into_model
     from rlrt_megatron.data import PromptSampler, PromptTemplate
     from rlrt_megatron.data.templates import filter_by_prompt_length
+    from rlrt_megatron.megatron.moe.provider import moe_settings
     from rlrt_megatron.megatron.train_step import Policy
 
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)
@@ -128,6 +132,7 @@ def _build(cfg: TrainConfig, info: Any, hf_dir: str, ckpt: str, hf_config: dict,
         fp8=cfg.model.fp8.to_te(),
         logprobs_impl=cfg.model.logprobs_impl,
         temperature=cfg.rollout.temperature,
+        moe=moe_settings(cfg.model.moe),
     )
     load_checkpoint_into_model(policy.chunks, ckpt)
     policy.sync_main_params()  # bf16: the optimizer's fp32 main params follow the loaded weights

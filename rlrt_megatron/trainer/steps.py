@@ -437,6 +437,8 @@ def step_metrics(
     for k, v in upd.items():
         if k in ("grad_norm", "lr", "update_ok", "nonfinite_skipped") or k.startswith("dp_tokens"):
             m[f"train/{k}"] = v
+        elif k.startswith("moe/"):  # router metrics of a MoE policy
+            m[k] = v
         else:  # "loss" is the mini-batch loss, the rest the algorithm's loss metrics
             m["loss/value" if k == "loss" else f"loss/{k}"] = v
     m.update(times)

@@ -38,6 +38,7 @@ def build_warm_tiny_model(hf_dir: str, cfg: Any, log: Callable[[str], None] = pr
         "instruction": cfg.data.instruction,
         "teacher_frac": cfg.model.sft_teacher_frac,
         "teacher_template": cfg.data.teacher_template if cfg.model.sft_teacher_frac else "",
+        "arch": cfg.model.tiny_arch,
     }
     if os.path.isfile(marker):
         with open(marker) as f:
@@ -47,7 +48,7 @@ def build_warm_tiny_model(hf_dir: str, cfg: Any, log: Callable[[str], None] = pr
 
     tmp = hf_dir + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    make_tiny_model(tmp, seed=cfg.train.seed)
+    make_tiny_model(tmp, seed=cfg.train.seed, arch=cfg.model.tiny_arch)
     stats = {}
     if cfg.model.sft_warmup_steps > 0:
         t0 = time.perf_counter()

@@ -1,0 +1,134 @@
+"""What the trainer does with megatron-core's MoE routers: load metrics and routing replay.
+
+* :class:`RouterStats` - forward hooks on every ``TopKRouter``: tokens routed to each expert per
+  layer (training forwards only), reported as ``moe/load_max_over_mean/layer_<i>`` (1.0 = perfectly
+  balanced; E / k = every token on the same k experts), plus ``moe/aux_loss`` (megatron's tracked
+  load-balancing loss when ``model.moe.aux_loss_coeff > 0``, else 0). Counts are this rank's
+  tokens, summed over its data-parallel group.
+* Routing replay (R3): megatron-core 0.16's ``RouterReplay`` (``moe_enable_routing_replay``)
+  swaps the router's top-k for given indices and gathers the gate values at them, so the router
+  weights still get their gradient through the gates. :func:`set_replay` hands each router of a
+  model its layer's indices (``[tokens, k]`` in megatron's token order, sequence-major:
+  ``s * batch + b``) and :func:`clear_replay` returns them to routing themselves. Each router's
+  own ``router_replay`` object is addressed (not megatron's process-global list, which also
+  holds the routers of every other model built in the process: the teacher, earlier tests).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+
+def routers(model_chunks: Sequence[Any]) -> list[tuple[int, Any]]:
+    """``(global layer index, TopKRouter)`` for every MoE layer of these chunks."""
+    out = []
+    for chunk in model_chunks:
+        m = chunk
+        while not hasattr(m, "decoder") and hasattr(m, "module"):
+            m = m.module
+        for layer in m.decoder.layers:
+            router = getattr(layer.mlp, "router", None)
+            if router is not None:
+                out.append((layer.layer_number - 1, router))
+    return out
+
+
+class RouterStats:
+    """Per-layer tokens-per-expert counters fed by forward hooks (see the module docstring)."""
+
+    def __init__(self, model_chunks: Sequence[Any], dp_group: Any = None) -> None:
+        self._counts: dict[int, torch.Tensor] = {}
+        self._dp_group = dp_group
+        self._handles = [
+            router.register_forward_hook(self._hook(layer))
+            for layer, router in routers(model_chunks)
+        ]
+
+    def _hook(self, layer: int) -> Any:
+        def hook(module: Any, args: Any, output: Any) -> None:
+            if not (module.training and torch.is_grad_enabled()):
+                return
+            routing_map = output[1]  # [tokens, experts] bool
+            counts = routing_map.detach().sum(0).double()
+            prev = self._counts.get(layer)
+            self._counts[layer] = counts if prev is None else prev + counts
+
+        return hook
+
+    def metrics(self) -> dict[str, float]:
+        """The metrics since the last call (then reset). Collective over the DP group."""
+        import torch.distributed as dist
+        from megatron.core.transformer.moe.moe_utils import (
+            clear_aux_losses_tracker,
+            get_moe_layer_wise_logging_tracker,
+        )
+
+        out: dict[str, float] = {}
+        for layer in sorted(self._counts):
+            counts = self._counts[layer]
+            if self._dp_group is not None and dist.get_world_size(self._dp_group) > 1:
+                dist.all_reduce(counts, group=self._dp_group)
+            mean = float(counts.mean())
+            out[f"moe/load_max_over_mean/layer_{layer}"] = float(counts.max()) / max(mean, 1e-9)
+        self._counts.clear()
+        if self._handles:
+            aux = 0.0
+            tracker = get_moe_layer_wise_logging_tracker()
+            for name, entry in tracker.items():
+                if "load_balancing" in name and entry.get("values") is not None:
+                    aux += float(entry["values"].sum())
+            clear_aux_losses_tracker()
+            out["moe/aux_loss"] = aux
+        return out
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+def set_replay(model_chunks: Sequence[Any], indices: dict[int, torch.Tensor]) -> None:
+    """Replay ``indices[layer]`` (``[tokens, k]`` long, megatron's token order) in the next
+    forward (and its recompute) of every MoE layer of these chunks."""
+    from megatron.core.transformer.moe.router_replay import RouterReplayAction
+
+    for layer, router in routers(model_chunks):
+        replay = router.router_replay
+        if replay is None:
+            raise RuntimeError(
+                "routing replay needs the model built with model.moe.routing_replay=rollout "
+                "(megatron's moe_enable_routing_replay)"
+            )
+        replay.clear_indices()
+        replay.set_target_indices(indices[layer])
+        replay.set_router_replay_action(RouterReplayAction.REPLAY_FORWARD)
+
+
+def clear_replay(model_chunks: Sequence[Any]) -> None:
+    """Routers route themselves again (no recorded or target indices kept)."""
+    for _, router in routers(model_chunks):
+        if router.router_replay is not None:
+            router.router_replay.clear_indices()
+            router.router_replay.clear_router_replay_action()
+
+
+def last_routing(model_chunks: Sequence[Any]) -> dict[int, torch.Tensor]:
+    """Per layer, the top-k experts of the last forward (recorded when the replay action is
+    RECORD, see :func:`record_routing`)."""
+    return {
+        layer: router.router_replay.get_recorded_indices()
+        for layer, router in routers(model_chunks)
+        if router.router_replay is not None
+    }
+
+
+def record_routing(model_chunks: Sequence[Any]) -> None:
+    """The next forwards record each router's top-k indices (read with :func:`last_routing`)."""
+    from megatron.core.transformer.moe.router_replay import RouterReplayAction
+
+    for _, router in routers(model_chunks):
+        router.router_replay.clear_indices()
+        router.router_replay.set_router_replay_action(RouterReplayAction.RECORD)

@@ -1,0 +1,88 @@
+"""A transformers Qwen3-MoE engine's experts: where each token is routed (routing replay, R3),
+and where per-expert weights land in transformers' fused expert tensors.
+
+transformers' `Qwen3MoeTopKRouter.forward` returns `(router_logits, top-k weights, top-k
+indices)`; :class:`RoutedExperts` hooks every MoE layer's router and keeps the indices of each
+forward, so a rollout records which `k` experts every token went to in every layer. Dense models
+have no routers: nothing is recorded (``layers == 0``).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+
+
+class RoutedExperts:
+    """Context manager: while active, every forward's top-k expert indices per MoE layer.
+
+    `calls[j][layer]` is the `[tokens, k]` index tensor of the j-th forward in layer order
+    (tokens flattened batch-major, as transformers flattens `[batch, seq]`).
+    """
+
+    def __init__(self, model: Any) -> None:
+        self.routers = [
+            (i, layer.mlp.gate)
+            for i, layer in enumerate(_decoder_layers(model))
+            if hasattr(layer.mlp, "gate") and hasattr(layer.mlp, "experts")
+        ]
+        self.calls: list[dict[int, torch.Tensor]] = []
+        self._handles: list[Any] = []
+
+    @property
+    def layers(self) -> int:
+        return len(self.routers)
+
+    def __enter__(self) -> RoutedExperts:
+        for i, router in self.routers:
+            self._handles.append(router.register_forward_hook(self._hook(i)))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def _hook(self, layer: int) -> Any:
+        def hook(module: Any, args: Any, output: Any) -> None:
+            if layer == self.routers[0][0]:
+                self.calls.append({})
+            self.calls[-1][layer] = output[2].detach()
+
+        return hook
+
+    def per_token(self, call: int = -1) -> torch.Tensor:
+        """`[tokens, layers, k]` (int64) of one forward."""
+        got = self.calls[call]
+        return torch.stack([got[i] for i, _ in self.routers], dim=1)
+
+
+def _decoder_layers(model: Any) -> Any:
+    inner = getattr(model, "model", model)
+    return inner.layers
+
+
+_EXPERT_NAME = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+
+
+def fused_expert_slot(name: str, state: dict[str, Any]) -> tuple[str, torch.Tensor] | None:
+    """transformers >= 5 keeps a MoE layer's experts fused in memory (`experts.gate_up_proj`
+    `[E, 2 f, h]` = each expert's gate rows then up rows, `experts.down_proj` `[E, h, f]`) while
+    checkpoints, SGLang and our weight stream name them per expert
+    (`experts.{e}.gate_proj.weight`). For such a name: (the fused parameter's name, the view of
+    it that expert tensor fills); None for any other name or an unfused model."""
+    m = _EXPERT_NAME.match(name)
+    if m is None:
+        return None
+    base, e, kind = m.group(1), int(m.group(2)), m.group(3)
+    fused_name = f"{base}.down_proj" if kind == "down_proj" else f"{base}.gate_up_proj"
+    fused = state.get(fused_name)
+    if fused is None or fused.dim() != 3 or e >= fused.shape[0]:
+        return None
+    view = fused.data[e]
+    if kind != "down_proj":
+        half = view.shape[0] // 2
+        view = view[:half] if kind == "gate_proj" else view[half:]
+    return fused_name, view
