@@ -48,8 +48,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from rlrt_megatron.launch.layout import check_world, trainer_errors
 from rlrt_megatron.launch import plan_moe
+from rlrt_megatron.launch.layout import check_world, trainer_errors
 from rlrt_megatron.launch.plan_shapes import (
     ModelShape,
     PlanError,

@@ -51,6 +51,7 @@ from rlrt_megatron.config import ConfigError
 from rlrt_megatron.convert.io import copy_hf_metadata
 from rlrt_megatron.convert.load import model_sharded_state_dict, unwrap
 from rlrt_megatron.megatron.rng import rng_state, set_rng_state
+from rlrt_megatron.trainer.ckpt_manifest import write_manifest
 from rlrt_megatron.trainer.optimizer_state import (
     OPTIMIZER_FORMAT,
     OPTIMIZER_METADATA,
@@ -59,7 +60,6 @@ from rlrt_megatron.trainer.optimizer_state import (
     load_optimizer_state,
     set_adam_step,
 )
-from rlrt_megatron.trainer.ckpt_manifest import write_manifest
 
 ITER_RE = re.compile(r"^iter_(\d{7})$")
 LATEST = "latest"
