@@ -1,10 +1,10 @@
 """Fixtures of the `sglang` tier: REAL `sglang.launch_server` processes on the CPU.
 
 The servers run in the SGLang venv (`make sglang-env`, /opt/venv-sglang; $RLRT_SGLANG_PYTHON
-points elsewhere) with the CPU flags of sglang_env.py and `tests/sglang_cpu` (the two sgl_kernel helpers
-in plain torch) first on their PYTHONPATH. Without that venv every test of the tier is skipped
-with the reason, and the reasons are repeated at the end of the run (and appended to
-$RLRT_CI_SKIP_LOG under CI) so a skipped tier cannot pass unseen.
+points elsewhere) with the CPU flags of sglang_env.py and `tests/sglang_cpu` (the two
+sgl_kernel helpers in plain torch) first on their PYTHONPATH. Without that venv every test of
+the tier is skipped with the reason, and the reasons are repeated at the end of the run (and
+appended to $RLRT_CI_SKIP_LOG under CI) so a skipped tier cannot pass unseen.
 """
 
 from __future__ import annotations

@@ -100,10 +100,16 @@ def check_run(rows: list[dict], run_dir: Path, async_steps: int) -> None:
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
     for r in rows:
         assert "reward/mean" in r and 0.0 <= r["reward/mean"] <= 1.0
-        assert r["rollout/logprob_abs_diff"] < 1e-3, r
         assert r["rollout/version"] == r["step"]  # weights pushed after every step
         assert r.get("rollout/staleness_max", 0.0) <= async_steps
-    assert any("rollout/sync_check_abs_diff" in r for r in rows)  # the check compared
+        # served vs Megatron log-probs of the same tokens under the same weights: the batch
+        # itself (synchronous; asynchronous step 1), else the engine's score of the next
+        # batch's first rows right after the push (SGLangEngine.score)
+        assert r["rollout/sync_check_abs_diff"] < 1e-3, r
+        if not async_steps or r["step"] == 1:
+            assert r["rollout/logprob_abs_diff"] < 1e-3, r
+        # asynchronous steps >= 2 sample with the previous weights: their logprob_abs_diff is
+        # the one-step policy change, not an engine error
     # the key reached the server (it answered us) yet no file under the run dir holds it
     assert (run_dir / "sglang_logs" / "server0.log").is_file()
     for root, _, files in os.walk(run_dir):
