@@ -7,18 +7,21 @@ N = parameter elements of one TP x PP shard and W = the weight (+ teacher copy) 
 
 * distributed optimizer, data-parallel rank 0 of each TP x PP group: the group's optimizer
   shards gathered over gloo into three fp32 host tensors (main params, exp_avg, exp_avg_sq:
-  12 N), built from its own slice (12 N / DP) and, one key at a time, the received pieces and
-  their concatenation (8 N); then the writer stages what this rank writes: a copy of the gathered
-  state (written from views, which megatron's writer clones: 12 N) and the weights copied off the
-  GPU (W). Peak: max(12 N + 12 N / DP + 8 N, 24 N + W);
+  12 N), built from its own slice (12 N / DP) and, key by key, the received pieces and their
+  concatenation while the previous key's concatenation is still alive (12 N); then the writer
+  stages what this rank writes: a copy of the gathered state (written from views, which
+  megatron's writer clones: 12 N) and the weights copied off the GPU (W). Peak:
+  24 N + max(12 N / DP, W). Measured on CPU (`benchmarks/checkpoint_memory.py`, DP 2, fp32):
+  30 bytes per parameter on rank 0, 6 on rank 1, as counted here;
 * its other data-parallel ranks: their own slice, 12 N / DP (replicas: they write nothing);
 * the plain optimizer: each rank holds the whole state on the GPU and data-parallel rank 0 writes
   it, copied to the host: 12 N (8 N for fp32 params: no main copy) + W; the others nothing.
 
 Megatron's default variant (all-gathered through GPU buffers onto every data-parallel rank)
-holds 12 N + 12 N / DP + 8 N on every data-parallel rank: printed beside it. The busiest node is
-the first one (ranks 0..g-1; megatron's order puts TP fastest, then DP, then PP). On disk: each
-weight once (and the teacher copy) plus the optimizer state, 12 (or 8) bytes per parameter.
+holds 24 N + 12 N / DP on every data-parallel rank (measured: 30 bytes per parameter at DP 2):
+printed beside it. The busiest node is the first one (ranks 0..g-1; megatron's order puts TP
+fastest, then DP, then PP). On disk: each weight once (and the teacher copy) plus the optimizer
+state, 12 (or 8) bytes per parameter.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ def save_cost(shape: ModelShape, lay: Any, s: Any) -> dict[str, float]:
             return opt_per * n + w if dp_rank == 0 else 0.0
         if dp_rank:
             return 12 * n / dp
-        return max(12 * n + 12 * n / dp + 8 * n, 24 * n + w)
+        return 24 * n + max(12 * n / dp, w)
 
     node = sum(
         per_rank(r // (tp * dp), (r // tp) % dp) for r in range(min(lay.gpus_per_node, lay.world))
@@ -58,7 +61,7 @@ def save_cost(shape: ModelShape, lay: Any, s: Any) -> dict[str, float]:
         "other": max(per_rank(k, 1) for k in range(pp)) if dp > 1 else 0.0,
         "node": node,
         # megatron's default variant: every data-parallel rank gathers as rank 0 does here
-        "default_dp": max(20 * n + 12 * n / dp for n in n_stage) if s.distributed_optimizer else 0,
+        "default_dp": max(24 * n + 12 * n / dp for n in n_stage) if s.distributed_optimizer else 0,
         "disk": total * (pbytes + tbytes + opt_per),
     }
 
