@@ -25,9 +25,10 @@ GOLDEN = os.path.join(os.path.dirname(__file__), "data", "longtail_golden.json")
 PARTIAL = ["rollout.max_staleness=2", "rollout.partial=true"]
 
 
-def _run(tiny_model: dict, run_dir: str, *extra: str) -> dict[int, dict]:
+def _run(tiny_model: dict, run_dir: str, *extra: str, resume: str = "none") -> dict[int, dict]:
+    """Train to the end (`--resume resume`); the metrics rows by step."""
     out = subprocess.run(
-        train_cmd(tiny_model, run_dir, *extra, "--resume", "none"),
+        train_cmd(tiny_model, run_dir, *extra, "--resume", resume),
         capture_output=True, text=True, timeout=900, env=clean_env(),
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
@@ -87,12 +88,7 @@ def test_preempted_partial_run_resumes_with_identical_metrics(
     with open(os.path.join(run_dir, "checkpoints", "latest")) as f:
         stopped = int(f.read().strip().split("_")[1])
     assert 1 <= stopped < 4, "the signal should stop the run before its last step"
-    resumed = subprocess.run(
-        train_cmd(tiny_model, run_dir, *PARTIAL, "--resume", "auto"),
-        capture_output=True, text=True, timeout=900, env=clean_env(),
-    )  # fmt: skip
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    rows = {r["step"]: computed(r) for r in metrics_rows(run_dir)}
+    rows = _run(tiny_model, run_dir, *PARTIAL, resume="auto")
     assert sorted(rows) == [1, 2, 3, 4]
     for step in range(1, 5):
-        assert rows[step] == computed(partial_reference[step]), f"step {step} differs"
+        assert computed(rows[step]) == computed(partial_reference[step]), f"step {step} differs"
