@@ -113,4 +113,3 @@ def clear_replay(model_chunks: Sequence[Any]) -> None:
         if router.router_replay is not None:
             router.router_replay.clear_indices()
             router.router_replay.clear_router_replay_action()
-
