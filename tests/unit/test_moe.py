@@ -47,6 +47,7 @@ def test_ep_must_divide_the_experts():
         check_parallel(tiny_config("qwen3_moe"), tp=1, ep=3, etp=None)
     with pytest.raises(ValueError, match="dense"):
         check_parallel(tiny_config("qwen3"), tp=1, ep=2, etp=None)
+    check_parallel(tiny_config("qwen3"), tp=2, ep=1, etp=2)  # megatron's default etp = tp
 
 
 def test_mapping_has_per_expert_rules_in_both_directions():

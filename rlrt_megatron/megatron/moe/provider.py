@@ -93,10 +93,10 @@ def check_parallel(hf_config: Any, *, tp: int, ep: int, etp: int | None) -> None
     n = num_experts(hf_config) if is_moe(hf_config) else 0
     if ep < 1 or (etp is not None and etp < 1):
         raise ValueError(f"parallel.ep={ep} and parallel.etp={etp} must be >= 1")
-    if n == 0:
-        if ep > 1 or (etp or 1) > 1:
+    if n == 0:  # (megatron sets the expert TP size to tp by default: only ep is checked)
+        if ep > 1:
             raise ValueError(
-                f"parallel.ep={ep} / parallel.etp={etp} need a mixture-of-experts model; "
+                f"parallel.ep={ep} needs a mixture-of-experts model; "
                 f"model_type={_get(hf_config, 'model_type')!r} is dense: set parallel.ep=1"
             )
         return

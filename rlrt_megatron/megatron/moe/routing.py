@@ -113,22 +113,3 @@ def clear_replay(model_chunks: Sequence[Any]) -> None:
         if router.router_replay is not None:
             router.router_replay.clear_indices()
             router.router_replay.clear_router_replay_action()
-
-
-def last_routing(model_chunks: Sequence[Any]) -> dict[int, torch.Tensor]:
-    """Per layer, the top-k experts of the last forward (recorded when the replay action is
-    RECORD, see :func:`record_routing`)."""
-    return {
-        layer: router.router_replay.get_recorded_indices()
-        for layer, router in routers(model_chunks)
-        if router.router_replay is not None
-    }
-
-
-def record_routing(model_chunks: Sequence[Any]) -> None:
-    """The next forwards record each router's top-k indices (read with :func:`last_routing`)."""
-    from megatron.core.transformer.moe.router_replay import RouterReplayAction
-
-    for _, router in routers(model_chunks):
-        router.router_replay.clear_indices()
-        router.router_replay.set_router_replay_action(RouterReplayAction.RECORD)
