@@ -122,6 +122,16 @@ def _step_of(path: str) -> int:
     return int(os.path.basename(os.path.normpath(path)).split("_")[-1])
 
 
+def _named_by_latest(root: str) -> str | None:
+    """The directory the `latest` pointer under `root` names, if it exists."""
+    try:
+        with open(os.path.join(root, "latest")) as f:
+            path = os.path.join(root, f.read().strip())
+    except OSError:
+        return None
+    return path if os.path.isdir(path) else None
+
+
 def choose_checkpoint(
     checkpointer: Any, resume: str, warn: Callable[[str], None] = _warn
 ) -> str | None:
@@ -129,13 +139,26 @@ def choose_checkpoint(
     with `auto`, the newest one that passes, warning about each one skipped; raises
     `CheckpointDamaged` when none passes (or the named one does not)."""
     first = checkpointer.resolve(resume)
+    damaged = []
+    if resume == "auto":
+        named = _named_by_latest(checkpointer.root)
+        if named and named != first:  # `latest` names a directory that lost its trainer state
+            line = (
+                f"{named} is damaged: {'; '.join(verify(named) or ['trainer_state.json: missing'])}"
+            )
+            damaged.append(line)
+            warn(line + " -- skipping it, trying an older checkpoint")
     if first is None:
+        if damaged:
+            raise CheckpointDamaged(
+                f"no intact checkpoint to resume: {damaged[0]}. Nothing was loaded; restore "
+                "the files or start over (checkpoint.resume=none)"
+            )
         return None
     candidates = [first]
     if resume == "auto":
         older = [p for p in checkpointer.complete() if _step_of(p) < _step_of(first)]
         candidates += older[::-1]
-    damaged = []
     for path in candidates:
         problems = verify(path)
         if problems is None:

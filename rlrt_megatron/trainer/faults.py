@@ -77,13 +77,14 @@ def maybe_kill(phase: str, step: int, rank: int) -> None:
 
 def maybe_kill_engine(engine: Any, step: int) -> None:
     """`kill9_engine@K` (test hook): SIGKILL the local engine's process (`rollout.local_process`
-    or `async_steps=1`) 50 ms into the generation of batch K."""
+    or `async_steps=1`) 10 ms after the generation of batch K starts (a tiny model may finish
+    a batch in ~50 ms: the death then surfaces at the engine's next call, the weight sync)."""
     proc = getattr(engine, "_proc", None)
     if injected("kill9_engine", step) and proc is not None:
-        at = time.time() + 0.05
+        at = time.time() + 0.01
         print(f"[rlrt] fault injected: kill -9 of the engine process (pid {proc.pid}) while it "
               f"generates batch {step} at {at:.3f}", file=sys.stderr, flush=True)  # fmt: skip
-        threading.Timer(0.05, os.kill, (proc.pid, signal.SIGKILL)).start()
+        threading.Timer(0.01, os.kill, (proc.pid, signal.SIGKILL)).start()
 
 
 class _NanGrad(torch.autograd.Function):

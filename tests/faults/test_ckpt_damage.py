@@ -59,6 +59,10 @@ DAMAGE = {  # name -> (what to do to a checkpoint directory, the file the warnin
         "trainer_state.json",
     ),
     "missing_shard": (lambda d: os.remove(_largest_shard(d)), "dist/__0_0.distcp: missing"),
+    "missing_trainer_state": (
+        lambda d: os.remove(os.path.join(d, "trainer_state.json")),
+        "trainer_state.json: missing",
+    ),
 }
 
 
