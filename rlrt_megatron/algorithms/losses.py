@@ -233,6 +233,9 @@ def generalized_jsd(
         raise ValueError(f"generalized_jsd: `beta` must be in [0, 1], got {beta}")
     s = f32(student_logprobs).clamp(min=_LOGP_FLOOR)
     t = f32(teacher_logprobs).clamp(min=_LOGP_FLOOR)
+    # within float64 rounding of an end point, the end point: otherwise JSD_beta(S, T) and
+    # JSD_{1-beta}(T, S) disagree where 1 - beta rounds to 1.0 (e.g. beta = 5e-324)
+    beta = 0.0 if beta < 1e-15 else 1.0 if beta > 1.0 - 1e-15 else beta
     if beta == 0.0:
         return _kl(t, s)
     if beta == 1.0:

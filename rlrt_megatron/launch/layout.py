@@ -29,8 +29,11 @@ def model_dims(cfg: Any) -> dict | None:
         shape, _ = model_shape(cfg.model.hf_path, cfg.model.build_tiny)
     except PlanError:
         return None
-    return {"num_attention_heads": shape.heads, "num_key_value_heads": shape.kv_heads,
+    dims = {"num_attention_heads": shape.heads, "num_key_value_heads": shape.kv_heads,
             "num_hidden_layers": shape.layers}  # fmt: skip
+    if shape.experts:  # a built-in MoE shape: the trainer's EP checks need its expert count
+        dims.update(model_type="qwen3_moe", num_experts=shape.experts)
+    return dims
 
 
 def ranks_per_node(gpus_per_node: int) -> int:

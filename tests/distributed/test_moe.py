@@ -25,7 +25,8 @@ from dist_utils import run_distributed
 from test_parallel_invariance import NUM_MB, RTOL, VOCAB, _assert_grads_close, _ce_loss
 from test_parity import load_hf_tensors
 
-pytestmark = pytest.mark.distributed
+# slow tier (`make test-slow`, run by .ci/run when time allows): keeps `make test` < 15 min
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 PARITY_TOL = 1e-4
 LAYOUTS = [(1, 1, 1), (1, 1, 2), (2, 1, 2), (1, 2, 1), (1, 2, 2)]  # (tp, pp, ep), world 4

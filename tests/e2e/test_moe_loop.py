@@ -11,7 +11,8 @@ import pytest
 from dist_utils import run_distributed
 from e2e_helpers import FAST
 
-pytestmark = [pytest.mark.e2e, pytest.mark.distributed]
+# slow tier (`make test-slow`, run by .ci/run when time allows): keeps `make test` < 15 min
+pytestmark = [pytest.mark.e2e, pytest.mark.distributed, pytest.mark.slow]
 
 # SFT-warmed as the dense demo model, so some rollouts are correct and the loss has a gradient
 MOE = ["model.tiny_arch=qwen3_moe", "model.sft_warmup_steps=300", "rollout.max_new_tokens=16"]

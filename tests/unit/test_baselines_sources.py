@@ -71,6 +71,7 @@ class _FakePolicy:
     """Records what each mini-batch trained with; the 'student' is its number of updates."""
 
     dp_rank, dp_size = 0, 1
+    last_nonfinite = None  # every mini-batch finite (train.on_nonfinite is not under test)
 
     def __init__(self) -> None:
         self.version = 0
@@ -115,7 +116,7 @@ def test_topk_support_comes_from_the_current_student_each_minibatch(algo_name) -
         teacher_topk_logprobs=torch.zeros(n, t, k + 1), teacher_entropy=torch.zeros(n, t),
     )  # fmt: skip
     pol = _FakePolicy()
-    run = SimpleNamespace(cfg=cfg, policy=pol, algo=algo, teacher=None)
+    run = SimpleNamespace(cfg=cfg, policy=pol, algo=algo, teacher=None, step=0)
     steps.update(run, batch, prepared)
     # mini-batch j trains on the support of the student after j updates (today: always 0)
     assert pol.seen == [0, 1, 2, 3]
