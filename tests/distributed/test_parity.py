@@ -215,6 +215,7 @@ def _layouts_worker(rank: int, world_size: int, root: str) -> dict:
     return out
 
 
+@pytest.mark.slow  # the slow tier (make test-slow, run by .ci/run): keeps make test < 15 min
 def test_parity_and_export_at_every_layout(converted) -> None:
     root, _ = converted
     results = run_distributed(_layouts_worker, 4, str(root))

@@ -68,6 +68,7 @@ def _csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
     return header, rows
 
 
+@pytest.mark.slow  # the slow tier (make test-slow, run by .ci/run): keeps make test < 15 min
 def test_compare_resume_outputs_and_rerun(tiny_model, tmp_path) -> None:
     run_dir = tmp_path / "cmp"
     log1 = open(tmp_path / "first.log", "w")  # noqa: SIM115

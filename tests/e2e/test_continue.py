@@ -9,7 +9,8 @@ import subprocess
 import pytest
 from e2e_helpers import clean_env, metrics_rows, train_cmd
 
-pytestmark = pytest.mark.e2e
+# slow tier (`make test-slow`, run by .ci/run when time allows): keeps `make test` < 15 min
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 @pytest.mark.parametrize("mode", [[], ["rollout.async_steps=1"]], ids=["sync", "async"])
