@@ -67,6 +67,10 @@ class SyncCheckError(RuntimeError):
     """The rollout engine does not run the trainer's weights."""
 
 
+class RolloutQueueError(RuntimeError):
+    """A batch in flight could not be generated when the loop needed it whole (a checkpoint)."""
+
+
 def sync_tol(cfg: Any) -> float:
     """`rollout.sync_check_tol`, or its per-dtype default when 0 (< 0 = check off)."""
     from rlrt_megatron.platform import resolve_dtype
@@ -317,7 +321,15 @@ class RolloutQueue:
         its prompt indices and regenerated on resume."""
         for step in sorted(self.items):
             if step <= run.step + self.depth:
-                self.wait(step)
+                try:
+                    self.wait(step)
+                except Exception as e:
+                    raise RolloutQueueError(
+                        f"the checkpoint of step {run.step} needs batch {step} (sampled with older "
+                        f"weights, saved whole) and its generation failed: {type(e).__name__}: {e}."
+                        f" This checkpoint is not written; `--resume auto` starts from the latest "
+                        f"intact one and redoes the steps after it"
+                    ) from e
         meta = {
             "max_staleness": self.bound,
             "partial": self.partial,

@@ -131,13 +131,24 @@ def test_killed_engine_fails_clearly_before_training_on_the_batch(
     ((rc, end, err),) = _launch(tiny_model, run_dir, 1, *extra, "--resume", "none", env=env)
     assert rc == 1, err[-3000:]
     # in `rollout` (waiting for the batch), or at the engine's next call, the weight `sync`,
-    # when the tiny model finished the batch before the kill landed
-    assert re.search(r"phase '(rollout|sync)' failed", err), err[-3000:]
+    # when the tiny model finished the batch before the kill landed; async with the local
+    # engine, batch 3 is generated while step 2 trains: the checkpoint of step 2, which saves
+    # batch 3 whole, is the first to wait for it and is not written
+    found = re.search(r"phase '(rollout|sync|checkpoint)' failed", err)
+    assert found, err[-3000:]
+    phase = found.group(1)
     assert "the rollout process died (exit code -9)" in err
     detect = end - _injected_at(err)
-    assert sorted(_rows(run_dir)) == [1]  # the step whose batch was cut short never trained
-    phase = re.search(r"phase '(\w+)' failed", err).group(1)
-    seen = f"RolloutProcessError in '{phase}' (exit code -9); only step 1 logged"
+    ckpts = sorted(os.listdir(os.path.join(run_dir, "checkpoints")))
+    assert ckpts == ["iter_0000001", "latest"], ckpts
+    if phase == "checkpoint":
+        assert asynchronous, err[-3000:]
+        assert f"the checkpoint of step 2 needs batch {batch}" in err, err[-3000:]
+        assert sorted(_rows(run_dir)) == [1, 2]  # step 2 trained on batch 2, then not saved
+        seen = "RolloutProcessError in 'checkpoint' of step 2 (exit code -9); iter_1 latest"
+    else:
+        assert sorted(_rows(run_dir)) == [1]  # the step whose batch was cut short never trained
+        seen = f"RolloutProcessError in '{phase}' (exit code -9); only step 1 logged"
     row.update(exit=rc, detect_s=round(detect, 1), observed=seen)
     ((rc, _, err),) = _launch(tiny_model, ref_dir, 1, *extra, "--resume", "none")
     assert rc == 0, err[-3000:]
