@@ -399,6 +399,31 @@ def push_weights(run: Run, version: int) -> None:
     run.rollout_version = version
 
 
+def mismatch_metrics(batch: Batch, trainer_v: int) -> dict[str, float]:
+    """Engine vs Megatron log-probs of the same tokens. `rollout/logprob_abs_diff` compares them
+    under the SAME weights (the training-inference mismatch): over the tokens sampled with the
+    trainer's version `trainer_v` (or of unknown version: an engine that does not report it),
+    else the sync check's same-version score (`rollout/sync_check_abs_diff`, asynchronous rollouts
+    where every token is older). `rollout/stale_logprob_abs_diff` is the same mean over the
+    tokens sampled with older weights: the policy change since, not an engine error."""
+    mask = batch.mask
+    versions = torch.full_like(mask, trainer_v)
+    for i, row in enumerate(batch.token_versions):
+        n = min(len(row), versions.shape[1])
+        versions[i, :n] = torch.tensor(row[:n], dtype=versions.dtype, device=versions.device)
+    same = mask * ((versions == trainer_v) | (versions < 0)).to(mask.dtype)
+    gap = (batch.behavior - batch.student_logprobs).abs()
+    out: dict[str, float] = {}
+    for key, m in (("rollout/logprob_abs_diff", same), ("rollout/stale_logprob_abs_diff",
+                                                       mask - same)):  # fmt: skip
+        if float(m.sum()) > 0:
+            out[key] = float((gap * m).sum() / m.sum())
+    probe = batch.sync_metrics.get("rollout/sync_check_abs_diff")
+    if "rollout/logprob_abs_diff" not in out and probe is not None:
+        out["rollout/logprob_abs_diff"] = probe
+    return out
+
+
 def step_metrics(
     run: Run, batch: Batch, prepared: Any, upd: dict, times: dict, t0: float
 ) -> dict[str, Any]:
@@ -422,11 +447,8 @@ def step_metrics(
         "teacher/frac_rows": float(batch.has_teacher.float().mean()),
     }
     m.update({k: v for k, v in batch.reward_info.items() if k != "reward/mean"})
-    # engine vs Megatron log-probs of the same tokens (training-inference mismatch)
-    m["rollout/logprob_abs_diff"] = float(
-        ((batch.behavior - batch.student_logprobs).abs() * mask).sum() / max(n_tok, 1.0)
-    )
     m.update(batch.sync_metrics)
+    m.update(mismatch_metrics(batch, run.step))
     if batch.teacher_logprobs is not None:
         m.update(teacher_metrics(batch, r > 0.5))
     # the rollout correction's mismatch/* metrics keep their own name
