@@ -9,8 +9,11 @@ import os
 import sys
 import time
 
+import pytest
+
 from recipes import get_recipe
 from rlrt_megatron.config import REDACTED
+from rlrt_megatron.rollout.sglang.engine import launch_key
 from rlrt_megatron.rollout.sglang.server import (
     Server,
     build_launch_command,
@@ -82,3 +85,14 @@ def test_launched_server_gets_the_key_in_a_private_file_and_its_log_is_redacted(
     for root, _, files in os.walk(tmp_path):
         for name in files:
             assert KEY not in open(os.path.join(root, name), errors="replace").read()
+
+
+def test_launched_servers_keys_never_start_with_a_dash():
+    # SGLang's --config loader passes the key to argparse as its own word: '-...' is an option
+    # there and the server exits (a url-safe key began with '-' once in 64 launches)
+
+    keys = {launch_key(None) for _ in range(2000)}
+    assert len(keys) == 2000 and not [k for k in keys if k.startswith("-")]
+    assert launch_key(KEY) == KEY
+    with pytest.raises(ValueError, match="starts with '-'"):
+        launch_key("-" + KEY)

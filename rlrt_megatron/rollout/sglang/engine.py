@@ -60,6 +60,21 @@ def _require_server_python(python: str) -> None:
         )
 
 
+def launch_key(api_key: str | None) -> str:
+    """The API key of servers we launch: the user's, or a fresh one. Hex: SGLang's `--config`
+    loader hands the key to argparse as a word of its own, where a key starting with '-' (1 in 64
+    url-safe ones) reads as an option and the server exits (`--api-key: expected one argument`)."""
+    if api_key is None:
+        return secrets.token_hex(24)
+    if api_key.startswith("-"):
+        raise ValueError(
+            "rollout.sglang_api_key / RLRT_ROLLOUT_API_KEY starts with '-': the SGLang server "
+            "we launch would read it as an option (`--api-key: expected one argument`); choose "
+            "a key that starts with a letter or digit"
+        )
+    return api_key
+
+
 class SGLangEngine(WeightSync):
     """RolloutEngine over `num_servers` SGLang servers of `tp` GPUs each.
 
@@ -116,9 +131,7 @@ class SGLangEngine(WeightSync):
         self.env = dict(env or {})  # extra environment of launched servers
         # servers we launch always get a key (they may listen on the node's address)
         api_key = api_key or os.environ.get("RLRT_ROLLOUT_API_KEY")
-        if api_key is None and _urls is None:
-            api_key = secrets.token_urlsafe(24)
-        self.api_key = api_key
+        self.api_key = api_key if _urls is not None else launch_key(api_key)
         self.colocated = colocated
         self.dtype = getattr(torch, dtype)  # the servers' parameter dtype (probes compare in it)
         self.sync_mode = sync_mode or ("tensor" if colocated else "distributed")
