@@ -10,7 +10,7 @@ import pytest
 from dist_utils import run_distributed
 from e2e_helpers import FAST, computed, model_overrides
 
-pytestmark = [pytest.mark.e2e, pytest.mark.distributed]
+pytestmark = [pytest.mark.e2e, pytest.mark.distributed, pytest.mark.mcore019]
 
 ALGOS = ("rlrt", "grpo", "dapo", "rlsd", "srpo", "sdpo")
 

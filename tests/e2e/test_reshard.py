@@ -23,7 +23,7 @@ import pytest
 import torch
 from dist_utils import run_distributed
 
-pytestmark = [pytest.mark.e2e, pytest.mark.distributed]
+pytestmark = [pytest.mark.e2e, pytest.mark.distributed, pytest.mark.mcore019]
 
 VOCAB = 256
 ROWS = 4  # rollouts per mini-batch (the global batch): split over the data-parallel ranks

@@ -9,7 +9,7 @@ import subprocess
 import pytest
 from e2e_helpers import clean_env, computed, metrics_rows, sigterm_after_first_step, train_cmd
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.mcore019]
 
 
 def _cmd(tiny_model: dict, run_dir: str, *extra: str) -> list[str]:
