@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import signal
 import socket
 import tempfile
 from pathlib import Path
@@ -133,7 +134,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def exit_cleanly_on_sigterm() -> None:
+    """In a spawned worker: turn SIGTERM into SystemExit. When one worker fails, torch's
+    `start_processes` SIGTERMs the others; without this they die at once and the named semaphores
+    they created (tqdm's lock, made by transformers' progress bars under the spawn start method)
+    are never unlinked: `resource_tracker: There appear to be N leaked semaphore objects` after
+    the real error. With it, the interpreter unwinds and the finalizers unlink them."""
+
+    def _exit(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, _exit)
+
+
 def _spawned(rank: int, world_size: int, port: int, out_dir: str, args: tuple) -> None:
+    exit_cleanly_on_sigterm()
     os.environ.update(
         RANK=str(rank),
         LOCAL_RANK=str(rank),
