@@ -1,6 +1,7 @@
 """The fault-injection table: every case of tests/faults run on the tiny model, one row each.
 
     python benchmarks/faults.py [--model-dir runs/faults/tiny_model] [--table FILE] [-k EXPR]
+                                [--slurm]
 
 Builds (once, cached in `--model-dir`) the SFT-warmed tiny model, runs the `faults` tier
 (`pytest -m faults tests/faults`) with `RLRT_FAULT_TABLE` set so each test records what it
@@ -41,10 +42,10 @@ def build_model(model_dir: str) -> None:
     _prepare_demo_model(get_recipe("tiny_demo", ["model.sft_warmup_steps=300"]), model_dir)
 
 
-def run_tier(model_dir: str, table: str, select: str | None) -> int:
+def run_tier(model_dir: str, table: str, select: str | None, tier: str = "faults") -> int:
     env = {**os.environ, "RLRT_FAULT_TABLE": table, "RLRT_TEST_TINY_MODEL": model_dir,
            "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}  # fmt: skip
-    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "faults", "tests/faults",
+    cmd = [sys.executable, "-m", "pytest", "-q", "-m", tier, f"tests/{tier}",
            "-p", "no:cacheprovider", "--timeout", "1800"]  # fmt: skip
     if select:
         cmd += ["-k", select]
@@ -72,12 +73,17 @@ def main() -> int:
     ap.add_argument("--model-dir", default=os.path.join(ROOT, "runs", "faults", "tiny_model"))
     ap.add_argument("--table", default=None, help="keep the json rows here (default: temp)")
     ap.add_argument("-k", dest="select", default=None, help="pytest -k expression (a subset)")
+    ap.add_argument("--slurm", action="store_true",
+                    help="also case 10's node death on the local 2-node Slurm cluster (root; "
+                    "tests/slurm, ~8 min)")  # fmt: skip
     args = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     build_model(args.model_dir)
     table = args.table or tempfile.mkstemp(suffix=".jsonl")[1]
     open(table, "w").close()
     rc = run_tier(args.model_dir, table, args.select)
+    if args.slurm:
+        rc = run_tier(args.model_dir, table, "dead_node", tier="slurm") or rc
     with open(table) as f:
         rows = [json.loads(ln) for ln in f if ln.strip()]
     print("\n".join(format_table(rows)))

@@ -286,6 +286,57 @@ class LocalCluster:
             c.pids = json.loads(pids.read_text())
         return c
 
+    # -- a node dying and coming back ----------------------------------------------------------
+    def node_processes(self, node: str, job_id: str) -> list[int]:
+        """Pids of what `node`'s slurmd started for `job_id` (its slurmstepd(s) and their tasks'
+        process trees), slurmstepds first. Both "nodes" share this host: a task is `node`'s by
+        its SLURMD_NODENAME, a slurmstepd by being a task's ancestor."""
+        tasks, parent, comm = [], {}, {}
+        for d in Path("/proc").iterdir():
+            if not d.name.isdigit():
+                continue
+            try:
+                stat = (d / "stat").read_text()
+                env = (d / "environ").read_bytes().split(b"\0")
+            except OSError:  # gone meanwhile, or not readable
+                continue
+            pid = int(d.name)
+            comm[pid] = stat[stat.index("(") + 1 : stat.rindex(")")]
+            parent[pid] = int(stat[stat.rindex(")") + 2 :].split()[1])
+            if f"SLURMD_NODENAME={node}".encode() in env and (
+                f"SLURM_JOB_ID={job_id}".encode() in env
+            ):
+                tasks.append(pid)
+        steps = set()
+        for pid in tasks:
+            p = parent.get(pid, 0)
+            while p > 1 and not comm.get(p, "").startswith("slurmstepd"):
+                p = parent.get(p, 0)
+            if p > 1:
+                steps.add(p)
+        return sorted(steps) + sorted(tasks)
+
+    def kill_node(self, node: str, job_id: str) -> list[int]:
+        """`node` dies (power loss): its slurmd, and the slurmstepd(s) and tasks it started for
+        `job_id`, stopped at once and then SIGKILLed, so no process of the node reports anything.
+        Returns the pids killed (slurmd first)."""
+        pids = [self.pids.pop(f"slurmd-{node}"), *self.node_processes(node, job_id)]
+        self._save_pids()
+        for sig in (signal.SIGSTOP, signal.SIGKILL):
+            for pid in pids:
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+        for pid in pids:
+            _pid_alive(pid)  # reap our own child (the slurmd)
+        return pids
+
+    def restart_node(self, node: str) -> None:
+        """The node is back (rebooted): start its slurmd again. With ReturnToService=2 a node
+        that was DOWN for not responding returns to service when it registers."""
+        self._spawn(f"slurmd-{node}", ["slurmd", "-D", "-N", node, "-f", str(self.conf)])
+
     # -- jobs ----------------------------------------------------------------------------------
     def job_state(self, job_id: str) -> dict[str, str]:
         p = self.run("scontrol", "-o", "show", "job", job_id, check=False)

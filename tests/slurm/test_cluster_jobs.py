@@ -117,10 +117,7 @@ def running(cluster, job: str, cond):  # noqa: ANN001, ANN201
     return check
 
 
-def release_requeued(cluster, job: str, timeout: float = 120) -> None:
-    """Wait for the requeue, then shorten the 120 s hold Slurm puts on requeued jobs
-    (`scontrol update StartTime=now`) so the test does not sit idle."""
-
+def wait_requeued(cluster, job: str, timeout: float) -> None:
     def requeued() -> bool:
         info = cluster.job_state(job)
         if info.get("JobState") in TERMINAL:
@@ -130,6 +127,12 @@ def release_requeued(cluster, job: str, timeout: float = 120) -> None:
         return info.get("Restarts") == "1" and info.get("JobState") == "PENDING"
 
     wait_for(requeued, timeout, "the requeue")
+
+
+def release_requeued(cluster, job: str, timeout: float = 120) -> None:
+    """Wait for the requeue, then shorten the 120 s hold Slurm puts on requeued jobs
+    (`scontrol update StartTime=now`) so the test does not sit idle."""
+    wait_requeued(cluster, job, timeout)
     # slurmd revokes the old incarnation's credential with a 1 s resolution: a restart in the same
     # second is refused ("Job credential revoked"). Let both nodes finish the old run first.
     wait_for(cluster.nodes_idle, 60, "the nodes to clean up the first run")
@@ -270,16 +273,21 @@ def test_a_tiny_recipe_tp2_across_two_nodes_finishes(uninterrupted):
     assert (uninterrupted["run_dir"] / "checkpoints" / "latest").exists()
 
 
-def run_preempted(cluster, tiny_model, uninterrupted, job_dir, preempt) -> str:
-    """Start the tiny run, `preempt(job)` right after its first step, let the requeued job resume
-    from `latest`; every step's metrics must equal the uninterrupted run's."""
+def run_preempted(
+    cluster, tiny_model, uninterrupted, job_dir, preempt, extra: tuple[str, ...] = ()
+) -> str:
+    """Start the tiny run (+ `extra` overrides), `preempt(job)` right after its first step (and
+    its first checkpoint, if it writes one), let the requeued job resume from `latest`; every
+    step's metrics must equal the uninterrupted run's."""
     assert uninterrupted["info"]["JobState"] == "COMPLETED", uninterrupted["out"]
     run_dir = job_dir / "run"
-    job = sbatch(cluster, job_dir, *TINY, *tiny_model, f"logging.run_dir={run_dir}")
+    job = sbatch(cluster, job_dir, *TINY, *tiny_model, f"logging.run_dir={run_dir}", *extra)
     metrics = run_dir / "metrics.jsonl"
+    saving = any(a.startswith("checkpoint.save_every=") and not a.endswith("=0") for a in extra)
 
     def first_step() -> bool:
-        return metrics.exists() and metrics.read_text().count("\n") >= 1
+        stepped = metrics.exists() and metrics.read_text().count("\n") >= 1
+        return stepped and (not saving or (run_dir / "checkpoints" / "latest").exists())
 
     wait_for(running(cluster, job, first_step), 600,
              "the first training step", poll=0.1)  # fmt: skip
@@ -325,6 +333,69 @@ def test_b_scontrol_requeue_mid_run_resumes_identically(
         cluster.run("scontrol", "requeue", job)
 
     run_preempted(cluster, tiny_model, uninterrupted, job_dir, requeue)
+
+
+# Phase timeouts of the node-failure run; `init` keeps its default (model build and load).
+PHASE_TIMEOUT = 40
+PHASES = ("rollout", "reward", "logprobs", "advantages", "update", "sync", "checkpoint", "log")
+
+
+def test_b_a_dead_node_fails_fast_and_the_requeue_resumes_exactly(
+    cluster, tiny_model, uninterrupted, job_dir
+):
+    """node2 dies after the first checkpoint: its slurmd, slurmstepd and trainer rank stopped and
+    SIGKILLed at once (a dead slurmd alone leaves the job's tasks running). The rank on node1
+    exits within the phase timeout + 10 s, Slurm marks node2 DOWN and requeues the job
+    (--requeue); node2 comes back (slurmd restarted, as after a reboot: ReturnToService=2) and
+    the requeued job resumes from `latest` with every step's metrics equal to the uninterrupted
+    run's."""
+    seen: dict = {}
+
+    def node_dies(job: str) -> None:
+        seen["job"] = job
+        survivor = int((job_dir / f"job-{job}" / "pids" / "r0.node1.train.0").read_text())
+        t0 = time.monotonic()
+        seen["killed"] = cluster.kill_node("node2", job)
+        try:
+            wait_for(lambda: not Path(f"/proc/{survivor}").exists(), PHASE_TIMEOUT + 60,
+                     "the rank on node1 to exit", poll=0.1)  # fmt: skip
+            seen["detect_s"] = round(time.monotonic() - t0, 1)
+            wait_requeued(cluster, job, 300)
+            seen["requeued_s"] = round(time.monotonic() - t0, 1)
+            cluster.run("scontrol", "hold", job)  # released below
+        finally:  # node2 comes back either way: the tests after this one need both nodes
+            cluster.restart_node("node2")
+        # Kills of the first run's step (srun's --kill-on-bad-exit, ...) could not reach node2:
+        # slurmctld resends each every 60 s (RPC_RETRY_INTERVAL) until node2 answers, and one
+        # delivered after the requeued run started kills its step of the same id, <job>.0 (seen:
+        # its rank on node2 exited 143). Keep the job held for one resend round (+15 s).
+        restarted = time.monotonic()
+        wait_for(lambda: time.monotonic() - restarted > 75 and cluster.nodes_idle(), 180,
+                 "node2 back and slurmctld's pending messages to it resent")  # fmt: skip
+        cluster.run("scontrol", "release", job)
+        seen["released_s"] = round(time.monotonic() - t0, 1)
+
+    extra = ("checkpoint.save_every=1", *(f"timeouts.{p}={PHASE_TIMEOUT}" for p in PHASES))
+    out = run_preempted(cluster, tiny_model, uninterrupted, job_dir, node_dies, extra)
+    print(f"node failure: {seen}")
+    assert "DUE TO NODE FAILURE" in out, out  # Slurm's requeue: not a failed job
+    # slurmd, node2's slurmstepd, its launch.sh and the trainer rank
+    assert len(seen["killed"]) >= 4, seen
+    assert seen["detect_s"] <= PHASE_TIMEOUT + 10, seen
+    exit_r0 = (job_dir / f"job-{seen['job']}" / "exit.r0.train.0").read_text().split()
+    resumed = node_logs(job_dir, seen["job"])["node1.r1.train.rank0.log"]
+    assert "resumed from" in resumed, resumed[-3000:]
+    table = os.environ.get("RLRT_FAULT_TABLE")  # the row benchmarks/faults.py prints
+    if table:
+        row = {"case": "10 node death (slurmd + its processes)", "survived": True,
+               "where": "node2 of a 2-node TP=2 job, after step 1's checkpoint",
+               "expected": "node1's rank exits <= timeout + 10 s; Slurm requeues; resume exact",
+               "observed": f"node1's rank exit {exit_r0[-1]}; Slurm: node2 DOWN, job requeued "
+               f"after {seen['requeued_s']} s; resumed from latest: metrics = reference",
+               "exit": exit_r0[-1], "detect_s": seen["detect_s"], "lost": 0,
+               "test": "tests/slurm/test_cluster_jobs.py"}  # fmt: skip
+        with open(table, "a") as f:
+            f.write(json.dumps(row) + "\n")
 
 
 # ---- separate rollout nodes: node2 serves, node1 trains and is told the address ------------------
