@@ -174,8 +174,9 @@ class LocalCluster:
             "SwitchType=switch/none",
             "ReturnToService=2",
             "SlurmdParameters=config_overrides",
-            # fast turnaround for tests: short waits between SIGTERM and SIGKILL, quick cleanup.
-            "KillWait=10",
+            # SIGTERM -> SIGKILL after 30 s (Slurm's default): the trainer checkpoints on SIGTERM
+            # (scontrol requeue); 10 s was too short for that on a loaded 2-core machine.
+            "KillWait=30",
             "MinJobAge=600",
             "InactiveLimit=0",
             "SlurmctldTimeout=30",
