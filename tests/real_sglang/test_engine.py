@@ -125,12 +125,12 @@ def test_score_is_the_served_logprob_of_given_tokens(engine, probe_ref):
 
 def test_continue_rows_aborts_the_rest_and_resumes_exactly(engine, models):
     """Partial rollouts (`SGLangEngine.continue_rows`): group 0 needs one token to finish, the
-    others up to 400; once group 0 is done the rest is aborted and comes back with the tokens
+    others up to 200; once group 0 is done the rest is aborted and comes back with the tokens
     and log-probs it has. After a push of the other weights the interrupted rows continue from
     prompt + those tokens: every served log-prob equals Megatron's under the weights that
     sampled it (the first segment: "a", the rest: "b"). Runs before the sync tests (which
     derive the weights they push from the version)."""
-    budget, g0 = 400, [(7 * i) % 300 + 10 for i in range(399)]
+    budget, g0 = 200, [(7 * i) % 300 + 10 for i in range(199)]
     # the long groups first, so their requests reach the server first
     items = [(g, PROMPTS[g % 2], [], 5, g, j) for g in (1, 2) for j in range(2)]
     items += [(0, PROMPTS[0], g0, 5, 0, j) for j in range(2)]
