@@ -169,7 +169,8 @@ class RolloutConfig:
     )
     partial: bool = _f(
         False,
-        "Partial rollouts (needs max_staleness >= 1, local engine): a step trains on the first "
+        "Partial rollouts (needs max_staleness >= 1; local engine, or SGLang by abort + "
+        "continue): a step trains on the first "
         "groups to finish; unfinished generations are interrupted at each weight push and "
         "resumed under the new weights from their partial tokens (every token keeps the version "
         "that sampled it); a group whose oldest token is more than max_staleness versions "
@@ -402,10 +403,10 @@ def validation_errors(
         "separate rollout nodes (rollout.sglang_colocated=false, rollout.sglang_urls=...)",
     )
     need(
-        not r.partial or (r.staleness >= 1 and r.engine == "local"),
+        not r.partial or r.staleness >= 1,
         "rollout.partial",
-        "needs rollout.max_staleness >= 1 (interrupted generations resume under newer weights) "
-        "and rollout.engine=local (SGLang abort/continue is not wired yet)",
+        "needs rollout.max_staleness >= 1 (interrupted generations resume under newer weights; "
+        "local engine, or SGLang by abort + continue)",
     )
     need(
         r.sync_check_tol == r.sync_check_tol, "rollout.sync_check_tol", "must be a number, not NaN"

@@ -1,6 +1,7 @@
 """SGLangEngine against ONE real SGLang server on the CPU (shared by the module): the server is
 real (its /server_info and /model_info), /generate (n samples, stop strings, max tokens,
-served log-probs == Megatron fp32 within 1e-4), every weight-sync mode moving new weights in,
+served log-probs == Megatron fp32 within 1e-4), partial rollouts (abort + continue across a
+weight push), every weight-sync mode moving new weights in,
 the API key, and (last: they restart the server) SIGKILL mid-/generate -> one restart, a
 second crash -> RolloutServerCrashed."""
 
@@ -120,6 +121,51 @@ def test_score_is_the_served_logprob_of_given_tokens(engine, probe_ref):
         pytest.skip("runs before the sync tests (module order)")
     got = engine.score([PROBE_PROMPT], [PROBE_RESPONSE])
     assert max_abs_diff(got, probe_ref["a"]) < LOGPROB_TOL
+
+
+def test_continue_rows_aborts_the_rest_and_resumes_exactly(engine, models):
+    """Partial rollouts (`SGLangEngine.continue_rows`): group 0 needs one token to finish, the
+    others up to 200; once group 0 is done the rest is aborted and comes back with the tokens
+    and log-probs it has. After a push of the other weights the interrupted rows continue from
+    prompt + those tokens: every served log-prob equals Megatron's under the weights that
+    sampled it (the first segment: "a", the rest: "b"). Runs before the sync tests (which
+    derive the weights they push from the version)."""
+    budget, g0 = 200, [(7 * i) % 300 + 10 for i in range(199)]
+    # the long groups first, so their requests reach the server first
+    items = [(g, PROMPTS[g % 2], [], 5, g, j) for g in (1, 2) for j in range(2)]
+    items += [(0, PROMPTS[0], g0, 5, 0, j) for j in range(2)]
+    sampling = SamplingParams(n=2, max_new_tokens=budget, seed=5)
+    first = engine.continue_rows(items, sampling, need=1)
+    assert [len(t) for t, *_ in first[4:]] == [1, 1]  # group 0: one token each, finished
+    assert all(reason in ("stop", "length") for _, _, reason, _ in first[4:])
+    assert all(len(lp) == len(t) for t, lp, *_ in first)
+    cut = [r for r, (t, _, reason, _) in enumerate(first) if reason is None]
+    assert any(first[r][0] for r in cut), first  # interrupted with partial tokens
+    assert all(len(first[r][0]) < budget for r in cut)
+    group_of = [it[0] for it in items]
+    complete = {g for g in (0, 1, 2) if all(first[r][2] for r in range(6) if group_of[r] == g)}
+    assert 0 in complete and len(complete) < 3  # need=1: group 0, whole; not everything
+    assert all(text == "" for *_, reason, text in first if reason is None) and first[4][3]
+    version = engine.weight_version + 1
+    engine.sync_mode = "disk"
+    engine.update_weights(hf_tensors(models["b"]), version)
+    again = [(g, p, list(t) + first[r][0], *rest) for r, (g, p, t, *rest) in enumerate(items)]
+    again = [again[r] for r in cut]
+    second = engine.continue_rows(again, sampling, need=len({it[0] for it in again}))
+    assert all(reason in ("stop", "length") for _, _, reason, _ in second), second
+    for it, (toks, _, reason, _) in zip(again, second, strict=True):
+        total = len(it[2]) + len(toks)
+        assert total <= budget and (reason == "stop" or total == budget)
+    seg1 = [r for r in range(4) if first[r][0]]
+    ref_a = megatron_logprobs(
+        models["a"],
+        [(items[r][1], first[r][0]) for r in seg1]
+        + [(items[r][1] + items[r][2], first[r][0]) for r in (4, 5)],
+    )
+    rows_b = [(it[1] + it[2], t) for it, (t, *_) in zip(again, second, strict=True)]
+    ref_b = megatron_logprobs(models["b"], rows_b)
+    assert max_abs_diff([first[r][1] for r in [*seg1, 4, 5]], ref_a) < LOGPROB_TOL
+    assert max_abs_diff([lp for _, lp, *_ in second], ref_b) < LOGPROB_TOL
 
 
 PUSH_TIMES: dict[str, float] = {}

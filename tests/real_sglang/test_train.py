@@ -1,7 +1,8 @@
 """`rlrt train --recipe tiny_demo rollout.engine=sglang` end to end on the CPU, each run with its
 own real SGLang server: synchronous (with the API key checked: never on a command line, never in
-a file under the run dir) and asynchronous (rollout.async_steps=1); the sync check failing the
-step when a weight push is skipped; `rlrt eval --engine sglang` greedy == `--engine local`."""
+a file under the run dir), asynchronous (rollout.async_steps=1) and partial rollouts (abort +
+continue, max_staleness=2); the sync check failing the step when a weight push is skipped;
+`rlrt eval --engine sglang` greedy == `--engine local`."""
 
 from __future__ import annotations
 
@@ -76,11 +77,11 @@ def _cmdlines_with(text: str) -> list[str]:
     return hits
 
 
-def train(tiny_model: dict, run_dir: Path, *extra: str) -> list[dict]:
+def train(tiny_model: dict, run_dir: Path, *extra: str, steps: int = STEPS) -> list[dict]:
     """Run `rlrt train` to the end; while it runs, no command line may hold the API key."""
     cmd = [
         sys.executable, "-m", "rlrt_megatron.cli", "train", "--recipe", "tiny_demo",
-        *overrides(tiny_model, run_dir, f"train.steps={STEPS}", *extra),
+        *overrides(tiny_model, run_dir, f"train.steps={steps}", *extra),
     ]  # fmt: skip
     env = {**trainer_env(), "RLRT_ROLLOUT_API_KEY": KEY}
     leaks: list[str] = []
@@ -131,6 +132,56 @@ def test_train_with_sglang_async(tiny_model, tmp_path):
     rows = train(tiny_model, run_dir, "rollout.async_steps=1")
     check_run(rows, run_dir, async_steps=1)
     assert max(r["rollout/staleness_max"] for r in rows if "rollout/staleness_max" in r) == 1
+
+
+PARTIAL = ("train.steps=4", "rollout.max_staleness=2", "rollout.partial=true")
+PARTIAL_KEYS = (
+    "rollout/staleness_max", "rollout/logprob_abs_diff", "rollout/partial_resumed_rows",
+    "rollout/partial_decoded_rows", "rollout/partial_restarted", "response/length_mean",
+)  # fmt: skip
+
+
+def _train_partial(rank: int, world: int, model: dict, run_dir: str) -> list[dict]:
+    """`rlrt train ... rollout.partial=true` in this process (the CLI's `train(cfg)`), with a
+    test hook that makes rollouts reliably interrupted: the warmed model stops every rollout at
+    ~15-24 tokens, so the groups of a round finish within a few decode steps of each other and
+    an abort (~ms) may land after all of them. Step 1's prompts 0-3 (the first batch) get at
+    most 4 new tokens, and so do step 1's rollouts when continued (round 2): those groups finish
+    far ahead of the others, whose rollouts the abort then cuts (rounds 1 and 2, weights v0)
+    and round 3 resumes under v1. The cap changes no log-prob (it only ends the rollout)."""
+    os.environ.update(trainer_env())
+    from recipes import get_recipe
+    from rlrt_megatron.rollout.sglang import partial
+    from rlrt_megatron.trainer.train import train as run_train
+
+    orig = partial._payload
+
+    def short_first(item, sampling, budget, rid):
+        payload = orig(item, sampling, budget, rid)
+        _, _, tokens, seed, request, _ = item
+        if seed == 1 and (request < 4 or tokens):  # rollout.seed 0 + step 1
+            payload["sampling_params"]["max_new_tokens"] = min(4, budget)
+        return payload
+
+    partial._payload = short_first
+    run_train(get_recipe("tiny_demo", overrides(model, Path(run_dir), *PARTIAL)))
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def test_train_with_sglang_partial_rollouts(tiny_model, tmp_path):
+    """Partial rollouts on SGLang (abort + continue, rollout/sglang/partial.py) through the
+    trainer's queue: every step within the staleness bound, served == Megatron log-probs under
+    the same weights, and rollouts interrupted in one round resumed under newer weights."""
+    (rows,) = run_distributed(_train_partial, 1, tiny_model, str(tmp_path / "partial"))
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    seen = {k: [r.get(k) for r in rows] for k in PARTIAL_KEYS}
+    print(f"\nsglang partial rollouts: {seen}")
+    for r in rows:
+        assert 0.0 <= r["reward/mean"] <= 1.0 and r["rollout/version"] == r["step"]
+        assert r["rollout/staleness_max"] <= 2, r
+        assert r["rollout/logprob_abs_diff"] < 1e-3, r
+    assert max(seen["rollout/partial_resumed_rows"]) > 0, seen
 
 
 def _train_skipping_push(rank: int, world: int, model: dict, run_dir: str) -> str:

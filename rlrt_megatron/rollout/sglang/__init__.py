@@ -2,7 +2,8 @@
 
 Modules: client.py (errors, HTTP client, /generate mapping), server.py (launch, stop, health),
 transport.py (weight serialization and the tensor | distributed | disk sync modes), engine.py
-(SGLangEngine: the RolloutEngine protocol and the restart policy).
+(SGLangEngine: the RolloutEngine protocol and the restart policy), partial.py (partial rollouts:
+continue from partial tokens, abort the rest).
 
 What we call (SGLang's native HTTP API, python/sglang/srt/entrypoints/http_server.py; tested
 against 0.5.23, older releases where noted):
@@ -26,6 +27,9 @@ against 0.5.23, older releases where noted):
   POST /update_weights_from_disk      {model_path, weight_version}
   POST /release_memory_occupation, /resume_memory_occupation  {tags}
   POST /flush_cache, POST /get_weights_by_name {name, truncate_size}
+  POST /abort_request                 {abort_all: true} (partial rollouts; the aborted /generate
+                                       calls answer finish_reason {type: "abort"} with the tokens
+                                       and log-probs sampled so far)
 All requests carry `Authorization: Bearer <api_key>` when the server has a key (we hand it over
 in a private `--config` file, never in argv). Update endpoints answer {"success": bool,
 "message": str} (HTTP 400 with success false on failure in 0.5.x).

@@ -37,6 +37,7 @@ __all__ = [
     "SGLangClient",
     "SGLangConnectionError",
     "SGLangError",
+    "sample_seed",
 ]
 
 # The SGLang release the `sglang` test tier runs (make sglang-env) and the README names.
@@ -210,6 +211,12 @@ class SGLangClient:
     def flush_cache(self) -> None:
         self.request("POST", "/flush_cache")
 
+    def abort_all(self) -> None:
+        """Abort every request the server runs or queues (`/abort_request {"abort_all": true}`,
+        SGLang 0.5.23; asynchronous: the requests return shortly after, each with
+        finish_reason {"type": "abort"} and the tokens it has; see sglang/partial.py)."""
+        self.request("POST", "/abort_request", {"abort_all": True}, timeout=60.0)
+
     # -- weights
     def begin_weight_update(self) -> bool:
         """Open a weight-update session (SGLang >= 0.5.2x refuses tensor and distributed pushes
@@ -329,6 +336,12 @@ def expand_samples(requests: Sequence[GenerateRequest], n: int) -> list[Sample]:
     return out
 
 
+def sample_seed(seed: int, request_index: int, sample_index: int) -> int:
+    """SGLang's `sampling_seed` of one sample (position-hashed by the server: a rollout continued
+    from its partial tokens with the same seed draws what it would have drawn uninterrupted)."""
+    return seed + request_index * 100003 + sample_index
+
+
 def build_generate_payload(
     requests: Sequence[GenerateRequest], samples: Sequence[Sample], sampling: SamplingParams
 ) -> dict:
@@ -340,7 +353,7 @@ def build_generate_payload(
     for s in samples:
         p = dict(params)
         if sampling.seed is not None:
-            p["sampling_seed"] = sampling.seed + s.request_index * 100003 + s.sample_index
+            p["sampling_seed"] = sample_seed(sampling.seed, s.request_index, s.sample_index)
         per_sample.append(p)
     return {
         "input_ids": [list(requests[s.request_index].prompt_token_ids) for s in samples],

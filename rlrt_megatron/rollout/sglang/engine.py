@@ -32,6 +32,7 @@ from rlrt_megatron.rollout.sglang.client import (
     parse_score_output,
     require_sglang,
 )
+from rlrt_megatron.rollout.sglang.partial import continue_rows
 from rlrt_megatron.rollout.sglang.server import (
     Server,
     build_launch_command,
@@ -165,6 +166,7 @@ class SGLangEngine(WeightSync):
             offload_tags = ("kv_cache",) if colocated and _urls is None else ()
         self.offload_tags = tuple(offload_tags)
         self._cache: list[NamedTensor] | None = None
+        self.text_tools = None  # (tokenizer, stop token ids) of model_path: sglang/partial.py
         self._group = None
         self._group_name = "rlrt_weight_sync"
         self._lock = threading.Lock()
@@ -284,6 +286,7 @@ class SGLangEngine(WeightSync):
             )
         self._stop(s)
         self.restarts += 1
+        s.starts += 1
         self._start(s)
         s.released = set()
         self.wait_healthy([s])
@@ -310,14 +313,28 @@ class SGLangEngine(WeightSync):
     ) -> list[list[Completion]]:
         if not requests or sampling.n < 1:
             return [[] for _ in requests]
+        return self._serving("generate", lambda: self._generate(requests, sampling))
+
+    def continue_rows(
+        self, items: list[tuple], sampling: SamplingParams, need: int
+    ) -> list[tuple[list[int], list[float], str | None, str]]:
+        """Partial rollouts (`rollout.partial`, `rollout/partial.py`'s contract): continue each
+        rollout from prompt + its tokens until `need` of their groups have finished, then abort
+        the others on the servers (sglang/partial.py)."""
+        if not items:
+            return []
+        return self._serving("continue_rows", lambda: continue_rows(self, items, sampling, need))
+
+    def _serving(self, what: str, fn: Callable):
+        """Run `fn` with the servers' memory resumed (released again after, colocated)."""
         for s in self.servers:
             if "weights" in s.released:
                 raise WeightSyncError(
-                    f"generate: server {s.index} released its weights (offload) and no "
+                    f"{what}: server {s.index} released its weights (offload) and no "
                     "update_weights has restored them since"
                 )
         self.resume_memory()
-        out = self._generate(requests, sampling)
+        out = fn()
         if self.offload_tags:
             self.release_memory(list(self.offload_tags))
         return out
@@ -357,12 +374,14 @@ class SGLangEngine(WeightSync):
         return grouped
 
     def _call_with_restart(self, s: Server, fn: Callable):
+        starts = s.starts
         try:
             return fn()
         except SGLangConnectionError as first:
             with self._lock:  # one restart at a time; weight re-sync touches every server
                 try:
-                    self.restart(s)
+                    if s.starts == starts:  # not already restarted by a concurrent call
+                        self.restart(s)
                 except (SGLangError, WeightSyncError) as e:
                     raise RolloutServerCrashed(
                         f"SGLang server {s.index} ({s.url}) failed ({first}) and could not be "

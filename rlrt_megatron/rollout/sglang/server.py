@@ -93,6 +93,7 @@ class Server:
     env: dict[str, str] | None = None  # extra environment of the server process
     secret_dir: str | None = None  # the --config file's directory, removed once healthy
     released: set[str] = field(default_factory=set)  # memory tags currently released
+    starts: int = 0  # restarts so far (concurrent calls that saw it fail restart it once)
     client: SGLangClient = field(init=False)
 
     def alive(self) -> bool:
