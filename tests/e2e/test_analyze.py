@@ -132,6 +132,7 @@ def test_analyze_cli_writes_pngs_and_json(models, tmp_path, capsys) -> None:
     assert set(j["topk_overlap"]) == {"1", "5", "10"}
 
 
+@pytest.mark.slow  # make test-slow (run by .ci/run): keeps make test < 15 min
 def test_eval_and_analyze_on_the_sft_warmed_demo_model(tiny_model, tmp_path, capsys) -> None:
     """The demo's SFT-warmed tiny model (right ~1/3 of the time; the session's `tiny_model`,
     warmed once for every e2e test): eval numbers, peer teachers, explore tokens on correct

@@ -52,6 +52,7 @@ def test_async_run_is_one_version_behind(reference):
     assert all(r["time/rollout"] >= 0 for r in reference.values())
 
 
+@pytest.mark.slow  # make test-slow (run by .ci/run): keeps make test < 15 min
 def test_preempted_async_run_resumes_with_identical_metrics(tiny_model, tmp_path, reference):
     run_dir = str(tmp_path / "run")
     cmd = _cmd(tiny_model, run_dir, "--resume", "none")
