@@ -204,13 +204,13 @@ TINY_ALGORITHMS: dict[str, dict[str, Any]] = {
     "grpo": {"algorithm.grpo.agg": "token-mean"},
     "rlsd": {"algorithm.rlsd.teacher_refresh_every": 5, "algorithm.rlsd.lam_decay_steps": 30},
     "srpo": {"algorithm.srpo.topk": 16, "algorithm.srpo.ema_rate": 0.2},
-    # SDPO distils on every rollout with a peer: 2e-4 (the PPO algorithms' lr) overshoots, and
-    # four updates per step (mini-batches of 16 prompts) drift down over 100 steps (reward
-    # 0.25 -> 0.17 on 3/3 seeds): one update per step, as its source and the paper recipe
+    # SDPO distils on every rollout with a peer: 2e-4 (the PPO algorithms' lr) overshoots, and at
+    # 2e-5 with four updates per step (mini-batches of 16 prompts) it drifted down over 100 steps
+    # (reward 0.25 -> 0.17 on 3/3 seeds): its source's lr 1e-5 and one update per step
     "sdpo": {
         "algorithm.sdpo.topk": 16,
         "algorithm.sdpo.ema_rate": 0.2,
-        "optimizer.lr": 2e-5,
+        "optimizer.lr": 1e-5,
         "train.mini_batch_prompts": TINY["train.prompts_per_step"],
     },
 }
