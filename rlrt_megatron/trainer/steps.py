@@ -407,11 +407,10 @@ def mismatch_metrics(batch: Batch, trainer_v: int) -> dict[str, float]:
     where every token is older). `rollout/stale_logprob_abs_diff` is the same mean over the
     tokens sampled with older weights: the policy change since, not an engine error."""
     mask = batch.mask
-    versions = torch.full_like(mask, trainer_v)
-    for i, row in enumerate(batch.token_versions):
-        n = min(len(row), versions.shape[1])
-        versions[i, :n] = torch.tensor(row[:n], dtype=versions.dtype, device=versions.device)
-    same = mask * ((versions == trainer_v) | (versions < 0)).to(mask.dtype)
+    # each token's age in versions (0: the trainer's own, or not reported; padding too), in one
+    # host-to-device copy
+    age = [[trainer_v - v if v >= 0 else 0 for v in row] for row in batch.token_versions]
+    same = mask * (ragged_to_padded(age, mask.shape[1], mask.device) == 0).to(mask.dtype)
     gap = (batch.behavior - batch.student_logprobs).abs()
     out: dict[str, float] = {}
     for key, m in (("rollout/logprob_abs_diff", same), ("rollout/stale_logprob_abs_diff",
