@@ -37,6 +37,7 @@ from rlrt_megatron.rollout.sglang.server import (
     Server,
     build_launch_command,
     free_port,
+    spread,
     start_server,
     stop_server,
     wait_until_healthy,
@@ -343,11 +344,7 @@ class SGLangEngine(WeightSync):
         self, requests: list[GenerateRequest], sampling: SamplingParams
     ) -> list[list[Completion]]:
         samples = expand_samples(requests, sampling.n)
-        # contiguous, balanced shards: server k gets samples [bounds[k], bounds[k+1])
-        k = len(self.servers)
-        bounds = [len(samples) * i // k for i in range(k + 1)]
-        shards = [(s, samples[bounds[i] : bounds[i + 1]]) for i, s in enumerate(self.servers)]
-        shards = [(s, part) for s, part in shards if part]
+        shards = spread(self.servers, samples)
 
         def run(server: Server, part: list[Sample]) -> list[Completion]:
             payload = build_generate_payload(requests, part, sampling)

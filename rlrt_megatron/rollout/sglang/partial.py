@@ -53,6 +53,7 @@ from rlrt_megatron.rollout.sglang.client import (
     sample_seed,
     sampling_to_sglang,
 )
+from rlrt_megatron.rollout.sglang.server import spread
 from rlrt_megatron.rollout.weight_sync import WeightSyncError
 
 __all__ = ["ABORT_RETRY_S", "MAX_INFLIGHT", "continue_rows", "finish_of", "text_tools"]
@@ -149,10 +150,7 @@ def continue_rows(
     expected = engine.weight_version if engine._synced else -1
     tag = f"continue-{time.monotonic_ns()}"
     todo = [r for r, b in enumerate(budget) if b > 0]
-    k = len(engine.servers)
-    shards = [(s, todo[len(todo) * i // k : len(todo) * (i + 1) // k]) for i, s in enumerate(
-        engine.servers)]  # fmt: skip
-    shards = [(s, rows) for s, rows in shards if rows]
+    shards = spread(engine.servers, todo)
 
     def one(server: Any, r: int) -> tuple[int, dict | None]:
         rid = f"{tag}/{r}"

@@ -33,6 +33,7 @@ __all__ = [
     "free_port",
     "Server",
     "start_server",
+    "spread",
     "stop_server",
     "wait_until_healthy",
 ]
@@ -104,6 +105,15 @@ class Server:
             return "(no log)"
         with open(self.log_path, errors="replace") as f:
             return "".join(f.readlines()[-n:])
+
+
+def spread(servers: list[Server], items: list) -> list[tuple[Server, list]]:
+    """Contiguous, balanced shards of `items` over `servers` (server k gets items
+    [n*k//S, n*(k+1)//S)); servers left with nothing are left out."""
+    k = len(servers)
+    bounds = [len(items) * i // k for i in range(k + 1)]
+    shards = [(s, items[bounds[i] : bounds[i + 1]]) for i, s in enumerate(servers)]
+    return [(s, part) for s, part in shards if part]
 
 
 REDACTED = "<redacted>"
