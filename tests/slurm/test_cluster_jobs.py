@@ -341,7 +341,7 @@ PHASES = ("rollout", "reward", "logprobs", "advantages", "update", "sync", "chec
 
 
 def test_b_a_dead_node_fails_fast_and_the_requeue_resumes_exactly(
-    cluster, tiny_model, uninterrupted, job_dir
+    cluster, tiny_model, uninterrupted, job_dir, fault_row
 ):
     """node2 dies after the first checkpoint: its slurmd, slurmstepd and trainer rank stopped and
     SIGKILLed at once (a dead slurmd alone leaves the job's tasks running). The rank on node1
@@ -349,6 +349,11 @@ def test_b_a_dead_node_fails_fast_and_the_requeue_resumes_exactly(
     (--requeue); node2 comes back (slurmd restarted, as after a reboot: ReturnToService=2) and
     the requeued job resumes from `latest` with every step's metrics equal to the uninterrupted
     run's."""
+    row = fault_row(
+        "10 node death (slurmd + its processes)",
+        "node2 of a 2-node TP=2 job, after step 1's checkpoint",
+        "node1's rank exits <= timeout + 10 s; Slurm requeues; resume exact",
+    )
     seen: dict = {}
 
     def node_dies(job: str) -> None:
@@ -385,17 +390,9 @@ def test_b_a_dead_node_fails_fast_and_the_requeue_resumes_exactly(
     exit_r0 = (job_dir / f"job-{seen['job']}" / "exit.r0.train.0").read_text().split()
     resumed = node_logs(job_dir, seen["job"])["node1.r1.train.rank0.log"]
     assert "resumed from" in resumed, resumed[-3000:]
-    table = os.environ.get("RLRT_FAULT_TABLE")  # the row benchmarks/faults.py prints
-    if table:
-        row = {"case": "10 node death (slurmd + its processes)", "survived": True,
-               "where": "node2 of a 2-node TP=2 job, after step 1's checkpoint",
-               "expected": "node1's rank exits <= timeout + 10 s; Slurm requeues; resume exact",
-               "observed": f"node1's rank exit {exit_r0[-1]}; Slurm: node2 DOWN, job requeued "
-               f"after {seen['requeued_s']} s; resumed from latest: metrics = reference",
-               "exit": exit_r0[-1], "detect_s": seen["detect_s"], "lost": 0,
-               "test": "tests/slurm/test_cluster_jobs.py"}  # fmt: skip
-        with open(table, "a") as f:
-            f.write(json.dumps(row) + "\n")
+    row.update(observed=f"node1's rank exit {exit_r0[-1]}; Slurm: node2 DOWN, job requeued after "
+               f"{seen['requeued_s']} s; resumed from latest: metrics = reference",
+               exit=exit_r0[-1], detect_s=seen["detect_s"], lost=0)  # fmt: skip
 
 
 # ---- separate rollout nodes: node2 serves, node1 trains and is told the address ------------------
