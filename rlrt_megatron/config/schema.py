@@ -543,12 +543,18 @@ def _moe_errors(cfg: TrainConfig, hf_config: dict | None, world_size: int | None
     if moe.expert_bias:
         e.append("model.moe.expert_bias: needs a sigmoid router; Qwen3-MoE routes with softmax")
     if moe.routing_replay == "rollout":
-        # the replay itself works (megatron/moe/routing.py, rollout/moe_routing.py); the local
-        # engine's decode, the batch and the packed micro-batches do not carry the experts yet
-        e.append(
-            "model.moe.routing_replay: `rollout` is not wired through the training loop yet "
-            "(the engine's routed experts do not reach the packed micro-batches); set it to `off`"
-        )
+        # the local engine records each token's experts while it samples (rollout/local.py);
+        # a partial rollout's tokens come from several calls, and SGLang's record is not read
+        if cfg.rollout.engine != "local":
+            e.append(
+                "model.moe.routing_replay: `rollout` reads the experts the local engine records; "
+                f"rollout.engine={cfg.rollout.engine!r} does not pass them yet: set it to `off`"
+            )
+        if cfg.rollout.partial:
+            e.append(
+                "model.moe.routing_replay: `rollout` needs whole rollouts; set rollout.partial="
+                "false (a partial rollout's experts come from several engine calls)"
+            )
     if hf_config is None:
         return e
     n_exp = int(hf_config.get("num_experts") or hf_config.get("num_local_experts") or 0)

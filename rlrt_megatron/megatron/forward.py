@@ -55,6 +55,7 @@ from rlrt_megatron.megatron.lm_head import LogprobsImpl, lm_head_logprobs
 from rlrt_megatron.megatron.lm_head_ids import lm_head_logprobs_at_ids, lm_head_topk
 from rlrt_megatron.megatron.logprobs import support_entropy
 from rlrt_megatron.megatron.model import true_vocab_size
+from rlrt_megatron.megatron.moe.routing import clear_replay, replay_microbatch
 from rlrt_megatron.megatron.packing import PackedMicroBatch, block_causal_mask, pack_sequences
 from rlrt_megatron.megatron.parallel import unwrap_model
 
@@ -258,6 +259,7 @@ def forward_backward_responses(
     attention: AttentionLayout = "auto",
     logprobs_impl: LogprobsImpl = "auto",
     temperature: float = 1.0,
+    routed: Sequence[torch.Tensor] | None = None,
 ) -> list[Any]:
     """Packed response forward (+ backward) through Megatron's `get_forward_backward_func`.
 
@@ -274,7 +276,9 @@ def forward_backward_responses(
     `forward_only` the whole pass runs under `torch.no_grad()`. `logprobs_impl`:
     `model.logprobs_impl` (see :func:`rlrt_megatron.megatron.lm_head.lm_head_logprobs`).
     `temperature`: every log-prob, entropy and top-k log-prob is of softmax(logits / T) (the
-    module docstring says why).
+    module docstring says why). `routed`: per sequence, the rollout engine's experts
+    `[tokens, moe_layers, k]` (MoE routing replay, `model.moe.routing_replay=rollout`; the model
+    must be built with it): every MoE layer routes each token to exactly those experts.
     """
     from megatron.core.packed_seq_params import PackedSeqParams
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -293,6 +297,7 @@ def forward_backward_responses(
         rows_per_microbatch,
         pack=pack,
         with_mask=layout == "mask",
+        routed=routed,
     )
     _check_targets(mbs, true_vocab_size(chunks[0]))
     if len(chunks) > 1:
@@ -322,6 +327,8 @@ def forward_backward_responses(
         # stays exact anyway: RoPE scores depend only on q/k position differences, and the
         # block-diagonal mask keeps those within one sequence. position_ids (reset per sequence)
         # still matter for absolute position embeddings.
+        if mb.routed_experts is not None:
+            replay_microbatch([model], mb.routed_experts)
         with lm_head_only_at(model, mb.select, hidden_only=True):
             output = model(
                 mb.input_ids, mb.position_ids, attention_mask=mb.attention_mask, **kwargs
@@ -339,16 +346,20 @@ def forward_backward_responses(
 
     iterators: Any = [iter(mbs) for _ in chunks]
     ctx = torch.no_grad() if forward_only else contextlib.nullcontext()
-    with ctx:
-        return get_forward_backward_func()(
-            forward_step_func=forward_step,
-            data_iterator=iterators if len(chunks) > 1 else iterators[0],
-            model=chunks if len(chunks) > 1 else chunks[0],
-            num_microbatches=len(mbs),
-            seq_length=mbs[0].input_ids.shape[1],
-            micro_batch_size=mbs[0].input_ids.shape[0],
-            forward_only=forward_only,
-        )
+    try:
+        with ctx:
+            return get_forward_backward_func()(
+                forward_step_func=forward_step,
+                data_iterator=iterators if len(chunks) > 1 else iterators[0],
+                model=chunks if len(chunks) > 1 else chunks[0],
+                num_microbatches=len(mbs),
+                seq_length=mbs[0].input_ids.shape[1],
+                micro_batch_size=mbs[0].input_ids.shape[0],
+                forward_only=forward_only,
+            )
+    finally:
+        if routed is not None:
+            clear_replay(chunks)
 
 
 def _check_targets(mbs: list[PackedMicroBatch], vocab: int) -> None:
@@ -380,6 +391,7 @@ def _padding_microbatch(like: PackedMicroBatch) -> PackedMicroBatch:
         rollout_index=none,
         dst_row=none,
         dst_col=none,
+        routed_experts=like.routed_experts,  # any experts: nothing is selected
     )
 
 
@@ -415,6 +427,7 @@ def compute_response_logprobs(
     attention: AttentionLayout = "auto",
     logprobs_impl: LogprobsImpl = "auto",
     temperature: float = 1.0,
+    routed: Sequence[torch.Tensor] | None = None,
 ) -> ResponseLogprobs:
     """No-grad response log-probs `[B, T_resp]` of `sequences`, on every pipeline rank.
 
@@ -439,6 +452,7 @@ def compute_response_logprobs(
         attention=attention,
         logprobs_impl=logprobs_impl,
         temperature=temperature,
+        routed=routed,
     )
     dev = platform.device()
     k = topk_ids.shape[-1] if topk_ids is not None else topk

@@ -12,6 +12,12 @@ rollouts share a row back to back. Inside a row:
   `cu_seqlens` for Transformer Engine's packed `thd` format (one row per micro-batch);
 * padding at the row's end forms its own block, so no attention row is fully masked.
 
+Routing replay (MoE): `routed[i]` `[m, layers, k]` holds the rollout engine's experts of the
+first m tokens of sequence i (the engine never forwards a sequence's last token, so m is usually
+n - 1). They land in `PackedMicroBatch.routed_experts` at their tokens' s-major positions; every
+other position (a sequence's unrouted tail, row padding) gets experts 0..k-1. Those positions
+reach no selected log-prob (block-causal attention), so what they are routed to changes nothing.
+
 All micro-batches share one shape `[rows_per_microbatch, L]`, as pipeline parallelism needs
 (activations of a fixed shape travel between stages); L is the longest row rounded up to
 `pad_to_multiple` (capped at `token_budget`).
@@ -41,6 +47,8 @@ class PackedMicroBatch:
     rollout_index: `[n]` global ids (input order) of the sequences in this micro-batch.
     dst_row / dst_col: `[N]` where each selected position's result goes in a `[n, T_resp]` block:
         row into `rollout_index`, column = position within the response.
+    routed_experts: `[L * R, layers, k]` int64, s-major like `select`: the experts every token is
+        replayed to in each MoE layer (None: the routers route themselves).
     """
 
     input_ids: torch.Tensor
@@ -52,6 +60,7 @@ class PackedMicroBatch:
     rollout_index: torch.Tensor
     dst_row: torch.Tensor
     dst_col: torch.Tensor
+    routed_experts: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -109,11 +118,14 @@ def pack_sequences(
     pad_id: int = 0,
     pad_to_multiple: int = 8,
     with_mask: bool = True,
+    routed: Sequence[torch.Tensor] | None = None,
 ) -> list[PackedMicroBatch]:
     """Pack `sequences` into micro-batches of `rows_per_microbatch` rows of <= `token_budget`.
 
     `pack=False` puts one sequence per row (the unpacked layout, same row length for all).
-    Raises ValueError for a sequence longer than the budget or a response_start out of range.
+    `routed`: per sequence, the engine's experts of its first tokens (routing replay; see the
+    module docstring). Raises ValueError for a sequence longer than the budget, a
+    response_start out of range, or routed experts that do not fit their sequence.
     """
     if len(sequences) != len(response_starts):
         raise ValueError(
@@ -136,6 +148,7 @@ def pack_sequences(
                 f"sequence {i}: response_start={r} must lie in [1, {n}] (at least one token "
                 "before the response, which predicts its first token)"
             )
+    _check_routed(routed, lengths)
     if pack:
         rows = _first_fit_decreasing(lengths, token_budget)
     else:
@@ -153,6 +166,7 @@ def pack_sequences(
         input_ids = torch.full((n_rows, length), pad_id, dtype=torch.int64)
         position_ids = torch.zeros((n_rows, length), dtype=torch.int64)
         mask = torch.empty((n_rows, 1, length, length), dtype=torch.bool) if with_mask else None
+        experts = None if routed is None else _unrouted(n_rows * length, routed[0])
         cu = [0]
         select, targets, dst_row, dst_col, rollouts = [], [], [], [], []
         for b, row in enumerate(mb_rows):
@@ -168,6 +182,9 @@ def pack_sequences(
                 dst_row.append(torch.full_like(pos, len(rollouts)))
                 dst_col.append(pos - (r - 1))
                 rollouts.append(i)
+                if experts is not None:
+                    m = routed[i].shape[0]
+                    experts[(off + torch.arange(m)) * n_rows + b] = routed[i].long()
                 off += n
                 cu.append(cu[-1] + n)
             if off < length:
@@ -186,9 +203,32 @@ def pack_sequences(
                 rollout_index=torch.tensor(rollouts, dtype=torch.int64),
                 dst_row=cat(dst_row),
                 dst_col=cat(dst_col),
+                routed_experts=experts,
             )
         )
     return out
+
+
+def _check_routed(routed: Sequence[torch.Tensor] | None, lengths: Sequence[int]) -> None:
+    if routed is None:
+        return
+    if len(routed) != len(lengths) or not routed:
+        raise ValueError(f"{len(routed)} routed-expert tensors for {len(lengths)} sequences")
+    shape = tuple(routed[0].shape[1:])
+    for i, (r, n) in enumerate(zip(routed, lengths, strict=True)):
+        if r.dim() != 3 or tuple(r.shape[1:]) != shape or r.shape[0] > n:
+            raise ValueError(
+                f"sequence {i} ({n} tokens): routed experts of shape {tuple(r.shape)}; expected "
+                f"[<= {n}, {shape[0] if shape else '?'}, {shape[1] if shape else '?'}] (tokens, "
+                "MoE layers, top-k) like every other sequence's: the engine's routing record does "
+                "not match the batch"
+            )
+
+
+def _unrouted(tokens: int, like: torch.Tensor) -> torch.Tensor:
+    """`[tokens, layers, k]` int64 filled with experts 0..k-1 (positions no log-prob reads)."""
+    layers, k = like.shape[1], like.shape[2]
+    return torch.arange(k, dtype=torch.int64).expand(tokens, layers, k).clone()
 
 
 def balance_by_tokens(lengths: Sequence[int], parts: int) -> list[list[int]]:

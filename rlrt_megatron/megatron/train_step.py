@@ -222,10 +222,13 @@ class Policy:
         token_budget: int,
         teacher: Sequence[torch.nn.Module] | None = None,
         topk: int = 0,
+        routed: Sequence[torch.Tensor] | None = None,
     ) -> tuple[Any, Any]:
         """Student and teacher `ResponseLogprobs` (`megatron/forward.py`) of these rollouts, on
         every rank of the model-parallel group. `teacher_prefixes[i]` = teacher context + prompt
-        (None: no teacher view); `teacher` = separate teacher chunks (None: the policy)."""
+        (None: no teacher view); `teacher` = separate teacher chunks (None: the policy).
+        `routed`: the engine's experts per rollout (MoE routing replay), replayed in the student
+        forward only: the teacher's context is one the engine never saw, its routers route."""
         from rlrt_megatron.megatron.forward import ResponseLogprobs, compute_response_logprobs
 
         chunks = list(self.model) + list(teacher or [])
@@ -251,6 +254,7 @@ class Policy:
                     [list(p) + list(r) for p, r in zip(prompts, responses, strict=True)],
                     [len(p) for p in prompts],
                     topk=topk,
+                    routed=routed,
                 )
                 teacher_out = ResponseLogprobs(
                     logprobs=torch.zeros_like(student.logprobs),
@@ -288,6 +292,7 @@ class Policy:
         *,
         topk_ids: torch.Tensor | None = None,
         teacher_topk: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+        routed: Sequence[torch.Tensor] | None = None,
     ) -> dict[str, float]:
         """Forward/backward this rank's rollouts of one mini-batch, then one optimizer step.
 
@@ -299,7 +304,8 @@ class Policy:
         `[len(rows), width, K]` fixes the support (the pre-update student's top-k, from the
         logprobs phase) and `teacher_topk` = (teacher log-probs on it `[.., K+1]`, teacher
         entropy `[.., width]` or None); `topk` then is
-        `(student_topk_logprobs, teacher_topk_logprobs, teacher_entropy)`.
+        `(student_topk_logprobs, teacher_topk_logprobs, teacher_entropy)`. `routed`: the
+        engine's experts per sequence (MoE routing replay; `megatron/forward.py`).
 
         No device->host sync inside Megatron's schedule (`tests/unit/test_host_syncs.py`): the
         rows are a device tensor, the algorithm's value checks are skipped there (its inputs were
@@ -362,6 +368,7 @@ class Policy:
                 topk_ids=topk_ids,
                 logprobs_impl=self.logprobs_impl,
                 temperature=self.temperature,
+                routed=routed,
             )
         out, bad = self._reduce_metrics(outs, nonfinite)
         # a non-finite log-prob, loss or gradient on any rank: no optimizer step anywhere (the

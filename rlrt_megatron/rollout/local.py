@@ -20,10 +20,16 @@ padded-vocabulary mask and the per-row random streams are explicit:
 - Stop: an eos id (tokenizer eos, the generation config's eos ids, `stop_token_ids`) is kept as the
   last token; a stop string ends the completion after the token that completed it, and the text
   is cut before the stop string (SGLang's default), the token ids are not.
+- MoE routing replay (`record_experts`): every completion's `meta["routed_experts"]` holds the
+  experts each token was routed to while sampling, `[prompt + response - 1, moe_layers, k]`
+  (uint8, or int16 past 256 experts): the prompt's from the prefill, each response token's from
+  the decode step that fed it; the last token is never fed (SGLang's `return_routed_experts`
+  covers the same `seqlen - 1` tokens).
 """
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import inspect
 import random
@@ -34,7 +40,7 @@ from typing import Any
 import torch
 
 from rlrt_megatron.rollout.base import Completion, GenerateRequest, SamplingParams
-from rlrt_megatron.rollout.moe_routing import fused_expert_slot
+from rlrt_megatron.rollout.moe_routing import RoutedExperts, fused_expert_slot
 
 
 def _as_id_list(value: Any) -> list[int]:
@@ -59,6 +65,7 @@ class LocalEngine:
         stop_token_ids: extra ids that end a completion (besides the eos ids).
         vocab_size: ids at or above this are never sampled (default: `len(tokenizer)`).
         attn_implementation: transformers attention backend when loading from a directory.
+        record_experts: MoE routing replay: record each token's experts (module docstring).
         length_tail: benchmark workload (`benchmarks/long_tail.py`): each rollout is exactly as
             long as a heavy-tailed length drawn from its seed (`length_cap`, at most
             max_new_tokens): eos cannot be drawn before it (like a top-k truncation: the
@@ -78,6 +85,7 @@ class LocalEngine:
         vocab_size: int | None = None,
         attn_implementation: str = "sdpa",
         length_tail: bool = False,
+        record_experts: bool = False,
     ) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -105,6 +113,12 @@ class LocalEngine:
         self.seed = int(seed)
         self.max_batch_rows = int(max_batch_rows)
         self.length_tail = bool(length_tail)
+        self.record_experts = bool(record_experts)
+        if self.record_experts and not RoutedExperts(self.model).layers:
+            raise ValueError(
+                "LocalEngine: record_experts (model.moe.routing_replay=rollout) needs a MoE model; "
+                f"{type(self.model).__name__} has no routers"
+            )
         self.model_vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
         self.vocab_size = min(int(vocab_size or len(tokenizer)), self.model_vocab_size)
         eos = set(_as_id_list(getattr(tokenizer, "eos_token_id", None)))
@@ -175,7 +189,10 @@ class LocalEngine:
             if self.length_tail:
                 caps = [length_cap(call_seed, i, j, sampling.max_new_tokens) for i, j, _ in chunk]
             outs = self._decode([ids for _, _, ids in chunk], gens, sampling, caps)
-            for (i, _j, ids), (toks, lps, reason, text) in zip(chunk, outs, strict=True):
+            for (i, _j, ids), (toks, lps, reason, text, routed) in zip(chunk, outs, strict=True):
+                meta: dict[str, Any] = {"seed": call_seed}
+                if routed is not None:
+                    meta["routed_experts"] = routed
                 results[i].append(
                     Completion(
                         request_id=requests[i].request_id,
@@ -185,7 +202,7 @@ class LocalEngine:
                         logprobs=lps,
                         finish_reason=reason,
                         weight_version=self._weight_version,
-                        meta={"seed": call_seed},
+                        meta=meta,
                     )
                 )
         return results
@@ -285,8 +302,9 @@ class LocalEngine:
         gens: list[torch.Generator],
         sp: SamplingParams,
         caps: list[int] | None = None,
-    ) -> list[tuple[list[int], list[float], str, str]]:
+    ) -> list[tuple[list[int], list[float], str, str, torch.Tensor | None]]:
         """Decode a batch of rows; tokens, log-probs and stop flags stay on the model's device.
+        Per row: (tokens, log-probs, finish reason, text, routed experts or None).
 
         The host reads the batch's state every `_SYNC_EVERY` steps (to stop when every row has
         finished) and once at the end, never per token. Stop strings need the text of every
@@ -320,34 +338,40 @@ class LocalEngine:
             # each row's uniforms for every step, drawn from its own generator in one call
             rows = [torch.rand(max_new, generator=g, dtype=torch.float64) for g in gens]
             unif = torch.stack(rows).to(dev, non_blocking=True)
-        if max_new > 0:
-            logits = self._forward(ids, mask[:, :width], pos, cache)
-        for step in range(max_new):
-            no_eos = None if cap is None else cap > step + 1
-            nxt, lp = self._sample(
-                logits, gens, sp, None if unif is None else unif[:, step], no_eos
-            )
-            toks[:, step], lps[:, step] = nxt, lp
-            steps = step + 1
-            ended = torch.isin(nxt, eos)
-            if host is not None:
-                ended = ended | host.update(nxt.tolist(), done.tolist()).to(dev)
-            ended &= ~done
-            if cap is not None:  # the length_tail workload: a per-row length limit
-                cut = (cap <= step + 1) & ~done & ~ended
-                capped |= cut
-                ended |= cut
-            length = torch.where(ended, step + 1, length)
-            done |= ended
-            check = host is not None or step % _SYNC_EVERY == _SYNC_EVERY - 1
-            if step + 1 == max_new or (check and bool(done.all())):
-                break
-            # Finished rows keep decoding; their outputs past `length` are ignored.
-            pos = pos[:, -1:] + 1
-            logits = self._forward(nxt[:, None], mask[:, : width + step + 1], pos, cache)
+        recorder = RoutedExperts(self.model) if self.record_experts else None
+        with recorder or contextlib.nullcontext():
+            if max_new > 0:
+                logits = self._forward(ids, mask[:, :width], pos, cache)
+            for step in range(max_new):
+                no_eos = None if cap is None else cap > step + 1
+                nxt, lp = self._sample(
+                    logits, gens, sp, None if unif is None else unif[:, step], no_eos
+                )
+                toks[:, step], lps[:, step] = nxt, lp
+                steps = step + 1
+                ended = torch.isin(nxt, eos)
+                if host is not None:
+                    ended = ended | host.update(nxt.tolist(), done.tolist()).to(dev)
+                ended &= ~done
+                if cap is not None:  # the length_tail workload: a per-row length limit
+                    cut = (cap <= step + 1) & ~done & ~ended
+                    capped |= cut
+                    ended |= cut
+                length = torch.where(ended, step + 1, length)
+                done |= ended
+                check = host is not None or step % _SYNC_EVERY == _SYNC_EVERY - 1
+                if step + 1 == max_new or (check and bool(done.all())):
+                    break
+                # Finished rows keep decoding; their outputs past `length` are ignored.
+                pos = pos[:, -1:] + 1
+                logits = self._forward(nxt[:, None], mask[:, : width + step + 1], pos, cache)
         n_tok = length.clamp(max=steps).tolist()
         reasons = (done & ~capped).tolist()
         toks_h, lps_h = toks[:, :steps].tolist(), lps[:, :steps].tolist()
+        routed = None
+        if recorder is not None:
+            pads = [width - len(p) for p in prompts]
+            routed = _routed_rows(recorder, b, width, pads, n_tok, self.model.config)
         out = []
         for r in range(b):
             t, lp = toks_h[r][: n_tok[r]], lps_h[r][: n_tok[r]]
@@ -356,7 +380,15 @@ class LocalEngine:
                 cuts = [text.find(s) for s in sp.stop if s in text]
                 if cuts:
                     text = text[: min(cuts)]
-            out.append((t, lp, "stop" if reasons[r] else "length", text))
+            out.append(
+                (
+                    t,
+                    lp,
+                    "stop" if reasons[r] else "length",
+                    text,
+                    None if routed is None else routed[r],
+                )
+            )
         return out
 
     def _sample(
@@ -375,6 +407,19 @@ class LocalEngine:
             logits, gens, sp.temperature, sp.top_k, sp.top_p, self.vocab_size, uniforms=uniforms,
             ban=ban,
         )  # fmt: skip
+
+
+def _routed_rows(
+    rec: RoutedExperts, b: int, width: int, pads: list[int], n_tok: list[int], config: Any
+) -> list[torch.Tensor]:
+    """Each row's experts `[prompt + n - 1, moe_layers, k]` on the host from the recorder's
+    forwards: the left-padded prefill `[b * width]` tokens, then one `[b]` call per decode step
+    (the step that fed response token s)."""
+    dtype = torch.uint8 if int(getattr(config, "num_experts", 0) or 0) <= 256 else torch.int16
+    prefill = rec.per_token(0).view(b, width, rec.layers, -1).to("cpu", dtype)
+    decode = [rec.per_token(j).to("cpu", dtype) for j in range(1, len(rec.calls))]
+    steps = torch.stack(decode) if decode else prefill.new_zeros((0, b, *prefill.shape[2:]))
+    return [torch.cat([prefill[r, pads[r] :], steps[: max(n_tok[r] - 1, 0), r]]) for r in range(b)]
 
 
 # Decode steps between the host's checks of "has every row finished?" (each check syncs).

@@ -111,12 +111,13 @@ def make_requests(run: Any, step: int, idx: list[int]) -> tuple[list, list, Any]
 
 def generate(engine: Any, prompts: list, reqs: list, sampling: Any) -> tuple:
     """The broadcastable payload of one batch: (prompts, responses, texts, behavior log-probs,
-    finish reasons, engine weight version per rollout)."""
+    finish reasons, engine weight version per rollout), and `{"routed_experts": [...]}` last when
+    the engine recorded each rollout's MoE experts (routing replay)."""
     from rlrt_megatron.trainer.faults import maybe_kill_engine
 
     maybe_kill_engine(engine, int(reqs[0].request_id.split("-")[0]) if reqs else 0)  # test hook
     comps = [c for grp in engine.generate(reqs, sampling) for c in grp]
-    return (
+    payload = (
         prompts,
         [list(c.token_ids) for c in comps],
         [c.text for c in comps],
@@ -124,6 +125,26 @@ def generate(engine: Any, prompts: list, reqs: list, sampling: Any) -> tuple:
         [c.finish_reason for c in comps],
         [int(c.weight_version) for c in comps],
     )
+    if any("routed_experts" in c.meta for c in comps):
+        return (*payload, {"routed_experts": [c.meta.get("routed_experts") for c in comps]})
+    return payload
+
+
+def routed_experts(cfg: Any, rest: list) -> list | None:
+    """Pop the engine's experts per rollout off the end of a broadcast payload's extra fields
+    (`rest`, see `generate`); None unless the trainer replays them (`model.moe.routing_replay`)."""
+    routed = None
+    if rest and isinstance(rest[-1], dict) and "routed_experts" in rest[-1]:
+        routed = rest.pop()["routed_experts"]
+    if cfg.model.moe.routing_replay != "rollout":
+        return None
+    if routed is None or any(r is None for r in routed):
+        raise RuntimeError(
+            "model.moe.routing_replay=rollout: the rollout engine returned no routed experts "
+            f"for this batch (rollout.engine={cfg.rollout.engine!r}); the local engine records "
+            "them for a MoE model when built with record_experts"
+        )
+    return routed
 
 
 class _Worker:

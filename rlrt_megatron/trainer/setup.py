@@ -283,6 +283,7 @@ def make_engine(cfg: TrainConfig, hf_dir: str) -> Any:
         dtype=resolve_dtype(cfg.rollout.local_dtype),
         max_batch_rows=rows,
         length_tail=cfg.rollout.local_length_tail,
+        record_experts=cfg.model.moe.routing_replay == "rollout",
     )
     if cfg.rollout.local_process or cfg.rollout.staleness:
         # its own process: generation runs while the trainer trains (asynchronous rollouts)

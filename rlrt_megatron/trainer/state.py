@@ -75,6 +75,7 @@ class Batch:
     topk_ids: torch.Tensor | None = None  # [B, T, K] the pre-update student's top-k support
     teacher_topk_logprobs: torch.Tensor | None = None  # [B, T, K+1] teacher on that support
     sync_metrics: dict = field(default_factory=dict)  # staleness and the sync check
+    routed: list | None = None  # MoE routing replay: the engine's experts per rollout
 
 
 def ragged_to_padded(rows: list[list[float]], width: int, dev: torch.device) -> torch.Tensor:

@@ -59,6 +59,7 @@ def rollout(run: Run, step: int) -> Batch:
             payload = rollouts.generate(run.engine, *rollouts.make_requests(run, step, idx))
     rows = [run.dataset[i] for i in idx]
     prompts, responses, texts, blp, finish, versions, *partial = _broadcast(payload)
+    routed = rollouts.routed_experts(run.cfg, partial)  # MoE routing replay (pops them)
     if partial:  # partial rollouts: the finished groups, from any step's prompts
         token_versions, idx, info = partial
         rows = [run.dataset[i] for i in idx]
@@ -67,6 +68,7 @@ def rollout(run: Run, step: int) -> Batch:
         info = {}
     batch = Batch(rows, prompts, responses, texts, blp, finish, versions, token_versions)
     batch.sync_metrics = dict(info)
+    batch.routed = routed
     return batch
 
 
@@ -138,6 +140,10 @@ def _build_views(run: Run, batch: Batch, step: int) -> None:
     batch.mask = ragged_to_padded([[1.0] * len(r) for r in batch.responses], batch.width, dev)
 
 
+def _rows_of(per_rollout: list | None, rows: list[int]) -> list | None:
+    return None if per_rollout is None else [per_rollout[i] for i in rows]
+
+
 def _pad(t: torch.Tensor | None, width: int) -> torch.Tensor | None:
     """`[n, T, ...]` -> `[n, width, ...]` (zeros on the right), on the tensor's device."""
     if t is None:
@@ -166,6 +172,7 @@ def logprobs(run: Run, batch: Batch) -> None:
         token_budget=run.cfg.train.max_tokens_per_microbatch,
         teacher=run.teacher if algo.teacher_weights != "current" else None,
         topk=int(getattr(algo, "needs_topk", 0) or 0),
+        routed=_rows_of(batch.routed, mine),
     )
     part = {
         "logprobs": _pad(student.logprobs, w),
@@ -287,6 +294,7 @@ def update(run: Run, batch: Batch, prepared: Any) -> dict[str, float]:
                 loss_of,
                 topk_ids=topk_ids,
                 teacher_topk=teacher_topk,
+                routed=_rows_of(batch.routed, mine),
             )
             check_nonfinite(pol.last_nonfinite, step, cfg.train.on_nonfinite)
             skipped += int(m.pop("nonfinite_skipped", 0.0))
@@ -342,6 +350,7 @@ def _minibatch_topk(run: Run, batch: Batch, mine: list[int], first: bool) -> tup
         token_budget=run.cfg.train.max_tokens_per_microbatch,
         teacher=run.teacher if algo.teacher_weights != "current" else None,
         topk=int(algo.needs_topk),
+        routed=_rows_of(batch.routed, mine),
     )
     w = batch.width
     return _pad(student.topk_ids, w), (_pad(teacher.topk_logprobs, w), entropy)

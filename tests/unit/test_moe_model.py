@@ -114,7 +114,13 @@ def test_config_validation_names_the_moe_keys():
     with pytest.raises(ConfigError, match=r"parallel.ep: 2 .*needs a MoE model"):
         cfg.validate(hf_config=tiny_config("qwen3").to_dict(), world_size=2)
     cfg.model.moe.routing_replay = "rollout"
-    with pytest.raises(ConfigError, match=r"model.moe.routing_replay: `rollout` is not wired"):
+    cfg.validate(hf_config=moe, world_size=2)  # the local engine records the experts
+    cfg.rollout.partial = True
+    with pytest.raises(ConfigError, match=r"routing_replay: `rollout` needs whole rollouts"):
+        cfg.validate(hf_config=moe, world_size=2)
+    cfg.rollout.partial = False
+    cfg.rollout.engine = "sglang"
+    with pytest.raises(ConfigError, match=r"routing_replay: .*rollout.engine='sglang'"):
         cfg.validate(hf_config=moe, world_size=2)
 
 

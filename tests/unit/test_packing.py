@@ -78,3 +78,34 @@ def test_balance_by_tokens_greedy_largest_first():
     assert max(by_position) / (sum(lengths) / 2) > 1.5
     with pytest.raises(ValueError, match="parts"):
         balance_by_tokens([1], 0)
+
+
+@pytest.mark.parametrize("pack,rows", [(True, 1), (True, 2), (False, 3)])
+def test_pack_sequences_places_routed_experts_at_their_tokens(pack, rows):
+    """Routing replay: the engine's experts of token p of sequence i land at that token's s-major
+    position; a sequence's last (unrouted) token and row padding get experts 0..k-1."""
+    g = torch.Generator().manual_seed(1)
+    seqs, starts, routed = [], [], []
+    for n, r in [(5, 2), (9, 4), (3, 2), (7, 1), (12, 6), (4, 2)]:  # r < n: found by select
+        seqs.append(torch.randint(1, 100, (n,), generator=g).tolist())
+        starts.append(r)
+        routed.append(torch.randint(0, 8, (n - 1, 3, 2), generator=g, dtype=torch.uint8))
+    mbs = pack_sequences(
+        seqs, starts, token_budget=16, rows_per_microbatch=rows, pack=pack, routed=routed
+    )
+    filler = torch.arange(2).expand(3, 2)
+    for mb in mbs:
+        r_, length = mb.input_ids.shape
+        assert mb.routed_experts.shape == (r_ * length, 3, 2)
+        assert mb.routed_experts.dtype == torch.int64
+        placed = torch.zeros(r_ * length, dtype=torch.bool)
+        for k, i in enumerate(mb.rollout_index.tolist()):
+            first = int(mb.select[mb.dst_row == k][0])  # (off + start - 1) * R + row
+            b, off = first % r_, first // r_ - (starts[i] - 1)
+            for p in range(len(seqs[i]) - 1):
+                idx = (off + p) * r_ + b
+                assert torch.equal(mb.routed_experts[idx], routed[i][p].long()), (i, p)
+                placed[idx] = True
+        assert (mb.routed_experts[~placed] == filler).all()
+    with pytest.raises(ValueError, match=r"sequence 0 \(5 tokens\): routed experts of shape"):
+        pack_sequences(seqs, starts, token_budget=16, routed=[torch.zeros(6, 3, 2)] + routed[1:])

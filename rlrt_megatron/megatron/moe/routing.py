@@ -12,6 +12,9 @@
   ``s * batch + b``) and :func:`clear_replay` returns them to routing themselves. Each router's
   own ``router_replay`` object is addressed (not megatron's process-global list, which also
   holds the routers of every other model built in the process: the teacher, earlier tests).
+  :func:`replay_microbatch` does it for one packed micro-batch of the trainer: the engine's
+  experts `[tokens, moe_layers, k]` (column j = the j-th MoE layer of the whole model, as the
+  engines record them), cut to this rank's sequence-parallel slice.
 """
 
 from __future__ import annotations
@@ -26,9 +29,7 @@ def routers(model_chunks: Sequence[Any]) -> list[tuple[int, Any]]:
     """``(global layer index, TopKRouter)`` for every MoE layer of these chunks."""
     out = []
     for chunk in model_chunks:
-        m = chunk
-        while not hasattr(m, "decoder") and hasattr(m, "module"):
-            m = m.module
+        m = _unwrap(chunk)
         for layer in m.decoder.layers:
             router = getattr(layer.mlp, "router", None)
             if router is not None:
@@ -113,3 +114,45 @@ def clear_replay(model_chunks: Sequence[Any]) -> None:
         if router.router_replay is not None:
             router.router_replay.clear_indices()
             router.router_replay.clear_router_replay_action()
+
+
+def moe_layers(config: Any) -> list[int]:
+    """Global indices of the MoE layers of a model (megatron's `moe_layer_freq`: an int every
+    n-th layer from 0, or a 0/1 list per layer), in layer order: the columns of a routing
+    record."""
+    freq, n = config.moe_layer_freq, config.num_layers
+    if isinstance(freq, int):
+        return [i for i in range(n) if i % freq == 0]
+    return [i for i, f in enumerate(freq) if f]
+
+
+def replay_microbatch(model_chunks: Sequence[Any], experts: torch.Tensor) -> None:
+    """Replay `experts` (`[tokens, moe_layers, k]`, megatron's s-major token order of one
+    micro-batch) in the next forward of these chunks' MoE layers. With sequence parallelism a
+    router sees only its tensor-parallel rank's contiguous slice of the (s-major) tokens."""
+    chunks = list(model_chunks)
+    if not chunks:
+        return
+    config = _unwrap(chunks[0]).config
+    column = {layer: j for j, layer in enumerate(moe_layers(config))}
+    if experts.shape[1] != len(column):
+        raise ValueError(
+            f"routing replay: the engine recorded {experts.shape[1]} MoE layers, the model has "
+            f"{len(column)}: the rollout engine does not serve this model"
+        )
+    if getattr(config, "sequence_parallel", False):
+        from megatron.core import parallel_state
+
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        if tp > 1:
+            rank = parallel_state.get_tensor_model_parallel_rank()
+            experts = experts.view(tp, -1, *experts.shape[1:])[rank]
+    layers = {layer for layer, _ in routers(chunks)}
+    set_replay(chunks, {layer: experts[:, column[layer]] for layer in layers})
+
+
+def _unwrap(chunk: Any) -> Any:
+    m = chunk
+    while not hasattr(m, "decoder") and hasattr(m, "module"):
+        m = m.module
+    return m
