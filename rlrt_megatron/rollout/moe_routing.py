@@ -59,6 +59,46 @@ class RoutedExperts:
         return torch.stack([got[i] for i, _ in self.routers], dim=1)
 
 
+class ReplayedExperts:
+    """Context manager: every MoE router of a transformers Qwen3-MoE returns given experts
+    instead of its own top-k, for one forward of right-padded rows `[rows, width]`.
+
+    `routed[i]` `[m_i, moe_layers, k]` covers row i's first m_i tokens; the other positions use
+    experts 0..k-1 (no log-prob read there depends on them). The gate values are the router's
+    softmax at those experts, renormalised when the model normalises its top-k, as in
+    megatron's `RouterReplay` and the router's own forward."""
+
+    def __init__(self, model: Any, routed: list, width: int) -> None:
+        self.routers = RoutedExperts(model).routers
+        k = int(routed[0].shape[-1])
+        idx = torch.arange(k).expand(len(routed), width, len(self.routers), k).clone()
+        for i, r in enumerate(routed):
+            idx[i, : r.shape[0]] = r.long()
+        self.indices = idx.flatten(0, 1)  # [rows * width, layers, k], batch-major as the router
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> ReplayedExperts:
+        for j, (_, router) in enumerate(self.routers):
+            self._handles.append(router.register_forward_hook(self._hook(j)))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def _hook(self, column: int) -> Any:
+        def hook(module: Any, args: Any, output: Any) -> tuple:
+            logits = output[0]
+            idx = self.indices[:, column].to(logits.device)
+            probs = torch.softmax(logits, dtype=torch.float, dim=-1).gather(1, idx)
+            if getattr(module, "norm_topk_prob", False):
+                probs = probs / probs.sum(dim=-1, keepdim=True)
+            return logits, probs.to(logits.dtype), idx
+
+        return hook
+
+
 def _decoder_layers(model: Any) -> Any:
     inner = getattr(model, "model", model)
     return inner.layers

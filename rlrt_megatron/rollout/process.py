@@ -26,6 +26,7 @@ model per sync, fine for the small models the local engine is for (SGLang covers
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import traceback
@@ -102,12 +103,16 @@ class ProcessEngine:
         self._version = int(version)
 
     def score(
-        self, prompts: list[list[int]], responses: list[list[int]], temperature: float = 1.0
+        self,
+        prompts: list[list[int]],
+        responses: list[list[int]],
+        temperature: float = 1.0,
+        routed: list | None = None,
     ) -> list[list[float]]:
         """The engine's log-probs of `responses[i]` after `prompts[i]` (teacher-forced), with the
         same convention as its sampling: log_softmax(logits / temperature) over the true
-        vocabulary."""
-        return self._call("score", prompts, responses, float(temperature))
+        vocabulary; MoE routers replaying `routed[i]` when given (`score_tokens`)."""
+        return self._call("score", prompts, responses, float(temperature), routed)
 
     def continue_rows(self, items: list[tuple], sampling: SamplingParams, need: int) -> list:
         """`rollout/partial.continue_rows` in the rollout process (partial rollouts)."""
@@ -167,9 +172,18 @@ class ProcessEngine:
 
 
 def score_tokens(
-    engine: Any, prompts: list[list[int]], responses: list[list[int]], temperature: float = 1.0
+    engine: Any,
+    prompts: list[list[int]],
+    responses: list[list[int]],
+    temperature: float = 1.0,
+    routed: list | None = None,
 ) -> list[list[float]]:
-    """`LocalEngine`'s log-probs of given responses (one padded forward per chunk of rows)."""
+    """`LocalEngine`'s log-probs of given responses (one padded forward per chunk of rows).
+    `routed[i]`: the experts `[tokens, moe_layers, k]` its MoE layers use for row i's first
+    tokens (routing replay: the trainer's recompute replays the same ones, so that the sync
+    check compares weights, not routing)."""
+    from rlrt_megatron.rollout.moe_routing import ReplayedExperts
+
     out: list[list[float]] = []
     model, dev = engine.model, engine.device
     step = max(1, engine.max_batch_rows)
@@ -182,7 +196,8 @@ def score_tokens(
         for i, s in enumerate(seqs):  # right-padded: positions count from 0 in every row
             ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
             mask[i, : len(s)] = 1
-        with torch.no_grad():
+        replay = None if routed is None else ReplayedExperts(model, routed[lo : lo + step], width)
+        with torch.no_grad(), replay or contextlib.nullcontext():
             logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits.float()
         if logits.shape[-1] > engine.vocab_size:
             logits[..., engine.vocab_size :] = float("-inf")

@@ -320,7 +320,9 @@ class RolloutQueue:
             prompts, responses = (got[0] if partial else got)[:2]
             n = min(PROBE_ROWS, len(responses))
             rows = [prompts[i // g] for i in range(n)]
-            return step, n, score(rows, responses[:n], temperature)
+            routed = None if partial else routed_experts(run.cfg, list(got[6:]))
+            kw = {} if routed is None else {"routed": routed[:n]}  # replayed by the trainer too
+            return step, n, score(rows, responses[:n], temperature, **kw)
 
         self.probe = self.pool.submit(job)
 

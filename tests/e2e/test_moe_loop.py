@@ -70,7 +70,7 @@ def _near_tie_hf(root: str) -> str:
     return str(hf)
 
 
-def _train_replay(rank: int, world: int, run_dir: str, hf: str, replay: str) -> list:
+def _train_replay(rank: int, world: int, run_dir: str, hf: str, replay: str, k: int = 0) -> list:
     from recipes import get_recipe
     from rlrt_megatron.trainer.train import train
 
@@ -79,7 +79,7 @@ def _train_replay(rank: int, world: int, run_dir: str, hf: str, replay: str) -> 
         [*FAST, "train.steps=2", f"logging.run_dir={run_dir}", f"model.hf_path={hf}",
          "rollout.max_new_tokens=12", "rollout.local_dtype=float32",
          "rollout.sync_check_tol=1.0",  # without replay the flips alone exceed the 1e-3 default
-         f"model.moe.routing_replay={replay}"],
+         f"model.moe.routing_replay={replay}", f"rollout.max_staleness={k}"],
     )  # fmt: skip
     return train(cfg)["metrics"]
 
@@ -100,3 +100,9 @@ def test_routing_replay_in_the_loop_closes_the_engine_trainer_gap(tmp_path):
     # rows apart by more than 1e-6, so step 2 has no ties left (1.7e-7 / 1.4e-7)
     assert gaps[0][0] > 1e-4 and gaps[0][0] > 100 * gaps[0][1]
     assert all(replayed < 1e-5 for _, replayed in gaps)
+    # asynchronous (the engine in its own process, one step ahead): the same-version check
+    # (the engine's score of the batch under the trainer's weights) replays the sampled experts
+    # in the engine too, as the trainer does (measured 1.3e-7, 1.4e-7, 8e-8 over 3 steps)
+    ahead = run_distributed(_train_replay, 1, str(tmp_path / "async"), hf, "rollout", 1)[0]
+    assert all(row[key] < 1e-5 for row in ahead), [row[key] for row in ahead]
+    assert ahead[1]["rollout/stale_logprob_abs_diff"] > 1e-4  # stale tokens: older weights
