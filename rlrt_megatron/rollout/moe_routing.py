@@ -15,12 +15,9 @@ from typing import Any
 import torch
 
 
-class RoutedExperts:
-    """Context manager: while active, every forward's top-k expert indices per MoE layer.
-
-    `calls[j][layer]` is the `[tokens, k]` index tensor of the j-th forward in layer order
-    (tokens flattened batch-major, as transformers flattens `[batch, seq]`).
-    """
+class _RouterHooks:
+    """A forward hook on every MoE router of a transformers model while the context is active
+    (`self._hook(column, layer)`; column = the router's place among the MoE layers)."""
 
     def __init__(self, model: Any) -> None:
         self.routers = [
@@ -28,16 +25,15 @@ class RoutedExperts:
             for i, layer in enumerate(_decoder_layers(model))
             if hasattr(layer.mlp, "gate") and hasattr(layer.mlp, "experts")
         ]
-        self.calls: list[dict[int, torch.Tensor]] = []
         self._handles: list[Any] = []
 
     @property
     def layers(self) -> int:
         return len(self.routers)
 
-    def __enter__(self) -> RoutedExperts:
-        for i, router in self.routers:
-            self._handles.append(router.register_forward_hook(self._hook(i)))
+    def __enter__(self) -> Any:
+        for j, (i, router) in enumerate(self.routers):
+            self._handles.append(router.register_forward_hook(self._hook(j, i)))
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -45,9 +41,24 @@ class RoutedExperts:
             h.remove()
         self._handles = []
 
-    def _hook(self, layer: int) -> Any:
+    def _hook(self, column: int, layer: int) -> Any:
+        raise NotImplementedError
+
+
+class RoutedExperts(_RouterHooks):
+    """Context manager: while active, every forward's top-k expert indices per MoE layer.
+
+    `calls[j][layer]` is the `[tokens, k]` index tensor of the j-th forward in layer order
+    (tokens flattened batch-major, as transformers flattens `[batch, seq]`).
+    """
+
+    def __init__(self, model: Any) -> None:
+        super().__init__(model)
+        self.calls: list[dict[int, torch.Tensor]] = []
+
+    def _hook(self, column: int, layer: int) -> Any:
         def hook(module: Any, args: Any, output: Any) -> None:
-            if layer == self.routers[0][0]:
+            if column == 0:
                 self.calls.append({})
             self.calls[-1][layer] = output[2].detach()
 
@@ -59,7 +70,7 @@ class RoutedExperts:
         return torch.stack([got[i] for i, _ in self.routers], dim=1)
 
 
-class ReplayedExperts:
+class ReplayedExperts(_RouterHooks):
     """Context manager: every MoE router of a transformers Qwen3-MoE returns given experts
     instead of its own top-k, for one forward of right-padded rows `[rows, width]`.
 
@@ -69,25 +80,14 @@ class ReplayedExperts:
     megatron's `RouterReplay` and the router's own forward."""
 
     def __init__(self, model: Any, routed: list, width: int) -> None:
-        self.routers = RoutedExperts(model).routers
+        super().__init__(model)
         k = int(routed[0].shape[-1])
         idx = torch.arange(k).expand(len(routed), width, len(self.routers), k).clone()
         for i, r in enumerate(routed):
             idx[i, : r.shape[0]] = r.long()
         self.indices = idx.flatten(0, 1)  # [rows * width, layers, k], batch-major as the router
-        self._handles: list[Any] = []
 
-    def __enter__(self) -> ReplayedExperts:
-        for j, (_, router) in enumerate(self.routers):
-            self._handles.append(router.register_forward_hook(self._hook(j)))
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-
-    def _hook(self, column: int) -> Any:
+    def _hook(self, column: int, layer: int) -> Any:
         def hook(module: Any, args: Any, output: Any) -> tuple:
             logits = output[0]
             idx = self.indices[:, column].to(logits.device)

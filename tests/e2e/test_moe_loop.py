@@ -10,6 +10,7 @@ import math
 import pytest
 from dist_utils import run_distributed
 from e2e_helpers import FAST
+from moe_helpers import near_tie_moe
 
 # slow tier (`make test-slow`, run by .ci/run when time allows): keeps `make test` < 15 min
 pytestmark = [pytest.mark.e2e, pytest.mark.distributed, pytest.mark.slow]
@@ -48,28 +49,6 @@ def test_tiny_moe_trains_and_ep2_matches_ep1(tmp_path):
     assert b["train/grad_norm"] == pytest.approx(a["train/grad_norm"], rel=1e-4)
 
 
-def _near_tie_hf(root: str) -> str:
-    """The tiny Qwen3-MoE (as the loop builds it) with every router row within 1e-6 of a shared
-    one: fp32 summation order alone routes some tokens differently in the engine and trainer."""
-    from pathlib import Path
-
-    import torch
-    from safetensors.torch import load_file, save_file
-
-    from rlrt_megatron.convert.tiny import make_tiny_model
-
-    hf = make_tiny_model(Path(root) / "hf", seed=0, arch="qwen3_moe")
-    path = hf / "model.safetensors"
-    tensors = load_file(path)
-    g = torch.Generator().manual_seed(0)
-    for name, t in tensors.items():
-        if name.endswith("mlp.gate.weight"):
-            base = torch.randn(1, t.shape[1], generator=g)
-            tensors[name] = base + 1e-6 * torch.randn(t.shape, generator=g)
-    save_file(tensors, path, metadata={"format": "pt"})
-    return str(hf)
-
-
 def _train_replay(rank: int, world: int, run_dir: str, hf: str, replay: str, k: int = 0) -> list:
     from recipes import get_recipe
     from rlrt_megatron.trainer.train import train
@@ -88,7 +67,7 @@ def test_routing_replay_in_the_loop_closes_the_engine_trainer_gap(tmp_path):
     """`model.moe.routing_replay=rollout` in the tiny RLRT loop, on near-tie routers: the same
     rollouts (same seeds), and `rollout/logprob_abs_diff` (engine vs trainer, same weights) drops
     from the routing flips' gap to fp32 rounding."""
-    hf = _near_tie_hf(str(tmp_path / "model"))
+    hf = str(near_tie_moe(tmp_path / "model", 1e-6, seed=0))  # ties at fp32 rounding
     off = run_distributed(_train_replay, 1, str(tmp_path / "off"), hf, "off")[0]
     on = run_distributed(_train_replay, 1, str(tmp_path / "on"), hf, "rollout")[0]
     assert len(on) == len(off) == 2

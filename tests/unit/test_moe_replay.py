@@ -13,28 +13,13 @@ from __future__ import annotations
 import pytest
 import torch
 from dist_utils import single_process_megatron
+from moe_helpers import near_tie_moe
 
 SEQ = 48
 
 
 def _near_tie_model(root, spread: float = 0.02):
-    """Tiny Qwen3-MoE whose experts' router rows differ by `spread` of a shared row: every
-    token's router logits are nearly equal, so rounding (bf16 at 2%; fp32's summation order at
-    1e-6) flips top-k choices."""
-    from safetensors.torch import load_file, save_file
-
-    from rlrt_megatron.convert.tiny import make_tiny_model
-
-    hf = make_tiny_model(root / "hf", arch="qwen3_moe", vocab_size=512, seed=7)
-    path = hf / "model.safetensors"
-    tensors = load_file(path)
-    g = torch.Generator().manual_seed(0)
-    for name, t in tensors.items():
-        if name.endswith("mlp.gate.weight"):
-            base = torch.randn(1, t.shape[1], generator=g)
-            tensors[name] = base + spread * torch.randn(t.shape, generator=g)
-    save_file(tensors, path, metadata={"format": "pt"})
-    return hf
+    return near_tie_moe(root, spread, vocab_size=512, seed=7)
 
 
 def _logprobs(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -141,6 +126,18 @@ def test_local_engine_records_and_the_trainer_replays_every_token(tmp_path):
     routed = [c.meta["routed_experts"] for c in comps]
     for s, r in zip(seqs, routed, strict=True):
         assert r.dtype == torch.uint8 and r.shape == (len(s) - 1, 2, 2), (r.shape, len(s))
+    # the engine's teacher-forced score (the async sync check) replays the same experts: it
+    # reproduces the sampling log-probs (a padded full forward instead of the KV-cached decode)
+    from rlrt_megatron.rollout.process import score_tokens
+
+    prompts_, responses_ = [c.prompt_token_ids for c in comps], [c.token_ids for c in comps]
+    scored = score_tokens(engine, prompts_, responses_, 1.0, routed)
+    diff = max(
+        abs(a - b)
+        for c, row in zip(comps, scored, strict=True)
+        for a, b in zip(c.logprobs, row, strict=True)
+    )
+    assert diff < 1e-5, diff
     with pytest.raises(ValueError, match="record_experts .* needs a MoE model"):
         from rlrt_megatron.convert.tiny import make_tiny_model
 
