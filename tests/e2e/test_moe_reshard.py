@@ -19,7 +19,7 @@ import os
 import pytest
 import torch
 from dist_utils import run_distributed
-from test_reshard import ROWS, VOCAB, _step
+from test_reshard import ROWS, VOCAB, _step, flat_tensors
 
 pytestmark = [pytest.mark.e2e, pytest.mark.distributed, pytest.mark.slow]
 
@@ -87,19 +87,11 @@ def _compare(rank: int, world: int, root: str) -> dict:
 
     platform.init_distributed(1, 1)
 
-    def flat(d: dict, prefix: str = "") -> dict[str, torch.Tensor]:
-        out = {}
-        for k, v in d.items():
-            if isinstance(v, dict):
-                out.update(flat(v, f"{prefix}{k}/"))
-            elif isinstance(v, torch.Tensor) and k != "common_step":
-                # (the Adam step: a common entry under the optimizer structure of each EP, so
-                # compared through the trainer state's `optimizer_adam_step`)
-                out[prefix + k] = v
-        return out
-
     def plain(name: str, it: str = IT) -> dict[str, torch.Tensor]:
-        return flat(dist_checkpointing.load_plain_tensors(os.path.join(root, name, it, "dist")))
+        loaded = dist_checkpointing.load_plain_tensors(os.path.join(root, name, it, "dist"))
+        # (the Adam step is a common entry under each EP's optimizer structure: compared
+        # through the trainer state's `optimizer_adam_step`)
+        return {k: v for k, v in flat_tensors(loaded).items() if not k.endswith("/common_step")}
 
     def state(name: str, it: str = IT) -> dict:
         with open(os.path.join(root, name, it, "trainer_state.json")) as f:
