@@ -90,8 +90,7 @@ def load_checkpoint_into_model(model_chunks: Sequence[Any], ckpt_dir: str | Path
     for parent, k, v in _iter_sharded(sharded):
         if not isinstance(v, ShardedBase | ShardedTensorFactory):
             continue
-        if v.key in rename:
-            v.key = rename[v.key]
+        v.key = mapping.rename_key(v.key, rename)
         if v.key not in ckpt_keys:
             if EXTRA_STATE in v.key:
                 del parent[k]
@@ -123,10 +122,12 @@ def load_checkpoint_into_model(model_chunks: Sequence[Any], ckpt_dir: str | Path
 def shape_from_model(chunk: Any) -> mapping.ModelShape:
     """The mapping's `ModelShape` of a chunk built by `rlrt_megatron.megatron.model.build_model`."""
     from rlrt_megatron.megatron.model import true_vocab_size
+    from rlrt_megatron.megatron.moe.provider import megatron_layer_pattern
 
     model = unwrap(chunk)
     cfg = model.config
     moe = bool(cfg.num_moe_experts)
+    pattern = megatron_layer_pattern(cfg.moe_layer_freq, cfg.num_layers) if moe else []
     return mapping.ModelShape(
         model_type="qwen3_moe" if moe else "qwen3" if cfg.qk_layernorm else "llama",
         num_layers=cfg.num_layers,
@@ -140,6 +141,7 @@ def shape_from_model(chunk: Any) -> mapping.ModelShape:
         qk_norm=bool(cfg.qk_layernorm),
         num_experts=int(cfg.num_moe_experts or 0),
         moe_ffn=int(cfg.moe_ffn_hidden_size or 0) if moe else 0,
+        dense_layers=tuple(i for i, is_moe in enumerate(pattern) if not is_moe),
     )
 
 

@@ -22,17 +22,23 @@ Megatron layouts (TP=1, which is also the global layout stored in a dist checkpo
   sharded key `decoder.layers.mlp.experts.experts.linear_fc{1,2}.weight` with a layer axis and
   then an expert axis (global [L, E, ...]), so any EP split loads it. The pre-MLP norm of a MoE
   layer is a separate `pre_mlp_layernorm` with every spec (no fused TE layernorm-linear).
-  Converted MoE models must be MoE in every layer (`mlp_only_layers` empty, sparse step 1:
-  Megatron then stores layers per index, which the converter does not write).
+- Mixed dense / MoE layers (Qwen3-MoE's `mlp_only_layers`, `decoder_sparse_step`): a dense layer
+  takes the dense MLP rules (`intermediate_size`), a MoE layer the router / expert rules. Megatron
+  then stores every layer under its own index (`decoder.layers.{i}.<rest>`, no layer axis; the
+  experts keep their expert axis first: `decoder.layers.{i}.mlp.experts.experts.linear_fc1.weight`
+  [E, ...]), its "non-homogeneous" layout, and so does the converter (`Entry.stacked`).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from rlrt_megatron.megatron.moe.provider import moe_layer_pattern
 
 SUPPORTED_MODEL_TYPES = ("qwen3", "llama", "qwen3_moe")
 SPECS = ("local", "torch", "te")  # `torch` (SDPA attention) keeps the local names
@@ -166,10 +172,19 @@ class ModelShape:
     qk_norm: bool
     num_experts: int = 0  # routed experts per MoE layer; 0 = dense model
     moe_ffn: int = 0  # moe_intermediate_size
+    dense_layers: tuple[int, ...] = ()  # MoE models: layers with a dense MLP (mlp_only_layers...)
 
     @property
     def heads_per_group(self) -> int:
         return self.num_heads // self.num_kv_heads
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return bool(self.num_experts) and layer not in self.dense_layers
+
+    @property
+    def mixed(self) -> bool:
+        """Dense and MoE layers: megatron stores layers per index (no stacked layer axis)."""
+        return bool(self.num_experts and self.dense_layers)
 
 
 def _cfg(config: Any, key: str, default: Any = None) -> Any:
@@ -202,16 +217,12 @@ def model_shape(config: Any) -> ModelShape:
             f"num_attention_heads={heads} is not a multiple of num_key_value_heads={kv}"
         )
     n_experts = moe_ffn = 0
+    dense_layers: tuple[int, ...] = ()
     if model_type == "qwen3_moe":
         n_experts = int(_cfg(config, "num_experts") or _cfg(config, "num_local_experts") or 0)
         moe_ffn = int(_cfg(config, "moe_intermediate_size"))
-        step = int(_cfg(config, "decoder_sparse_step", 1) or 1)
-        if _cfg(config, "mlp_only_layers") or step != 1 or n_experts < 1:
-            raise ValueError(
-                f"qwen3_moe with mlp_only_layers={_cfg(config, 'mlp_only_layers')}, "
-                f"decoder_sparse_step={step}, num_experts={n_experts}: the converter handles "
-                "MoE in every layer only (empty mlp_only_layers, decoder_sparse_step=1)"
-            )
+        pattern = moe_layer_pattern(config)  # refuses a pattern transformers would not build
+        dense_layers = tuple(i for i, moe in enumerate(pattern) if not moe)
     return ModelShape(
         model_type=model_type,
         num_layers=int(_cfg(config, "num_hidden_layers")),
@@ -225,18 +236,25 @@ def model_shape(config: Any) -> ModelShape:
         qk_norm=model_type in ("qwen3", "qwen3_moe"),
         num_experts=n_experts,
         moe_ffn=moe_ffn,
+        dense_layers=dense_layers,
     )
 
 
-def active_rules(shape: ModelShape) -> list[Rule]:
-    """The rules that apply to this model (drops q/k norms for Llama, lm_head when tied)."""
+def active_rules(shape: ModelShape, layer: int | None = None) -> list[Rule]:
+    """The rules that apply to this model (drops q/k norms for Llama, lm_head when tied) and,
+    given a `layer`, to that decoder layer (dense MLP or router + experts)."""
     out = []
     for rule in RULES:
         if rule.when == "qk_norm" and not shape.qk_norm:
             continue
         if rule.when == "untied" and shape.tied:
             continue
-        if rule.when == ("dense" if shape.num_experts else "moe"):
+        if layer is None and rule.when in ("dense", "moe"):
+            # a model's MLP rules: every kind its layers have
+            kinds = {"moe" if shape.is_moe_layer(i) else "dense" for i in range(shape.num_layers)}
+            if rule.when not in kinds:
+                continue
+        elif layer is not None and rule.when == ("dense" if shape.is_moe_layer(layer) else "moe"):
             continue
         out.append(rule)
     return out
@@ -252,6 +270,7 @@ class Entry:
     rule: Rule
     layer: int | None
     expert: int | None = None
+    stacked: bool = True  # False: megatron's per-layer keys (a mixed dense / MoE model)
 
     def hf_names(self) -> tuple[str, ...]:
         return tuple(n.format(i=self.layer, e=self.expert) for n in self.rule.hf)
@@ -260,14 +279,18 @@ class Entry:
         return self.rule.megatron_name(spec).format(i=self.layer, e=self.expert)
 
     def sharded_key(self, spec: str) -> str:
-        """The dist-checkpoint key: layers (and experts) are stacked, so their index is dropped."""
-        return self.rule.key or self.rule.megatron_name(spec).replace(LAYER + ".", "")
+        """The dist-checkpoint key: layers (and experts) are stacked, so their index is dropped;
+        unstacked (`stacked=False`), the layer index stays and only experts are stacked."""
+        key = self.rule.key or self.rule.megatron_name(spec).replace(LAYER + ".", "")
+        if self.stacked or self.layer is None:
+            return key
+        return key.replace("decoder.layers.", f"decoder.layers.{self.layer}.", 1)
 
     def stack_offsets(self, shape: ModelShape) -> list[tuple[int, int, int]]:
-        """`(axis, index, size)` of this tensor in its stacked sharded tensor: the layer axis,
-        then the expert axis for experts (empty for non-layer parameters)."""
-        out = [] if self.layer is None else [(0, self.layer, shape.num_layers)]
-        return out + ([] if self.expert is None else [(1, self.expert, shape.num_experts)])
+        """`(axis, index, size)` of this tensor in its stacked sharded tensor: the layer axis
+        (stacked layouts), then the expert axis for experts (empty for non-layer parameters)."""
+        out = [] if self.layer is None or not self.stacked else [(0, self.layer, shape.num_layers)]
+        return out + ([] if self.expert is None else [(len(out), self.expert, shape.num_experts)])
 
 
 def entries(shape: ModelShape) -> Iterator[Entry]:
@@ -275,13 +298,14 @@ def entries(shape: ModelShape) -> Iterator[Entry]:
     rules = active_rules(shape)
     head = [r for r in rules if not r.per_layer and r.local.startswith("embedding.")]
     tail = [r for r in rules if not r.per_layer and not r.local.startswith("embedding.")]
+    stacked = not shape.mixed
     yield from (Entry(r, None) for r in head)
     for i in range(shape.num_layers):
-        for r in rules:
+        for r in active_rules(shape, i):
             if r.per_expert:
-                yield from (Entry(r, i, e) for e in range(shape.num_experts))
+                yield from (Entry(r, i, e, stacked) for e in range(shape.num_experts))
             elif r.per_layer:
-                yield Entry(r, i)
+                yield Entry(r, i, stacked=stacked)
     yield from (Entry(r, None) for r in tail)
 
 
@@ -387,6 +411,21 @@ def spec_key_map(from_spec: str, to_spec: str) -> dict[str, str]:
         if a != b:
             out[a] = b
     return out
+
+
+_LAYER_KEY = re.compile(r"^(.*?decoder\.layers\.)(\d+)\.(.*)$")
+
+
+def rename_key(key: str, renames: dict[str, str]) -> str:
+    """`key` after `spec_key_map`'s `renames`, for stacked keys and megatron's per-layer keys
+    (`decoder.layers.{i}.<rest>`, a mixed dense / MoE model) alike."""
+    if key in renames:
+        return renames[key]
+    m = _LAYER_KEY.match(key)
+    if m and m.group(1) + m.group(3) in renames:
+        new = renames[m.group(1) + m.group(3)]
+        return new.replace(m.group(1), f"{m.group(1)}{m.group(2)}.", 1)
+    return key
 
 
 def detect_spec(keys: Sequence[str]) -> str:

@@ -12,6 +12,7 @@ tokenizer come from `<ckpt>/hf/`, `<ckpt>/../hf/` or an explicit `hf_config_dir`
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -71,28 +72,28 @@ def _resolve_keys(
     shape: mapping.ModelShape,
     ckpt: Path,
     prefix: str = "",
-) -> tuple[str, bool]:
-    """(checkpoint key, stacked?) for one entry; both Megatron layer layouts are accepted."""
-    if entry.layer is None:
-        key = prefix + entry.sharded_key(spec)
-        stacked = False
-    elif prefix + entry.sharded_key(spec) in metadata:
-        key, stacked = prefix + entry.sharded_key(spec), True
-    else:  # per-layer keys (Megatron's non-homogeneous layout)
-        key, stacked = prefix + entry.megatron_name(spec), False
+) -> tuple[str, mapping.Entry]:
+    """(checkpoint key, the entry in the checkpoint's layer layout) for one entry; both Megatron
+    layer layouts (stacked, per-layer) are accepted."""
+    key = prefix + entry.sharded_key(spec)
+    if key not in metadata and entry.layer is not None:  # the other layer layout
+        other = dataclasses.replace(entry, stacked=not entry.stacked)
+        if prefix + other.sharded_key(spec) in metadata:
+            key, entry = prefix + other.sharded_key(spec), other
     if key not in metadata and entry.rule.when == "moe":
         # a MoE layer's pre-MLP norm: the local spec saves it under TE's fused name
-        other = prefix + entry.sharded_key("local" if spec == "te" else "te")
-        other = other.replace("pre_mlp_layernorm.weight", "mlp.linear_fc1.layer_norm_weight")
-        key, stacked = (other, True) if other in metadata else (key, stacked)
+        other_key = prefix + entry.sharded_key("local" if spec == "te" else "te")
+        other_key = other_key.replace(
+            "pre_mlp_layernorm.weight", "mlp.linear_fc1.layer_norm_weight"
+        )
+        key = other_key if other_key in metadata else key
     if key not in metadata:
         raise KeyError(
             f"checkpoint {ckpt} has no tensor {key!r} (needed for "
             f"{', '.join(entry.hf_names())}); is config.json the one of this checkpoint?"
         )
     expected = mapping.megatron_shape(entry, shape)
-    if stacked:
-        expected = (*(size for _, _, size in entry.stack_offsets(shape)), *expected)
+    expected = (*(size for _, _, size in entry.stack_offsets(shape)), *expected)
     got = tuple(metadata[key].global_shape)
     ok = got == expected
     if entry.rule.vocab:  # padded rows are allowed (sliced off)
@@ -102,7 +103,7 @@ def _resolve_keys(
             f"checkpoint {ckpt}: tensor {key!r} has global shape {list(got)}, expected "
             f"{list(expected)} from config.json ({', '.join(entry.hf_names())})"
         )
-    return key, stacked
+    return key, entry
 
 
 def megatron_to_hf(
@@ -177,11 +178,11 @@ def megatron_to_hf(
             for group in groups:
                 request = {}
                 for e in group:
-                    key, stacked = keys[e]
+                    key, stored = keys[e]
                     md = metadata[key]
                     # a [1, (1,) ...] slice of the stacked tensor (no prepend_axis_num: megatron's
                     # legacy path for that cannot read a single shard of a regular grid)
-                    offsets = e.stack_offsets(shape) if stacked else []
+                    offsets = stored.stack_offsets(shape)
                     local = torch.empty(
                         (*(1 for _ in offsets), *md.global_shape[len(offsets) :]), dtype=md.dtype
                     )
@@ -194,8 +195,7 @@ def megatron_to_hf(
                 )
                 for e in group:
                     full = loaded.pop(f"{keys[e][0]}|{e.expert}")
-                    if keys[e][1]:
-                        full = full[0, 0] if e.expert is not None else full[0]
+                    full = full[(0,) * len(keys[e][1].stack_offsets(shape))]
                     if e.rule.vocab:
                         full = full[: shape.vocab_size]
                     tensors = mapping.unfuse(e.rule, full, shape)

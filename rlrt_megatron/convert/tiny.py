@@ -103,9 +103,11 @@ def tiny_config(
     tied: bool = True,
     tokenizer=None,
     num_layers: int = 2,
+    overrides: dict | None = None,
 ):
     """The tiny model's `transformers` config (Qwen3, Qwen3-MoE or Llama 3 with llama3 rope
-    scaling)."""
+    scaling); `overrides` sets more HF config fields (e.g. Qwen3-MoE's `mlp_only_layers=[0]`
+    or `decoder_sparse_step=2` for dense layers between the MoE ones)."""
     from transformers import LlamaConfig, Qwen3Config, Qwen3MoeConfig
 
     ids = {}
@@ -123,6 +125,7 @@ def tiny_config(
         attention_bias=False,
         **{**TINY_SHAPE, "num_hidden_layers": num_layers},
         **ids,
+        **(overrides or {}),
     )
     if arch == "qwen3":
         return Qwen3Config(
@@ -178,6 +181,7 @@ def make_tiny_model(
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     num_layers: int = 2,
+    overrides: dict | None = None,
 ) -> Path:
     """Write a tiny random HF checkpoint (config, safetensors, tokenizer, template) to `out_dir`.
 
@@ -191,8 +195,9 @@ def make_tiny_model(
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(min(vocab_size, 512), seed=seed)
     config = tiny_config(
-        arch, vocab_size=vocab_size, tied=tied, tokenizer=tokenizer, num_layers=num_layers
-    )
+        arch, vocab_size=vocab_size, tied=tied, tokenizer=tokenizer, num_layers=num_layers,
+        overrides=overrides,
+    )  # fmt: skip
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     randomize_weights(model, seed)
     model = model.to(dtype)
@@ -214,6 +219,7 @@ def make_tiny_model(
                 "vocab_size": vocab_size,
                 "seed": seed,
                 "dtype": str(dtype),
+                **({"overrides": overrides} if overrides else {}),
             },
             indent=1,
         )

@@ -346,6 +346,8 @@ def predict(
     dp = max(1, lay.dp)
     pbytes = 2 if s.params_dtype == "bfloat16" else 4
     stages = sorted({0, lay.pp - 1})
+    if shape.dense_layers:  # mixed dense / MoE layers: any stage may hold the most experts
+        stages = list(range(lay.pp))
     best: dict[str, float] = {}
     for stage in stages:  # the first stage has the embedding, the last the LM head
         st = static_bytes(shape, tp=lay.tp, pp=lay.pp, dp=dp, stage=stage,
@@ -354,8 +356,17 @@ def predict(
         per_tok = activation_bytes_per_token(
             shape, tp=lay.tp, act_bytes=pbytes, spec=s.spec, row_len=min(s.row_len, tokens)
         )
-        # 1F1B: stage k keeps pp - k micro-batches of L/pp layers
-        acts = int(per_tok * tokens) * (shape.layers // lay.pp) * (lay.pp - stage)
+        # 1F1B: stage k keeps pp - k micro-batches of its L/pp layers; the dense MLP's share
+        # only in its dense layers (plan_moe counts the MoE layers' experts)
+        n_stage, n_moe = shape.layers // lay.pp, shape.moe_layers(lay.pp, stage)
+        moe_tok = 0.0
+        if n_moe:
+            moe_tok = activation_bytes_per_token(
+                dataclasses.replace(shape, ffn=0), tp=lay.tp, act_bytes=pbytes, spec=s.spec,
+                row_len=min(s.row_len, tokens),
+            )  # fmt: skip
+        acts = int(per_tok * tokens) * (n_stage - n_moe) + int(moe_tok * tokens) * n_moe
+        acts *= lay.pp - stage
         head = 0
         if stage == lay.pp - 1:
             head = lm_head_bytes(shape, tp=lay.tp, tokens=tokens, act_bytes=pbytes)
@@ -400,7 +411,13 @@ def render(plan: Plan) -> str:
     lay, s, shape = plan.layout, plan.settings, plan.shape
     lines = [
         f"model: {shape.name} ({plan.shape_source}): {shape.layers} layers, hidden {shape.hidden}, "
-        f"ffn {shape.ffn}, heads {shape.heads}/{shape.kv_heads}, vocab {shape.vocab}",
+        f"ffn {shape.ffn}, heads {shape.heads}/{shape.kv_heads}, vocab {shape.vocab}"
+        + (
+            f"; {shape.moe_layers()} MoE layers x {shape.experts} experts (top-{shape.topk}, "
+            f"ffn {shape.moe_ffn}), {len(shape.dense_layers)} dense"
+            if shape.experts
+            else ""
+        ),
         f"layout: {lay.nodes} node(s) x {lay.gpus_per_node} GPU(s)"
         + (f" ({lay.rollout_nodes} rollout node(s))" if lay.rollout_nodes else "")
         + f" = {lay.world} training ranks: tp {lay.tp} x pp {lay.pp} x dp "

@@ -1,9 +1,11 @@
 """`rlrt plan` rows of a mixture-of-experts model (Qwen3-MoE), added to the dense plan.
 
-The dense accounting (`plan.py`) covers the embedding, attention, norms and LM head (a MoE
-shape has `ffn = 0`: no dense MLP). What the experts add, per GPU of the most loaded rank:
+The dense accounting (`plan.py`) covers the embedding, attention, norms, LM head and the dense
+MLP of the layers that have one (Qwen3-MoE's `mlp_only_layers` / `decoder_sparse_step`; none
+when every layer is MoE, `ffn = 0`). What the experts add, per GPU of the most loaded rank, with
+`M` the MoE layers of the pipeline stage (`L/pp` when every layer is MoE):
 
-* expert weights: `L/pp` layers x `E/ep` experts x `3 h f_moe / etp` elements (SwiGLU fc1
+* expert weights: `M` layers x `E/ep` experts x `3 h f_moe / etp` elements (SwiGLU fc1
   `[2 f, h]`, fc2 `[h, f]`), plus each layer's router `[E, h]` (replicated);
 * their fp32 gradients (`grad_reduce_in_fp32`) and Adam state (`2 x 4` + an fp32 main copy of
   bf16 params): expert weights are data-parallel over the *expert*-DP group of
@@ -33,7 +35,7 @@ def expert_dp(world: int, pp: int, ep: int, etp: int) -> int:
 
 def expert_params(shape: ModelShape) -> int:
     """Every expert and router element of the model (0 for a dense model)."""
-    return shape.layers * shape.experts * (3 * shape.hidden * shape.moe_ffn + shape.hidden)
+    return shape.moe_layers() * shape.experts * (3 * shape.hidden * shape.moe_ffn + shape.hidden)
 
 
 def moe_problems(shape: ModelShape, world: int, pp: int, ep: int, etp: int) -> list[str]:
@@ -53,10 +55,10 @@ def moe_problems(shape: ModelShape, world: int, pp: int, ep: int, etp: int) -> l
 
 def moe_static_bytes(
     shape: ModelShape, *, world: int, pp: int, ep: int, etp: int, param_bytes: int,
-    distributed: bool,
+    distributed: bool, stage: int = 0,
 ) -> dict[str, int]:  # fmt: skip
-    """Expert weights, gradients and optimizer state on one rank (bytes)."""
-    layers = shape.layers // pp
+    """Expert weights, gradients and optimizer state on one rank of pipeline `stage` (bytes)."""
+    layers = shape.moe_layers(pp, stage)
     experts = layers * (shape.experts // ep) * 3 * shape.hidden * shape.moe_ffn // etp
     routers = layers * shape.experts * shape.hidden
     n = experts + routers
@@ -94,10 +96,10 @@ def moe_rows(
     if not shape.experts:
         return {"static": 0, "activations": 0, "rows": {}}
     st = moe_static_bytes(shape, world=world, pp=pp, ep=ep, etp=etp, param_bytes=param_bytes,
-                          distributed=distributed)  # fmt: skip
+                          distributed=distributed, stage=stage)  # fmt: skip
     per_tok = moe_activation_bytes_per_token(shape, tp=tp, etp=etp, act_bytes=param_bytes)
-    # 1F1B: stage k keeps pp - k micro-batches of L/pp layers, as for the dense terms
-    acts = int(per_tok * tokens) * (shape.layers // pp) * (pp - stage)
+    # 1F1B: stage k keeps pp - k micro-batches of its layers, as for the dense terms
+    acts = int(per_tok * tokens) * shape.moe_layers(pp, stage) * (pp - stage)
     acts += dispatcher_bytes(shape, tokens=tokens, tp=tp, act_bytes=param_bytes)
     rows = {
         f"expert weights (1/ep {ep}) + routers": st["weights"],

@@ -30,20 +30,39 @@ class ModelShape:
     tied: bool  # tie_word_embeddings
     qk_norm: bool  # Qwen3's per-head q/k RMSNorm
     qkv_bias: bool = False  # attention_bias
-    experts: int = 0  # num_experts (Qwen3-MoE; every layer MoE, ffn = 0); 0 = dense
+    experts: int = 0  # num_experts (Qwen3-MoE; ffn = 0 when every layer is MoE); 0 = dense
     topk: int = 0  # num_experts_per_tok
     moe_ffn: int = 0  # moe_intermediate_size
+    dense_layers: tuple[int, ...] = ()  # MoE models: layers with a dense MLP of `ffn`
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return bool(self.experts) and layer not in self.dense_layers
+
+    def stage_layers(self, pp: int, stage: int) -> range:
+        """The decoder layers of pipeline `stage` (megatron's even split)."""
+        n = self.layers // pp
+        return range(stage * n, (stage + 1) * n)
+
+    def moe_layers(self, pp: int = 1, stage: int = 0) -> int:
+        """How many of pipeline `stage`'s layers are MoE (the rest have a dense MLP)."""
+        return sum(self.is_moe_layer(i) for i in self.stage_layers(pp, stage))
 
     @classmethod
     def from_hf(cls, cfg: dict[str, Any], name: str = "") -> ModelShape:
         heads = int(cfg["num_attention_heads"])
         model_type = str(cfg.get("model_type", "")).lower()
-        experts = int(cfg.get("num_experts") or 0) if model_type == "qwen3_moe" else 0
+        experts, dense = 0, ()
+        if model_type == "qwen3_moe":  # (transformers 5 saves `num_local_experts`)
+            from rlrt_megatron.megatron.moe.provider import moe_layer_pattern, num_experts
+
+            experts = num_experts(cfg)
+            # mlp_only_layers / decoder_sparse_step: transformers' rule
+            dense = tuple(i for i, moe in enumerate(moe_layer_pattern(cfg)) if not moe)
         archs = " ".join(cfg.get("architectures") or []).lower()
         return cls(
             name=name or model_type,
             hidden=int(cfg["hidden_size"]),
-            ffn=0 if experts else int(cfg["intermediate_size"]),
+            ffn=0 if experts and not dense else int(cfg["intermediate_size"]),
             layers=int(cfg["num_hidden_layers"]),
             heads=heads,
             kv_heads=int(cfg.get("num_key_value_heads") or heads),
@@ -55,6 +74,7 @@ class ModelShape:
             experts=experts,
             topk=int(cfg.get("num_experts_per_tok") or 0) if experts else 0,
             moe_ffn=int(cfg.get("moe_intermediate_size") or 0) if experts else 0,
+            dense_layers=dense,
         )
 
 
@@ -151,9 +171,9 @@ def stage_params(shape: ModelShape, tp: int, pp: int, stage: int) -> list[tuple[
         layer.append((qkv_rows, False, False))
     if shape.qk_norm:
         layer += [(d, False, True), (d, False, True)]
-    layer += [(h, False, True), (2 * shape.ffn // t * h, False, False),
-              (h * shape.ffn // t, False, False)]  # fmt: skip
-    out += layer * (shape.layers // pp)
+    mlp = [(2 * shape.ffn // t * h, False, False), (h * shape.ffn // t, False, False)]
+    for i in shape.stage_layers(pp, stage):  # MoE layers: experts and router in plan_moe
+        out += [*layer, (h, False, True), *([] if shape.is_moe_layer(i) else mlp)]
     if last:
         out.append((h, False, True))  # final norm
         if not shape.tied or pp > 1:

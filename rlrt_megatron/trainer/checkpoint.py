@@ -143,10 +143,10 @@ class ResumeError(ConfigError):
 
 
 # Settings that change what one step computes: they must match on resume. The layout (TP, PP,
-# DP, VPP, distributed optimizer) may change.
+# DP, VPP, EP / ETP, distributed optimizer) may change.
 GLOBAL_BATCH_KEYS = ("global_batch", "prompts_per_step", "group_size", "mini_batch_prompts",
                      "ppo_epochs")  # fmt: skip
-LAYOUT_KEYS = ("tp", "pp", "dp", "vpp", "distributed_optimizer")
+LAYOUT_KEYS = ("tp", "pp", "dp", "vpp", "ep", "etp", "distributed_optimizer")
 
 
 def layout_of(cfg: Any, world_size: int, vpp: int | None = None) -> dict[str, Any]:
@@ -158,6 +158,8 @@ def layout_of(cfg: Any, world_size: int, vpp: int | None = None) -> dict[str, An
         "pp": pp,
         "dp": world_size // (tp * pp),
         "vpp": vpp,
+        "ep": cfg.parallel.ep,
+        "etp": cfg.parallel.etp or tp,  # (0 = tp)
         "distributed_optimizer": cfg.parallel.use_distributed_optimizer,
         "prompts_per_step": t.prompts_per_step,
         "group_size": cfg.rollout.group_size,
@@ -171,6 +173,7 @@ def check_layout(saved: dict | None, current: dict | None, path: str) -> str | N
     (None when the layout is the same or unknown)."""
     if not saved or not current:
         return None
+    saved = {"ep": 1, "etp": saved.get("tp"), **saved}  # checkpoints from before EP was recorded
     diff = [
         f"{k} {saved[k]} -> {current[k]}"
         for k in GLOBAL_BATCH_KEYS
@@ -443,7 +446,7 @@ class Checkpointer:
             _load_model_state(teacher, loaded, prefix="teacher.")
         if optimizer is not None:
             with torch.no_grad():  # megatron copies into parameter views in place
-                load_optimizer_state(optimizer, loaded["optimizer"])
+                load_optimizer_state(optimizer, loaded["optimizer"], fmt)
             step = trainer_state.get("optimizer_adam_step")
             if step is not None:
                 set_adam_step(optimizer, step)

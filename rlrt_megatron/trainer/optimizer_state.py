@@ -96,19 +96,66 @@ OPTIMIZER_METADATA = {
 PARAM_STATE_KIND = "param_state_sharding_type"
 
 
-def load_optimizer_state(optimizer: Any, state: Any) -> None:
+def _per_optimizer(opts: list[Any], state: Any) -> list[Any]:
+    """The loaded state of each of this run's chained optimizers.
+
+    Megatron keeps expert parameters in an optimizer of their own when EP > 1 (a chained
+    optimizer state `{0: dense, 1: experts}`), in the dense one at EP = 1 (one state). Loading a
+    checkpoint saved with the other structure, `dist_checkpointing` returns what this run asked
+    for plus the saved common (non-tensor) entries under the saved structure: those extra keys
+    are dropped here (the tensors are per parameter and come back whatever the structure)."""
+    if len(opts) == 1:
+        if isinstance(state, dict):  # e.g. the {0: ..., 1: ...} common entries of an EP > 1 save
+            state = {k: v for k, v in state.items() if not isinstance(k, int)}
+        return [state]
+    if isinstance(state, dict):  # (and not the single optimizer's keys of an EP = 1 save)
+        return [state[i] for i in range(len(opts))]
+    return list(state)
+
+
+def _param_groups(sd: dict) -> list | None:
+    inner = sd.get("optimizer") if isinstance(sd.get("optimizer"), dict) else sd
+    return inner.get("param_groups")
+
+
+def _fill_common(opt: Any, sd: Any) -> None:
+    """The common (non-tensor) entries of a checkpoint saved with another optimizer structure
+    (`_per_optimizer`) did not come back; this run's own take their place: the param groups'
+    settings (megatron matches groups by `wd_mult`, `lr_mult`, `is_expert_parallel`,
+    `is_decoupled_lr`; the learning rate and weight decay are set again by the restored
+    scheduler, `OptimizerParamScheduler.load_state_dict`), the distributed optimizer's
+    `optimizer` entry, the grad scaler, and a placeholder for the shared Adam step (the trainer
+    state's comes after the load, `set_adam_step`)."""
+    if not isinstance(sd, dict):
+        return
+    groups = _param_groups(sd)
+    if groups and all("wd_mult" in g or "pre_wd_mult" in g for g in groups):
+        return  # saved with this structure: nothing missing
+    for key, value in opt.state_dict().items():
+        sd.setdefault(key, value)
+    current = opt.optimizer.param_groups
+    for group, cur in zip(_param_groups(sd) or [], current, strict=True):
+        if "wd_mult" not in group and "pre_wd_mult" not in group:
+            group.update({k: v for k, v in cur.items() if k != "params"})
+    per_param = sd.get("state")
+    if isinstance(per_param, dict) and "common_step" not in per_param:
+        per_param["common_step"] = torch.tensor(0.0)
+
+
+def load_optimizer_state(optimizer: Any, state: Any, fmt: str | None = None) -> None:
     """`optimizer.load_state_dict(state)`, with megatron's fully-reshardable parameter state
     loaded by its own `load_parameter_state_from_fully_reshardable` while torch Adam's
     per-parameter `step` is set aside: that loader copies every state entry of a parameter from
     the checkpoint, which has no `step` (KeyError in megatron-core 0.16). The step comes back
-    from the trainer state (`set_adam_step`)."""
+    from the trainer state (`set_adam_step`). A checkpoint saved at another EP (expert
+    parameters in an optimizer of their own or not) loads too (`_per_optimizer`); `fmt`: the
+    checkpoint's optimizer format (its trainer state's `optimizer_format`)."""
     opts = list(getattr(optimizer, "chained_optimizers", [optimizer]))
-    if len(opts) == 1:
-        states = [state]
-    else:
-        states = [v for _, v in sorted(state.items())] if isinstance(state, dict) else list(state)
-    for opt, sd in zip(opts, states, strict=True):
+    for opt, sd in zip(opts, _per_optimizer(opts, state), strict=True):
+        _fill_common(opt, sd)
         kind = sd.get(PARAM_STATE_KIND) if isinstance(sd, dict) else None
+        if kind is None and isinstance(sd, dict) and "param_state" in sd:
+            kind = fmt  # (a common entry too: the format the trainer state names)
         if kind != "fully_reshardable":
             opt.load_state_dict(sd)
             continue

@@ -32,13 +32,16 @@ PARITY_TOL = 1e-4
 LAYOUTS = [(1, 1, 1), (1, 1, 2), (2, 1, 2), (1, 2, 1), (1, 2, 2)]  # (tp, pp, ep), world 4
 
 
-def _convert(rank: int, world_size: int, root: str) -> None:
+def _convert(
+    rank: int, world_size: int, root: str, layers: int = 2, hf: dict | None = None
+) -> None:
     from rlrt_megatron.convert.hf_to_megatron import hf_to_megatron
     from rlrt_megatron.convert.megatron_to_hf import megatron_to_hf
     from rlrt_megatron.convert.tiny import make_tiny_model
 
     r = Path(root)
-    make_tiny_model(r / "hf", arch="qwen3_moe", vocab_size=VOCAB, seed=3)
+    make_tiny_model(r / "hf", arch="qwen3_moe", vocab_size=VOCAB, seed=3, num_layers=layers,
+                    overrides=hf)  # fmt: skip
     hf_to_megatron(r / "hf", r / "mc", show_progress=False)
     megatron_to_hf(r / "mc", r / "back", max_shard_bytes=100_000, show_progress=False)
 
@@ -115,7 +118,10 @@ def _layouts_worker(rank: int, world_size: int, root: str) -> dict:
 
 
 def test_moe_parity_export_and_reshard_at_every_layout(converted) -> None:
-    results = run_distributed(_layouts_worker, 4, str(converted))
+    _check_layouts(run_distributed(_layouts_worker, 4, str(converted)))
+
+
+def _check_layouts(results: list[dict]) -> None:
     for tp, pp, ep in LAYOUTS:
         diffs = [res[(tp, pp, ep)][0] for res in results]
         measured = [d for d in diffs if d is not None]

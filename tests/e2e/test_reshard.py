@@ -155,6 +155,17 @@ def _worker(rank: int, world: int, root: str, dist_opt: bool) -> dict:
     return out
 
 
+def flat_tensors(d: dict, prefix: str = "") -> dict[str, torch.Tensor]:
+    """`{"a/b/c": tensor}` of a nested (loaded) state dict's tensors."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flat_tensors(v, f"{prefix}{k}/"))
+        elif isinstance(v, torch.Tensor):  # the common (non-sharded) state is not resharded
+            out[prefix + k] = v
+    return out
+
+
 def _compare(rank: int, world: int, root: str, dist_opt: bool) -> dict:
     """Full-tensor comparison of the re-saved checkpoints with the saved one (one process)."""
     import json
@@ -165,15 +176,7 @@ def _compare(rank: int, world: int, root: str, dist_opt: bool) -> dict:
     from rlrt_megatron.trainer.checkpoint import Checkpointer
 
     platform.init_distributed(1, 1)
-
-    def flat(d: dict, prefix: str = "") -> dict[str, torch.Tensor]:
-        out = {}
-        for k, v in d.items():
-            if isinstance(v, dict):
-                out.update(flat(v, f"{prefix}{k}/"))
-            elif isinstance(v, torch.Tensor):  # the common (non-sharded) state is not resharded
-                out[prefix + k] = v
-        return out
+    flat = flat_tensors
 
     def plain(name: str, it: str = IT) -> dict[str, torch.Tensor]:
         return flat(dist_checkpointing.load_plain_tensors(os.path.join(root, name, it, "dist")))

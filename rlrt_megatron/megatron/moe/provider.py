@@ -53,12 +53,45 @@ def num_experts(hf_config: Any) -> int:
 
 
 def moe_layer_pattern(hf_config: Any) -> list[int]:
-    """1 for each MoE decoder layer, 0 for a dense one (transformers' Qwen3MoeDecoderLayer)."""
+    """1 for each MoE decoder layer, 0 for a dense one (transformers' Qwen3MoeDecoderLayer:
+    layer i is MoE iff i is not in `mlp_only_layers`, `num_experts > 0` and
+    `(i + 1) % decoder_sparse_step == 0`). Megatron takes any such list as `moe_layer_freq`;
+    what transformers itself would not build (a step < 1, a layer index out of range) and a
+    model without any MoE layer are refused here."""
     n_layers = int(_get(hf_config, "num_hidden_layers"))
-    step = int(_get(hf_config, "decoder_sparse_step", 1) or 1)
-    dense = set(_get(hf_config, "mlp_only_layers") or [])
+    step = _get(hf_config, "decoder_sparse_step", 1)
+    step = 1 if step is None else int(step)
+    dense = list(_get(hf_config, "mlp_only_layers") or [])
+    if step < 1:
+        raise ValueError(
+            f"HF config decoder_sparse_step={step}: must be >= 1 (1 = every layer MoE, "
+            "2 = every second layer)"
+        )
+    bad = [i for i in dense if not 0 <= int(i) < n_layers]
+    if bad:
+        raise ValueError(
+            f"HF config mlp_only_layers={dense}: {bad} not in 0..{n_layers - 1} "
+            f"(num_hidden_layers={n_layers}); list 0-based decoder layer indices"
+        )
     n_exp = num_experts(hf_config)
-    return [int(i not in dense and n_exp > 0 and (i + 1) % step == 0) for i in range(n_layers)]
+    dense_set = {int(i) for i in dense}
+    pattern = [
+        int(i not in dense_set and n_exp > 0 and (i + 1) % step == 0) for i in range(n_layers)
+    ]
+    if not any(pattern):
+        raise ValueError(
+            f"HF config has no MoE layer (num_experts={n_exp}, decoder_sparse_step={step}, "
+            f"mlp_only_layers={dense}, {n_layers} layers): convert it as a dense model"
+        )
+    return pattern
+
+
+def megatron_layer_pattern(moe_layer_freq: int | list[int], num_layers: int) -> list[int]:
+    """The 1 (MoE) / 0 (dense) list of a built model's `TransformerConfig.moe_layer_freq`
+    (megatron's rule for an int N: layer i is MoE iff i % N == 0)."""
+    if isinstance(moe_layer_freq, int):
+        return [int(i % moe_layer_freq == 0) for i in range(num_layers)]
+    return [int(x) for x in moe_layer_freq]
 
 
 @dataclass(frozen=True)
@@ -138,10 +171,6 @@ def moe_config_kwargs(hf_config: Any, *, spec: str, settings: MoESettings | None
     if settings.aux_loss_coeff < 0:
         raise ValueError(f"model.moe.aux_loss_coeff={settings.aux_loss_coeff} must be >= 0")
     pattern = moe_layer_pattern(hf_config)
-    if not any(pattern):
-        raise ValueError(
-            "HF config has no MoE layer (num_experts=0 or every layer in mlp_only_layers)"
-        )
     te = spec == "te"
     return dict(
         num_moe_experts=num_experts(hf_config),
