@@ -95,7 +95,8 @@ def test_replay_uses_the_engine_experts_and_shrinks_the_logprob_gap(tmp_path):
     assert replay_gap == pytest.approx(replay_gap)  # finite
 
 
-def test_local_engine_records_and_the_trainer_replays_every_token(tmp_path):
+@pytest.mark.parametrize("mixed", [False, True], ids=["all-moe", "dense-layer-between"])
+def test_local_engine_records_and_the_trainer_replays_every_token(tmp_path, mixed):
     """Through the trainer's path: the local engine samples with `record_experts`, the
     packed response forward (`compute_response_logprobs(routed=...)`, several rollouts per
     micro-batch) replays them, and every token the engine fed through its layers is routed by
@@ -112,7 +113,9 @@ def test_local_engine_records_and_the_trainer_replays_every_token(tmp_path):
     from rlrt_megatron.rollout.base import GenerateRequest, SamplingParams
     from rlrt_megatron.rollout.local import LocalEngine
 
-    hf_dir = _near_tie_model(tmp_path, spread=1e-6)  # fp32 engine and trainer: ties at 1e-6
+    # fp32 engine and trainer: ties at 1e-6; mixed: layers 0 and 2 MoE, layer 1 dense
+    shape = dict(num_layers=3, overrides={"mlp_only_layers": [1]}) if mixed else {}
+    hf_dir = near_tie_moe(tmp_path, 1e-6, vocab_size=512, seed=7, **shape)
     engine = LocalEngine(hf_dir, dtype=torch.float32, record_experts=True, max_batch_rows=4)
     g = torch.Generator().manual_seed(2)
     reqs = [
@@ -159,7 +162,9 @@ def test_local_engine_records_and_the_trainer_replays_every_token(tmp_path):
 
             return fn
 
-        handles = [r.register_forward_hook(hook(i)) for i, r in routing.routers([model])]
+        handles = [
+            r.register_forward_hook(hook(j)) for j, (_, r) in enumerate(routing.routers([model]))
+        ]
         kw = dict(token_budget=2 * max(len(s) for s in seqs), rows_per_microbatch=2)
         replay = compute_response_logprobs([model], seqs, starts, routed=routed, **kw)
         replay_maps, maps[:] = list(maps), []
