@@ -474,6 +474,9 @@ def apply_cpu_shims() -> None:
        tracker class -> ``CpuRNGStatesTracker`` (``torch.cuda.get_rng_state`` cannot run).
     6. MoE alltoall dispatcher: its token split sizes become numpy arrays (megatron converts only
        CUDA tensors; ``all_to_all_single`` on gloo takes int sequences, not tensors).
+    7. Uneven sequence-parallel gather / reduce-scatter (the MoE dispatcher's tokens over the
+       expert-TP group, :func:`_uneven_gather` / :func:`_uneven_reduce_scatter`): gloo's list
+       ``all_gather`` needs equal sizes and its list ``reduce_scatter`` came in torch 2.8.
     """
     global _SHIMS_APPLIED
     if _SHIMS_APPLIED or not is_cpu_mode():
@@ -539,7 +542,41 @@ def apply_cpu_shims() -> None:
     token_dispatcher.maybe_move_tensor_to_cpu = lambda t, as_numpy=False, record_stream=False: (
         t.numpy() if as_numpy and torch.is_tensor(t) else t
     )
+    # 7. Uneven gather / reduce-scatter (the even ones run on gloo as they are).
+    from megatron.core.tensor_parallel import mappings
+
+    mappings._gather_along_first_dim = functools.partial(
+        _uneven_gather, mappings._gather_along_first_dim
+    )
+    mappings._reduce_scatter_along_first_dim = functools.partial(
+        _uneven_reduce_scatter, mappings._reduce_scatter_along_first_dim
+    )
     _SHIMS_APPLIED = True
+
+
+def _uneven_gather(even: Any, x: torch.Tensor, group: Any, output_split_sizes: Any = None,
+                   use_global_buffer: bool = False) -> torch.Tensor:  # fmt: skip
+    """Megatron's ``_gather_along_first_dim`` on gloo: rank i's ``sizes[i]`` rows, each padded
+    to the largest, gathered as one equal-size tensor, then unpadded (``even``: megatron's)."""
+    if output_split_sizes is None or group.size() == 1:
+        return even(x, group, output_split_sizes, use_global_buffer)
+    sizes = [int(n) for n in output_split_sizes]
+    most = max(sizes)
+    padded = torch.cat([x, x.new_zeros((most - x.shape[0], *x.shape[1:]))])
+    out = x.new_empty((most * len(sizes), *x.shape[1:]))
+    torch.distributed.all_gather_into_tensor(out, padded.contiguous(), group=group)
+    return torch.cat([out[i * most : i * most + n] for i, n in enumerate(sizes)])
+
+
+def _uneven_reduce_scatter(even: Any, x: torch.Tensor, group: Any, input_split_sizes: Any = None,
+                           use_global_buffer: bool = False) -> torch.Tensor:  # fmt: skip
+    """Megatron's ``_reduce_scatter_along_first_dim`` on gloo: the sum over ranks of every row
+    (one all-reduce), then this rank's ``input_split_sizes`` rows (``even``: megatron's)."""
+    if input_split_sizes is None or group.size() == 1:
+        return even(x, group, input_split_sizes, use_global_buffer)
+    total = x.clone(memory_format=torch.contiguous_format)
+    torch.distributed.all_reduce(total, group=group)
+    return total.split([int(n) for n in input_split_sizes])[group.rank()].clone()
 
 
 _ORIG_TENSOR_TYPE = torch.Tensor.type
