@@ -42,20 +42,10 @@ from rlrt_megatron.topology import (
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "DistInfo",
-    "apply_cpu_shims",
-    "backend",
-    "destroy_distributed",
-    "device",
-    "device_name",
-    "first_slurm_host",
-    "init_distributed",
-    "is_cpu_mode",
-    "resolve_dist_env",
-    "resolve_dtype",
-    "set_deterministic",
-    "strict_determinism",
-]
+    "DistInfo", "apply_cpu_shims", "backend", "destroy_distributed", "device", "device_name",
+    "first_slurm_host", "init_distributed", "is_cpu_mode", "resolve_dist_env", "resolve_dtype",
+    "set_deterministic", "strict_determinism",
+]  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------
@@ -338,11 +328,6 @@ def destroy_distributed() -> None:
 
 _SHIMS_APPLIED = False
 
-# Capabilities of the CPU shims: `Tensor.type()` answers megatron's `torch.cuda.*Tensor` checks, so
-# its optimizers, grad clipping and DistributedOptimizer run on CPU (test_parallel_invariance.py).
-TENSOR_TYPE_SHIM = True
-DISTRIBUTED_OPTIMIZER_ON_CPU = True
-
 # Megatron modules that allocate with a literal `device="cuda"` (or `pin_memory=True`) on code paths
 # a dense GPT model uses for forward/backward, the schedules, DDP, the optimizer and checkpoints.
 # Their module-global `torch` is swapped for a proxy whose tensor factories put "cuda" on the CPU.
@@ -474,9 +459,8 @@ def apply_cpu_shims() -> None:
        tracker class -> ``CpuRNGStatesTracker`` (``torch.cuda.get_rng_state`` cannot run).
     6. MoE alltoall dispatcher: its token split sizes become numpy arrays (megatron converts only
        CUDA tensors; ``all_to_all_single`` on gloo takes int sequences, not tensors).
-    7. Uneven sequence-parallel gather / reduce-scatter (the MoE dispatcher's tokens over the
-       expert-TP group, :func:`_uneven_gather` / :func:`_uneven_reduce_scatter`): gloo's list
-       ``all_gather`` needs equal sizes and its list ``reduce_scatter`` came in torch 2.8.
+    7. Uneven sequence-parallel all-gather (the MoE dispatcher's tokens over the expert-TP
+       group): gloo's list ``all_gather`` needs equal sizes, :func:`_uneven_gather` pads them.
     """
     global _SHIMS_APPLIED
     if _SHIMS_APPLIED or not is_cpu_mode():
@@ -542,41 +526,24 @@ def apply_cpu_shims() -> None:
     token_dispatcher.maybe_move_tensor_to_cpu = lambda t, as_numpy=False, record_stream=False: (
         t.numpy() if as_numpy and torch.is_tensor(t) else t
     )
-    # 7. Uneven gather / reduce-scatter (the even ones run on gloo as they are).
-    from megatron.core.tensor_parallel import mappings
+    # 7. Uneven all-gather (gloo reduce-scatters uneven rows itself, from torch 2.8).
+    from megatron.core.tensor_parallel import mappings as tpm
 
-    mappings._gather_along_first_dim = functools.partial(
-        _uneven_gather, mappings._gather_along_first_dim
-    )
-    mappings._reduce_scatter_along_first_dim = functools.partial(
-        _uneven_reduce_scatter, mappings._reduce_scatter_along_first_dim
-    )
+    tpm._gather_along_first_dim = functools.partial(_uneven_gather, tpm._gather_along_first_dim)
     _SHIMS_APPLIED = True
 
 
 def _uneven_gather(even: Any, x: torch.Tensor, group: Any, output_split_sizes: Any = None,
                    use_global_buffer: bool = False) -> torch.Tensor:  # fmt: skip
-    """Megatron's ``_gather_along_first_dim`` on gloo: rank i's ``sizes[i]`` rows, each padded
-    to the largest, gathered as one equal-size tensor, then unpadded (``even``: megatron's)."""
+    """Megatron's ``_gather_along_first_dim`` (``even``) of uneven rows on gloo: every rank's
+    rows padded to the largest count, gathered as one tensor, unpadded."""
     if output_split_sizes is None or group.size() == 1:
         return even(x, group, output_split_sizes, use_global_buffer)
-    sizes = [int(n) for n in output_split_sizes]
-    most = max(sizes)
-    padded = torch.cat([x, x.new_zeros((most - x.shape[0], *x.shape[1:]))])
+    most = max(sizes := [int(n) for n in output_split_sizes])
     out = x.new_empty((most * len(sizes), *x.shape[1:]))
-    torch.distributed.all_gather_into_tensor(out, padded.contiguous(), group=group)
+    padded = torch.cat([x, x.new_zeros((most - x.shape[0], *x.shape[1:]))])
+    torch.distributed.all_gather_into_tensor(out, padded, group=group)
     return torch.cat([out[i * most : i * most + n] for i, n in enumerate(sizes)])
-
-
-def _uneven_reduce_scatter(even: Any, x: torch.Tensor, group: Any, input_split_sizes: Any = None,
-                           use_global_buffer: bool = False) -> torch.Tensor:  # fmt: skip
-    """Megatron's ``_reduce_scatter_along_first_dim`` on gloo: the sum over ranks of every row
-    (one all-reduce), then this rank's ``input_split_sizes`` rows (``even``: megatron's)."""
-    if input_split_sizes is None or group.size() == 1:
-        return even(x, group, input_split_sizes, use_global_buffer)
-    total = x.clone(memory_format=torch.contiguous_format)
-    torch.distributed.all_reduce(total, group=group)
-    return total.split([int(n) for n in input_split_sizes])[group.rank()].clone()
 
 
 _ORIG_TENSOR_TYPE = torch.Tensor.type

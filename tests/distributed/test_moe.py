@@ -7,12 +7,12 @@ The tiny random Qwen3-MoE (8 experts, top-2, 2 layers, vocab 1000) made in code:
 - a checkpoint saved at EP=2 x TP=2 (the trainer's sharded layout) exports back to the same HF
   tensors and loads at EP=1 (reshard);
 - invariance: one forward/backward (4 micro-batches through megatron's schedules and DDP) at
-  EP=2, PP=2 and PP=2 x EP=2 gives the EP=1 losses and every gradient within 1e-5 relative;
-  EP=2 x TP=2 gives the EP=1 losses (forward only). Megatron-core trains MoE layers under
-  TP > 1 only with sequence parallelism (it raises in training mode without it), which needs
-  the `te` spec (the CPU specs' torch norms and gloo's missing reduce-scatter rule it out here);
-  in eval mode without it the loss is right but the expert gradients are not (measured:
-  |g - ref| = |ref| for the experts' fc1), so TP=2 gradients are a GPU check.
+  EP=2, EP=2 x TP=2, PP=2 and PP=2 x EP=2 gives the EP=1 losses and every gradient within 1e-5
+  relative (measured worst: 6.7e-7, the router at EP=2 x TP=2). Megatron-core trains MoE layers
+  under TP > 1 only with sequence parallelism, so EP=2 x TP=2 runs with it: our norms carry
+  `sequence_parallel` (`megatron/norm.py`; without it the norm gradients are one TP rank's
+  tokens only, |g - ref| ~ 0.4 |ref|) and gloo gathers the dispatcher's uneven token counts
+  through the shim in `platform.apply_cpu_shims` (gloo's all_gather refuses them).
 """
 
 from __future__ import annotations
