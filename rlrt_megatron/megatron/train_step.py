@@ -112,7 +112,8 @@ class Policy:
         self.pp_group = ps.get_pipeline_model_parallel_group()
         self.is_last_stage = ps.is_pipeline_last_stage()
         self.last_stage_rank = ps.get_pipeline_model_parallel_last_rank()
-        self.router_stats = RouterStats(chunks, self.dp_group) if routers(chunks) else None
+        sp = self.tp_group if sequence_parallel else None  # TP ranks route slices of the tokens
+        self.router_stats = RouterStats(chunks, self.dp_group, sp) if routers(chunks) else None
 
     def _make_optimizer(self, optim: Any, bf16: bool, distributed: bool) -> Any:
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer

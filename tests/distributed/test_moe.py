@@ -141,10 +141,12 @@ def _microbatches() -> list[dict[str, torch.Tensor]]:
 
 def _invariance_worker(rank: int, world_size: int) -> dict:
     import torch.distributed as dist
+    from megatron.core import parallel_state as ps
 
     from rlrt_megatron import platform
     from rlrt_megatron.convert.tiny import randomize_weights, tiny_config
     from rlrt_megatron.megatron.model import build_model
+    from rlrt_megatron.megatron.moe.routing import RouterStats
     from rlrt_megatron.megatron.parallel import (
         forward_backward,
         gather_full_grads,
@@ -173,13 +175,18 @@ def _invariance_worker(rank: int, world_size: int) -> dict:
             ref_params = ref_params or params
             assert all(torch.equal(params[k], ref_params[k]) for k in ref_params)
             ddp = wrap_with_ddp(chunks, use_distributed_optimizer=False)
+            # as the Policy counts them: summed over DP, and over TP under sequence parallelism
+            sp_group = ps.get_tensor_model_parallel_group() if tp > 1 else None
+            stats = RouterStats(chunks, ps.get_data_parallel_group(), sp_group)
             for c in ddp:
                 c.zero_grad_buffer()
             reduced = forward_backward(ddp, _microbatches(), _ce_loss)
             grads = gather_full_grads(ddp)
             per_rank: list = [None] * dist.get_world_size()
-            dist.all_gather_object(per_rank, [float(x["loss"]) for x in reduced])
-            results[(tp, pp, ep)] = (next(x for x in per_rank if x), grads)
+            dist.all_gather_object(per_rank, ([float(x["loss"]) for x in reduced], stats.metrics()))
+            stats.close()
+            loads = {k: v for _, m in per_rank for k, v in m.items() if k.startswith("moe/load")}
+            results[(tp, pp, ep)] = (next(x for x, _ in per_rank if x), grads, loads)
     finally:
         platform.destroy_distributed()
     return results if rank == 0 else {}
@@ -187,10 +194,14 @@ def _invariance_worker(rank: int, world_size: int) -> dict:
 
 def test_moe_ep_tp_pp_invariance_of_losses_and_grads() -> None:
     results = run_distributed(_invariance_worker, 4, timeout=600)[0]
-    ref_losses, ref_grads = results[(1, 1, 1)]
+    ref_losses, ref_grads, ref_loads = results[(1, 1, 1)]
     assert any(".local_experts.7." in k for k in ref_grads)
     assert any("mlp.router.weight" in k for k in ref_grads)
-    for layout, (losses, grads) in results.items():
+    assert len(ref_loads) == 2 and all(v > 1.0 for v in ref_loads.values())
+    for layout, (losses, grads, loads) in results.items():
+        # every rank of a DP group sees the same tokens here: the ratio of the summed counts
+        # is the reference's (each TP rank's slice alone would give another one)
+        assert loads == pytest.approx(ref_loads, rel=1e-12), layout
         torch.testing.assert_close(
             torch.tensor(losses), torch.tensor(ref_losses), rtol=RTOL, atol=0, msg=str(layout)
         )
