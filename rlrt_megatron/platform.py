@@ -42,20 +42,10 @@ from rlrt_megatron.topology import (
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "DistInfo",
-    "apply_cpu_shims",
-    "backend",
-    "destroy_distributed",
-    "device",
-    "device_name",
-    "first_slurm_host",
-    "init_distributed",
-    "is_cpu_mode",
-    "resolve_dist_env",
-    "resolve_dtype",
-    "set_deterministic",
-    "strict_determinism",
-]
+    "DistInfo", "apply_cpu_shims", "backend", "destroy_distributed", "device", "device_name",
+    "first_slurm_host", "init_distributed", "is_cpu_mode", "resolve_dist_env", "resolve_dtype",
+    "set_deterministic", "strict_determinism",
+]  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------
@@ -338,11 +328,6 @@ def destroy_distributed() -> None:
 
 _SHIMS_APPLIED = False
 
-# Capabilities of the CPU shims: `Tensor.type()` answers megatron's `torch.cuda.*Tensor` checks, so
-# its optimizers, grad clipping and DistributedOptimizer run on CPU (test_parallel_invariance.py).
-TENSOR_TYPE_SHIM = True
-DISTRIBUTED_OPTIMIZER_ON_CPU = True
-
 # Megatron modules that allocate with a literal `device="cuda"` (or `pin_memory=True`) on code paths
 # a dense GPT model uses for forward/backward, the schedules, DDP, the optimizer and checkpoints.
 # Their module-global `torch` is swapped for a proxy whose tensor factories put "cuda" on the CPU.
@@ -474,6 +459,8 @@ def apply_cpu_shims() -> None:
        tracker class -> ``CpuRNGStatesTracker`` (``torch.cuda.get_rng_state`` cannot run).
     6. MoE alltoall dispatcher: its token split sizes become numpy arrays (megatron converts only
        CUDA tensors; ``all_to_all_single`` on gloo takes int sequences, not tensors).
+    7. Uneven sequence-parallel all-gather (the MoE dispatcher's tokens over the expert-TP
+       group): gloo's list ``all_gather`` needs equal sizes, :func:`_uneven_gather` pads them.
     """
     global _SHIMS_APPLIED
     if _SHIMS_APPLIED or not is_cpu_mode():
@@ -539,7 +526,24 @@ def apply_cpu_shims() -> None:
     token_dispatcher.maybe_move_tensor_to_cpu = lambda t, as_numpy=False, record_stream=False: (
         t.numpy() if as_numpy and torch.is_tensor(t) else t
     )
+    # 7. Uneven all-gather (gloo reduce-scatters uneven rows itself, from torch 2.8).
+    from megatron.core.tensor_parallel import mappings as tpm
+
+    tpm._gather_along_first_dim = functools.partial(_uneven_gather, tpm._gather_along_first_dim)
     _SHIMS_APPLIED = True
+
+
+def _uneven_gather(even: Any, x: torch.Tensor, group: Any, output_split_sizes: Any = None,
+                   use_global_buffer: bool = False) -> torch.Tensor:  # fmt: skip
+    """Megatron's ``_gather_along_first_dim`` (``even``) of uneven rows on gloo: every rank's
+    rows padded to the largest count, gathered as one tensor, unpadded."""
+    if output_split_sizes is None or group.size() == 1:
+        return even(x, group, output_split_sizes, use_global_buffer)
+    most = max(sizes := [int(n) for n in output_split_sizes])
+    out = x.new_empty((most * len(sizes), *x.shape[1:]))
+    padded = torch.cat([x, x.new_zeros((most - x.shape[0], *x.shape[1:]))])
+    torch.distributed.all_gather_into_tensor(out, padded, group=group)
+    return torch.cat([out[i * most : i * most + n] for i, n in enumerate(sizes)])
 
 
 _ORIG_TENSOR_TYPE = torch.Tensor.type

@@ -569,6 +569,6 @@ def _moe_errors(cfg: TrainConfig, hf_config: dict | None, world_size: int | None
     if p.tp > 1 and not p.sequence_parallel:
         e.append(
             f"parallel.sequence_parallel: megatron trains MoE layers with tp={p.tp} only with "
-            "sequence parallelism (needs model.spec=te); set it, or use parallel.ep instead of tp"
+            "sequence parallelism; set it to true, or use parallel.ep instead of tp"
         )
     return e

@@ -16,8 +16,9 @@ swaps three modules:
   in the per-sequence split or in Megatron's thd RoPE) and hands RoPE to the core attention,
   which rotates q and k with cos/sin tables built once per micro-batch for all layers and
   saves only those tables for backward (:class:`_Rotary`).
-* norms -> :class:`TorchNorm`: `torch.nn.RMSNorm` / `LayerNorm` created in `params_dtype`
-  (final norm included). Megatron's `WrappedTorchNorm` creates fp32 weights, which
+* norms -> :class:`~rlrt_megatron.megatron.norm.TorchNorm`: `torch.nn.RMSNorm` / `LayerNorm`
+  created in `params_dtype` (final norm included), sequence parallelism supported
+  (`megatron/norm.py`). Megatron's `WrappedTorchNorm` creates fp32 weights, which
   `build_model` has to cast afterwards: with bf16 activations and fp32 weights torch's
   `rms_norm` cannot use its fused kernel ("Mismatch dtype between input and weight").
 
@@ -34,13 +35,12 @@ only on position differences within one sequence, so both give the same logits (
 rounding; tests/unit/test_attention.py checks 1e-5 in fp32).
 
 Not supported (raise at construction): context parallelism, softmax types other than vanilla,
-sliding windows, attention bias; sequence parallelism (torch norms). Interleaved, partial or
-yarn RoPE and inference contexts fall back to Megatron's own RoPE.
+sliding windows, attention bias. Interleaved, partial or yarn RoPE and inference contexts fall
+back to Megatron's own RoPE.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import functools
 import math
@@ -51,6 +51,8 @@ import torch
 import torch.nn.functional as F
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.attention import SelfAttention
+
+from rlrt_megatron.megatron.norm import TorchNorm, block_spec, swap_norms
 
 __all__ = [
     "SDPAParams",
@@ -393,49 +395,13 @@ class SDPAttention(torch.nn.Module):
         return out.reshape(query.shape[0], -1)
 
 
-class TorchNorm:
-    """`torch.nn.RMSNorm` / `LayerNorm` in `config.params_dtype`; same constructor and parameter
-    names as megatron's `WrappedTorchNorm` (which creates fp32 weights)."""
-
-    def __new__(
-        cls,
-        config: Any,
-        hidden_size: int,
-        eps: float = 1e-5,
-        persist_layer_norm: bool = False,
-        zero_centered_gamma: bool = False,
-        normalization: str = "LayerNorm",
-    ) -> torch.nn.Module:
-        if config.layernorm_zero_centered_gamma or config.memory_efficient_layer_norm:
-            raise ValueError(
-                "model.spec=torch: zero-centered gamma / memory-efficient layer norm need TE"
-            )
-        if config.sequence_parallel:
-            raise ValueError("model.spec=torch does not support sequence parallelism (torch norms)")
-        norm_cls = {"RMSNorm": torch.nn.RMSNorm, "LayerNorm": torch.nn.LayerNorm}.get(
-            config.normalization
-        )
-        if norm_cls is None:
-            raise ValueError(f"model.spec=torch: normalization={config.normalization!r}")
-        return norm_cls(hidden_size, eps=eps, dtype=config.params_dtype)
-
-
 def torch_layer_spec(layer: Any) -> Any:
     """A copy of a local-spec layer `ModuleSpec` with the `torch` spec's pieces swapped in
     (:class:`SDPAttention`, :class:`TorchNorm`); the MLP (dense or MoE) is kept."""
-    from megatron.core.transformer.identity_op import IdentityOp
-
-    layer = copy.deepcopy(layer)
+    layer = swap_norms(layer, TorchNorm)
     sub = layer.submodules
-    sub.input_layernorm = TorchNorm
-    sub.pre_mlp_layernorm = TorchNorm
     sub.self_attention.module = SDPASelfAttention
-    attn = sub.self_attention.submodules
-    attn.core_attention = SDPAttention
-    if attn.q_layernorm is not IdentityOp:
-        attn.q_layernorm = TorchNorm
-    if attn.k_layernorm is not IdentityOp:
-        attn.k_layernorm = TorchNorm
+    sub.self_attention.submodules.core_attention = SDPAttention
     return layer
 
 
@@ -443,15 +409,10 @@ def torch_block_spec(config: Any, vp_stage: int | None = None):
     """`TransformerBlockSubmodules` of the `torch` spec for this pipeline (virtual) stage:
     the local layer spec with :class:`SDPAttention` and :class:`TorchNorm` (final norm too)."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from megatron.core.transformer.transformer_block import (
-        TransformerBlockSubmodules,
-        get_num_layers_to_build,
-    )
 
     layer = torch_layer_spec(
         get_gpt_layer_local_spec(
             qk_layernorm=config.qk_layernorm, normalization=config.normalization
         )
     )
-    n_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
-    return TransformerBlockSubmodules(layer_specs=[layer] * n_layers, layer_norm=TorchNorm)
+    return block_spec(config, layer, TorchNorm, vp_stage=vp_stage)

@@ -43,6 +43,7 @@ to fp32; `_mb_outputs` casts them back to the LM-head weight's dtype, so it cost
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -290,12 +291,16 @@ def forward_backward_responses(
     if layout == "thd" and rows_per_microbatch != 1:
         raise ValueError("attention='thd' packs one row per micro-batch: rows_per_microbatch=1")
     t_resp = _response_len(sequences, response_starts, response_len)
+    config = unwrap_model(chunks[0]).config
+    # sequence parallelism splits each row's tokens over the TP ranks: rows a multiple of tp
+    tp = config.tensor_model_parallel_size if config.sequence_parallel else 1
     mbs = pack_sequences(
         sequences,
         response_starts,
-        token_budget,
+        -(-token_budget // tp) * tp,
         rows_per_microbatch,
         pack=pack,
+        pad_to_multiple=math.lcm(8, tp),
         with_mask=layout == "mask",
         routed=routed,
     )

@@ -261,18 +261,14 @@ def transformer_config_from_hf(
     if moe_provider.is_moe(hf_config):
         kwargs.update(moe_provider.moe_config_kwargs(hf_config, spec=spec, settings=moe))
     kwargs.update(overrides)
-    if kwargs.get("sequence_parallel") and not te:
-        raise ValueError(
-            f"sequence_parallel=True needs model.spec='te': the {spec} spec's torch norms do not "
-            "support sequence parallelism"
-        )
     return TransformerConfig(**kwargs)
 
 
 def get_layer_spec(config: Any, spec: Spec = "local", vp_stage: int | None = None):
     """Megatron layer spec: ``local`` (pure PyTorch), ``torch`` (PyTorch SDPA attention and
-    params-dtype norms; a ``TransformerBlockSubmodules`` for ``vp_stage``, since it also sets
-    the final norm) or ``te`` (Transformer Engine, GPU). ``auto``: see :func:`resolve_spec`."""
+    params-dtype norms) or ``te`` (Transformer Engine, GPU). ``auto``: see :func:`resolve_spec`.
+    ``local`` and ``torch`` give a ``TransformerBlockSubmodules`` for ``vp_stage``, since they
+    also set the final norm (``megatron/norm.py``: norms that support sequence parallelism)."""
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_layer_local_spec,
         get_gpt_layer_with_transformer_engine_spec,
@@ -281,10 +277,13 @@ def get_layer_spec(config: Any, spec: Spec = "local", vp_stage: int | None = Non
     spec = resolve_spec(spec)
     if config.num_moe_experts:
         return moe_provider.moe_block_spec(config, spec, vp_stage=vp_stage)
-    if spec == "local":
-        return get_gpt_layer_local_spec(
+    if spec == "local":  # megatron's local layer with our norms (sequence parallelism)
+        from rlrt_megatron.megatron.norm import LocalNorm, block_spec
+
+        layer = get_gpt_layer_local_spec(
             qk_layernorm=config.qk_layernorm, normalization=config.normalization
         )
+        return block_spec(config, layer, LocalNorm, vp_stage=vp_stage)
     if spec == "torch":
         from rlrt_megatron.megatron.attention import torch_block_spec
 

@@ -40,6 +40,9 @@ class Policy:
         temperature: `rollout.temperature`; every forward (student, teacher, entropy, top-k,
             update) computes softmax(logits / T), the engine's sampling distribution (see
             `megatron/forward.py`).
+        moe: `megatron.moe.provider.MoESettings` of a MoE model (None for a dense one).
+        sequence_parallel: `parallel.sequence_parallel` (tp > 1; megatron trains MoE layers at
+            tp > 1 only with it), for the policy and its teacher copies.
     """
 
     def __init__(
@@ -58,6 +61,7 @@ class Policy:
         logprobs_impl: str = "auto",
         temperature: float = 1.0,
         moe: Any = None,
+        sequence_parallel: bool = False,
     ) -> None:
         from megatron.core import parallel_state as ps
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
@@ -72,7 +76,10 @@ class Policy:
         self.logprobs_impl = logprobs_impl
         self.last_nonfinite: str | None = None  # what was not finite in the last mini-batch
         self.temperature = float(temperature)
-        self.model_kwargs = {**fp8_transformer_kwargs(fp8, spec), "moe": moe}  # moe: MoESettings
+        self.model_kwargs = {
+            **fp8_transformer_kwargs(fp8, spec), "moe": moe,  # moe: MoESettings
+            "sequence_parallel": sequence_parallel,
+        }  # fmt: skip
         chunks = build_model(
             hf_config, tp=tp, pp=pp, spec=spec, params_dtype=params_dtype, **self.model_kwargs
         )
@@ -105,7 +112,8 @@ class Policy:
         self.pp_group = ps.get_pipeline_model_parallel_group()
         self.is_last_stage = ps.is_pipeline_last_stage()
         self.last_stage_rank = ps.get_pipeline_model_parallel_last_rank()
-        self.router_stats = RouterStats(chunks, self.dp_group) if routers(chunks) else None
+        sp = self.tp_group if sequence_parallel else None  # TP ranks route slices of the tokens
+        self.router_stats = RouterStats(chunks, self.dp_group, sp) if routers(chunks) else None
 
     def _make_optimizer(self, optim: Any, bf16: bool, distributed: bool) -> Any:
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer

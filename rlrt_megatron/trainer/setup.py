@@ -133,6 +133,7 @@ def _build(cfg: TrainConfig, info: Any, hf_dir: str, ckpt: str, hf_config: dict,
         logprobs_impl=cfg.model.logprobs_impl,
         temperature=cfg.rollout.temperature,
         moe=moe_settings(cfg.model.moe),
+        sequence_parallel=cfg.parallel.sequence_parallel,
     )
     load_checkpoint_into_model(policy.chunks, ckpt)
     policy.sync_main_params()  # bf16: the optimizer's fp32 main params follow the loaded weights

@@ -7,12 +7,12 @@ The tiny random Qwen3-MoE (8 experts, top-2, 2 layers, vocab 1000) made in code:
 - a checkpoint saved at EP=2 x TP=2 (the trainer's sharded layout) exports back to the same HF
   tensors and loads at EP=1 (reshard);
 - invariance: one forward/backward (4 micro-batches through megatron's schedules and DDP) at
-  EP=2, PP=2 and PP=2 x EP=2 gives the EP=1 losses and every gradient within 1e-5 relative;
-  EP=2 x TP=2 gives the EP=1 losses (forward only). Megatron-core trains MoE layers under
-  TP > 1 only with sequence parallelism (it raises in training mode without it), which needs
-  the `te` spec (the CPU specs' torch norms and gloo's missing reduce-scatter rule it out here);
-  in eval mode without it the loss is right but the expert gradients are not (measured:
-  |g - ref| = |ref| for the experts' fc1), so TP=2 gradients are a GPU check.
+  EP=2, EP=2 x TP=2, PP=2 and PP=2 x EP=2 gives the EP=1 losses and every gradient within 1e-5
+  relative (measured worst: 6.7e-7, the router at EP=2 x TP=2). Megatron-core trains MoE layers
+  under TP > 1 only with sequence parallelism, so EP=2 x TP=2 runs with it: our norms carry
+  `sequence_parallel` (`megatron/norm.py`; without it the norm gradients are one TP rank's
+  tokens only, |g - ref| ~ 0.4 |ref|) and gloo gathers the dispatcher's uneven token counts
+  through the shim in `platform.apply_cpu_shims` (gloo's all_gather refuses them).
 """
 
 from __future__ import annotations
@@ -147,10 +147,12 @@ def _microbatches() -> list[dict[str, torch.Tensor]]:
 
 def _invariance_worker(rank: int, world_size: int) -> dict:
     import torch.distributed as dist
+    from megatron.core import parallel_state as ps
 
     from rlrt_megatron import platform
     from rlrt_megatron.convert.tiny import randomize_weights, tiny_config
     from rlrt_megatron.megatron.model import build_model
+    from rlrt_megatron.megatron.moe.routing import RouterStats
     from rlrt_megatron.megatron.parallel import (
         forward_backward,
         gather_full_grads,
@@ -166,7 +168,7 @@ def _invariance_worker(rank: int, world_size: int) -> dict:
     try:
         for tp, pp, ep in LAYOUTS:
             platform.init_distributed(tp=tp, pp=pp, ep=ep, seed=1234)
-            chunks = build_model(cfg, tp=tp, pp=pp)
+            chunks = build_model(cfg, tp=tp, pp=pp, sequence_parallel=tp > 1)
             if ref_params is None:
                 for c in chunks:  # the tiny model's decisive routers (no near ties)
                     randomize_weights(c, seed=5)
@@ -179,15 +181,18 @@ def _invariance_worker(rank: int, world_size: int) -> dict:
             ref_params = ref_params or params
             assert all(torch.equal(params[k], ref_params[k]) for k in ref_params)
             ddp = wrap_with_ddp(chunks, use_distributed_optimizer=False)
+            # as the Policy counts them: summed over DP, and over TP under sequence parallelism
+            sp_group = ps.get_tensor_model_parallel_group() if tp > 1 else None
+            stats = RouterStats(chunks, ps.get_data_parallel_group(), sp_group)
             for c in ddp:
                 c.zero_grad_buffer()
-                if tp > 1:  # see the module docstring: no sequence parallelism on CPU
-                    c.eval()
-            reduced = forward_backward(ddp, _microbatches(), _ce_loss, forward_only=tp > 1)
-            grads = gather_full_grads(ddp) if tp == 1 else None
+            reduced = forward_backward(ddp, _microbatches(), _ce_loss)
+            grads = gather_full_grads(ddp)
             per_rank: list = [None] * dist.get_world_size()
-            dist.all_gather_object(per_rank, [float(x["loss"]) for x in reduced])
-            results[(tp, pp, ep)] = (next(x for x in per_rank if x), grads)
+            dist.all_gather_object(per_rank, ([float(x["loss"]) for x in reduced], stats.metrics()))
+            stats.close()
+            loads = {k: v for _, m in per_rank for k, v in m.items() if k.startswith("moe/load")}
+            results[(tp, pp, ep)] = (next(x for x, _ in per_rank if x), grads, loads)
     finally:
         platform.destroy_distributed()
     return results if rank == 0 else {}
@@ -195,13 +200,17 @@ def _invariance_worker(rank: int, world_size: int) -> dict:
 
 def test_moe_ep_tp_pp_invariance_of_losses_and_grads() -> None:
     results = run_distributed(_invariance_worker, 4, timeout=600)[0]
-    ref_losses, ref_grads = results[(1, 1, 1)]
+    ref_losses, ref_grads, ref_loads = results[(1, 1, 1)]
     assert any(".local_experts.7." in k for k in ref_grads)
     assert any("mlp.router.weight" in k for k in ref_grads)
-    for layout, (losses, grads) in results.items():
+    assert len(ref_loads) == 2 and all(v > 1.0 for v in ref_loads.values())
+    for layout, (losses, grads, loads) in results.items():
+        # every rank of a DP group sees the same tokens here: the ratio of the summed counts
+        # is the reference's (each TP rank's slice alone would give another one)
+        assert loads == pytest.approx(ref_loads, rel=1e-12), layout
         torch.testing.assert_close(
             torch.tensor(losses), torch.tensor(ref_losses), rtol=RTOL, atol=0, msg=str(layout)
         )
         if grads is not None:
             _assert_grads_close(grads, ref_grads, f"tp, pp, ep = {layout}")
-    assert sum(g is not None for _, g in results.values()) == 4
+    assert len(results) == len(LAYOUTS)

@@ -5,6 +5,8 @@ TP=1/PP=1 (DP=2, both ranks on the same data, so DDP's average is the single-ran
 TP=2, PP=2 (1F1B) and PP=2 with 2 virtual stages (interleaved), each with 4 micro-batches
 through ``get_forward_backward_func`` and megatron DDP + ``finalize_model_grads`` (TP sum of
 q/k-layernorm grads, tied-embedding grad all-reduce between the first and last stage).
+TP=2 with sequence parallelism, local and torch specs: the norms' weight gradients (each TP
+rank's tokens only) must be summed over TP (`megatron/norm.py`).
 All layouts start from the same weights: the TP=1 model's, gathered and re-sharded.
 Loss and every gradient (gathered back to the TP=1 layout) must agree, and so must the global
 grad norm and the weights after one clipped Adam step of megatron's optimizer (the plain one for
@@ -65,8 +67,9 @@ def _ce_loss(batch, logits):
 
 
 def _run_layout(
-    hf_config, tp: int, pp: int, vpp: int | None, dist_opt: bool, full_params, microbatches=None
-):
+    hf_config, tp: int, pp: int, vpp: int | None, dist_opt: bool, full_params, microbatches=None,
+    spec: str = "local", sp: bool = False,
+):  # fmt: skip
     import torch.distributed as dist
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
@@ -81,7 +84,9 @@ def _run_layout(
     )
 
     platform.init_distributed(tp=tp, pp=pp, vpp=vpp, seed=1234)
-    chunks = build_model(hf_config, tp=tp, pp=pp, vpp=vpp)
+    chunks = build_model(
+        hf_config, tp=tp, pp=pp, vpp=vpp, spec=spec, sequence_parallel=sp and tp > 1
+    )
     if full_params is not None:
         for chunk in chunks:
             chunk.load_state_dict(shard_state_dict_for_tp(full_params, chunk), strict=True)
@@ -123,21 +128,21 @@ def _run_layout(
 
 def _invariance_worker(rank: int, world_size: int) -> dict:
     results: dict = {}
+    tied, untied = _hf_config(tied=True, layers=2), _hf_config(tied=False, layers=2)
     cases = [
         # (tp, pp, vpp, distributed optimizer); TP=1/PP=1 with it shards Adam over DP=2.
-        (
-            "tied",
-            _hf_config(tied=True, layers=2),
-            [(1, 1, None, True), (2, 1, None, True), (1, 2, None, True)],
-        ),
-        ("untied", _hf_config(tied=False, layers=2), [(2, 1, None, False), (1, 2, None, True)]),
-        ("tied-4layers", _hf_config(tied=True, layers=4), [(1, 2, 2, True)]),
+        ("tied", tied, [(1, 1, None, True), (2, 1, None, True), (1, 2, None, True)], {}),
+        ("untied", untied, [(2, 1, None, False), (1, 2, None, True)], {}),
+        ("tied-4layers", _hf_config(tied=True, layers=4), [(1, 2, 2, True)], {}),
+        # sequence parallelism at TP=2 (the reference is the same spec at TP=1)
+        ("tied-sp", tied, [(2, 1, None, True)], {"sp": True}),
+        ("untied-sp-torch", untied, [(2, 1, None, False)], {"sp": True, "spec": "torch"}),
     ]
-    for case, cfg, layouts in cases:
-        ref_params, *ref = _run_layout(cfg, 1, 1, None, False, None)
+    for case, cfg, layouts, kw in cases:
+        ref_params, *ref = _run_layout(cfg, 1, 1, None, False, None, **kw)
         results[(case, 1, 1, None, False)] = tuple(ref)
         for tp, pp, vpp, dist_opt in layouts:
-            params, *out = _run_layout(cfg, tp, pp, vpp, dist_opt, ref_params)
+            params, *out = _run_layout(cfg, tp, pp, vpp, dist_opt, ref_params, **kw)
             # The re-sharded weights must reassemble to exactly the reference ones.
             assert params.keys() == ref_params.keys(), (case, tp, pp)
             for k in params:
@@ -205,7 +210,7 @@ def test_tp_pp_invariance_loss_and_grads(results):
         )
         checked += len(grads)
     # Tensors per layout: embedding + final norm (+ output layer if untied) + 8 per layer.
-    assert checked == 2 * 18 + 2 * 19 + 34
+    assert checked == 3 * 18 + 3 * 19 + 34
 
 
 @pytest.mark.distributed

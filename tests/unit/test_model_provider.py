@@ -145,9 +145,28 @@ def test_pp_must_divide_layers():
         transformer_config_from_hf(_qwen3(), tp=1, pp=2, vpp=2)
 
 
-def test_sequence_parallel_needs_te_spec():
-    with pytest.raises(ValueError, match="sequence_parallel.*spec='te'"):
-        transformer_config_from_hf(_qwen3(), tp=2, pp=1, sequence_parallel=True)
+@pytest.mark.parametrize("spec", ["local", "torch"])
+def test_cpu_specs_take_sequence_parallel_and_mark_their_norms(spec):
+    """Every norm of a local / torch layer marks its weight `sequence_parallel`, so megatron's
+    finalize_model_grads sums its gradient over TP (the block's final norm is the same class:
+    `norm.block_spec`)."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.spec_utils import build_module
+
+    from rlrt_megatron.megatron.attention import torch_layer_spec
+    from rlrt_megatron.megatron.norm import LocalNorm, TorchNorm, swap_norms
+
+    cfg = transformer_config_from_hf(_qwen3(), tp=2, pp=1, spec=spec, sequence_parallel=True)
+    local = get_gpt_layer_local_spec(qk_layernorm=True, normalization="RMSNorm")
+    layer = swap_norms(local, LocalNorm) if spec == "local" else torch_layer_spec(local)
+    sub = layer.submodules
+    attn = sub.self_attention.submodules
+    norms = [sub.input_layernorm, sub.pre_mlp_layernorm, attn.q_layernorm, attn.k_layernorm]
+    assert set(norms) == {LocalNorm if spec == "local" else TorchNorm}
+    norm = build_module(norms[0], config=cfg, hidden_size=8, eps=1e-6)
+    assert isinstance(norm, torch.nn.RMSNorm) and norm.weight.sequence_parallel is True
+    plain = transformer_config_from_hf(_qwen3(), tp=2, pp=1, spec=spec)
+    assert build_module(norms[0], config=plain, hidden_size=8).weight.sequence_parallel is False
 
 
 def test_unsupported_rope_variants():
@@ -159,9 +178,12 @@ def test_unsupported_rope_variants():
 
 
 def test_local_spec_names_and_te_error():
+    from dist_utils import single_process_megatron
+
     cfg = transformer_config_from_hf(_qwen3(), tp=1, pp=1)
-    spec = get_layer_spec(cfg, "local")
-    attn = spec.submodules.self_attention.submodules
+    with single_process_megatron(seed=7):  # the block spec counts this stage's layers
+        spec = get_layer_spec(cfg, "local")
+    attn = spec.layer_specs[0].submodules.self_attention.submodules
     assert attn.q_layernorm is not None and attn.k_layernorm is not None
     try:
         import transformer_engine  # noqa: F401

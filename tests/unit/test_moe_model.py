@@ -105,7 +105,10 @@ def test_config_validation_names_the_moe_keys():
     cfg.parallel.ep, cfg.parallel.tp = 2, 2
     with pytest.raises(ConfigError, match=r"parallel.sequence_parallel: megatron trains MoE"):
         cfg.validate(hf_config=moe, world_size=4)
-    cfg.parallel.tp = 1
+    for spec in ("local", "torch"):  # sequence parallelism runs on the CPU specs too
+        cfg.model.spec, cfg.parallel.sequence_parallel = spec, True
+        cfg.validate(hf_config=moe, world_size=4)
+    cfg.model.spec, cfg.parallel.sequence_parallel, cfg.parallel.tp = "auto", False, 1
     cfg.validate(hf_config=moe, world_size=2)
     with pytest.raises(ConfigError, match=r"parallel.ep: pp \* ep \* etp = 2 must divide"):
         cfg.validate(hf_config=moe, world_size=3)

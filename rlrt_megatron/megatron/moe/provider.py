@@ -203,7 +203,8 @@ def _router_gemm_without_te() -> None:
 def moe_block_spec(config: Any, spec: str, vp_stage: int | None = None) -> Any:
     """`TransformerBlockSubmodules` for this pipeline (virtual) stage: megatron's decoder block
     spec (MoE or dense MLP per `config.moe_layer_freq`), with the `torch` spec's attention and
-    norms swapped in for `spec="torch"`."""
+    norms swapped in for `spec="torch"`, and our norms for `spec="local"` (`megatron/norm.py`:
+    megatron's torch norm refuses sequence parallelism)."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 
     _router_gemm_without_te()
@@ -212,8 +213,14 @@ def moe_block_spec(config: Any, spec: str, vp_stage: int | None = None) -> Any:
         vp_stage=vp_stage,
     )  # fmt: skip
     if spec == "torch":
-        from rlrt_megatron.megatron.attention import TorchNorm, torch_layer_spec
+        from rlrt_megatron.megatron.attention import torch_layer_spec
+        from rlrt_megatron.megatron.norm import TorchNorm
 
         block.layer_specs = [torch_layer_spec(layer) for layer in block.layer_specs]
         block.layer_norm = TorchNorm
+    elif spec == "local":
+        from rlrt_megatron.megatron.norm import LocalNorm, swap_norms
+
+        block.layer_specs = [swap_norms(layer, LocalNorm) for layer in block.layer_specs]
+        block.layer_norm = LocalNorm
     return block

@@ -4,7 +4,8 @@
   layer (training forwards only), reported as ``moe/load_max_over_mean/layer_<i>`` (1.0 = perfectly
   balanced; E / k = every token on the same k experts), plus ``moe/aux_loss`` (megatron's tracked
   load-balancing loss when ``model.moe.aux_loss_coeff > 0``, else 0). Counts are this rank's
-  tokens, summed over its data-parallel group.
+  tokens, summed over its data-parallel group (and over TP with sequence parallelism, where
+  each TP rank routes its own slice of the sequence).
 * Routing replay (R3): megatron-core 0.16's ``RouterReplay`` (``moe_enable_routing_replay``)
   swaps the router's top-k for given indices and gathers the gate values at them, so the router
   weights still get their gradient through the gates. :func:`set_replay` hands each router of a
@@ -40,9 +41,11 @@ def routers(model_chunks: Sequence[Any]) -> list[tuple[int, Any]]:
 class RouterStats:
     """Per-layer tokens-per-expert counters fed by forward hooks (see the module docstring)."""
 
-    def __init__(self, model_chunks: Sequence[Any], dp_group: Any = None) -> None:
+    def __init__(
+        self, model_chunks: Sequence[Any], dp_group: Any = None, sp_group: Any = None
+    ) -> None:
         self._counts: dict[int, torch.Tensor] = {}
-        self._dp_group = dp_group
+        self._groups = [g for g in (dp_group, sp_group) if g is not None]
         self._handles = [
             router.register_forward_hook(self._hook(layer))
             for layer, router in routers(model_chunks)
@@ -70,8 +73,9 @@ class RouterStats:
         out: dict[str, float] = {}
         for layer in sorted(self._counts):
             counts = self._counts[layer]
-            if self._dp_group is not None and dist.get_world_size(self._dp_group) > 1:
-                dist.all_reduce(counts, group=self._dp_group)
+            for group in self._groups:
+                if dist.get_world_size(group) > 1:
+                    dist.all_reduce(counts, group=group)
             mean = float(counts.mean())
             out[f"moe/load_max_over_mean/layer_{layer}"] = float(counts.max()) / max(mean, 1e-9)
         self._counts.clear()
