@@ -1,5 +1,6 @@
 """Routing replay at every parallel layout (real gloo processes): the trainer's packed response
-forward replays the local engine's experts at EP=1, EP=2, PP=2 and reproduces the engine's
+forward replays the local engine's experts at EP=1, EP=2, PP=2 and TP=2 with sequence
+parallelism (each TP rank's routers take their slice of the tokens) and reproduces the engine's
 sampling log-probs at each (fp32, routers tied to 1e-6), where routing itself does not."""
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from moe_helpers import near_tie_moe
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
-LAYOUTS = [(1, 1), (1, 2), (2, 1)]  # (pp, ep), world 2
+LAYOUTS = [(1, 1, 1), (1, 1, 2), (1, 2, 1), (2, 1, 1)]  # (tp, pp, ep), world 2; tp 2 with SP
 
 
 def _rollouts(hf_dir: str) -> tuple[list, list, list, list, int]:
@@ -45,9 +46,11 @@ def _worker(rank: int, world: int, hf_dir: str, ckpt: str) -> dict:
     cfg = AutoConfig.from_pretrained(hf_dir)
     out: dict = {}
     try:
-        for pp, ep in LAYOUTS:
-            platform.init_distributed(tp=1, pp=pp, ep=ep)
-            chunks = build_model(cfg, tp=1, pp=pp, moe=MoESettings(routing_replay=True))
+        for tp, pp, ep in LAYOUTS:
+            platform.init_distributed(tp=tp, pp=pp, ep=ep)
+            chunks = build_model(
+                cfg, tp=tp, pp=pp, moe=MoESettings(routing_replay=True), sequence_parallel=tp > 1
+            )
             load_checkpoint_into_model(chunks, ckpt)
             for c in chunks:
                 c.eval()
@@ -63,7 +66,7 @@ def _worker(rank: int, world: int, hf_dir: str, ckpt: str) -> dict:
                 )
                 for lp in (replay.logprobs, free.logprobs)
             ]
-            out[(pp, ep)] = (replay.logprobs.clone(), *gaps)
+            out[(tp, pp, ep)] = (replay.logprobs.clone(), *gaps)
     finally:
         platform.destroy_distributed()
     return out if rank == 0 else {}
@@ -79,7 +82,7 @@ def _convert(rank: int, world: int, root: str) -> None:
 def test_replay_reproduces_the_engine_at_ep2_and_pp2(tmp_path):
     run_distributed(_convert, 1, str(tmp_path))
     got = run_distributed(_worker, 2, str(tmp_path / "hf"), str(tmp_path / "mc"), timeout=900)[0]
-    ref = got[(1, 1)][0]
+    ref = got[(1, 1, 1)][0]
     for layout, (lp, replay_gap, free_gap) in got.items():
         print(layout, f"max |engine - trainer|: replayed {replay_gap:.3g}, free {free_gap:.3g}")
         assert replay_gap < 1e-5, layout
