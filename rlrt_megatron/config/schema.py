@@ -543,13 +543,8 @@ def _moe_errors(cfg: TrainConfig, hf_config: dict | None, world_size: int | None
     if moe.expert_bias:
         e.append("model.moe.expert_bias: needs a sigmoid router; Qwen3-MoE routes with softmax")
     if moe.routing_replay == "rollout":
-        # the local engine records each token's experts while it samples (rollout/local.py);
-        # a partial rollout's tokens come from several calls, and SGLang's record is not read
-        if cfg.rollout.engine != "local":
-            e.append(
-                "model.moe.routing_replay: `rollout` reads the experts the local engine records; "
-                f"rollout.engine={cfg.rollout.engine!r} does not pass them yet: set it to `off`"
-            )
+        # the engines record each token's experts while they sample (rollout/local.py, SGLang's
+        # return_routed_experts); a partial rollout's tokens come from several calls
         if cfg.rollout.partial:
             e.append(
                 "model.moe.routing_replay: `rollout` needs whole rollouts; set rollout.partial="

@@ -67,8 +67,8 @@ class MoEConfig:
         "off",
         "`rollout`: the trainer's forward routes each response token to the experts the rollout "
         "engine chose (recorded per layer, top-k), the router still trained through the gate "
-        "values (R3; the local engine records them; not with partial rollouts); `off`: the "
-        "trainer routes itself.",
+        "values (R3; recorded by the local engine or SGLang's return_routed_experts; not with "
+        "partial rollouts); `off`: the trainer routes itself.",
     )
 
 

@@ -40,7 +40,7 @@ from typing import Any
 import torch
 
 from rlrt_megatron.rollout.base import Completion, GenerateRequest, SamplingParams
-from rlrt_megatron.rollout.moe_routing import RoutedExperts, fused_expert_slot
+from rlrt_megatron.rollout.moe_routing import RoutedExperts, expert_dtype, fused_expert_slot
 
 
 def _as_id_list(value: Any) -> list[int]:
@@ -415,7 +415,7 @@ def _routed_rows(
     """Each row's experts `[prompt + n - 1, moe_layers, k]` on the host from the recorder's
     forwards: the left-padded prefill `[b * width]` tokens, then one `[b]` call per decode step
     (the step that fed response token s)."""
-    dtype = torch.uint8 if int(getattr(config, "num_experts", 0) or 0) <= 256 else torch.int16
+    dtype = expert_dtype(int(getattr(config, "num_experts", 0) or 0))
     prefill = rec.per_token(0).view(b, width, rec.layers, -1).to("cpu", dtype)
     decode = [rec.per_token(j).to("cpu", dtype) for j in range(1, len(rec.calls))]
     steps = torch.stack(decode) if decode else prefill.new_zeros((0, b, *prefill.shape[2:]))

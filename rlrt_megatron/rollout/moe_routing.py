@@ -99,6 +99,49 @@ class ReplayedExperts(_RouterHooks):
         return hook
 
 
+def expert_dtype(num_experts: int) -> torch.dtype:
+    """The dtype a routing record is kept in: uint8 up to 256 experts, else int16."""
+    return torch.uint8 if num_experts <= 256 else torch.int16
+
+
+class SGLangExperts:
+    """How to read SGLang's routing record of one model (`return_routed_experts`): base64 of
+    int32 `[seqlen - 1, num_hidden_layers, k]` (dense layers' columns unused) -> ours,
+    `[prompt + response - 1, moe_layers, k]`."""
+
+    def __init__(self, model_path: str) -> None:
+        import json
+        import os
+
+        from rlrt_megatron.megatron.moe.provider import moe_layer_pattern, num_experts
+
+        with open(os.path.join(model_path, "config.json")) as f:
+            cfg = json.load(f)
+        self.layers = int(cfg["num_hidden_layers"])
+        self.moe_layers = [i for i, m in enumerate(moe_layer_pattern(cfg)) if m]
+        self.k = int(cfg["num_experts_per_tok"])
+        self.dtype = expert_dtype(num_experts(cfg))
+
+    def decode(self, encoded: str | None, tokens: int, rid: str) -> torch.Tensor:
+        import base64
+
+        import numpy as np
+
+        if not encoded:
+            raise ValueError(
+                f"generate {rid}: no meta_info.routed_experts in the answer; launch the server "
+                "with --enable-return-routed-experts (model.moe.routing_replay=rollout)"
+            )
+        flat = np.frombuffer(base64.b64decode(encoded), dtype=np.int32)
+        if flat.size != tokens * self.layers * self.k:
+            raise ValueError(
+                f"generate {rid}: {flat.size} routed expert ids, expected {tokens} tokens x "
+                f"{self.layers} layers x top-{self.k}: the server's model is not the trainer's"
+            )
+        got = torch.from_numpy(flat.copy()).view(tokens, self.layers, self.k)
+        return got[:, self.moe_layers].to(self.dtype)
+
+
 def _decoder_layers(model: Any) -> Any:
     inner = getattr(model, "model", model)
     return inner.layers

@@ -419,12 +419,33 @@ def staleness_metrics(token_versions: list[list[int]], trainer_v: int) -> dict[s
     return out
 
 
-def sync_check(run: Any, batch: Any, step: int, probe: tuple | None) -> dict[str, float]:
+def unreplayed_probe(run: Any, batch: Any, probe: tuple | None) -> Any:
+    """MoE routing replay with SGLang: SGLang scores the probe rows routing itself (it cannot
+    replay experts), so the trainer's side of the comparison routes itself too, on those few
+    rows (`[rows, width]` log-probs; collective). None otherwise (the local engine replays)."""
+    if probe is None or batch.routed is None or run.cfg.rollout.engine == "local":
+        return None
+    rows = range(probe[0])
+    own, _ = run.policy.response_logprobs(
+        [batch.row_prompts[i] for i in rows],
+        [batch.row_responses[i] for i in rows],
+        [None] * len(rows),
+        token_budget=run.cfg.train.max_tokens_per_microbatch,
+    )
+    out = torch.zeros((own.logprobs.shape[0], batch.width), device=own.logprobs.device)
+    out[:, : own.logprobs.shape[1]] = own.logprobs
+    return out
+
+
+def sync_check(
+    run: Any, batch: Any, step: int, probe: tuple | None, probe_trainer: Any = None
+) -> dict[str, float]:
     """Fail the step when the engine is not running the trainer's weights (module docstring).
 
     Same result on every rank (the inputs are all-gathered / broadcast). Returns the metrics
     `rollout/staleness`, `rollout/staleness_max` and, when a same-version comparison was made,
-    `rollout/sync_check_abs_diff`."""
+    `rollout/sync_check_abs_diff`. `probe_trainer`: the trainer's log-probs to compare the
+    probe with when they are not the batch's (MoE replay with an engine that cannot replay)."""
     cfg = run.cfg
     trainer_v = run.step  # the weights this step starts from: version k-1 in step k
     known = [v for v in batch.versions if v >= 0]  # -1: the engine did not report it
@@ -453,6 +474,8 @@ def sync_check(run: Any, batch: Any, step: int, probe: tuple | None) -> dict[str
 
         engine_v = trainer_v
         engine_lp = ragged_to_padded(lps, mask.shape[1], mask.device)
+        if probe_trainer is not None:
+            trainer_lp = probe_trainer
     else:
         return out
     m = mask[:rows]

@@ -271,7 +271,8 @@ def make_engine(cfg: TrainConfig, hf_dir: str) -> Any:
         key = cfg.rollout.sglang_api_key
         if not key or key == REDACTED:  # a config read back from a run dir holds no key
             key = os.environ.get("RLRT_ROLLOUT_API_KEY", "")
-        return SGLangEngine.from_config(cfg, hf_dir, **({"api_key": key} if key else {}))
+        kw: dict[str, Any] = {"record_experts": cfg.model.moe.routing_replay == "rollout"}
+        return SGLangEngine.from_config(cfg, hf_dir, **kw, **({"api_key": key} if key else {}))
     from rlrt_megatron import platform
     from rlrt_megatron.rollout.local import LocalEngine
 

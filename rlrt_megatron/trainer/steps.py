@@ -201,13 +201,14 @@ def logprobs(run: Run, batch: Batch) -> None:
 
 def _check_sync(run: Run, batch: Batch) -> None:
     """The sync check of `trainer/rollouts.py` (raises SyncCheckError on a stale engine)."""
-    from rlrt_megatron.trainer.rollouts import sync_check
+    from rlrt_megatron.trainer.rollouts import sync_check, unreplayed_probe
 
     step = run.step + 1
     probe = None
     if run.rollouts is not None:
         probe = _broadcast(run.rollouts.take_probe(step) if run.rank == 0 else None)
-    batch.sync_metrics.update(sync_check(run, batch, step, probe))
+    own = unreplayed_probe(run, batch, probe)  # MoE replay with SGLang, else None
+    batch.sync_metrics.update(sync_check(run, batch, step, probe, own))
 
 
 def _gather_rows(t: torch.Tensor, n: int, pol: Any) -> torch.Tensor:

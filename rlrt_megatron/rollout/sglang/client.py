@@ -343,10 +343,15 @@ def sample_seed(seed: int, request_index: int, sample_index: int) -> int:
 
 
 def build_generate_payload(
-    requests: Sequence[GenerateRequest], samples: Sequence[Sample], sampling: SamplingParams
+    requests: Sequence[GenerateRequest],
+    samples: Sequence[Sample],
+    sampling: SamplingParams,
+    routed_experts: bool = False,
 ) -> dict:
     """A batched /generate body: each sample is its own row (SGLang shares the prompt prefix
-    through its radix cache, so repeating the prompt n times costs no extra prefill)."""
+    through its radix cache, so repeating the prompt n times costs no extra prefill).
+    `routed_experts`: ask for each token's MoE experts (servers launched with
+    `--enable-return-routed-experts`)."""
     params = sampling_to_sglang(sampling)
     # per-sample seeds (SGLang's `sampling_seed`; honoured with --enable-deterministic-inference)
     per_sample = []
@@ -362,6 +367,7 @@ def build_generate_payload(
         "return_logprob": True,
         "logprob_start_len": -1,  # log-probs of the generated tokens only
         "stream": False,
+        **({"return_routed_experts": True} if routed_experts else {}),
     }
 
 

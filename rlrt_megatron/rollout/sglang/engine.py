@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from rlrt_megatron.rollout.base import Completion, GenerateRequest, SamplingParams
+from rlrt_megatron.rollout.moe_routing import SGLangExperts
 from rlrt_megatron.rollout.sglang.client import (
     RolloutServerCrashed,
     Sample,
@@ -125,9 +126,14 @@ class SGLangEngine(WeightSync):
         master_address: str | None = None,
         python: str | None = None,
         env: dict[str, str] | None = None,
+        record_experts: bool = False,
         _urls: Sequence[str] | None = None,
     ):
         self.model_path = model_path
+        # MoE routing replay: each token's experts from SGLang's return_routed_experts
+        self.experts = SGLangExperts(model_path) if record_experts else None
+        if record_experts:
+            extra_args = [*extra_args, "--enable-return-routed-experts"]
         self.tp = tp
         self.host = host
         self.env = dict(env or {})  # extra environment of launched servers
@@ -347,17 +353,23 @@ class SGLangEngine(WeightSync):
         shards = spread(self.servers, samples)
 
         def run(server: Server, part: list[Sample]) -> list[Completion]:
-            payload = build_generate_payload(requests, part, sampling)
+            payload = build_generate_payload(requests, part, sampling, self.experts is not None)
             outs = self._call_with_restart(server, lambda: server.client.generate(payload))
             if len(outs) != len(part):
                 raise SGLangError(
                     f"generate: server {server.index} returned {len(outs)} results for "
                     f"{len(part)} samples"
                 )
-            return [
+            comps = [
                 parse_generate_output(o, requests[s.request_index], s)
                 for o, s in zip(outs, part, strict=True)
             ]
+            if self.experts is not None:
+                for o, c in zip(outs, comps, strict=True):
+                    n = len(c.prompt_token_ids) + len(c.token_ids) - 1
+                    routed = (o.get("meta_info") or {}).get("routed_experts")
+                    c.meta["routed_experts"] = self.experts.decode(routed, n, c.meta["rid"])
+            return comps
 
         if len(shards) == 1:
             results = [run(*shards[0])]
