@@ -321,7 +321,9 @@ class RolloutQueue:
             n = min(PROBE_ROWS, len(responses))
             rows = [prompts[i // g] for i in range(n)]
             routed = None if partial else routed_experts(run.cfg, list(got[6:]))
-            kw = {} if routed is None else {"routed": routed[:n]}  # replayed by the trainer too
+            kw = {}  # the local engine replays the experts the trainer replays (not SGLang)
+            if routed is not None and run.cfg.rollout.engine == "local":
+                kw["routed"] = routed[:n]
             return step, n, score(rows, responses[:n], temperature, **kw)
 
         self.probe = self.pool.submit(job)

@@ -98,5 +98,12 @@ def test_train_with_sglang_routing_replay(moe_model, tmp_path, ahead):
         steps=3,
     )
     assert [r["step"] for r in rows] == [1, 2, 3] and STEPS >= 3
-    for r in rows:  # served vs trainer, same weights, the experts SGLang chose
-        assert r["rollout/logprob_abs_diff"] < 1e-4, r
+    diffs = [r["rollout/logprob_abs_diff"] for r in rows]
+    print(f"max_staleness={ahead}: logprob_abs_diff per step {diffs}")
+    # served vs trainer under the same weights with the experts SGLang chose: every step of a
+    # synchronous run (measured <= 1.8e-7: the pushed MoE weights are the trainer's), step 1 of
+    # an asynchronous one. Its later steps compare SGLang's score of the next batch, which
+    # cannot replay, with the trainer routing itself: the near ties show (measured 1.9e-3)
+    same = diffs if ahead == 0 else diffs[:1]
+    assert all(d < 1e-4 for d in same), diffs
+    assert all(d < 1e-2 for d in diffs), diffs
