@@ -77,14 +77,17 @@ class _FakePolicy:
         self.version = 0
         self.seen: list[int] = []
 
-    def response_logprobs(self, prompts, responses, prefixes, *, token_budget, teacher, topk):
+    def response_logprobs(
+        self, prompts, responses, prefixes, *, token_budget, teacher, topk, routed=None
+    ):
         b, t = len(prompts), max(len(r) for r in responses)
         ids = torch.full((b, t, topk), self.version, dtype=torch.long)
         lp = torch.full((b, t, topk + 1), float(self.version))
         return SimpleNamespace(topk_ids=ids), SimpleNamespace(topk_logprobs=lp)
 
     def train_minibatch(self, seqs, starts, rows, width, budget, loss_of, *, topk_ids,
-                        teacher_topk):  # fmt: skip
+                        teacher_topk, routed=None):  # fmt: skip
+        assert routed is None  # a dense model: no MoE routing replay
         assert bool((teacher_topk[0] == topk_ids[..., :1].float()).all())
         self.seen.append(int(topk_ids[0, 0, 0]))
         self.version += 1
@@ -114,6 +117,7 @@ def test_topk_support_comes_from_the_current_student_each_minibatch(algo_name) -
         teacher_prefixes=[[6, 5]] * n, teacher_used=[True] * n, width=t,
         topk_ids=torch.zeros(n, t, k, dtype=torch.long),  # the pre-update student's
         teacher_topk_logprobs=torch.zeros(n, t, k + 1), teacher_entropy=torch.zeros(n, t),
+        routed=None,
     )  # fmt: skip
     pol = _FakePolicy()
     run = SimpleNamespace(cfg=cfg, policy=pol, algo=algo, teacher=None, step=0)
