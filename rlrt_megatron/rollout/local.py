@@ -416,6 +416,9 @@ def _routed_rows(
     forwards: the left-padded prefill `[b * width]` tokens, then one `[b]` call per decode step
     (the step that fed response token s)."""
     dtype = expert_dtype(int(getattr(config, "num_experts", 0) or 0))
+    if not rec.calls:  # max_new_tokens=0: nothing was forwarded
+        k = int(config.num_experts_per_tok)
+        return [torch.zeros((0, rec.layers, k), dtype=dtype) for _ in range(b)]
     prefill = rec.per_token(0).view(b, width, rec.layers, -1).to("cpu", dtype)
     decode = [rec.per_token(j).to("cpu", dtype) for j in range(1, len(rec.calls))]
     steps = torch.stack(decode) if decode else prefill.new_zeros((0, b, *prefill.shape[2:]))
