@@ -424,7 +424,7 @@ def staleness_metrics(token_versions: list[list[int]], trainer_v: int) -> dict[s
 def unreplayed_probe(run: Any, batch: Any, probe: tuple | None) -> Any:
     """MoE routing replay with SGLang: SGLang scores the probe rows routing itself (it cannot
     replay experts), so the trainer's side of the comparison routes itself too, on those few
-    rows (`[rows, width]` log-probs; collective). None otherwise (the local engine replays)."""
+    rows (`[rows, T_resp]` log-probs; collective). None otherwise (the local engine replays)."""
     if probe is None or batch.routed is None or run.cfg.rollout.engine == "local":
         return None
     rows = range(probe[0])
@@ -434,9 +434,7 @@ def unreplayed_probe(run: Any, batch: Any, probe: tuple | None) -> Any:
         [None] * len(rows),
         token_budget=run.cfg.train.max_tokens_per_microbatch,
     )
-    out = torch.zeros((own.logprobs.shape[0], batch.width), device=own.logprobs.device)
-    out[:, : own.logprobs.shape[1]] = own.logprobs
-    return out
+    return own.logprobs
 
 
 def sync_check(

@@ -207,7 +207,7 @@ def _check_sync(run: Run, batch: Batch) -> None:
     probe = None
     if run.rollouts is not None:
         probe = _broadcast(run.rollouts.take_probe(step) if run.rank == 0 else None)
-    own = unreplayed_probe(run, batch, probe)  # MoE replay with SGLang, else None
+    own = _pad(unreplayed_probe(run, batch, probe), batch.width)  # MoE replay with SGLang
     batch.sync_metrics.update(sync_check(run, batch, step, probe, own))
 
 

@@ -25,13 +25,14 @@ from typing import Any
 
 import torch
 
+from rlrt_megatron.megatron.parallel import unwrap_model
+
 
 def routers(model_chunks: Sequence[Any]) -> list[tuple[int, Any]]:
     """``(global layer index, TopKRouter)`` for every MoE layer of these chunks."""
     out = []
     for chunk in model_chunks:
-        m = _unwrap(chunk)
-        for layer in m.decoder.layers:
+        for layer in unwrap_model(chunk).decoder.layers:
             router = getattr(layer.mlp, "router", None)
             if router is not None:
                 out.append((layer.layer_number - 1, router))
@@ -137,7 +138,7 @@ def replay_microbatch(model_chunks: Sequence[Any], experts: torch.Tensor) -> Non
     chunks = list(model_chunks)
     if not chunks:
         return
-    config = _unwrap(chunks[0]).config
+    config = unwrap_model(chunks[0]).config
     column = {layer: j for j, layer in enumerate(moe_layers(config))}
     if experts.shape[1] != len(column):
         raise ValueError(
@@ -151,12 +152,4 @@ def replay_microbatch(model_chunks: Sequence[Any], experts: torch.Tensor) -> Non
         if tp > 1:
             rank = parallel_state.get_tensor_model_parallel_rank()
             experts = experts.view(tp, -1, *experts.shape[1:])[rank]
-    layers = {layer for layer, _ in routers(chunks)}
-    set_replay(chunks, {layer: experts[:, column[layer]] for layer in layers})
-
-
-def _unwrap(chunk: Any) -> Any:
-    m = chunk
-    while not hasattr(m, "decoder") and hasattr(m, "module"):
-        m = m.module
-    return m
+    set_replay(chunks, {layer: experts[:, j] for layer, j in column.items()})
